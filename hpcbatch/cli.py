@@ -1,0 +1,484 @@
+"""The ``hpcbatch`` command line (click + rich).
+
+Bad input exits 2 with one line ``error: ...`` on stderr (a traceback only with
+``--debug``); a run whose tasks failed exits 1; Ctrl-C exits 130 and leaves the
+job resumable with ``hpcbatch job wait``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import secrets
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from hpcbatch import env as E
+from hpcbatch._version import __version__
+from hpcbatch.errors import HpcBatchError, NotFound, ValidationError
+from hpcbatch.models import TaskSpec, check_id
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def _home() -> Path:
+    from hpcbatch.coordinator import default_home
+    return default_home()
+
+
+def _store():
+    from hpcbatch.store import Store
+    path = _home() / "state.db"
+    if not path.exists():
+        raise NotFound(f"no hpcbatch state in {_home()}; nothing has been submitted there yet "
+                       f"(set {E.HOME} or --home to the right directory)")
+    return Store(path)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", type=click.Path(file_okay=False), envvar=E.HOME,
+              help=f"State directory (default ~/.hpcbatch, or ${E.HOME}).")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(__version__, prog_name="hpcbatch")
+def cli(home: str | None, debug: bool) -> None:
+    """hpcbatch: pools of machines, jobs of tasks, MPI kernels with results in HDF5."""
+    if home:
+        os.environ[E.HOME] = str(Path(home).expanduser().resolve())
+
+
+# ---------------------------------------------------------------- submit
+
+def parse_array(text: str) -> list[int]:
+    """'1-100', '1-100:5', '1,3,7-9' -> indices (Slurm --array syntax)."""
+    out_idx: list[int] = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:-(\d+)(?::(\d+))?)?\s*", part)
+        if not m:
+            raise ValidationError("--array", f"{part!r} is not N, N-M or N-M:STEP "
+                                  "(for example 1-100 or 1,3,5-9)")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) else lo
+        step = int(m.group(3)) if m.group(3) else 1
+        if hi < lo or step < 1:
+            raise ValidationError("--array", f"{part!r}: the range must be ascending with "
+                                  "a step >= 1")
+        out_idx.extend(range(lo, hi + 1, step))
+    if len(out_idx) > 1_000_000:
+        raise ValidationError("--array", "more than 1,000,000 tasks")
+    return sorted(set(out_idx))
+
+
+def _tasks_from_lines(path: str, common: dict[str, Any]) -> list[TaskSpec]:
+    try:
+        text = Path(path).read_text()
+    except UnicodeDecodeError:
+        raise ValidationError("--each-line", f"{path} is not a text file") from None
+    lines = text.splitlines()
+    width = max(5, len(str(len(lines))))
+    specs = [TaskSpec(f"line-{i:0{width}d}", line, **common)
+             for i, line in enumerate(lines, 1) if line.strip() and not line.lstrip()
+             .startswith("#")]
+    if not specs:
+        raise ValidationError("--each-line", f"{path} has no command lines (blank lines and "
+                              "lines starting with # are skipped)")
+    return specs
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.option("--each-line", "each_line", type=click.Path(exists=True, dir_okay=False),
+              help="Run one task per non-blank line of FILE (a shell command line).")
+@click.option("--array", "array", help="Run CMD once per index (1-100, 1-100:2, 1,3,5-9); "
+              f"the index is in ${E.TASK_INDEX}.")
+@click.option("--job", "job_id", help="Job id (default: submit-<time>-<random>). An existing "
+              "active job gets the tasks added.")
+@click.option("--pool", "pool_id", default="local", show_default=True, help="Pool to run on.")
+@click.option("--slots", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Task slots each task takes.")
+@click.option("--retries", type=click.IntRange(min=-1), default=0, show_default=True,
+              help="Retries after a failure (-1: unlimited).")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True),
+              help="Wall-clock limit per task, in seconds; the task's process group is killed.")
+@click.option("--priority", type=click.IntRange(-1000, 1000), default=0, show_default=True)
+@click.option("--no-wait", is_flag=True, help="Store the tasks and return (a coordinator "
+              "must run them: 'hpcbatch job wait JOB').")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar (default: on when stderr is a terminal).")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def submit(each_line, array, job_id, pool_id, slots, retries, timeout_s, priority, no_wait,
+           progress, command) -> None:
+    """Run command-line tasks and summarise them.
+
+    \b
+      hpcbatch submit --each-line tasks.txt --retries 2 --timeout 60
+      hpcbatch submit --array 1-100 -- python sim.py --seed '$HPCBATCH_TASK_INDEX'
+    """
+    if bool(each_line) == bool(command):
+        raise ValidationError("submit", "give either --each-line FILE or a command after --")
+    if array and not command:
+        raise ValidationError("--array", "needs a command after --")
+    common: dict[str, Any] = {"required_slots": slots, "max_task_retry_count": retries,
+                              "max_wall_clock_time_s": timeout_s}
+    if each_line:
+        specs = _tasks_from_lines(each_line, common)
+    else:
+        cmd = command[0] if len(command) == 1 else shlex.join(command)
+        if array:
+            specs = [TaskSpec(f"task-{i}", cmd, environment={E.TASK_INDEX: str(i)}, **common)
+                     for i in parse_array(array)]
+        else:
+            specs = [TaskSpec("task-1", cmd, **common)]
+    if job_id is None:
+        job_id = f"submit-{dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+    check_id("--job", job_id)
+    check_id("--pool", pool_id)
+
+    from hpcbatch.client import Batch
+    from hpcbatch.store import Store
+
+    if no_wait:  # store only: no coordinator needed
+        store = Store(_home() / "state.db")
+        _ensure_job(store, job_id, pool_id, priority, retries)
+        store.add_tasks(job_id, specs)
+        out.print(f"job {job_id}: {len(specs)} tasks stored; run them with "
+                  f"'hpcbatch job wait {job_id}'")
+        return
+    with Batch() as batch:
+        _ensure_job(batch.store, job_id, pool_id, priority, retries)
+        job = batch.jobs.get(job_id)
+        job.add_tasks(specs)
+        err.print(f"job [bold]{job_id}[/]: {len(specs)} tasks on pool {pool_id}")
+        _wait_and_report(job, progress)
+
+
+def _ensure_job(store, job_id: str, pool_id: str, priority: int, retries: int) -> None:
+    from hpcbatch.errors import Conflict
+    from hpcbatch.models import JobSpec
+    spec = JobSpec(job_id, pool_id, priority=priority, on_all_tasks_complete="terminate_job",
+                   max_task_retry_count=retries)
+    try:
+        store.create_job(spec)
+    except Conflict:
+        job = store.get_job(job_id)
+        if job["pool_id"] != pool_id:
+            raise ValidationError("--pool", f"job {job_id!r} exists on pool "
+                                  f"{job['pool_id']!r}, not {pool_id!r}") from None
+
+
+def _wait_and_report(job, progress: bool | None) -> None:
+    if progress is None:
+        progress = sys.stderr.isatty()
+    try:
+        counts = job.wait(progress=progress)
+    except KeyboardInterrupt:
+        c = job.counts()
+        err.print(f"interrupted: {c['completed']}/{c['total']} tasks completed; resume with "
+                  f"'hpcbatch job wait {job.id}'")
+        raise SystemExit(130) from None
+    _summary(job, counts)
+    if counts["failed"]:
+        raise SystemExit(1)
+
+
+def _duration(t: dict[str, Any]) -> float | None:
+    if t["started_at"] and t["ended_at"]:
+        return t["ended_at"] - t["started_at"]
+    return None
+
+
+def _summary(job, counts: dict[str, int]) -> None:
+    store = job._batch.store if hasattr(job, "_batch") else job
+    rows = store.list_tasks(job.id, "completed")
+    retried = sum(1 for r in rows if r["retry_count"])
+    timed_out = sum(1 for r in rows if r["failure"] == "timeout" and r["result"] == "failure")
+    t = Table(title=f"job {job.id}", show_header=True)
+    for col in ("tasks", "succeeded", "failed", "timed out", "retried", "requeued"):
+        t.add_column(col, justify="right")
+    t.add_row(str(counts["total"]), f"[green]{counts['succeeded']}",
+              f"[red]{counts['failed']}" if counts["failed"] else "0", str(timed_out),
+              str(retried), str(sum(1 for r in rows if r["requeue_count"])))
+    out.print(t)
+    slow = sorted((r for r in rows if _duration(r) is not None), key=_duration, reverse=True)[:5]
+    if slow and len(rows) > 1:
+        st = Table(title="slowest tasks")
+        for col in ("task", "seconds", "exit", "node"):
+            st.add_column(col)
+        for r in slow:
+            st.add_row(r["id"], f"{_duration(r):.3f}", str(r["exit_code"]), r["node_id"] or "")
+        out.print(st)
+    failed = [r for r in rows if r["result"] == "failure"]
+    if failed:
+        ft = Table(title=f"failed tasks ({len(failed)})")
+        for col in ("task", "failure", "exit", "retries"):
+            ft.add_column(col)
+        for r in failed[:20]:
+            ft.add_row(r["id"], r["failure"] or "", str(r["exit_code"]), str(r["retry_count"]))
+        out.print(ft)
+        for r in failed[:20]:  # unwrapped, so the paths can be copied
+            stderr_path = os.path.join(r["task_dir"], "stderr.txt") if r["task_dir"] else "-"
+            out.print(f"{r['id']} stderr: {stderr_path}", soft_wrap=True, markup=False)
+        more = f" ({len(failed) - 20} more: 'hpcbatch task list {job.id} --failed')" \
+            if len(failed) > 20 else ""
+        out.print(f"read one with 'hpcbatch task logs {job.id} TASK --stderr'{more}",
+                  soft_wrap=True, markup=False)
+
+
+# ---------------------------------------------------------------- pools
+
+@cli.group()
+def pool() -> None:
+    """Pools of nodes."""
+
+
+@pool.command("list")
+def pool_list() -> None:
+    store = _store()
+    nodes = store.list_nodes()
+    t = Table()
+    for col in ("pool", "provider", "slots/node", "policy", "nodes", "states"):
+        t.add_column(col)
+    for p in store.list_pools():
+        states: dict[str, int] = {}
+        for n in nodes:
+            if n["pool_id"] == p.id:
+                states[n["state"]] = states.get(n["state"], 0) + 1
+        t.add_row(p.id, p.provider, str(p.task_slots_per_node), p.scheduling_policy,
+                  str(sum(states.values())), ", ".join(f"{k} {v}" for k, v in states.items()))
+    out.print(t)
+
+
+@pool.command("show")
+@click.argument("pool_id")
+def pool_show(pool_id: str) -> None:
+    store = _store()
+    p = store.get_pool(pool_id)
+    out.print(f"pool [bold]{p.id}[/]  provider {p.provider}  {p.task_slots_per_node} slots/node"
+              f"  policy {p.scheduling_policy}  target nodes {p.target_nodes}")
+    if p.start_task:
+        out.print(f"start task: {p.start_task}")
+    t = Table()
+    for col in ("node", "state", "slots", "host", "reason"):
+        t.add_column(col, overflow="fold")
+    for n in store.list_nodes(pool_id):
+        info = json.loads(n["info"])
+        t.add_row(n["id"], n["state"], str(n["slots"]), str(info.get("hostname") or ""),
+                  n["reason"] or "")
+    out.print(t)
+
+
+@pool.command("create")
+@click.argument("pool_id")
+@click.option("--slots", "slots", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Task slots per node.")
+@click.option("--policy", type=click.Choice(["pack", "spread"]), default="pack",
+              show_default=True)
+@click.option("--start-task", help="Command every node runs before it takes tasks.")
+def pool_create(pool_id, slots, policy, start_task) -> None:
+    """Create a pool on this machine (the local provider)."""
+    from hpcbatch.models import PoolSpec
+    from hpcbatch.store import Store
+    spec = PoolSpec(pool_id, "local", task_slots_per_node=slots, scheduling_policy=policy,
+                    start_task=start_task)
+    Store(_home() / "state.db").create_pool(spec)
+    out.print(f"pool {pool_id} created ({slots} slots, {policy})")
+
+
+# ---------------------------------------------------------------- jobs
+
+@cli.group()
+def job() -> None:
+    """Jobs: groups of tasks bound to a pool."""
+
+
+@job.command("list")
+def job_list() -> None:
+    store = _store()
+    t = Table()
+    for col in ("job", "pool", "state", "priority", "tasks", "completed", "failed", "created"):
+        t.add_column(col)
+    for j in store.list_jobs():
+        c = store.task_counts(j["id"])
+        t.add_row(j["id"], j["pool_id"], j["state"], str(j["spec"].priority), str(c["total"]),
+                  str(c["completed"]), str(c["failed"]),
+                  dt.datetime.fromtimestamp(j["created_at"]).strftime("%Y-%m-%d %H:%M:%S"))
+    out.print(t)
+
+
+@job.command("show")
+@click.argument("job_id")
+def job_show(job_id: str) -> None:
+    store = _store()
+    j = store.get_job(job_id)
+    c = store.task_counts(job_id)
+    spec = j["spec"]
+    out.print(f"job [bold]{job_id}[/]  pool {j['pool_id']}  state {j['state']}  priority "
+              f"{spec.priority}  on_all_tasks_complete {spec.on_all_tasks_complete}")
+    out.print(f"tasks {c['total']}: active {c['active']}, running {c['running']}, completed "
+              f"{c['completed']} (succeeded {c['succeeded']}, failed {c['failed']}); "
+              f"retries {c['retries']}, requeues {c['requeues']}")
+
+
+@job.command("create")
+@click.argument("job_id")
+@click.option("--pool", "pool_id", default="local", show_default=True)
+@click.option("--priority", type=click.IntRange(-1000, 1000), default=0, show_default=True)
+@click.option("--retries", type=click.IntRange(min=-1), default=0, show_default=True)
+def job_create(job_id, pool_id, priority, retries) -> None:
+    """Create an empty job (add tasks with 'hpcbatch task add')."""
+    from hpcbatch.models import JobSpec
+    from hpcbatch.store import Store
+    Store(_home() / "state.db").create_job(JobSpec(job_id, pool_id, priority=priority,
+                                                   max_task_retry_count=retries))
+    out.print(f"job {job_id} created on pool {pool_id}")
+
+
+@job.command("wait")
+@click.argument("job_id")
+@click.option("--progress/--no-progress", default=None)
+def job_wait(job_id: str, progress) -> None:
+    """Drive JOB to completion with an embedded coordinator (resumes after a crash)."""
+    from hpcbatch.client import Batch
+    _store().get_job(job_id)
+    with Batch() as batch:
+        job = batch.jobs.get(job_id)
+        if batch.coordinator.requeued_at_start:
+            err.print(f"requeued {batch.coordinator.requeued_at_start} task(s) that were "
+                      "running when the previous coordinator stopped")
+        _wait_and_report(job, progress)
+
+
+# ---------------------------------------------------------------- tasks
+
+@cli.group()
+def task() -> None:
+    """Tasks of a job."""
+
+
+@task.command("list")
+@click.argument("job_id")
+@click.option("--state", type=click.Choice(["active", "preparing", "running", "completed"]))
+@click.option("--failed", is_flag=True, help="Only completed tasks that failed.")
+@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True)
+def task_list(job_id, state, failed, limit) -> None:
+    store = _store()
+    store.get_job(job_id)
+    t = Table()
+    for col in ("task", "state", "result", "exit", "retries", "node", "seconds"):
+        t.add_column(col)
+    rows = store.list_tasks(job_id, "completed" if failed else state,
+                            None if failed else limit)
+    if failed:
+        rows = [r for r in rows if r["result"] == "failure"][:limit]
+    for r in rows:
+        d = _duration(r)
+        t.add_row(r["id"], r["state"], r["result"] or "", "" if r["exit_code"] is None
+                  else str(r["exit_code"]), str(r["retry_count"]), r["node_id"] or "",
+                  f"{d:.3f}" if d is not None else "")
+    out.print(t)
+
+
+@task.command("show")
+@click.argument("job_id")
+@click.argument("task_id")
+def task_show(job_id, task_id) -> None:
+    r = _store().get_task(job_id, task_id)
+    r = dict(r)
+    r["spec"] = json.loads(r["spec"])
+    r["usage"] = json.loads(r["usage"]) if r["usage"] else None
+    for k in ("started_at", "ended_at"):
+        if r[k]:
+            r[k] = dt.datetime.fromtimestamp(r[k], dt.UTC).isoformat()
+    if r["task_dir"]:
+        r["stdout"] = os.path.join(r["task_dir"], "stdout.txt")
+        r["stderr"] = os.path.join(r["task_dir"], "stderr.txt")
+    out.print_json(json.dumps(r))
+
+
+@task.command("add")
+@click.argument("job_id")
+@click.argument("task_id")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--slots", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--retries", type=click.IntRange(min=-1))
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True))
+def task_add(job_id, task_id, command, slots, retries, timeout_s) -> None:
+    """Add one task to JOB: hpcbatch task add JOB TASK -- CMD ARGS..."""
+    cmd = command[0] if len(command) == 1 else shlex.join(command)
+    spec = TaskSpec(task_id, cmd, required_slots=slots, max_task_retry_count=retries,
+                    max_wall_clock_time_s=timeout_s)
+    _store().add_tasks(job_id, [spec])
+    out.print(f"task {task_id} added to job {job_id}")
+
+
+@task.command("logs")
+@click.argument("job_id")
+@click.argument("task_id")
+@click.option("--stderr", "which", flag_value="stderr.txt", help="Show stderr.")
+@click.option("--stdout", "which", flag_value="stdout.txt", default=True, help="Show stdout.")
+def task_logs(job_id, task_id, which) -> None:
+    """Print a task's stdout (or --stderr)."""
+    r = _store().get_task(job_id, task_id)
+    if not r["task_dir"]:
+        raise NotFound(f"task {job_id}/{task_id} is {r['state']} and has not started; "
+                       "no logs yet")
+    path = Path(r["task_dir"]) / which
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise NotFound(f"{path} does not exist (was the node's directory removed?)") from None
+    sys.stdout.buffer.write(data)
+
+
+def _register_optional() -> None:
+    """Commands that live in their own modules."""
+    import importlib
+    for mod, name in (("hpcbatch.cli_cluster", "cluster"), ("hpcbatch.cli_kernels", "run"),
+                      ("hpcbatch.cli_kernels", "results")):
+        try:
+            cmd = getattr(importlib.import_module(mod), name)
+        except (ImportError, AttributeError):
+            continue
+        cli.add_command(cmd)
+
+
+_register_optional()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args or os.environ.get("HPCBATCH_DEBUG") == "1"
+    try:
+        cli.main(args=args, prog_name="hpcbatch", standalone_mode=False)
+    except click.exceptions.Abort:
+        err.print("aborted")
+        return 130
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        if debug:
+            raise
+        err.print(f"error: {exc.format_message()}", markup=False, soft_wrap=True)
+        return 2 if exc.exit_code in (1, 2) else exc.exit_code
+    except HpcBatchError as exc:
+        if debug:
+            raise
+        err.print(f"error: {exc}", markup=False, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

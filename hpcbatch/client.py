@@ -1,0 +1,269 @@
+"""The Python API: ``hpcbatch.Batch`` with ``pools``, ``jobs`` and task handles.
+
+``Batch()`` runs an embedded coordinator in this process on ``$HPCBATCH_HOME``
+(default ``~/.hpcbatch``) with an automatic ``local`` pool of one task slot per
+core::
+
+    with hpcbatch.Batch() as batch:
+        job = batch.jobs.create("render", pool="local")
+        job.add_tasks([{"id": f"t{i}", "command_line": f"echo {i}"} for i in range(100)])
+        job.wait(progress=True)
+        print(job.task("t7").stdout())
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from hpcbatch.coordinator import Coordinator, default_home
+from hpcbatch.errors import HpcBatchError, NotFound, ValidationError
+from hpcbatch.models import JobSpec, PoolSpec, TaskSpec, check_id, check_unique_ids
+from hpcbatch.store import Store
+
+LOCAL_POOL = "local"
+
+
+class Task:
+    """A snapshot of one task; ``refresh()`` reads it again."""
+
+    def __init__(self, batch: Batch, row: dict[str, Any]):
+        self._batch = batch
+        self._row = row
+
+    def __repr__(self) -> str:
+        return f"<Task {self.job_id}/{self.id} {self.state} exit={self.exit_code}>"
+
+    def __getattr__(self, name: str) -> Any:
+        row = self.__dict__.get("_row", {})
+        if name in row:
+            return row[name]
+        raise AttributeError(name)
+
+    def refresh(self) -> Task:
+        self._row = self._batch.store.get_task(self.job_id, self.id)
+        return self
+
+    @property
+    def succeeded(self) -> bool:
+        return self.result == "success"
+
+    def _read(self, name: str) -> str:
+        if not self.task_dir:
+            raise NotFound(f"task {self.job_id}/{self.id} has not started; it has no {name} yet")
+        path = Path(self.task_dir) / name
+        try:
+            return path.read_text(errors="replace")
+        except FileNotFoundError:
+            raise NotFound(f"{path} does not exist (the node's files were removed?)") from None
+
+    def stdout(self) -> str:
+        return self._read("stdout.txt")
+
+    def stderr(self) -> str:
+        return self._read("stderr.txt")
+
+    @property
+    def stdout_path(self) -> Path | None:
+        return Path(self.task_dir) / "stdout.txt" if self.task_dir else None
+
+    @property
+    def stderr_path(self) -> Path | None:
+        return Path(self.task_dir) / "stderr.txt" if self.task_dir else None
+
+
+class Job:
+    def __init__(self, batch: Batch, job_id: str):
+        self._batch = batch
+        self.id = job_id
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id}>"
+
+    @property
+    def spec(self) -> JobSpec:
+        return self._batch.store.get_job(self.id)["spec"]
+
+    @property
+    def state(self) -> str:
+        return self._batch.store.get_job(self.id)["state"]
+
+    def add_task(self, task_id: str, command_line: str, **fields: Any) -> None:
+        self.add_tasks([TaskSpec(task_id, command_line, **fields)])
+
+    def add_tasks(self, tasks: Iterable[TaskSpec | Mapping[str, Any]]) -> int:
+        """Validate and store tasks in one transaction (all or nothing)."""
+        specs = [TaskSpec.coerce(t) for t in tasks]
+        check_unique_ids(specs)
+        n = self._batch.store.add_tasks(self.id, specs)
+        self._batch._notify()
+        return n
+
+    def counts(self) -> dict[str, int]:
+        return self._batch.store.task_counts(self.id)
+
+    def tasks(self, state: str | None = None) -> list[Task]:
+        return [Task(self._batch, r) for r in self._batch.store.list_tasks(self.id, state)]
+
+    def task(self, task_id: str) -> Task:
+        return Task(self._batch, self._batch.store.get_task(self.id, task_id))
+
+    def terminate_task(self, task_id: str) -> None:
+        self._batch.store.get_task(self.id, task_id)
+        self._batch.coordinator.kill_task(self.id, task_id)
+
+    def done(self) -> bool:
+        c = self.counts()
+        return c["completed"] == c["total"]
+
+    def wait(self, timeout_s: float | None = None, progress: bool = False,
+             poll_s: float = 0.1) -> dict[str, int]:
+        """Block until every task is completed; return the counts.
+
+        Raises TimeoutError after ``timeout_s``. With ``progress=True`` a rich
+        progress bar shows completed/total, failures and retries.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        bar = _ProgressBar(self.id) if progress else None
+        try:
+            while True:
+                counts = self.counts()
+                if bar:
+                    bar.update(counts)
+                if counts["completed"] == counts["total"]:
+                    return counts
+                self._batch._check_coordinator()
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {self.id}: {counts['completed']}/{counts['total']} "
+                                       f"tasks completed after {timeout_s} s")
+                time.sleep(poll_s)
+        finally:
+            if bar:
+                bar.close()
+
+
+class _ProgressBar:
+    def __init__(self, job_id: str):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            transient=False)
+        self.task = self.progress.add_task(job_id, total=None, detail="")
+        self.progress.start()
+
+    def update(self, c: dict[str, int]) -> None:
+        detail = f"running {c['running']}  failed {c['failed']}  retries {c['retries']}"
+        self.progress.update(self.task, total=c["total"], completed=c["completed"],
+                             detail=detail)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+class Jobs:
+    def __init__(self, batch: Batch):
+        self._batch = batch
+
+    def create(self, job_id: str, pool: str = LOCAL_POOL, *, priority: int = 0,
+               on_all_tasks_complete: str = "no_action", max_task_retry_count: int = 0) -> Job:
+        spec = JobSpec(job_id, pool, priority=priority,
+                       on_all_tasks_complete=on_all_tasks_complete,
+                       max_task_retry_count=max_task_retry_count)
+        self._batch.store.create_job(spec)
+        return Job(self._batch, job_id)
+
+    def get(self, job_id: str) -> Job:
+        self._batch.store.get_job(job_id)
+        return Job(self._batch, job_id)
+
+    def list(self) -> list[dict[str, Any]]:
+        return self._batch.store.list_jobs()
+
+
+class Pools:
+    def __init__(self, batch: Batch):
+        self._batch = batch
+
+    def create(self, pool_id: str, provider: str = "local", *, task_slots_per_node: int = 1,
+               scheduling_policy: str = "pack", target_nodes: int = 1,
+               start_task: str | None = None, **provider_config: Any) -> PoolSpec:
+        spec = PoolSpec(pool_id, provider, task_slots_per_node=task_slots_per_node,
+                        scheduling_policy=scheduling_policy, target_nodes=target_nodes,
+                        start_task=start_task, provider_config=provider_config)
+        self._batch.store.create_pool(spec)
+        self._batch.coordinator.add_pool(spec)
+        return spec
+
+    def get(self, pool_id: str) -> PoolSpec:
+        return self._batch.store.get_pool(pool_id)
+
+    def list(self) -> list[PoolSpec]:
+        return self._batch.store.list_pools()
+
+    def nodes(self, pool_id: str | None = None) -> list[dict[str, Any]]:
+        if pool_id is not None:
+            self.get(pool_id)
+        return self._batch.store.list_nodes(pool_id)
+
+
+class Batch:
+    """An embedded coordinator plus the API to drive it."""
+
+    def __init__(self, home: str | os.PathLike | None = None, *,
+                 local_slots: int | None = None):
+        self.home = Path(home).expanduser() if home else default_home()
+        slots = local_slots if local_slots is not None else (os.cpu_count() or 1)
+        local = PoolSpec(LOCAL_POOL, "local", task_slots_per_node=slots)
+        self.store = Store(self.home / "state.db")
+        try:
+            self.store.create_pool(local, exist_ok=True)
+            if local_slots is not None and self.store.get_pool(LOCAL_POOL) != local:
+                self._resize_local(local)
+            self.coordinator = Coordinator(self.home)
+            self.coordinator.start()
+        except BaseException:
+            self.store.close()
+            raise
+        self.pools = Pools(self)
+        self.jobs = Jobs(self)
+
+    def _resize_local(self, local: PoolSpec) -> None:
+        import json
+
+        from hpcbatch.store import spec_to_dict
+        with self.store.transaction() as db:
+            db.execute("UPDATE pools SET spec=? WHERE id=?",
+                       (json.dumps(spec_to_dict(local)), LOCAL_POOL))
+
+    def _notify(self) -> None:
+        self.coordinator.notify()
+
+    def _check_coordinator(self) -> None:
+        if self.coordinator.error is not None:
+            raise HpcBatchError(f"the coordinator stopped: {self.coordinator.error!r}")
+
+    def close(self) -> None:
+        self.coordinator.stop()
+        self.store.close()
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+__all__ = ["Batch", "Job", "Task", "TaskSpec", "JobSpec", "PoolSpec", "ValidationError",
+           "check_id"]

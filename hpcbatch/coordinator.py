@@ -1,0 +1,462 @@
+"""The coordinator: owns the store, runs the scheduler, talks to agents.
+
+It runs on one thread (embedded in the caller's process, or in ``hpcbatch
+serve``). Each turn of its loop drains the inbox (agent events, new work, kill
+requests), decides with the pure functions of :mod:`hpcbatch.scheduler`, writes
+every change of the turn in ONE store transaction, and only then sends the
+run/kill messages. So nothing it acts on is held only in memory: a coordinator
+killed at any point and restarted finds the store consistent, requeues the
+tasks that were in flight, and never runs a completed task again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from hpcbatch import env as E
+from hpcbatch.errors import CoordinatorBusy
+from hpcbatch.models import JobSpec, JobState, NodeState, PoolSpec, TaskResult, TaskState
+from hpcbatch.scheduler import (
+    Exit,
+    NodeSlots,
+    Runnable,
+    RunQueue,
+    decide_exit,
+    schedule_from_queue,
+)
+from hpcbatch.store import Store
+from hpcbatch.transport import AgentChannel, LocalTransport
+
+log = logging.getLogger("hpcbatch.coordinator")
+
+START_TASK_ID = "__start_task__"
+
+
+@dataclasses.dataclass
+class TaskMeta:
+    """What the coordinator keeps in memory for a task that is not completed."""
+
+    seq: int
+    job_id: str
+    task_id: str
+    pool_id: str
+    command_line: str
+    environment: dict[str, str]
+    required_slots: int
+    max_retries: int
+    wall_s: float | None
+    priority: int
+    retry_count: int = 0
+    node_id: str | None = None
+
+
+@dataclasses.dataclass
+class NodeHandle:
+    pool_id: str
+    node_id: str
+    slots: int
+    channel: AgentChannel | None = None
+    state: NodeState = NodeState.STARTING
+    root: str | None = None
+    free: int = 0
+    running: set[int] = dataclasses.field(default_factory=set)
+    last_seen: float = 0.0
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    reason: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.pool_id, self.node_id)
+
+
+def default_home() -> Path:
+    return Path(os.environ.get(E.HOME) or Path.home() / ".hpcbatch").expanduser()
+
+
+class HomeLock:
+    """One coordinator per home directory (an flock; released by the kernel on death)."""
+
+    def __init__(self, home: Path):
+        self.path = home / "coordinator.lock"
+        home.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise CoordinatorBusy(
+                f"another coordinator (pid {other}) is running on {home}; wait for it to "
+                f"finish, stop it, or set {E.HOME} to another directory") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class Coordinator:
+    """The process-wide owner of state for one home directory."""
+
+    def __init__(self, home: Path | str | None = None, *, heartbeat_s: float = 1.0,
+                 node_timeout_s: float = 4.0, transport: LocalTransport | None = None):
+        self.home = Path(home) if home else default_home()
+        self.lock = HomeLock(self.home)
+        self.store = Store(self.home / "state.db")
+        self.transport = transport or LocalTransport()
+        self.heartbeat_s = heartbeat_s
+        self.node_timeout_s = node_timeout_s
+        self.inbox: queue.Queue = queue.Queue()
+        self.nodes: dict[tuple[str, str], NodeHandle] = {}
+        self.pools: dict[str, PoolSpec] = {}
+        self.queues: dict[str, RunQueue] = {}
+        self.meta: dict[int, TaskMeta] = {}
+        self.outstanding: dict[str, int] = {}  # job -> tasks not completed
+        self.jobs: dict[str, JobSpec] = {}
+        self.last_seq = 0
+        self.requeued_at_start = 0
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self.error: BaseException | None = None
+
+    # ---- life cycle ------------------------------------------------------
+
+    def start(self) -> None:
+        with self.store.transaction():
+            self.requeued_at_start = self.store.requeue_in_flight()
+            for n in self.store.list_nodes():
+                if n["state"] not in (NodeState.OFFLINE.value,):
+                    self.store.upsert_node(n["pool_id"], n["id"], NodeState.OFFLINE.value,
+                                           n["slots"], json.loads(n["info"]),
+                                           "coordinator restarted")
+        if self.requeued_at_start:
+            log.info("requeued %d tasks that were in flight", self.requeued_at_start)
+        for pool in self.store.list_pools():
+            self._start_pool(pool)
+        self._load_new_work()
+        self._thread = threading.Thread(target=self._run, name="hpcbatch-coordinator",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """Shut agents down (killing running tasks, which stay recorded as in flight)."""
+        if self._thread is None:
+            self._release()
+            return
+        self._stop.set()
+        self.inbox.put(("wake",))
+        self._thread.join(timeout_s)
+        self._thread = None
+        self._release()
+
+    def _release(self) -> None:
+        for node in self.nodes.values():
+            if node.channel is not None:
+                node.channel.send({"op": "shutdown"})
+                node.channel.close()
+        self.nodes.clear()
+        self.store.close()
+        self.lock.release()
+
+    def notify(self) -> None:
+        """New work was written to the store by another thread."""
+        self.inbox.put(("work",))
+
+    def kill_task(self, job_id: str, task_id: str) -> None:
+        self.inbox.put(("kill", job_id, task_id))
+
+    def add_pool(self, pool: PoolSpec) -> None:
+        self.inbox.put(("pool", pool))
+
+    # ---- pools and nodes ---------------------------------------------------
+
+    def _node_root(self, pool_id: str, node_id: str) -> Path:
+        return self.home / "nodes" / pool_id / node_id
+
+    def _start_pool(self, pool: PoolSpec) -> None:
+        if pool.id in self.pools:
+            return
+        self.pools[pool.id] = pool
+        self.queues.setdefault(pool.id, RunQueue())
+        if pool.provider != "local":
+            log.warning("pool %s: provider %s is not available yet", pool.id, pool.provider)
+            return
+        node_id = "local-1"
+        handle = NodeHandle(pool.id, node_id, pool.task_slots_per_node)
+        root = self._node_root(pool.id, node_id)
+        handle.channel = self.transport.start_agent(node_id, root, self.heartbeat_s)
+        handle.last_seen = time.monotonic()
+        key = handle.key
+        handle.channel.listen(lambda msg, key=key: self.inbox.put(("agent", key, msg)))
+        self.nodes[key] = handle
+        self.store.upsert_node(pool.id, node_id, NodeState.STARTING.value, handle.slots)
+
+    def _on_hello(self, node: NodeHandle, msg: dict) -> None:
+        node.root = msg["root"]
+        node.info = {k: msg.get(k) for k in ("hostname", "pid", "cores", "python")}
+        pool = self.pools[node.pool_id]
+        if pool.start_task:
+            tdir = os.path.join(node.root, "starttask")
+            node.channel.send({"op": "run", "id": START_TASK_ID, "cmd": pool.start_task,
+                               "dir": tdir, "timeout_s": None,
+                               "env": {E.POOL_ID: pool.id, E.NODE_ID: node.node_id,
+                                       E.TASK_DIR: tdir,
+                                       E.TASK_WORKING_DIR: os.path.join(tdir, "wd"),
+                                       E.NODE_SHARED_DIR: os.path.join(node.root, "shared")}})
+            self._set_node(node, NodeState.STARTING)
+        else:
+            self._node_ready(node)
+
+    def _node_ready(self, node: NodeHandle) -> None:
+        node.free = node.slots
+        self._set_node(node, NodeState.IDLE)
+
+    def _set_node(self, node: NodeHandle, state: NodeState, reason: str | None = None) -> None:
+        if state is not node.state:
+            node.state = node.state.check_move(state)
+        node.reason = reason
+        self.store.upsert_node(node.pool_id, node.node_id, state.value, node.slots, node.info,
+                               reason)
+
+    def _node_lost(self, node: NodeHandle, reason: str) -> None:
+        """The agent is gone: its tasks go back to the queue (a requeue, not a retry)."""
+        if node.state in (NodeState.UNUSABLE, NodeState.OFFLINE):
+            return
+        log.warning("node %s/%s lost: %s", node.pool_id, node.node_id, reason)
+        for seq in sorted(node.running):
+            meta = self.meta[seq]
+            self.store.db.execute(
+                "UPDATE tasks SET state='active', requeue_count=requeue_count+1, node_id=NULL "
+                "WHERE seq=?", (seq,))
+            meta.node_id = None
+            self.queues[meta.pool_id].push(self._runnable(meta))
+        node.running.clear()
+        node.free = 0
+        self._set_node(node, NodeState.UNUSABLE, reason)
+        if node.channel is not None:
+            node.channel.close()
+
+    # ---- work ------------------------------------------------------------
+
+    def _job(self, job_id: str) -> JobSpec:
+        spec = self.jobs.get(job_id)
+        if spec is None:
+            spec = self.jobs[job_id] = self.store.get_job(job_id)["spec"]
+        return spec
+
+    @staticmethod
+    def _runnable(meta: TaskMeta) -> Runnable:
+        return Runnable(seq=meta.seq, priority=meta.priority, required_slots=meta.required_slots)
+
+    def _load_new_work(self) -> int:
+        rows = self.store.runnable_tasks(self.last_seq)
+        fresh: dict[str, list[Runnable]] = {}
+        for r in rows:
+            self.last_seq = max(self.last_seq, r["seq"])
+            if r["seq"] in self.meta:
+                continue
+            job = self._job(r["job_id"])
+            spec = json.loads(r["spec"])
+            retries = spec.get("max_task_retry_count")
+            meta = TaskMeta(
+                seq=r["seq"], job_id=r["job_id"], task_id=r["id"], pool_id=r["pool_id"],
+                command_line=r["command_line"], environment=spec.get("environment") or {},
+                required_slots=r["required_slots"],
+                max_retries=job.max_task_retry_count if retries is None else retries,
+                wall_s=spec.get("max_wall_clock_time_s"), priority=job.priority,
+                retry_count=r["retry_count"])
+            self.meta[meta.seq] = meta
+            self.outstanding[meta.job_id] = self.outstanding.get(meta.job_id, 0) + 1
+            fresh.setdefault(meta.pool_id, []).append(self._runnable(meta))
+        for pool_id, items in fresh.items():
+            if pool_id not in self.pools:
+                self._start_pool(self.store.get_pool(pool_id))
+            self.queues[pool_id].extend(items)
+        return len(rows)
+
+    def _task_env(self, meta: TaskMeta, node: NodeHandle, tdir: str) -> dict[str, str]:
+        env = dict(meta.environment)
+        env.update({
+            E.POOL_ID: meta.pool_id, E.NODE_ID: node.node_id, E.JOB_ID: meta.job_id,
+            E.TASK_ID: meta.task_id, E.TASK_DIR: tdir,
+            E.TASK_WORKING_DIR: os.path.join(tdir, "wd"),
+            E.NODE_SHARED_DIR: os.path.join(node.root, "shared"),
+            E.JOB_PREP_DIR: os.path.join(node.root, "jobs", meta.job_id, "jobpreparation"),
+            E.TASK_ATTEMPT: str(meta.retry_count),
+        })
+        return env
+
+    def _dispatch(self) -> dict[tuple[str, str], list[dict]]:
+        """Schedule every pool; record assignments; return run messages per node."""
+        out: dict[tuple[str, str], list[dict]] = {}
+        now = time.time()
+        for pool_id, rq in self.queues.items():
+            if not len(rq):
+                continue
+            nodes = [n for n in self.nodes.values()
+                     if n.pool_id == pool_id and n.state in (NodeState.IDLE, NodeState.RUNNING)]
+            slots = [NodeSlots(n.node_id, n.free, n.slots) for n in nodes]
+            assignments = schedule_from_queue(rq, slots, self.pools[pool_id].scheduling_policy)
+            by_id = {n.node_id: n for n in nodes}
+            rows = []
+            for a in assignments:
+                node = by_id[a.node_id]
+                meta = self.meta[a.seq]
+                meta.node_id = node.node_id
+                node.free -= a.slots
+                node.running.add(a.seq)
+                if node.state is NodeState.IDLE:
+                    self._set_node(node, NodeState.RUNNING)
+                tdir = os.path.join(node.root, "jobs", meta.job_id, meta.task_id)
+                rows.append((node.node_id, tdir, now, a.seq))
+                out.setdefault(node.key, []).append({
+                    "op": "run", "id": a.seq, "cmd": meta.command_line, "dir": tdir,
+                    "timeout_s": meta.wall_s, "env": self._task_env(meta, node, tdir)})
+            if rows:
+                self.store.db.executemany(
+                    "UPDATE tasks SET state='running', node_id=?, task_dir=?, started_at=?, "
+                    "ended_at=NULL WHERE seq=?", rows)
+        return out
+
+    def _on_exited(self, node: NodeHandle, ev: dict) -> None:
+        tid = ev["id"]
+        if tid == START_TASK_ID:
+            if ev.get("exit_code") == 0:
+                self._node_ready(node)
+            else:
+                self._set_node(node, NodeState.START_TASK_FAILED,
+                               f"start task exited with {ev.get('exit_code')}; see "
+                               f"{os.path.join(node.root, 'starttask', 'stderr.txt')}")
+            return
+        meta = self.meta.get(tid)
+        if meta is None or tid not in node.running:
+            return
+        node.running.discard(tid)
+        node.free += meta.required_slots
+        if not node.running and node.state is NodeState.RUNNING:
+            self._set_node(node, NodeState.IDLE)
+        ex = Exit(exit_code=ev.get("exit_code"), signal=ev.get("signal"),
+                  timed_out=bool(ev.get("timed_out")), start_failed=ev.get("start_failed"))
+        outcome = decide_exit(ex, meta.retry_count, meta.max_retries)
+        common = dict(exit_code=ex.exit_code, signal=ex.signal, failure=outcome.failure,
+                      started_at=ev.get("start"), ended_at=ev.get("end"),
+                      usage=json.dumps(ev.get("usage") or {}))
+        if ev.get("killed") and not ex.timed_out and outcome.failure:
+            common["failure"] = f"killed:{ev['killed']}"
+        if outcome.retry and not ev.get("killed"):
+            meta.retry_count += 1
+            meta.node_id = None
+            self.store.update_task(tid, state=TaskState.ACTIVE.value, node_id=None,
+                                   retry_count=meta.retry_count, **common)
+            self.queues[meta.pool_id].push(self._runnable(meta))
+            return
+        result = outcome.result or TaskResult.FAILURE
+        self.store.update_task(tid, state=TaskState.COMPLETED.value, result=result.value,
+                               **common)
+        self._completed(meta)
+
+    def _completed(self, meta: TaskMeta) -> None:
+        del self.meta[meta.seq]
+        left = self.outstanding[meta.job_id] = self.outstanding[meta.job_id] - 1
+        if left == 0 and self._job(meta.job_id).on_all_tasks_complete == "terminate_job":
+            counts = self.store.task_counts(meta.job_id)
+            if counts["completed"] == counts["total"]:
+                self.store.set_job_state(meta.job_id, JobState.COMPLETED)
+
+    def _kill(self, job_id: str, task_id: str) -> tuple[tuple[str, str], dict] | None:
+        for meta in self.meta.values():
+            if meta.job_id == job_id and meta.task_id == task_id:
+                if meta.node_id is None:  # not started: complete it as terminated
+                    self.queues[meta.pool_id].discard({meta.seq})
+                    self.store.update_task(meta.seq, state=TaskState.COMPLETED.value,
+                                           result=TaskResult.FAILURE.value,
+                                           failure="killed:terminate", ended_at=time.time())
+                    self._completed(meta)
+                    return None
+                return (meta.pool_id, meta.node_id), {"op": "kill", "id": meta.seq,
+                                                      "reason": "terminate"}
+        return None
+
+    # ---- the loop --------------------------------------------------------
+
+    def _handle(self, item: tuple, sends: dict[tuple[str, str], list[dict]]) -> None:
+        kind = item[0]
+        if kind == "agent":
+            _, key, msg = item
+            node = self.nodes.get(key)
+            if node is None:
+                return
+            if msg is None:
+                self._node_lost(node, "agent connection closed")
+                return
+            node.last_seen = time.monotonic()
+            ev = msg.get("ev")
+            if ev == "events":
+                for item_ev in msg["items"]:
+                    if item_ev.get("ev") == "exited":
+                        self._on_exited(node, item_ev)
+            elif ev == "hello":
+                self._on_hello(node, msg)
+            elif ev == "garbage" or ev == "error":
+                log.warning("node %s: %s", node.node_id, msg)
+        elif kind == "work":
+            self._load_new_work()
+        elif kind == "pool":
+            self._start_pool(item[1])
+        elif kind == "kill":
+            kill = self._kill(item[1], item[2])
+            if kill:
+                sends.setdefault(kill[0], []).append(kill[1])
+
+    def _check_heartbeats(self) -> None:
+        now = time.monotonic()
+        for node in self.nodes.values():
+            if node.state in (NodeState.UNUSABLE, NodeState.OFFLINE):
+                continue
+            if now - node.last_seen > self.node_timeout_s:
+                self._node_lost(node, f"no heartbeat for {now - node.last_seen:.1f} s")
+
+    def _run(self) -> None:
+        next_poll = time.monotonic() + 1.0
+        try:
+            while not self._stop.is_set():
+                try:
+                    items = [self.inbox.get(timeout=0.5)]
+                except queue.Empty:
+                    items = []
+                while True:
+                    try:
+                        items.append(self.inbox.get_nowait())
+                    except queue.Empty:
+                        break
+                sends: dict[tuple[str, str], list[dict]] = {}
+                with self.store.transaction():
+                    for item in items:
+                        self._handle(item, sends)
+                    if time.monotonic() >= next_poll:
+                        self._load_new_work()  # work written by other processes
+                        self._check_heartbeats()
+                        next_poll = time.monotonic() + 1.0
+                    for key, msgs in self._dispatch().items():
+                        sends.setdefault(key, []).extend(msgs)
+                for key, msgs in sends.items():
+                    node = self.nodes.get(key)
+                    if node is not None and node.channel is not None:
+                        node.channel.send_many(msgs)
+        except BaseException as exc:  # surface to waiters instead of dying silently
+            log.exception("coordinator loop failed")
+            self.error = exc
+        finally:
+            self._stopped.set()

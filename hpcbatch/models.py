@@ -1,0 +1,224 @@
+"""Specs (what a user describes) and states (what the coordinator tracks).
+
+Specs validate on the way in: a bad value raises :class:`ValidationError`
+naming the field and the rule, before anything is stored. States are enums
+with an explicit transitions table; an illegal transition is a bug and raises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from hpcbatch.errors import ValidationError
+
+ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+ID_RULE = "use 1 to 64 letters, digits, '-' or '_'"
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def check_id(field: str, value: Any) -> str:
+    if not isinstance(value, str) or not ID_RE.match(value):
+        raise ValidationError(field, f"{value!r} is not a valid id; {ID_RULE}")
+    return value
+
+
+def _check_int(field: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(field, f"{value!r} is not an integer")
+    if value < minimum or (maximum is not None and value > maximum):
+        upper = f" and <= {maximum}" if maximum is not None else ""
+        raise ValidationError(field, f"{value} is out of range; must be >= {minimum}{upper}")
+    return value
+
+
+def _check_choice(field: str, value: Any, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValidationError(field, f"{value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _check_env(field: str, env: Any) -> dict[str, str]:
+    if env is None:
+        return {}
+    if not isinstance(env, Mapping):
+        raise ValidationError(field, "must be a mapping of NAME -> value")
+    out = {}
+    for key, val in env.items():
+        if not isinstance(key, str) or not ENV_NAME_RE.match(key):
+            raise ValidationError(field, f"{key!r} is not a valid environment variable name")
+        out[key] = str(val)
+    return out
+
+
+class _StateEnum(enum.StrEnum):
+    """A state enum whose legal moves are listed in ``TRANSITIONS``."""
+
+    def check_move(self, new: _StateEnum) -> _StateEnum:
+        if new not in TRANSITIONS[type(self)][self]:
+            raise RuntimeError(f"illegal {type(self).__name__} transition "
+                               f"{self.value} -> {new.value}")
+        return new
+
+
+class NodeState(_StateEnum):
+    STARTING = "starting"
+    START_TASK_FAILED = "start_task_failed"
+    IDLE = "idle"
+    RUNNING = "running"
+    UNUSABLE = "unusable"
+    OFFLINE = "offline"
+    LEAVING = "leaving"
+
+
+class JobState(_StateEnum):
+    ACTIVE = "active"
+    TERMINATING = "terminating"
+    COMPLETED = "completed"
+
+
+class TaskState(_StateEnum):
+    ACTIVE = "active"
+    PREPARING = "preparing"
+    RUNNING = "running"
+    COMPLETED = "completed"
+
+
+class TaskResult(enum.StrEnum):
+    SUCCESS = "success"
+    FAILURE = "failure"
+
+
+_N = NodeState
+_J = JobState
+_T = TaskState
+TRANSITIONS: dict[type, dict[Any, frozenset]] = {
+    NodeState: {
+        _N.STARTING: frozenset({_N.IDLE, _N.START_TASK_FAILED, _N.UNUSABLE, _N.OFFLINE}),
+        _N.START_TASK_FAILED: frozenset({_N.STARTING, _N.OFFLINE, _N.LEAVING}),
+        _N.IDLE: frozenset({_N.RUNNING, _N.UNUSABLE, _N.OFFLINE, _N.LEAVING}),
+        _N.RUNNING: frozenset({_N.IDLE, _N.UNUSABLE, _N.OFFLINE, _N.LEAVING}),
+        _N.UNUSABLE: frozenset({_N.STARTING, _N.IDLE, _N.OFFLINE, _N.LEAVING}),
+        _N.OFFLINE: frozenset({_N.STARTING, _N.LEAVING}),
+        _N.LEAVING: frozenset({_N.OFFLINE}),
+    },
+    JobState: {
+        _J.ACTIVE: frozenset({_J.TERMINATING, _J.COMPLETED}),
+        _J.TERMINATING: frozenset({_J.COMPLETED}),
+        _J.COMPLETED: frozenset(),
+    },
+    TaskState: {
+        _T.ACTIVE: frozenset({_T.PREPARING, _T.RUNNING, _T.COMPLETED}),
+        _T.PREPARING: frozenset({_T.RUNNING, _T.ACTIVE, _T.COMPLETED}),
+        _T.RUNNING: frozenset({_T.ACTIVE, _T.COMPLETED}),
+        _T.COMPLETED: frozenset(),
+    },
+}
+
+PROVIDERS = ("local", "ssh")
+POLICIES = ("pack", "spread")
+ON_ALL_TASKS_COMPLETE = ("no_action", "terminate_job")
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolSpec:
+    """A pool as a user describes it."""
+
+    id: str
+    provider: str = "local"
+    task_slots_per_node: int = 1
+    scheduling_policy: str = "pack"
+    target_nodes: int = 1
+    start_task: str | None = None
+    provider_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_id("pool.id", self.id)
+        _check_choice("pool.provider", self.provider, PROVIDERS)
+        _check_int("pool.task_slots_per_node", self.task_slots_per_node, 1, 1024)
+        _check_choice("pool.scheduling_policy", self.scheduling_policy, POLICIES)
+        _check_int("pool.target_nodes", self.target_nodes, 1, 100_000)
+        if self.provider == "local" and self.target_nodes != 1:
+            raise ValidationError("pool.target_nodes", "a local pool has exactly 1 node")
+        if self.start_task is not None and not str(self.start_task).strip():
+            raise ValidationError("pool.start_task", "is empty; give a command line or omit it")
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    """A job as a user describes it."""
+
+    id: str
+    pool_id: str
+    priority: int = 0
+    on_all_tasks_complete: str = "no_action"
+    max_task_retry_count: int = 0
+
+    def __post_init__(self) -> None:
+        check_id("job.id", self.id)
+        check_id("job.pool_id", self.pool_id)
+        _check_int("job.priority", self.priority, -1000, 1000)
+        _check_choice("job.on_all_tasks_complete", self.on_all_tasks_complete,
+                      ON_ALL_TASKS_COMPLETE)
+        _check_int("job.max_task_retry_count", self.max_task_retry_count, -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """A task as a user describes it.
+
+    ``command_line`` runs under ``/bin/sh -c`` in the task's working directory.
+    ``max_task_retry_count`` of ``None`` takes the job's value; ``-1`` retries
+    without limit.
+    """
+
+    id: str
+    command_line: str
+    environment: dict[str, str] = dataclasses.field(default_factory=dict)
+    required_slots: int = 1
+    max_task_retry_count: int | None = None
+    max_wall_clock_time_s: float | None = None
+
+    def __post_init__(self) -> None:
+        check_id("task.id", self.id)
+        if not isinstance(self.command_line, str) or not self.command_line.strip():
+            raise ValidationError(f"task {self.id}: command_line", "is empty")
+        if "\0" in self.command_line:
+            raise ValidationError(f"task {self.id}: command_line", "contains a NUL byte")
+        object.__setattr__(self, "environment",
+                           _check_env(f"task {self.id}: environment", self.environment))
+        _check_int(f"task {self.id}: required_slots", self.required_slots, 1, 1024)
+        if self.max_task_retry_count is not None:
+            _check_int(f"task {self.id}: max_task_retry_count", self.max_task_retry_count, -1)
+        wall = self.max_wall_clock_time_s
+        if wall is not None and (isinstance(wall, bool) or not isinstance(wall, int | float)
+                                 or wall <= 0):
+            raise ValidationError(f"task {self.id}: max_wall_clock_time_s",
+                                  f"{wall!r} must be a number of seconds > 0")
+
+    @classmethod
+    def coerce(cls, value: TaskSpec | Mapping[str, Any]) -> TaskSpec:
+        if isinstance(value, TaskSpec):
+            return value
+        if not isinstance(value, Mapping):
+            raise ValidationError("task", f"expected a TaskSpec or a mapping, got {value!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValidationError("task", f"unknown field(s) {', '.join(unknown)}; "
+                                  f"known: {', '.join(sorted(known))}")
+        if "id" not in value or "command_line" not in value:
+            raise ValidationError("task", "needs both 'id' and 'command_line'")
+        return cls(**value)
+
+
+def check_unique_ids(tasks: Iterable[TaskSpec]) -> None:
+    seen: set[str] = set()
+    for t in tasks:
+        if t.id in seen:
+            raise ValidationError("task.id", f"{t.id!r} appears twice in this request")
+        seen.add(t.id)

@@ -1,0 +1,110 @@
+"""How bytes reach a node's agent: the transport seam.
+
+Every transport yields an :class:`AgentChannel`: a line-framed duplex stream to
+one agent. ``LocalTransport`` starts the agent as a subprocess with pipes; the
+SSH transport (hpcbatch.ssh) runs it over one paramiko exec channel. The
+coordinator does not know which one it talks to.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hpcbatch.launch import agent as agent_module
+
+AGENT_PATH = Path(agent_module.__file__)
+encode = agent_module.encode
+decode = agent_module.decode
+
+
+class AgentChannel:
+    """A started agent: send messages, receive them on a reader thread."""
+
+    def __init__(self, name: str, write: Callable[[bytes], Any], readline: Callable[[], bytes],
+                 close: Callable[[], None]):
+        self.name = name
+        self._write = write
+        self._readline = readline
+        self._close = close
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def send_many(self, msgs: list[dict]) -> bool:
+        """Write messages as one chunk; False when the channel is gone."""
+        if self.closed:
+            return False
+        data = b"".join(encode(m) for m in msgs)
+        try:
+            with self._lock:
+                self._write(data)
+        except (OSError, ValueError, EOFError):
+            self.closed = True
+            return False
+        return True
+
+    def send(self, msg: dict) -> bool:
+        return self.send_many([msg])
+
+    def listen(self, on_message: Callable[[dict | None], None]) -> threading.Thread:
+        """Call ``on_message`` for each message; ``None`` once the channel ends."""
+
+        def pump() -> None:
+            try:
+                while True:
+                    line = self._readline()
+                    if not line:
+                        break
+                    if line.strip():
+                        try:
+                            on_message(decode(line))
+                        except ValueError:
+                            on_message({"ev": "garbage", "line": line[:200].decode("replace")})
+            except (OSError, ValueError, EOFError):
+                pass
+            finally:
+                self.closed = True
+                on_message(None)
+
+        t = threading.Thread(target=pump, name=f"agent-reader-{self.name}", daemon=True)
+        t.start()
+        return t
+
+    def close(self) -> None:
+        self.closed = True
+        try:
+            self._close()
+        except OSError:
+            pass
+
+
+class LocalTransport:
+    """Starts the agent as a child process of the coordinator."""
+
+    def start_agent(self, node_id: str, root: Path, heartbeat_s: float = 1.0) -> AgentChannel:
+        proc = subprocess.Popen(
+            [sys.executable, str(AGENT_PATH), "--node-id", node_id, "--root", str(root),
+             "--heartbeat-s", str(heartbeat_s)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, close_fds=True)
+
+        def write(data: bytes) -> None:
+            proc.stdin.write(data)
+
+        def close() -> None:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+        chan = AgentChannel(node_id, write, proc.stdout.readline, close)
+        chan.pid = proc.pid
+        return chan

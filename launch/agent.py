@@ -1,0 +1,262 @@
+#!/usr/bin/env python3
+"""The hpcbatch node agent. Standard library only: it is uploaded to nodes as one file.
+
+The coordinator starts one agent per node (a local subprocess, or over one SSH
+exec channel) and speaks newline-delimited JSON with it over stdin/stdout:
+
+coordinator -> agent  (one object per line, key "op")
+    {"op": "run", "id": K, "cmd": "...", "env": {...}, "dir": TASK_DIR, "timeout_s": S|null}
+    {"op": "kill", "id": K, "reason": "terminate"}
+    {"op": "ping"}
+    {"op": "shutdown"}
+
+agent -> coordinator  (key "ev")
+    {"ev": "hello", "node_id", "root", "pid", "hostname", "cores", "python", "protocol"}
+    {"ev": "events", "items": [...]}   started / exited events, batched per loop turn
+    {"ev": "heartbeat", "t", "running": [K, ...]}
+    {"ev": "bye"}
+
+A task runs as ``/bin/sh -c CMD`` in ``TASK_DIR/wd`` with stdout and stderr in
+``TASK_DIR/stdout.txt`` and ``stderr.txt``, in its own session (process group).
+On timeout or kill the whole group gets SIGTERM, then SIGKILL after a grace
+period; when the task's main process exits, whatever is left of its group is
+killed so nothing outlives the task. If the coordinator goes away (stdin EOF)
+every task is killed and the agent exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+PROTOCOL = 1
+KILL_GRACE_S = 2.0
+
+
+def encode(msg: dict) -> bytes:
+    return json.dumps(msg, separators=(",", ":")).encode() + b"\n"
+
+
+def decode(line: bytes) -> dict:
+    return json.loads(line)
+
+
+class Task:
+    __slots__ = ("id", "proc", "start", "deadline", "kill_at", "timed_out", "killed")
+
+    def __init__(self, tid, proc, start, timeout_s):
+        self.id = tid
+        self.proc = proc
+        self.start = start
+        self.deadline = start + timeout_s if timeout_s else None
+        self.kill_at = None  # when SIGKILL follows a SIGTERM
+        self.timed_out = False
+        self.killed = None
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class Agent:
+    def __init__(self, node_id: str, root: str, heartbeat_s: float, out=None):
+        self.node_id = node_id
+        self.root = os.path.abspath(root)
+        self.heartbeat_s = heartbeat_s
+        self.out = out or sys.stdout.buffer
+        self.tasks: dict[int, Task] = {}  # by pid
+        self.by_id: dict[object, Task] = {}
+        self.events: list[dict] = []
+        self.inbuf = b""
+        self.running = True
+        self.base_env = dict(os.environ)
+
+    # ---- output ----------------------------------------------------------
+
+    def send(self, msg: dict) -> None:
+        try:
+            self.out.write(encode(msg))
+            self.out.flush()
+        except (BrokenPipeError, OSError):
+            self.running = False
+
+    def flush_events(self) -> None:
+        if self.events:
+            items, self.events = self.events, []
+            self.send({"ev": "events", "items": items})
+
+    # ---- operations ------------------------------------------------------
+
+    def handle(self, msg: dict) -> None:
+        op = msg.get("op")
+        if op == "run":
+            self.run(msg)
+        elif op == "kill":
+            task = self.by_id.get(msg.get("id"))
+            if task is not None:
+                task.killed = msg.get("reason") or "terminate"
+                self.terminate(task)
+        elif op == "ping":
+            self.heartbeat()
+        elif op == "shutdown":
+            self.running = False
+        else:
+            self.events.append({"ev": "error", "message": f"unknown op {op!r}"})
+
+    def run(self, msg: dict) -> None:
+        tid = msg["id"]
+        tdir = msg["dir"]
+        now = time.time()
+        try:
+            wd = os.path.join(tdir, "wd")
+            os.makedirs(wd, exist_ok=True)
+            env = dict(self.base_env)
+            env.update(msg.get("env") or {})
+            with open(os.path.join(tdir, "stdout.txt"), "wb") as out, \
+                    open(os.path.join(tdir, "stderr.txt"), "wb") as err:
+                proc = subprocess.Popen(
+                    ["/bin/sh", "-c", msg["cmd"]], cwd=wd, env=env, stdin=subprocess.DEVNULL,
+                    stdout=out, stderr=err, start_new_session=True, close_fds=True)
+        except OSError as exc:
+            self.events.append({"ev": "exited", "id": tid, "exit_code": None, "signal": None,
+                                "timed_out": False, "start_failed": str(exc),
+                                "start": now, "end": time.time(), "usage": {}})
+            return
+        task = Task(tid, proc, now, msg.get("timeout_s"))
+        self.tasks[proc.pid] = task
+        self.by_id[tid] = task
+        self.events.append({"ev": "started", "id": tid, "pid": proc.pid, "t": now})
+
+    def terminate(self, task: Task) -> None:
+        if task.kill_at is None:
+            _killpg(task.proc.pid, signal.SIGTERM)
+            task.kill_at = time.time() + KILL_GRACE_S
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status, ru = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            task = self.tasks.pop(pid, None)
+            if task is None:
+                continue
+            self.by_id.pop(task.id, None)
+            _killpg(pid, signal.SIGKILL)  # nothing of the task outlives it
+            code = os.waitstatus_to_exitcode(status)
+            task.proc.returncode = code
+            self.events.append({
+                "ev": "exited", "id": task.id,
+                "exit_code": code if code >= 0 else None,
+                "signal": -code if code < 0 else None,
+                "timed_out": task.timed_out, "killed": task.killed,
+                "start": task.start, "end": time.time(),
+                "usage": {"utime_s": round(ru.ru_utime, 6), "stime_s": round(ru.ru_stime, 6),
+                          "maxrss_kb": ru.ru_maxrss},
+            })
+
+    def check_deadlines(self, now: float) -> float | None:
+        """Enforce wall-clock limits; return the next time something is due."""
+        nxt = None
+        for task in self.tasks.values():
+            if task.deadline is not None and task.kill_at is None and now >= task.deadline:
+                task.timed_out = True
+                self.terminate(task)
+            if task.kill_at is not None and now >= task.kill_at:
+                _killpg(task.proc.pid, signal.SIGKILL)
+                task.kill_at = now + KILL_GRACE_S
+            for t in (task.deadline if task.kill_at is None else None, task.kill_at):
+                if t is not None and (nxt is None or t < nxt):
+                    nxt = t
+        return nxt
+
+    def heartbeat(self) -> None:
+        self.flush_events()
+        self.send({"ev": "heartbeat", "t": time.time(),
+                   "running": [t.id for t in self.tasks.values()]})
+
+    def kill_all(self) -> None:
+        for task in list(self.tasks.values()):
+            _killpg(task.proc.pid, signal.SIGKILL)
+        deadline = time.time() + 5
+        while self.tasks and time.time() < deadline:
+            self.reap()
+            if self.tasks:
+                time.sleep(0.01)
+
+    # ---- main loop -------------------------------------------------------
+
+    def serve(self, inp_fd: int) -> None:
+        os.makedirs(os.path.join(self.root, "shared"), exist_ok=True)
+        os.makedirs(os.path.join(self.root, "jobs"), exist_ok=True)
+        rfd, wfd = os.pipe()
+        os.set_blocking(rfd, False)
+        os.set_blocking(wfd, False)
+        signal.set_wakeup_fd(wfd)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when we stop
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "running", False))
+        sel = selectors.DefaultSelector()
+        sel.register(inp_fd, selectors.EVENT_READ, "in")
+        sel.register(rfd, selectors.EVENT_READ, "sig")
+        self.send({"ev": "hello", "node_id": self.node_id, "root": self.root,
+                   "pid": os.getpid(), "hostname": socket.gethostname(),
+                   "cores": os.cpu_count(), "python": sys.executable, "protocol": PROTOCOL})
+        next_hb = time.time() + self.heartbeat_s
+        while self.running:
+            now = time.time()
+            due = self.check_deadlines(now)
+            wait = next_hb - now
+            if due is not None:
+                wait = min(wait, due - now)
+            for key, _ in sel.select(max(wait, 0)):
+                if key.data == "sig":
+                    try:
+                        while os.read(rfd, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    continue
+                chunk = os.read(inp_fd, 1 << 16)
+                if not chunk:
+                    self.running = False
+                    break
+                self.inbuf += chunk
+                *lines, self.inbuf = self.inbuf.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        self.handle(decode(line))
+            self.reap()
+            if time.time() >= next_hb:
+                self.heartbeat()
+                next_hb = time.time() + self.heartbeat_s
+            self.flush_events()
+        self.kill_all()
+        self.flush_events()
+        self.send({"ev": "bye"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="hpcbatch node agent (speaks JSON lines on stdio)")
+    ap.add_argument("--node-id", required=True)
+    ap.add_argument("--root", required=True, help="node root directory (task dirs live here)")
+    ap.add_argument("--heartbeat-s", type=float, default=1.0)
+    args = ap.parse_args(argv)
+    Agent(args.node_id, args.root, args.heartbeat_s).serve(sys.stdin.fileno())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

