@@ -141,36 +141,36 @@ def submit(each_line, array, job_id, pool_id, slots, retries, timeout_s, priorit
     check_id("--job", job_id)
     check_id("--pool", pool_id)
 
-    from hpcbatch.client import Batch
-    from hpcbatch.store import Store
+    from hpcbatch.client import Batch, open_store
 
     if no_wait:  # store only: no coordinator needed
-        store = Store(_home() / "state.db")
-        _ensure_job(store, job_id, pool_id, priority, retries)
-        store.add_tasks(job_id, specs)
+        _store_job_and_tasks(open_store(_home()), job_id, pool_id, priority, retries,
+                             specs)
         out.print(f"job {job_id}: {len(specs)} tasks stored; run them with "
                   f"'hpcbatch job wait {job_id}'")
         return
     with Batch() as batch:
-        _ensure_job(batch.store, job_id, pool_id, priority, retries)
+        _store_job_and_tasks(batch.store, job_id, pool_id, priority, retries, specs)
+        batch.coordinator.notify()
         job = batch.jobs.get(job_id)
-        job.add_tasks(specs)
         err.print(f"job [bold]{job_id}[/]: {len(specs)} tasks on pool {pool_id}")
         _wait_and_report(job, progress)
 
 
-def _ensure_job(store, job_id: str, pool_id: str, priority: int, retries: int) -> None:
-    from hpcbatch.errors import Conflict
+def _store_job_and_tasks(store, job_id: str, pool_id: str, priority: int, retries: int,
+                         specs: list[TaskSpec]) -> None:
+    """Create the job (unless it exists) and add the tasks: all in one transaction."""
     from hpcbatch.models import JobSpec
     spec = JobSpec(job_id, pool_id, priority=priority, on_all_tasks_complete="terminate_job",
                    max_task_retry_count=retries)
-    try:
-        store.create_job(spec)
-    except Conflict:
-        job = store.get_job(job_id)
-        if job["pool_id"] != pool_id:
+    with store.transaction():
+        exists = store.db.execute("SELECT pool_id FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if exists is None:
+            store.create_job(spec)
+        elif exists["pool_id"] != pool_id:
             raise ValidationError("--pool", f"job {job_id!r} exists on pool "
-                                  f"{job['pool_id']!r}, not {pool_id!r}") from None
+                                  f"{exists['pool_id']!r}, not {pool_id!r}")
+        store.add_tasks(job_id, specs)
 
 
 def _wait_and_report(job, progress: bool | None) -> None:
@@ -283,11 +283,11 @@ def pool_show(pool_id: str) -> None:
 @click.option("--start-task", help="Command every node runs before it takes tasks.")
 def pool_create(pool_id, slots, policy, start_task) -> None:
     """Create a pool on this machine (the local provider)."""
+    from hpcbatch.client import open_store
     from hpcbatch.models import PoolSpec
-    from hpcbatch.store import Store
     spec = PoolSpec(pool_id, "local", task_slots_per_node=slots, scheduling_policy=policy,
                     start_task=start_task)
-    Store(_home() / "state.db").create_pool(spec)
+    open_store(_home()).create_pool(spec)
     out.print(f"pool {pool_id} created ({slots} slots, {policy})")
 
 
@@ -333,9 +333,9 @@ def job_show(job_id: str) -> None:
 @click.option("--retries", type=click.IntRange(min=-1), default=0, show_default=True)
 def job_create(job_id, pool_id, priority, retries) -> None:
     """Create an empty job (add tasks with 'hpcbatch task add')."""
+    from hpcbatch.client import open_store
     from hpcbatch.models import JobSpec
-    from hpcbatch.store import Store
-    Store(_home() / "state.db").create_job(JobSpec(job_id, pool_id, priority=priority,
+    open_store(_home()).create_job(JobSpec(job_id, pool_id, priority=priority,
                                                    max_task_retry_count=retries))
     out.print(f"job {job_id} created on pool {pool_id}")
 

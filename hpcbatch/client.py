@@ -218,19 +218,26 @@ class Pools:
         return self._batch.store.list_nodes(pool_id)
 
 
+def open_store(home: Path) -> Store:
+    """The store of ``home``, with the automatic ``local`` pool (one slot per core)."""
+    store = Store(home / "state.db")
+    store.create_pool(PoolSpec(LOCAL_POOL, "local", task_slots_per_node=os.cpu_count() or 1),
+                      exist_ok=True)
+    return store
+
+
 class Batch:
     """An embedded coordinator plus the API to drive it."""
 
     def __init__(self, home: str | os.PathLike | None = None, *,
                  local_slots: int | None = None):
         self.home = Path(home).expanduser() if home else default_home()
-        slots = local_slots if local_slots is not None else (os.cpu_count() or 1)
-        local = PoolSpec(LOCAL_POOL, "local", task_slots_per_node=slots)
-        self.store = Store(self.home / "state.db")
+        self.store = open_store(self.home)
         try:
-            self.store.create_pool(local, exist_ok=True)
-            if local_slots is not None and self.store.get_pool(LOCAL_POOL) != local:
-                self._resize_local(local)
+            if local_slots is not None:
+                local = PoolSpec(LOCAL_POOL, "local", task_slots_per_node=local_slots)
+                if self.store.get_pool(LOCAL_POOL) != local:
+                    self._resize_local(local)
             self.coordinator = Coordinator(self.home)
             self.coordinator.start()
         except BaseException:

@@ -95,6 +95,7 @@ class Store:
         self.db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30,
                                   check_same_thread=False)
         self.db.row_factory = _row_dict
+        self.commits = 0  # transactions committed through this connection
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
@@ -130,6 +131,7 @@ class Store:
             self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
+        self.commits += 1
 
     # ---- pools and nodes -------------------------------------------------
 

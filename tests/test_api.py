@@ -1,0 +1,120 @@
+"""The Python API with an embedded coordinator, real agents and real processes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from conftest import poll
+
+import hpcbatch
+from hpcbatch.errors import Conflict, CoordinatorBusy, ValidationError
+
+
+@pytest.fixture
+def batch(home):
+    with hpcbatch.Batch() as b:
+        yield b
+
+
+def test_round_trip(batch):
+    job = batch.jobs.create("j1")
+    job.add_tasks([{"id": "hello", "command_line": "echo hello; echo warn >&2"},
+                   hpcbatch.TaskSpec("bad", "exit 4")])
+    job.add_task("env", "echo $X", environment={"X": "it's \"quoted\""})
+    counts = job.wait(timeout_s=60)
+    assert (counts["total"], counts["succeeded"], counts["failed"]) == (3, 2, 1)
+    t = job.task("hello")
+    assert t.succeeded and t.exit_code == 0 and t.stdout() == "hello\n"
+    assert t.stderr() == "warn\n" and t.node_id == "local-1"
+    assert job.task("bad").exit_code == 4 and job.task("bad").failure == "exit_code"
+    assert job.task("env").stdout() == "it's \"quoted\"\n"
+    assert [x.id for x in job.tasks()] == ["hello", "bad", "env"]
+
+
+def test_bad_specs_store_nothing(batch):
+    job = batch.jobs.create("j")
+    with pytest.raises(ValidationError, match="required_slots"):
+        job.add_tasks([{"id": "a", "command_line": "true"},
+                       {"id": "b", "command_line": "true", "required_slots": 0}])
+    with pytest.raises(ValidationError, match="appears twice"):
+        job.add_tasks([{"id": "a", "command_line": "true"}] * 2)
+    with pytest.raises(Conflict, match="exceeds the"):
+        job.add_task("wide", "true", required_slots=10_000 // 10)
+    assert job.counts()["total"] == 0
+    with pytest.raises(hpcbatch.NotFound, match="pool 'missing'"):
+        batch.jobs.create("k", pool="missing")
+
+
+def test_hundred_thousand_tasks_in_one_call(batch):
+    pool = batch.pools.create("stalled", start_task="exit 1")  # its node never takes tasks
+    job = batch.jobs.create("bulk", pool=pool.id)
+    t0 = time.monotonic()
+    n = job.add_tasks({"id": f"t{i:06d}", "command_line": f"echo {i}"} for i in range(100_000))
+    elapsed = time.monotonic() - t0
+    assert n == 100_000
+    assert job.counts()["active"] == 100_000
+    assert elapsed < 60
+    poll(lambda: any(nd["state"] == "start_task_failed" for nd in batch.pools.nodes("stalled")),
+         what="start task failure")
+
+
+def test_priority_then_submission_order(batch):
+    batch.pools.create("one", task_slots_per_node=1)
+    blocker = batch.jobs.create("blocker", pool="one")
+    blocker.add_task("b", "sleep 0.5")
+    poll(lambda: blocker.task("b").state == "running", what="blocker running")
+    low = batch.jobs.create("low", pool="one", priority=-10)
+    high = batch.jobs.create("high", pool="one", priority=100)
+    low.add_tasks({"id": f"l{i}", "command_line": "true"} for i in range(3))
+    high.add_tasks({"id": f"h{i}", "command_line": "true"} for i in range(3))
+    low.wait(timeout_s=60)
+    high.wait(timeout_s=60)
+    order = sorted(low.tasks() + high.tasks(), key=lambda t: t.started_at)
+    assert [t.id for t in order] == ["h0", "h1", "h2", "l0", "l1", "l2"]
+
+
+def test_completions_are_committed_in_batches(batch):
+    """A burst of completions is written in few transactions, none of them an fsync."""
+    db = batch.coordinator.store.db
+    assert db.execute("PRAGMA journal_mode").fetchone()["journal_mode"] == "wal"
+    assert db.execute("PRAGMA synchronous").fetchone()["synchronous"] == 1  # NORMAL: no fsync
+    batch.pools.create("wide", task_slots_per_node=100)
+    job = batch.jobs.create("many", pool="wide")
+    before = batch.coordinator.store.commits
+    job.add_tasks({"id": f"t{i}", "command_line": "sleep 0.5"} for i in range(500))
+    job.wait(timeout_s=120)
+    commits = batch.coordinator.store.commits - before
+    assert commits < 500 * 0.8, f"{commits} commits for 500 completions"
+
+
+def test_a_second_coordinator_on_the_same_home_is_refused(batch, home):
+    with pytest.raises(CoordinatorBusy, match="another coordinator"):
+        hpcbatch.Batch(home)
+
+
+def test_start_task_runs_before_tasks(batch):
+    batch.pools.create("prepped", start_task='echo ready > "$HPCBATCH_NODE_SHARED_DIR/flag"')
+    job = batch.jobs.create("uses-prep", pool="prepped")
+    job.add_task("t", 'cat "$HPCBATCH_NODE_SHARED_DIR/flag"')
+    job.wait(timeout_s=60)
+    assert job.task("t").stdout() == "ready\n"
+
+
+def test_terminate_a_running_task(batch):
+    job = batch.jobs.create("term")
+    job.add_task("long", "sleep 300")
+    poll(lambda: job.task("long").state == "running", what="running")
+    job.terminate_task("long")
+    job.wait(timeout_s=30)
+    t = job.task("long")
+    assert (t.result, t.failure) == ("failure", "killed:terminate")
+
+
+def test_terminate_job_completes_the_job(batch):
+    job = batch.jobs.create("auto", on_all_tasks_complete="terminate_job")
+    job.add_tasks({"id": f"t{i}", "command_line": "true"} for i in range(5))
+    job.wait(timeout_s=60)
+    poll(lambda: job.state == "completed", what="job completed")
+    with pytest.raises(Conflict, match="is completed"):
+        job.add_task("late", "true")

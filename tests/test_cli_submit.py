@@ -1,0 +1,137 @@
+"""`hpcbatch submit` as a user runs it: a real CLI process, real agent, real tasks."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from conftest import snapshot
+
+from hpcbatch.store import Store
+
+
+def job_of(result) -> str:
+    m = re.search(r"job (submit-[\w-]+)", result.stdout + result.stderr)
+    assert m, result.stdout + result.stderr
+    return m.group(1)
+
+
+def test_two_thousand_true_lines_all_succeed(cli, tmp_path):
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("true\n" * 2000)
+    r = cli("submit", "--each-line", str(tasks))
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"│\s+2000 │\s+2000 │\s+0 │", r.stdout), r.stdout
+
+
+def test_a_failing_line_fails_the_run_and_names_its_stderr(cli, tmp_path, home):
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("true\n" * 20 + "echo oops >&2; exit 3\n")
+    r = cli("submit", "--each-line", str(tasks), "--job", "mixed")
+    assert r.returncode == 1
+    m = re.search(r"line-00021 stderr: (\S.*stderr\.txt)", r.stdout)
+    assert m, r.stdout
+    with open(m.group(1)) as f:
+        assert f.read() == "oops\n"
+    logs = cli("task", "logs", "mixed", "line-00021", "--stderr")
+    assert logs.returncode == 0 and logs.stdout == "oops\n"
+    row = Store(home / "state.db").get_task("mixed", "line-00021")
+    assert (row["state"], row["result"], row["exit_code"]) == ("completed", "failure", 3)
+
+
+def test_timeout_kills_the_task_and_its_children(cli, tmp_path, home):
+    pidfile = tmp_path / "child.pid"
+    r = cli("submit", "--timeout", "1", "--job", "slow", "--",
+            "sh", "-c", f"sleep 600 & echo $! > '{pidfile}'; wait")
+    assert r.returncode == 1
+    assert re.search(r"task-1\s+│ timeout", r.stdout), r.stdout
+    child = int(pidfile.read_text())
+    from test_agent import pid_alive
+    assert not pid_alive(child)
+    row = Store(home / "state.db").get_task("slow", "task-1")
+    assert row["failure"] == "timeout" and row["result"] == "failure"
+
+
+def test_retries_until_success(cli, tmp_path, home):
+    counter = tmp_path / "attempts"
+    script = (f"n=$(cat '{counter}' 2>/dev/null || echo 0); n=$((n+1)); "
+              f"echo $n > '{counter}'; [ $n -ge 3 ]")
+    r = cli("submit", "--retries", "2", "--job", "flaky", "--", script)
+    assert r.returncode == 0, r.stdout + r.stderr
+    row = Store(home / "state.db").get_task("flaky", "task-1")
+    assert (row["result"], row["retry_count"]) == ("success", 2)
+    assert counter.read_text().strip() == "3"
+
+
+def test_array_sets_the_task_index(cli, home):
+    r = cli("submit", "--array", "1-5,9", "--job", "arr", "--",
+            'echo "index=$HPCBATCH_TASK_INDEX task=$HPCBATCH_TASK_ID"')
+    assert r.returncode == 0, r.stderr
+    s = Store(home / "state.db")
+    outs = sorted(Path(t["task_dir"], "stdout.txt").read_text() for t in s.list_tasks("arr"))
+    assert outs == sorted(f"index={i} task=task-{i}\n" for i in (1, 2, 3, 4, 5, 9))
+
+
+def test_task_environment(cli, home):
+    r = cli("submit", "--job", "envjob", "--", "env | grep ^HPCBATCH_ | sort")
+    assert r.returncode == 0
+    logs = cli("task", "logs", "envjob", "task-1").stdout
+    env = dict(line.split("=", 1) for line in logs.splitlines())
+    assert env["HPCBATCH_JOB_ID"] == "envjob" and env["HPCBATCH_TASK_ID"] == "task-1"
+    assert env["HPCBATCH_POOL_ID"] == "local" and env["HPCBATCH_NODE_ID"] == "local-1"
+    assert env["HPCBATCH_TASK_WORKING_DIR"] == env["HPCBATCH_TASK_DIR"] + "/wd"
+    assert env["HPCBATCH_NODE_SHARED_DIR"].endswith("local-1/shared")
+    assert set(env) >= {"HPCBATCH_JOB_PREP_DIR", "HPCBATCH_TASK_ATTEMPT"}
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["submit", "--job", "bad id", "--", "true"], "--job: 'bad id' is not a valid id"),
+    (["submit", "--slots", "0", "--", "true"], "--slots"),
+    (["submit", "--pool", "nope", "--", "true"], "pool 'nope' does not exist"),
+    (["submit", "--each-line", "/no/such/file.txt"], "/no/such/file.txt"),
+    (["submit", "--array", "5-1", "--", "true"], "--array"),
+    (["submit"], "give either --each-line FILE or a command"),
+    (["task", "logs", "nojob", "t"], "job 'nojob' does not exist"),
+    (["submit", "--slots", "64", "--", "true"], "exceeds the"),
+])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(cli, home, args, needle):
+    cli("submit", "--job", "keep", "--", "true")  # some accepted state to protect
+    before = snapshot(home)
+    r = cli(*args)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert needle in lines[0]
+    assert "Traceback" not in r.stderr
+    assert snapshot(home) == before
+
+
+def test_duplicate_task_id_is_rejected(cli, home, tmp_path):
+    cli("job", "create", "dup")
+    assert cli("task", "add", "dup", "t1", "--", "true").returncode == 0
+    before = snapshot(home)
+    r = cli("task", "add", "dup", "t1", "--", "echo", "again")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "error: task id 't1' already exists in job 'dup'; task ids must be unique within a job")
+    assert snapshot(home) == before
+
+
+def test_debug_shows_a_traceback(cli):
+    r = cli("--debug", "submit", "--pool", "nope", "--", "true")
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_read_commands(cli, home, tmp_path):
+    tasks = tmp_path / "t.txt"
+    tasks.write_text("echo one\necho two\n")
+    assert cli("submit", "--each-line", str(tasks), "--job", "reads").returncode == 0
+    assert "local" in cli("pool", "list").stdout
+    show = cli("pool", "show", "local").stdout
+    assert "local-1" in show and "idle" in show
+    assert "reads" in cli("job", "list").stdout
+    assert "succeeded 2" in cli("job", "show", "reads").stdout
+    listing = cli("task", "list", "reads").stdout
+    assert "line-00001" in listing and "line-00002" in listing
+    assert '"exit_code": 0' in cli("task", "show", "reads", "line-00002").stdout
+    assert cli("task", "logs", "reads", "line-00002").stdout == "two\n"
