@@ -89,10 +89,11 @@ class LocalTransport:
         proc = subprocess.Popen(
             [sys.executable, str(AGENT_PATH), "--node-id", node_id, "--root", str(root),
              "--heartbeat-s", str(heartbeat_s)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, close_fds=True)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
 
         def write(data: bytes) -> None:
             proc.stdin.write(data)
+            proc.stdin.flush()
 
         def close() -> None:
             try:

@@ -30,9 +30,9 @@ import argparse
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 
@@ -48,12 +48,40 @@ def decode(line: bytes) -> dict:
     return json.loads(line)
 
 
-class Task:
-    __slots__ = ("id", "proc", "start", "deadline", "kill_at", "timed_out", "killed")
+# A command line with none of these characters means the same thing with or
+# without a shell, so it is exec'd directly (saves a /bin/sh start per task).
+SHELL_SYNTAX = frozenset("|&;<>()$`\\\"'*?[]#~=%{}!\n\t")
+# shell built-ins whose meaning differs from a same-named program (or have none)
+SHELL_ONLY = frozenset({"exit", "cd", "exec", "set", "unset", "export", "source", ".", "eval",
+                        "trap", "ulimit", "umask", "wait", "read", "shift", "return", "alias",
+                        "readonly", "local", "type", "hash", "command", "times", "jobs",
+                        "break", "continue", ":"})
+_which_cache: dict = {}
 
-    def __init__(self, tid, proc, start, timeout_s):
+
+def command_argv(cmd: str, path: str) -> list[str]:
+    """argv for a command line: direct exec when no shell syntax is involved."""
+    if not SHELL_SYNTAX.isdisjoint(cmd):
+        return ["/bin/sh", "-c", cmd]
+    words = cmd.split(" ")
+    words = [w for w in words if w]
+    if not words or words[0] in SHELL_ONLY:
+        return ["/bin/sh", "-c", cmd]
+    key = (words[0], path)
+    exe = _which_cache.get(key)
+    if exe is None:
+        exe = _which_cache[key] = shutil.which(words[0], path=path) or ""
+    if not exe:
+        return ["/bin/sh", "-c", cmd]  # let the shell report "not found" (exit 127)
+    return [exe, *words[1:]]
+
+
+class Task:
+    __slots__ = ("id", "pid", "start", "deadline", "kill_at", "timed_out", "killed")
+
+    def __init__(self, tid, pid, start, timeout_s):
         self.id = tid
-        self.proc = proc
+        self.pid = pid
         self.start = start
         self.deadline = start + timeout_s if timeout_s else None
         self.kill_at = None  # when SIGKILL follows a SIGTERM
@@ -120,26 +148,35 @@ class Agent:
         try:
             wd = os.path.join(tdir, "wd")
             os.makedirs(wd, exist_ok=True)
-            env = dict(self.base_env)
-            env.update(msg.get("env") or {})
-            with open(os.path.join(tdir, "stdout.txt"), "wb") as out, \
-                    open(os.path.join(tdir, "stderr.txt"), "wb") as err:
-                proc = subprocess.Popen(
-                    ["/bin/sh", "-c", msg["cmd"]], cwd=wd, env=env, stdin=subprocess.DEVNULL,
-                    stdout=out, stderr=err, start_new_session=True, close_fds=True)
+            env = self.base_env
+            if msg.get("env"):
+                env = dict(env)
+                env.update(msg["env"])
+            argv = command_argv(msg["cmd"], env.get("PATH", os.defpath))
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+            actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                       (os.POSIX_SPAWN_OPEN, 1, os.path.join(tdir, "stdout.txt"), flags, 0o644),
+                       (os.POSIX_SPAWN_OPEN, 2, os.path.join(tdir, "stderr.txt"), flags, 0o644)]
+            # posix_spawn has no cwd argument; the agent is single-threaded, so a chdir
+            # around the spawn is safe. Every other fd of ours is close-on-exec.
+            os.chdir(wd)
+            try:
+                pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
+            finally:
+                os.chdir(self.root)
         except OSError as exc:
             self.events.append({"ev": "exited", "id": tid, "exit_code": None, "signal": None,
                                 "timed_out": False, "start_failed": str(exc),
                                 "start": now, "end": time.time(), "usage": {}})
             return
-        task = Task(tid, proc, now, msg.get("timeout_s"))
-        self.tasks[proc.pid] = task
+        task = Task(tid, pid, now, msg.get("timeout_s"))
+        self.tasks[pid] = task
         self.by_id[tid] = task
-        self.events.append({"ev": "started", "id": tid, "pid": proc.pid, "t": now})
+        self.events.append({"ev": "started", "id": tid, "pid": pid, "t": now})
 
     def terminate(self, task: Task) -> None:
         if task.kill_at is None:
-            _killpg(task.proc.pid, signal.SIGTERM)
+            _killpg(task.pid, signal.SIGTERM)
             task.kill_at = time.time() + KILL_GRACE_S
 
     def reap(self) -> None:
@@ -156,7 +193,6 @@ class Agent:
             self.by_id.pop(task.id, None)
             _killpg(pid, signal.SIGKILL)  # nothing of the task outlives it
             code = os.waitstatus_to_exitcode(status)
-            task.proc.returncode = code
             self.events.append({
                 "ev": "exited", "id": task.id,
                 "exit_code": code if code >= 0 else None,
@@ -175,7 +211,7 @@ class Agent:
                 task.timed_out = True
                 self.terminate(task)
             if task.kill_at is not None and now >= task.kill_at:
-                _killpg(task.proc.pid, signal.SIGKILL)
+                _killpg(task.pid, signal.SIGKILL)
                 task.kill_at = now + KILL_GRACE_S
             for t in (task.deadline if task.kill_at is None else None, task.kill_at):
                 if t is not None and (nxt is None or t < nxt):
@@ -189,7 +225,7 @@ class Agent:
 
     def kill_all(self) -> None:
         for task in list(self.tasks.values()):
-            _killpg(task.proc.pid, signal.SIGKILL)
+            _killpg(task.pid, signal.SIGKILL)
         deadline = time.time() + 5
         while self.tasks and time.time() < deadline:
             self.reap()
@@ -201,6 +237,7 @@ class Agent:
     def serve(self, inp_fd: int) -> None:
         os.makedirs(os.path.join(self.root, "shared"), exist_ok=True)
         os.makedirs(os.path.join(self.root, "jobs"), exist_ok=True)
+        os.chdir(self.root)
         rfd, wfd = os.pipe()
         os.set_blocking(rfd, False)
         os.set_blocking(wfd, False)
