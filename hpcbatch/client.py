@@ -120,7 +120,7 @@ class Job:
         return c["completed"] == c["total"]
 
     def wait(self, timeout_s: float | None = None, progress: bool = False,
-             poll_s: float = 0.1) -> dict[str, int]:
+             poll_s: float = 0.2) -> dict[str, int]:
         """Block until every task is completed; return the counts.
 
         Raises TimeoutError after ``timeout_s``. With ``progress=True`` a rich
@@ -128,15 +128,19 @@ class Job:
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         bar = _ProgressBar(self.id) if progress else None
+        store = self._batch.store
         try:
             while True:
-                counts = self.counts()
                 if bar:
-                    bar.update(counts)
-                if counts["completed"] == counts["total"]:
+                    bar.update(self.counts())
+                if store.unfinished(self.id) == 0:
+                    counts = self.counts()
+                    if bar:
+                        bar.update(counts)
                     return counts
                 self._batch._check_coordinator()
                 if deadline is not None and time.monotonic() > deadline:
+                    counts = self.counts()
                     raise TimeoutError(f"job {self.id}: {counts['completed']}/{counts['total']} "
                                        f"tasks completed after {timeout_s} s")
                 time.sleep(poll_s)

@@ -110,13 +110,17 @@ class Coordinator:
     """The process-wide owner of state for one home directory."""
 
     def __init__(self, home: Path | str | None = None, *, heartbeat_s: float = 1.0,
-                 node_timeout_s: float = 4.0, transport: LocalTransport | None = None):
+                 node_timeout_s: float = 4.0, transport: LocalTransport | None = None,
+                 prefetch: float = 1.0):
         self.home = Path(home) if home else default_home()
         self.lock = HomeLock(self.home)
         self.store = Store(self.home / "state.db")
         self.transport = transport or LocalTransport()
         self.heartbeat_s = heartbeat_s
         self.node_timeout_s = node_timeout_s
+        # tasks sent to a node beyond its slots (as a fraction of them): the agent queues
+        # them and starts each the moment a slot frees, with no round trip to us
+        self.prefetch = prefetch
         self.inbox: queue.Queue = queue.Queue()
         self.nodes: dict[tuple[str, str], NodeHandle] = {}
         self.pools: dict[str, PoolSpec] = {}
@@ -196,7 +200,8 @@ class Coordinator:
         node_id = "local-1"
         handle = NodeHandle(pool.id, node_id, pool.task_slots_per_node)
         root = self._node_root(pool.id, node_id)
-        handle.channel = self.transport.start_agent(node_id, root, self.heartbeat_s)
+        handle.channel = self.transport.start_agent(node_id, root, self.heartbeat_s,
+                                                    handle.slots)
         handle.last_seen = time.monotonic()
         key = handle.key
         handle.channel.listen(lambda msg, key=key: self.inbox.put(("agent", key, msg)))
@@ -220,7 +225,7 @@ class Coordinator:
             self._node_ready(node)
 
     def _node_ready(self, node: NodeHandle) -> None:
-        node.free = node.slots
+        node.free = node.slots + int(node.slots * self.prefetch)
         self._set_node(node, NodeState.IDLE)
 
     def _set_node(self, node: NodeHandle, state: NodeState, reason: str | None = None) -> None:
@@ -258,7 +263,7 @@ class Coordinator:
 
     @staticmethod
     def _runnable(meta: TaskMeta) -> Runnable:
-        return Runnable(seq=meta.seq, priority=meta.priority, required_slots=meta.required_slots)
+        return Runnable.of(meta.seq, meta.priority, meta.required_slots)
 
     def _load_new_work(self) -> int:
         rows = self.store.runnable_tasks(self.last_seq)
@@ -323,7 +328,8 @@ class Coordinator:
                 rows.append((node.node_id, tdir, now, a.seq))
                 out.setdefault(node.key, []).append({
                     "op": "run", "id": a.seq, "cmd": meta.command_line, "dir": tdir,
-                    "timeout_s": meta.wall_s, "env": self._task_env(meta, node, tdir)})
+                    "timeout_s": meta.wall_s, "slots": a.slots,
+                    "env": self._task_env(meta, node, tdir)})
             if rows:
                 self.store.db.executemany(
                     "UPDATE tasks SET state='running', node_id=?, task_dir=?, started_at=?, "

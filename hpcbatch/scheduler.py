@@ -10,21 +10,25 @@ from __future__ import annotations
 import dataclasses
 import heapq
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 from hpcbatch.models import TaskResult
 
 
-@dataclasses.dataclass(frozen=True, order=True)
-class Runnable:
-    """A task waiting for slots. Orders by job priority (high first), then submission."""
+class Runnable(NamedTuple):
+    """A task waiting for slots; tuples order by job priority (high first), then submission."""
 
-    sort_key: tuple[int, int] = dataclasses.field(init=False, repr=False)
+    neg_priority: int
     seq: int
-    priority: int = 0
-    required_slots: int = 1
+    required_slots: int
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "sort_key", (-self.priority, self.seq))
+    @classmethod
+    def of(cls, seq: int, priority: int = 0, required_slots: int = 1) -> Runnable:
+        return cls(-priority, seq, required_slots)
+
+    @property
+    def priority(self) -> int:
+        return -self.neg_priority
 
 
 @dataclasses.dataclass
@@ -41,6 +45,18 @@ class Assignment:
     slots: int
 
 
+def _place(task: Runnable, free: dict[str, int], order: list[str], policy: str) -> str | None:
+    """The node a task goes to under ``policy``, or None when none has room."""
+    best = None
+    for nid in order:
+        f = free[nid]
+        if f < task.required_slots:
+            continue
+        if best is None or (f > free[best] if policy == "spread" else f < free[best]):
+            best = nid
+    return best
+
+
 def schedule(tasks: Iterable[Runnable], nodes: Sequence[NodeSlots],
              policy: str = "pack") -> list[Assignment]:
     """Assign tasks to nodes with enough free slots.
@@ -53,20 +69,13 @@ def schedule(tasks: Iterable[Runnable], nodes: Sequence[NodeSlots],
     free = {n.node_id: n.free_slots for n in nodes}
     order = [n.node_id for n in nodes]
     out: list[Assignment] = []
-    if not order:
-        return out
     for task in sorted(tasks):
-        fits = [nid for nid in order if free[nid] >= task.required_slots]
-        if not fits:
-            if max(free.values()) == 0:
-                break
-            continue
-        if policy == "spread":
-            node = max(fits, key=lambda nid: free[nid])
-        else:
-            node = min(fits, key=lambda nid: free[nid])
-        free[node] -= task.required_slots
-        out.append(Assignment(task.seq, node, task.required_slots))
+        if not any(free.values()):
+            break
+        node = _place(task, free, order, policy)
+        if node is not None:
+            free[node] -= task.required_slots
+            out.append(Assignment(task.seq, node, task.required_slots))
     return out
 
 
@@ -86,6 +95,9 @@ class RunQueue:
         self._heap.extend(tasks)
         heapq.heapify(self._heap)
 
+    def pop(self) -> Runnable:
+        return heapq.heappop(self._heap)
+
     def take(self, n: int) -> list[Runnable]:
         """Remove and return the first ``n`` tasks in order."""
         return [heapq.heappop(self._heap) for _ in range(min(n, len(self._heap)))]
@@ -95,21 +107,31 @@ class RunQueue:
         heapq.heapify(self._heap)
 
 
-def schedule_from_queue(queue: RunQueue, nodes: Sequence[NodeSlots],
-                        policy: str) -> list[Assignment]:
-    """Take candidates from ``queue``, schedule them, and put back the unassigned."""
-    free_total = sum(n.free_slots for n in nodes)
-    if free_total <= 0 or not len(queue):
-        return []
-    # every task needs >= 1 slot, so at most free_total can be placed; look a little
-    # further to let small tasks backfill past one that does not fit yet
-    candidates = queue.take(free_total + 64)
-    assigned = schedule(candidates, nodes, policy)
-    taken = {a.seq for a in assigned}
-    for t in candidates:
-        if t.seq not in taken:
-            queue.push(t)
-    return assigned
+def schedule_from_queue(queue: RunQueue, nodes: Sequence[NodeSlots], policy: str,
+                        lookahead: int = 64) -> list[Assignment]:
+    """``schedule`` over a queue: pops tasks in order while any slot is free.
+
+    A task that does not fit yet is set aside and put back afterwards; at most
+    ``lookahead`` are set aside, so smaller tasks behind it can backfill without
+    scanning the whole queue.
+    """
+    free = {n.node_id: n.free_slots for n in nodes}
+    order = [n.node_id for n in nodes]
+    out: list[Assignment] = []
+    skipped: list[Runnable] = []
+    left = sum(free.values())
+    while left > 0 and len(queue) and len(skipped) < lookahead:
+        task = queue.pop()
+        node = _place(task, free, order, policy)
+        if node is None:
+            skipped.append(task)
+            continue
+        free[node] -= task.required_slots
+        left -= task.required_slots
+        out.append(Assignment(task.seq, node, task.required_slots))
+    for task in skipped:
+        queue.push(task)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -277,6 +277,12 @@ class Store:
                 counts["failed"] += r["n"]
         return counts
 
+    def unfinished(self, job_id: str) -> int:
+        """Tasks of a job not yet completed (an index range count: cheap near the end)."""
+        return self.db.execute(
+            "SELECT COUNT(*) AS n FROM tasks WHERE job_id=? AND state IN "
+            "('active', 'preparing', 'running')", (job_id,)).fetchone()["n"]
+
     def runnable_tasks(self, after_seq: int = 0) -> Iterable[dict[str, Any]]:
         """Active tasks of active jobs with seq > after_seq, oldest first."""
         return self.db.execute(

@@ -85,10 +85,11 @@ class AgentChannel:
 class LocalTransport:
     """Starts the agent as a child process of the coordinator."""
 
-    def start_agent(self, node_id: str, root: Path, heartbeat_s: float = 1.0) -> AgentChannel:
+    def start_agent(self, node_id: str, root: Path, heartbeat_s: float = 1.0,
+                    slots: int = 1) -> AgentChannel:
         proc = subprocess.Popen(
             [sys.executable, str(AGENT_PATH), "--node-id", node_id, "--root", str(root),
-             "--heartbeat-s", str(heartbeat_s)],
+             "--heartbeat-s", str(heartbeat_s), "--slots", str(slots)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
 
         def write(data: bytes) -> None:

@@ -5,7 +5,8 @@ The coordinator starts one agent per node (a local subprocess, or over one SSH
 exec channel) and speaks newline-delimited JSON with it over stdin/stdout:
 
 coordinator -> agent  (one object per line, key "op")
-    {"op": "run", "id": K, "cmd": "...", "env": {...}, "dir": TASK_DIR, "timeout_s": S|null}
+    {"op": "run", "id": K, "cmd": "...", "env": {...}, "dir": TASK_DIR, "timeout_s": S|null,
+     "slots": N}
     {"op": "kill", "id": K, "reason": "terminate"}
     {"op": "ping"}
     {"op": "shutdown"}
@@ -13,8 +14,13 @@ coordinator -> agent  (one object per line, key "op")
 agent -> coordinator  (key "ev")
     {"ev": "hello", "node_id", "root", "pid", "hostname", "cores", "python", "protocol"}
     {"ev": "events", "items": [...]}   started / exited events, batched per loop turn
-    {"ev": "heartbeat", "t", "running": [K, ...]}
+    {"ev": "heartbeat", "t", "running": [K, ...], "queued": [K, ...]}
     {"ev": "bye"}
+
+The agent runs tasks while their slots fit in its ``--slots``; the coordinator
+may send a few more than that (prefetch) and the agent queues them in order,
+starting the next the moment a slot frees, so no round trip to the coordinator
+sits between two tasks.
 
 A task runs as ``/bin/sh -c CMD`` in ``TASK_DIR/wd`` with stdout and stderr in
 ``TASK_DIR/stdout.txt`` and ``stderr.txt``, in its own session (process group).
@@ -27,6 +33,7 @@ every task is killed and the agent exits.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import selectors
@@ -77,11 +84,12 @@ def command_argv(cmd: str, path: str) -> list[str]:
 
 
 class Task:
-    __slots__ = ("id", "pid", "start", "deadline", "kill_at", "timed_out", "killed")
+    __slots__ = ("id", "pid", "slots", "start", "deadline", "kill_at", "timed_out", "killed")
 
-    def __init__(self, tid, pid, start, timeout_s):
+    def __init__(self, tid, pid, slots, start, timeout_s):
         self.id = tid
         self.pid = pid
+        self.slots = slots
         self.start = start
         self.deadline = start + timeout_s if timeout_s else None
         self.kill_at = None  # when SIGKILL follows a SIGTERM
@@ -97,8 +105,11 @@ def _killpg(pgid: int, sig: int) -> None:
 
 
 class Agent:
-    def __init__(self, node_id: str, root: str, heartbeat_s: float, out=None):
+    def __init__(self, node_id: str, root: str, heartbeat_s: float, slots: int = 1, out=None):
         self.node_id = node_id
+        self.slots = slots
+        self.used = 0
+        self.queued: collections.deque[dict] = collections.deque()
         self.root = os.path.abspath(root)
         self.heartbeat_s = heartbeat_s
         self.out = out or sys.stdout.buffer
@@ -128,12 +139,21 @@ class Agent:
     def handle(self, msg: dict) -> None:
         op = msg.get("op")
         if op == "run":
-            self.run(msg)
+            self.queued.append(msg)
+            self.start_queued()
         elif op == "kill":
-            task = self.by_id.get(msg.get("id"))
+            tid = msg.get("id")
+            reason = msg.get("reason") or "terminate"
+            task = self.by_id.get(tid)
             if task is not None:
-                task.killed = msg.get("reason") or "terminate"
+                task.killed = reason
                 self.terminate(task)
+            for queued in [q for q in self.queued if q["id"] == tid]:
+                self.queued.remove(queued)
+                now = time.time()
+                self.events.append({"ev": "exited", "id": tid, "exit_code": None,
+                                    "signal": None, "timed_out": False, "killed": reason,
+                                    "start": now, "end": now, "usage": {}})
         elif op == "ping":
             self.heartbeat()
         elif op == "shutdown":
@@ -141,13 +161,23 @@ class Agent:
         else:
             self.events.append({"ev": "error", "message": f"unknown op {op!r}"})
 
+    def start_queued(self) -> None:
+        """Start queued tasks, in order, while their slots fit."""
+        while self.queued and (self.used == 0 or
+                               self.used + self.queued[0].get("slots", 1) <= self.slots):
+            self.run(self.queued.popleft())
+
     def run(self, msg: dict) -> None:
         tid = msg["id"]
         tdir = msg["dir"]
         now = time.time()
         try:
             wd = os.path.join(tdir, "wd")
-            os.makedirs(wd, exist_ok=True)
+            try:
+                os.mkdir(tdir)
+                os.mkdir(wd)
+            except OSError:  # parents missing (first task of a job) or a retry's old dirs
+                os.makedirs(wd, exist_ok=True)
             env = self.base_env
             if msg.get("env"):
                 env = dict(env)
@@ -169,7 +199,8 @@ class Agent:
                                 "timed_out": False, "start_failed": str(exc),
                                 "start": now, "end": time.time(), "usage": {}})
             return
-        task = Task(tid, pid, now, msg.get("timeout_s"))
+        task = Task(tid, pid, msg.get("slots", 1), now, msg.get("timeout_s"))
+        self.used += task.slots
         self.tasks[pid] = task
         self.by_id[tid] = task
         self.events.append({"ev": "started", "id": tid, "pid": pid, "t": now})
@@ -191,6 +222,7 @@ class Agent:
             if task is None:
                 continue
             self.by_id.pop(task.id, None)
+            self.used -= task.slots
             _killpg(pid, signal.SIGKILL)  # nothing of the task outlives it
             code = os.waitstatus_to_exitcode(status)
             self.events.append({
@@ -202,6 +234,7 @@ class Agent:
                 "usage": {"utime_s": round(ru.ru_utime, 6), "stime_s": round(ru.ru_stime, 6),
                           "maxrss_kb": ru.ru_maxrss},
             })
+            self.start_queued()
 
     def check_deadlines(self, now: float) -> float | None:
         """Enforce wall-clock limits; return the next time something is due."""
@@ -221,9 +254,11 @@ class Agent:
     def heartbeat(self) -> None:
         self.flush_events()
         self.send({"ev": "heartbeat", "t": time.time(),
-                   "running": [t.id for t in self.tasks.values()]})
+                   "running": [t.id for t in self.tasks.values()],
+                   "queued": [q["id"] for q in self.queued]})
 
     def kill_all(self) -> None:
+        self.queued.clear()
         for task in list(self.tasks.values()):
             _killpg(task.pid, signal.SIGKILL)
         deadline = time.time() + 5
@@ -249,7 +284,7 @@ class Agent:
         sel.register(inp_fd, selectors.EVENT_READ, "in")
         sel.register(rfd, selectors.EVENT_READ, "sig")
         self.send({"ev": "hello", "node_id": self.node_id, "root": self.root,
-                   "pid": os.getpid(), "hostname": socket.gethostname(),
+                   "pid": os.getpid(), "hostname": socket.gethostname(), "slots": self.slots,
                    "cores": os.cpu_count(), "python": sys.executable, "protocol": PROTOCOL})
         next_hb = time.time() + self.heartbeat_s
         while self.running:
@@ -290,8 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--node-id", required=True)
     ap.add_argument("--root", required=True, help="node root directory (task dirs live here)")
     ap.add_argument("--heartbeat-s", type=float, default=1.0)
+    ap.add_argument("--slots", type=int, default=os.cpu_count() or 1,
+                    help="task slots: tasks beyond them wait in the agent's queue")
     args = ap.parse_args(argv)
-    Agent(args.node_id, args.root, args.heartbeat_s).serve(sys.stdin.fileno())
+    Agent(args.node_id, args.root, args.heartbeat_s, args.slots).serve(sys.stdin.fileno())
     return 0
 
 

@@ -48,5 +48,6 @@ def test_sigkill_mid_job_then_job_wait(home, tmp_path):
     twice = {tid for tid, n in runs.items() if n > 1}
     requeued = {t["id"] for t in rows if t["requeue_count"] > 0}
     assert twice <= requeued, "a task ran twice without being counted as requeued"
-    assert len(requeued) <= (os.cpu_count() or 1)  # at most the slots in flight
+    # at most what was in flight: the slots plus as many prefetched in the agent queue
+    assert len(requeued) <= 2 * (os.cpu_count() or 1)
     store.close()

@@ -18,32 +18,32 @@ def nodes(*free, total=4):
 
 
 def test_pack_fills_the_busiest_node_that_fits():
-    tasks = [Runnable(seq=i) for i in range(3)]
+    tasks = [Runnable.of(seq=i) for i in range(3)]
     got = schedule(tasks, nodes(4, 2, 3), "pack")
     assert got == [Assignment(0, "n1", 1), Assignment(1, "n1", 1), Assignment(2, "n2", 1)]
 
 
 def test_spread_takes_the_emptiest_node():
-    tasks = [Runnable(seq=i) for i in range(3)]
+    tasks = [Runnable.of(seq=i) for i in range(3)]
     got = schedule(tasks, nodes(4, 2, 3), "spread")
     assert got == [Assignment(0, "n0", 1), Assignment(1, "n0", 1), Assignment(2, "n2", 1)]
 
 
 def test_ties_go_to_the_first_listed_node():
-    got = schedule([Runnable(seq=1)], nodes(2, 2), "pack")
+    got = schedule([Runnable.of(seq=1)], nodes(2, 2), "pack")
     assert got == [Assignment(1, "n0", 1)]
 
 
 def test_job_priority_then_submission_order():
-    tasks = [Runnable(seq=1, priority=0), Runnable(seq=2, priority=10),
-             Runnable(seq=3, priority=10), Runnable(seq=0, priority=-5)]
+    tasks = [Runnable.of(seq=1, priority=0), Runnable.of(seq=2, priority=10),
+             Runnable.of(seq=3, priority=10), Runnable.of(seq=0, priority=-5)]
     got = schedule(tasks, nodes(2), "pack")
     assert [a.seq for a in got] == [2, 3]
 
 
 def test_required_slots_and_backfill_of_smaller_tasks():
-    tasks = [Runnable(seq=1, required_slots=3), Runnable(seq=2, required_slots=2),
-             Runnable(seq=3, required_slots=1)]
+    tasks = [Runnable.of(seq=1, required_slots=3), Runnable.of(seq=2, required_slots=2),
+             Runnable.of(seq=3, required_slots=1)]
     # node has 2 free: the 3-slot task does not fit, the 2-slot one does, nothing left for 3
     assert schedule(tasks, nodes(2), "pack") == [Assignment(2, "n0", 2)]
     # two nodes with 2 and 3 free: the 3-slot task takes n1, 2-slot n0
@@ -52,13 +52,13 @@ def test_required_slots_and_backfill_of_smaller_tasks():
 
 
 def test_no_nodes_or_no_slots_assigns_nothing():
-    assert schedule([Runnable(seq=1)], [], "pack") == []
-    assert schedule([Runnable(seq=1)], nodes(0, 0), "spread") == []
+    assert schedule([Runnable.of(seq=1)], [], "pack") == []
+    assert schedule([Runnable.of(seq=1)], nodes(0, 0), "spread") == []
 
 
 def test_run_queue_keeps_unassigned_tasks_in_order():
     q = RunQueue()
-    q.extend([Runnable(seq=i, required_slots=2 if i == 0 else 1) for i in range(5)])
+    q.extend([Runnable.of(seq=i, required_slots=2 if i == 0 else 1) for i in range(5)])
     got = schedule_from_queue(q, nodes(1), "pack")
     assert got == [Assignment(1, "n0", 1)]
     assert [t.seq for t in q.take(10)] == [0, 2, 3, 4]
@@ -66,7 +66,7 @@ def test_run_queue_keeps_unassigned_tasks_in_order():
 
 def test_run_queue_discard():
     q = RunQueue()
-    q.extend([Runnable(seq=i) for i in range(4)])
+    q.extend([Runnable.of(seq=i) for i in range(4)])
     q.discard({1, 2})
     assert [t.seq for t in q.take(10)] == [0, 3]
 
