@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 from pathlib import Path
@@ -26,11 +27,13 @@ from hpcbatch import env as E
 from hpcbatch.errors import CoordinatorBusy
 from hpcbatch.models import JobSpec, JobState, NodeState, PoolSpec, TaskResult, TaskState
 from hpcbatch.scheduler import (
+    Allocation,
     Exit,
     NodeSlots,
     Runnable,
     RunQueue,
     decide_exit,
+    failure_of,
     schedule_from_queue,
 )
 from hpcbatch.store import Store
@@ -57,6 +60,22 @@ class TaskMeta:
     priority: int
     retry_count: int = 0
     node_id: str | None = None
+    instances: int = 0  # > 0: a multi-instance task
+    slots_per_instance: int = 0
+    coordination_command: str | None = None
+    alloc: Allocated | None = None
+
+
+@dataclasses.dataclass
+class Allocated:
+    """A running multi-instance task: its nodes and what is still to exit."""
+
+    nodes: list[NodeHandle]
+    slots: list[int]  # per node
+    phase: str  # "coordination" or "application"
+    pending: set[str]  # run ids still to exit
+    task_dir: str
+    failed: Exit | None = None
 
 
 @dataclasses.dataclass
@@ -64,11 +83,15 @@ class NodeHandle:
     pool_id: str
     node_id: str
     slots: int
+    host: str = "localhost"
     channel: AgentChannel | None = None
     state: NodeState = NodeState.STARTING
     root: str | None = None
-    free: int = 0
-    running: set[int] = dataclasses.field(default_factory=set)
+    used: int = 0  # slots of tasks running or queued here
+    held: int = 0  # allocations of multi-instance tasks holding this node
+    running: set[int | str] = dataclasses.field(default_factory=set)  # run ids
+    pids: dict[int | str, int] = dataclasses.field(default_factory=dict)  # run id -> pid
+    local: bool = True  # on this machine: its process groups can be killed from here
     last_seen: float = 0.0
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
     reason: str | None = None
@@ -133,6 +156,7 @@ class Coordinator:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._stopped = threading.Event()
+        self._sends: dict[tuple[str, str], list[dict]] = {}  # messages of the current turn
         self.error: BaseException | None = None
 
     # ---- life cycle ------------------------------------------------------
@@ -197,16 +221,20 @@ class Coordinator:
         if pool.provider != "local":
             log.warning("pool %s: provider %s is not available yet", pool.id, pool.provider)
             return
-        node_id = "local-1"
-        handle = NodeHandle(pool.id, node_id, pool.task_slots_per_node)
-        root = self._node_root(pool.id, node_id)
-        handle.channel = self.transport.start_agent(node_id, root, self.heartbeat_s,
+        # a local pool of N nodes is N agents on this machine, each with its own root
+        for i in range(1, pool.target_nodes + 1):
+            self._start_node(NodeHandle(pool.id, f"local-{i}", pool.task_slots_per_node))
+
+    def _start_node(self, handle: NodeHandle) -> None:
+        root = self._node_root(handle.pool_id, handle.node_id)
+        handle.channel = self.transport.start_agent(handle.node_id, root, self.heartbeat_s,
                                                     handle.slots)
         handle.last_seen = time.monotonic()
         key = handle.key
         handle.channel.listen(lambda msg, key=key: self.inbox.put(("agent", key, msg)))
         self.nodes[key] = handle
-        self.store.upsert_node(pool.id, node_id, NodeState.STARTING.value, handle.slots)
+        self.store.upsert_node(handle.pool_id, handle.node_id, NodeState.STARTING.value,
+                               handle.slots)
 
     def _on_hello(self, node: NodeHandle, msg: dict) -> None:
         node.root = msg["root"]
@@ -225,7 +253,7 @@ class Coordinator:
             self._node_ready(node)
 
     def _node_ready(self, node: NodeHandle) -> None:
-        node.free = node.slots + int(node.slots * self.prefetch)
+        node.used = 0
         self._set_node(node, NodeState.IDLE)
 
     def _set_node(self, node: NodeHandle, state: NodeState, reason: str | None = None) -> None:
@@ -236,19 +264,35 @@ class Coordinator:
                                reason)
 
     def _node_lost(self, node: NodeHandle, reason: str) -> None:
-        """The agent is gone: its tasks go back to the queue (a requeue, not a retry)."""
+        """The agent is gone: ordinary tasks go back to the queue (a requeue, not a
+        retry); a multi-instance task using the node fails (and may be retried)."""
         if node.state in (NodeState.UNUSABLE, NodeState.OFFLINE):
             return
         log.warning("node %s/%s lost: %s", node.pool_id, node.node_id, reason)
-        for seq in sorted(node.running):
-            meta = self.meta[seq]
+        for rid in sorted(node.running, key=str):
+            if isinstance(rid, str):  # "SEQ.I": instance I of an allocation is held here
+                seq, index = (int(x) for x in rid.split("."))
+                meta = self.meta.get(seq)
+                if meta is not None and meta.alloc is not None:
+                    # what ran here is gone with the node
+                    meta.alloc.pending -= {f"{seq}.c{index}", f"{seq}.a" if index == 0 else ""}
+                    self._fail_allocation(meta, Exit(None, node_lost=True))
+                continue
+            meta = self.meta[rid]
             self.store.db.execute(
                 "UPDATE tasks SET state='active', requeue_count=requeue_count+1, node_id=NULL "
-                "WHERE seq=?", (seq,))
+                "WHERE seq=?", (rid,))
             meta.node_id = None
             self.queues[meta.pool_id].push(self._runnable(meta))
         node.running.clear()
-        node.free = 0
+        node.used = node.held = 0
+        if node.local:  # the agent is gone but its tasks may not be: leave no orphans
+            for pid in node.pids.values():
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        node.pids.clear()
         self._set_node(node, NodeState.UNUSABLE, reason)
         if node.channel is not None:
             node.channel.close()
@@ -263,7 +307,8 @@ class Coordinator:
 
     @staticmethod
     def _runnable(meta: TaskMeta) -> Runnable:
-        return Runnable.of(meta.seq, meta.priority, meta.required_slots)
+        return Runnable.of(meta.seq, meta.priority, meta.required_slots, meta.instances,
+                           meta.slots_per_instance)
 
     def _load_new_work(self) -> int:
         rows = self.store.runnable_tasks(self.last_seq)
@@ -275,13 +320,16 @@ class Coordinator:
             job = self._job(r["job_id"])
             spec = json.loads(r["spec"])
             retries = spec.get("max_task_retry_count")
+            mi = spec.get("multi_instance") or {}
             meta = TaskMeta(
                 seq=r["seq"], job_id=r["job_id"], task_id=r["id"], pool_id=r["pool_id"],
                 command_line=r["command_line"], environment=spec.get("environment") or {},
                 required_slots=r["required_slots"],
                 max_retries=job.max_task_retry_count if retries is None else retries,
                 wall_s=spec.get("max_wall_clock_time_s"), priority=job.priority,
-                retry_count=r["retry_count"])
+                retry_count=r["retry_count"], instances=mi.get("instances", 0),
+                slots_per_instance=mi.get("slots_per_instance", 0),
+                coordination_command=mi.get("coordination_command"))
             self.meta[meta.seq] = meta
             self.outstanding[meta.job_id] = self.outstanding.get(meta.job_id, 0) + 1
             fresh.setdefault(meta.pool_id, []).append(self._runnable(meta))
@@ -312,29 +360,149 @@ class Coordinator:
                 continue
             nodes = [n for n in self.nodes.values()
                      if n.pool_id == pool_id and n.state in (NodeState.IDLE, NodeState.RUNNING)]
-            slots = [NodeSlots(n.node_id, n.free, n.slots) for n in nodes]
-            assignments = schedule_from_queue(rq, slots, self.pools[pool_id].scheduling_policy)
+            # no prefetch onto a node an allocation holds: its agent does not see the
+            # allocation's slots as busy and would start queued work at once
+            slots = [NodeSlots(n.node_id, n.slots, n.used,
+                               0 if n.held else int(n.slots * self.prefetch)) for n in nodes]
+            decisions = schedule_from_queue(rq, slots, self.pools[pool_id].scheduling_policy)
             by_id = {n.node_id: n for n in nodes}
             rows = []
-            for a in assignments:
-                node = by_id[a.node_id]
-                meta = self.meta[a.seq]
+            for d in decisions:
+                meta = self.meta[d.seq]
+                if isinstance(d, Allocation):
+                    tdir = self._allocate(meta, [by_id[nid] for nid in d.node_ids], d.slots, out)
+                    rows.append((meta.node_id, tdir, now, d.seq))
+                    continue
+                node = by_id[d.node_id]
                 meta.node_id = node.node_id
-                node.free -= a.slots
-                node.running.add(a.seq)
-                if node.state is NodeState.IDLE:
-                    self._set_node(node, NodeState.RUNNING)
+                self._occupy(node, d.seq, d.slots)
                 tdir = os.path.join(node.root, "jobs", meta.job_id, meta.task_id)
-                rows.append((node.node_id, tdir, now, a.seq))
+                rows.append((node.node_id, tdir, now, d.seq))
                 out.setdefault(node.key, []).append({
-                    "op": "run", "id": a.seq, "cmd": meta.command_line, "dir": tdir,
-                    "timeout_s": meta.wall_s, "slots": a.slots,
+                    "op": "run", "id": d.seq, "cmd": meta.command_line, "dir": tdir,
+                    "timeout_s": meta.wall_s, "slots": d.slots,
                     "env": self._task_env(meta, node, tdir)})
             if rows:
                 self.store.db.executemany(
                     "UPDATE tasks SET state='running', node_id=?, task_dir=?, started_at=?, "
                     "ended_at=NULL WHERE seq=?", rows)
         return out
+
+    def _occupy(self, node: NodeHandle, rid: int | str, slots: int) -> None:
+        node.used += slots
+        node.running.add(rid)
+        node.held += isinstance(rid, str)
+        if node.state is NodeState.IDLE:
+            self._set_node(node, NodeState.RUNNING)
+
+    def _vacate(self, node: NodeHandle, rid: int | str, slots: int) -> None:
+        if rid not in node.running:
+            return
+        node.running.discard(rid)
+        node.used -= slots
+        node.held -= isinstance(rid, str)
+        if not node.running and node.state is NodeState.RUNNING:
+            self._set_node(node, NodeState.IDLE)
+
+    # ---- multi-instance tasks --------------------------------------------
+
+    def _allocate(self, meta: TaskMeta, nodes: list[NodeHandle], per_node: int,
+                  out: dict[tuple[str, str], list[dict]]) -> str:
+        """Hold the nodes; start the coordination command everywhere (or the
+        application command on the primary when there is none)."""
+        slots = [per_node or n.slots for n in nodes]
+        primary = nodes[0]
+        meta.node_id = primary.node_id
+        tdir = os.path.join(primary.root, "jobs", meta.job_id, meta.task_id)
+        alloc = Allocated(nodes, slots, "coordination", set(), tdir)
+        meta.alloc = alloc
+        for i, node in enumerate(nodes):
+            self._occupy(node, f"{meta.seq}.{i}", slots[i])
+        if meta.coordination_command:
+            for i, node in enumerate(nodes):
+                run = self._instance_run(meta, i, meta.coordination_command, f"{meta.seq}.c{i}")
+                run["log_prefix"] = "coordination-"
+                out.setdefault(node.key, []).append(run)
+                alloc.pending.add(f"{meta.seq}.c{i}")
+        else:
+            self._start_application(meta, out)
+        return tdir
+
+    def _instance_env(self, meta: TaskMeta, index: int, tdir: str) -> dict[str, str]:
+        alloc = meta.alloc
+        node = alloc.nodes[index]
+        env = self._task_env(meta, node, tdir)
+        env.update({
+            E.HOST_LIST: ",".join(n.host for n in alloc.nodes),
+            E.NODE_LIST: ",".join(n.node_id for n in alloc.nodes),
+            E.MASTER_NODE: alloc.nodes[0].host,
+            E.HOSTFILE: os.path.join(tdir, "hostfile"),
+            E.TASK_SHARED_DIR: os.path.join(tdir, "shared"),
+            E.INSTANCE_INDEX: str(index),
+            E.NUM_INSTANCES: str(len(alloc.nodes)),
+        })
+        ssh_config = self.pools[meta.pool_id].provider_config.get("node_ssh_config")
+        if ssh_config:
+            env[E.SSH_CONFIG] = ssh_config
+        return env
+
+    def _instance_run(self, meta: TaskMeta, index: int, cmd: str, rid: str) -> dict:
+        alloc = meta.alloc
+        node = alloc.nodes[index]
+        tdir = os.path.join(node.root, "jobs", meta.job_id, meta.task_id)
+        hostfile = "".join(f"{n.host} slots={s}\n" for n, s in zip(alloc.nodes, alloc.slots))
+        return {"op": "run", "id": rid, "cmd": cmd, "dir": tdir, "timeout_s": meta.wall_s,
+                "slots": alloc.slots[index], "env": self._instance_env(meta, index, tdir),
+                "files": {"hostfile": hostfile}, "dirs": ["shared"]}
+
+    def _start_application(self, meta: TaskMeta,
+                           out: dict[tuple[str, str], list[dict]]) -> None:
+        alloc = meta.alloc
+        alloc.phase = "application"
+        rid = f"{meta.seq}.a"
+        alloc.pending.add(rid)
+        out.setdefault(alloc.nodes[0].key, []).append(
+            self._instance_run(meta, 0, meta.command_line, rid))
+
+    def _fail_allocation(self, meta: TaskMeta, ex: Exit) -> None:
+        """One instance failed or its node died: stop the others."""
+        alloc = meta.alloc
+        if alloc.failed is None:
+            alloc.failed = ex
+            for rid in alloc.pending:
+                index = 0 if rid.endswith(".a") else int(rid.rsplit(".c", 1)[1])
+                node = alloc.nodes[index]
+                if node.channel is not None and node.state not in (NodeState.UNUSABLE,):
+                    self._sends.setdefault(node.key, []).append(
+                        {"op": "kill", "id": rid, "reason": "instance_failed"})
+        if not alloc.pending:
+            self._finish_allocation(meta, alloc.failed, {})
+
+    def _on_instance_exited(self, node: NodeHandle, rid: str, ev: dict) -> None:
+        meta = self.meta.get(int(rid.split(".")[0]))
+        if meta is None or meta.alloc is None or rid not in meta.alloc.pending:
+            return
+        alloc = meta.alloc
+        alloc.pending.discard(rid)
+        ex = Exit(exit_code=ev.get("exit_code"), signal=ev.get("signal"),
+                  timed_out=bool(ev.get("timed_out")), start_failed=ev.get("start_failed"))
+        ok = failure_of(ex) is None
+        if alloc.failed is not None or not ok:
+            self._fail_allocation(meta, alloc.failed or ex)
+        elif alloc.phase == "coordination":
+            if not alloc.pending:
+                self._start_application(meta, self._sends)
+        else:  # the application command ended: the task is done
+            self._finish_allocation(meta, ex, ev)
+
+    def _finish_allocation(self, meta: TaskMeta, ex: Exit, ev: dict) -> None:
+        alloc = meta.alloc
+        for i, node in enumerate(alloc.nodes):
+            self._vacate(node, f"{meta.seq}.{i}", alloc.slots[i])
+        meta.alloc = None
+        self._record_exit(meta, ex, ev)
+
+    # ---- exits -----------------------------------------------------------
 
     def _on_exited(self, node: NodeHandle, ev: dict) -> None:
         tid = ev["id"]
@@ -346,22 +514,28 @@ class Coordinator:
                                f"start task exited with {ev.get('exit_code')}; see "
                                f"{os.path.join(node.root, 'starttask', 'stderr.txt')}")
             return
+        if isinstance(tid, str):
+            self._on_instance_exited(node, tid, ev)
+            return
         meta = self.meta.get(tid)
         if meta is None or tid not in node.running:
             return
-        node.running.discard(tid)
-        node.free += meta.required_slots
-        if not node.running and node.state is NodeState.RUNNING:
-            self._set_node(node, NodeState.IDLE)
+        self._vacate(node, tid, meta.required_slots)
         ex = Exit(exit_code=ev.get("exit_code"), signal=ev.get("signal"),
                   timed_out=bool(ev.get("timed_out")), start_failed=ev.get("start_failed"))
+        self._record_exit(meta, ex, ev)
+
+    def _record_exit(self, meta: TaskMeta, ex: Exit, ev: dict) -> None:
+        """Success, retry (back to the queue) or failure, from how the attempt ended."""
+        tid = meta.seq
         outcome = decide_exit(ex, meta.retry_count, meta.max_retries)
         common = dict(exit_code=ex.exit_code, signal=ex.signal, failure=outcome.failure,
-                      started_at=ev.get("start"), ended_at=ev.get("end"),
+                      started_at=ev.get("start"), ended_at=ev.get("end") or time.time(),
                       usage=json.dumps(ev.get("usage") or {}))
-        if ev.get("killed") and not ex.timed_out and outcome.failure:
-            common["failure"] = f"killed:{ev['killed']}"
-        if outcome.retry and not ev.get("killed"):
+        killed = ev.get("killed")
+        if killed and not ex.timed_out and outcome.failure:
+            common["failure"] = f"killed:{killed}"
+        if outcome.retry and killed != "terminate":
             meta.retry_count += 1
             meta.node_id = None
             self.store.update_task(tid, state=TaskState.ACTIVE.value, node_id=None,
@@ -391,6 +565,12 @@ class Coordinator:
                                            failure="killed:terminate", ended_at=time.time())
                     self._completed(meta)
                     return None
+                if meta.alloc is not None:
+                    for rid in meta.alloc.pending:
+                        index = 0 if rid.endswith(".a") else int(rid.rsplit(".c", 1)[1])
+                        self._sends.setdefault(meta.alloc.nodes[index].key, []).append(
+                            {"op": "kill", "id": rid, "reason": "terminate"})
+                    return None
                 return (meta.pool_id, meta.node_id), {"op": "kill", "id": meta.seq,
                                                       "reason": "terminate"}
         return None
@@ -411,8 +591,12 @@ class Coordinator:
             ev = msg.get("ev")
             if ev == "events":
                 for item_ev in msg["items"]:
-                    if item_ev.get("ev") == "exited":
+                    kind = item_ev.get("ev")
+                    if kind == "exited":
+                        node.pids.pop(item_ev["id"], None)
                         self._on_exited(node, item_ev)
+                    elif kind == "started":
+                        node.pids[item_ev["id"]] = item_ev["pid"]
             elif ev == "hello":
                 self._on_hello(node, msg)
             elif ev == "garbage" or ev == "error":
@@ -448,6 +632,7 @@ class Coordinator:
                     except queue.Empty:
                         break
                 sends: dict[tuple[str, str], list[dict]] = {}
+                self._sends = sends
                 with self.store.transaction():
                     for item in items:
                         self._handle(item, sends)

@@ -142,8 +142,9 @@ class PoolSpec:
         _check_int("pool.task_slots_per_node", self.task_slots_per_node, 1, 1024)
         _check_choice("pool.scheduling_policy", self.scheduling_policy, POLICIES)
         _check_int("pool.target_nodes", self.target_nodes, 1, 100_000)
-        if self.provider == "local" and self.target_nodes != 1:
-            raise ValidationError("pool.target_nodes", "a local pool has exactly 1 node")
+        if self.provider == "local" and self.target_nodes > 64:
+            raise ValidationError("pool.target_nodes", "a local pool simulates at most 64 "
+                                  "nodes on this machine")
         if self.start_task is not None and not str(self.start_task).strip():
             raise ValidationError("pool.start_task", "is empty; give a command line or omit it")
 
@@ -168,6 +169,28 @@ class JobSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class MultiInstanceSpec:
+    """Run a task on ``instances`` nodes at once (an allocation).
+
+    Every node runs ``coordination_command`` first (if given); when all of them
+    have succeeded the primary runs the task's command line, typically mpiexec
+    over ``$HPCBATCH_HOSTFILE``. ``slots_per_instance`` of 0 takes whole nodes.
+    """
+
+    instances: int
+    coordination_command: str | None = None
+    slots_per_instance: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("multi_instance.instances", self.instances, 1, 100_000)
+        _check_int("multi_instance.slots_per_instance", self.slots_per_instance, 0, 1024)
+        cc = self.coordination_command
+        if cc is not None and (not isinstance(cc, str) or not cc.strip()):
+            raise ValidationError("multi_instance.coordination_command",
+                                  "is empty; give a command line or omit it")
+
+
+@dataclasses.dataclass(frozen=True)
 class TaskSpec:
     """A task as a user describes it.
 
@@ -182,9 +205,16 @@ class TaskSpec:
     required_slots: int = 1
     max_task_retry_count: int | None = None
     max_wall_clock_time_s: float | None = None
+    multi_instance: MultiInstanceSpec | None = None
 
     def __post_init__(self) -> None:
         check_id("task.id", self.id)
+        mi = self.multi_instance
+        if isinstance(mi, Mapping):
+            object.__setattr__(self, "multi_instance", MultiInstanceSpec(**mi))
+        elif mi is not None and not isinstance(mi, MultiInstanceSpec):
+            raise ValidationError(f"task {self.id}: multi_instance",
+                                  "must be a MultiInstanceSpec or a mapping")
         if not isinstance(self.command_line, str) or not self.command_line.strip():
             raise ValidationError(f"task {self.id}: command_line", "is empty")
         if "\0" in self.command_line:

@@ -16,26 +16,47 @@ from hpcbatch.models import TaskResult
 
 
 class Runnable(NamedTuple):
-    """A task waiting for slots; tuples order by job priority (high first), then submission."""
+    """A task waiting for slots; tuples order by job priority (high first), then submission.
+
+    ``instances >= 1`` makes it a multi-instance task (0: an ordinary one): it
+    needs ``instances`` distinct nodes at once, each with ``slots_per_instance``
+    free slots (0 means the whole node).
+    """
 
     neg_priority: int
     seq: int
     required_slots: int
+    instances: int = 0
+    slots_per_instance: int = 0
 
     @classmethod
-    def of(cls, seq: int, priority: int = 0, required_slots: int = 1) -> Runnable:
-        return cls(-priority, seq, required_slots)
+    def of(cls, seq: int, priority: int = 0, required_slots: int = 1, instances: int = 0,
+           slots_per_instance: int = 0) -> Runnable:
+        return cls(-priority, seq, required_slots, instances, slots_per_instance)
 
     @property
     def priority(self) -> int:
         return -self.neg_priority
 
+    @property
+    def wide(self) -> bool:
+        return self.instances > 0
+
 
 @dataclasses.dataclass
 class NodeSlots:
+    """A node as the scheduler sees it.
+
+    ``used_slots`` counts the slots of tasks running or queued on the node.
+    Ordinary tasks may use up to ``total_slots + queue_slots`` (the agent queues
+    the excess, see the coordinator's prefetch); an allocation needs real free
+    slots, ``total_slots - used_slots``.
+    """
+
     node_id: str
-    free_slots: int
     total_slots: int
+    used_slots: int = 0
+    queue_slots: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,37 +66,105 @@ class Assignment:
     slots: int
 
 
-def _place(task: Runnable, free: dict[str, int], order: list[str], policy: str) -> str | None:
-    """The node a task goes to under ``policy``, or None when none has room."""
-    best = None
-    for nid in order:
-        f = free[nid]
-        if f < task.required_slots:
-            continue
-        if best is None or (f > free[best] if policy == "spread" else f < free[best]):
-            best = nid
-    return best
+@dataclasses.dataclass(frozen=True)
+class Allocation:
+    """All-or-nothing: a multi-instance task gets these nodes; the first is the primary."""
+
+    seq: int
+    node_ids: tuple[str, ...]
+    slots: int  # per node
+
+
+class _Round:
+    """One scheduling round over a snapshot of the nodes. Pure; no I/O."""
+
+    def __init__(self, nodes: Sequence[NodeSlots], policy: str):
+        self.policy = policy
+        self.order = [n.node_id for n in nodes]
+        self.total = {n.node_id: n.total_slots for n in nodes}
+        self.narrow = {n.node_id: n.total_slots + n.queue_slots - n.used_slots for n in nodes}
+        self.wide = {n.node_id: n.total_slots - n.used_slots for n in nodes}
+        self.reserved: set[str] = set()
+        self.reservation: int | None = None  # seq of the task holding it
+
+    def capacity_left(self) -> int:
+        return sum(max(v, 0) for v in self.narrow.values())
+
+    def _better(self, f: int, g: int) -> bool:
+        return f > g if self.policy == "spread" else f < g
+
+    def place(self, task: Runnable) -> Assignment | Allocation | None:
+        if task.wide:
+            return self._allocate(task)
+        # real free slots first; the agent queues (prefetch) only when no node has one
+        best = self._best(self.wide, task.required_slots)
+        if best is None:
+            best = self._best(self.narrow, task.required_slots)
+        if best is None:
+            return None
+        self._take(best, task.required_slots)
+        return Assignment(task.seq, best, task.required_slots)
+
+    def _best(self, free: dict[str, int], need: int) -> str | None:
+        best = None
+        for nid in self.order:
+            f = free[nid]
+            if nid in self.reserved or f < need:
+                continue
+            if best is None or self._better(f, free[best]):
+                best = nid
+        return best
+
+    def _take(self, nid: str, slots: int) -> None:
+        self.narrow[nid] -= slots
+        self.wide[nid] -= slots
+
+    def _allocate(self, task: Runnable) -> Allocation | None:
+        def need(nid: str) -> int:
+            return task.slots_per_instance or self.total[nid]
+
+        fits = [nid for nid in self.order
+                if nid not in self.reserved and self.wide[nid] >= need(nid) > 0]
+        if len(fits) >= task.instances:
+            chosen = sorted(fits, key=lambda nid: (
+                -self.wide[nid] if self.policy == "spread" else self.wide[nid],
+                self.order.index(nid)))[:task.instances]
+            chosen.sort(key=self.order.index)
+            for nid in chosen:
+                self._take(nid, need(nid))
+                self.narrow[nid] = min(self.narrow[nid], self.wide[nid])  # no queue when held
+            return Allocation(task.seq, tuple(chosen), task.slots_per_instance or 0)
+        if self.reservation is None:
+            # hold the nodes that will be free soonest (fewest slots in use), so a stream
+            # of narrow tasks cannot starve this task: nothing new starts on them
+            able = [nid for nid in self.order if nid not in self.reserved
+                    and self.total[nid] >= need(nid)]
+            if len(able) >= task.instances:
+                able.sort(key=lambda nid: (need(nid) - self.wide[nid], self.order.index(nid)))
+                self.reserved.update(able[:task.instances])
+                self.reservation = task.seq
+        return None
 
 
 def schedule(tasks: Iterable[Runnable], nodes: Sequence[NodeSlots],
-             policy: str = "pack") -> list[Assignment]:
-    """Assign tasks to nodes with enough free slots.
+             policy: str = "pack") -> list[Assignment | Allocation]:
+    """Assign tasks to nodes.
 
-    Tasks are considered in priority-then-submission order. A task that does not
-    fit now is skipped (later, smaller tasks may backfill). ``pack`` fills the
-    busiest node that still fits (fewest free slots), ``spread`` the emptiest;
-    ties go to the node listed first.
+    Tasks are considered in priority-then-submission order. An ordinary task
+    that does not fit now is skipped (later, smaller tasks may backfill).
+    ``pack`` fills the busiest node that still fits, ``spread`` the emptiest;
+    ties go to the node listed first. A multi-instance task gets all of its
+    nodes or none; the first one that cannot start reserves the nodes closest to
+    free, and nothing else is placed on them until it starts.
     """
-    free = {n.node_id: n.free_slots for n in nodes}
-    order = [n.node_id for n in nodes]
-    out: list[Assignment] = []
+    rnd = _Round(nodes, policy)
+    out: list[Assignment | Allocation] = []
     for task in sorted(tasks):
-        if not any(free.values()):
+        if rnd.capacity_left() <= 0:
             break
-        node = _place(task, free, order, policy)
-        if node is not None:
-            free[node] -= task.required_slots
-            out.append(Assignment(task.seq, node, task.required_slots))
+        placed = rnd.place(task)
+        if placed is not None:
+            out.append(placed)
     return out
 
 
@@ -108,27 +197,23 @@ class RunQueue:
 
 
 def schedule_from_queue(queue: RunQueue, nodes: Sequence[NodeSlots], policy: str,
-                        lookahead: int = 64) -> list[Assignment]:
+                        lookahead: int = 64) -> list[Assignment | Allocation]:
     """``schedule`` over a queue: pops tasks in order while any slot is free.
 
-    A task that does not fit yet is set aside and put back afterwards; at most
+    A task that cannot start yet is set aside and put back afterwards; at most
     ``lookahead`` are set aside, so smaller tasks behind it can backfill without
     scanning the whole queue.
     """
-    free = {n.node_id: n.free_slots for n in nodes}
-    order = [n.node_id for n in nodes]
-    out: list[Assignment] = []
+    rnd = _Round(nodes, policy)
+    out: list[Assignment | Allocation] = []
     skipped: list[Runnable] = []
-    left = sum(free.values())
-    while left > 0 and len(queue) and len(skipped) < lookahead:
+    while len(queue) and len(skipped) < lookahead and rnd.capacity_left() > 0:
         task = queue.pop()
-        node = _place(task, free, order, policy)
-        if node is None:
+        placed = rnd.place(task)
+        if placed is None:
             skipped.append(task)
-            continue
-        free[node] -= task.required_slots
-        left -= task.required_slots
-        out.append(Assignment(task.seq, node, task.required_slots))
+        else:
+            out.append(placed)
     for task in skipped:
         queue.push(task)
     return out

@@ -211,6 +211,17 @@ class Store:
                                "to an active job")
             pool = self.get_pool(job["pool_id"])
             for t in specs:
+                mi = t.multi_instance
+                if mi is not None and mi.instances > pool.target_nodes:
+                    raise Conflict(
+                        f"task {t.id}: multi_instance.instances {mi.instances} is more than "
+                        f"the {pool.target_nodes} nodes of pool {pool.id!r}; it could never "
+                        "start (lower instances or grow the pool)")
+                if mi is not None and mi.slots_per_instance > pool.task_slots_per_node:
+                    raise Conflict(
+                        f"task {t.id}: multi_instance.slots_per_instance "
+                        f"{mi.slots_per_instance} exceeds the {pool.task_slots_per_node} task "
+                        f"slots per node of pool {pool.id!r}")
                 if t.required_slots > pool.task_slots_per_node:
                     raise Conflict(
                         f"task {t.id}: required_slots {t.required_slots} exceeds the "

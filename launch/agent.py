@@ -6,7 +6,7 @@ exec channel) and speaks newline-delimited JSON with it over stdin/stdout:
 
 coordinator -> agent  (one object per line, key "op")
     {"op": "run", "id": K, "cmd": "...", "env": {...}, "dir": TASK_DIR, "timeout_s": S|null,
-     "slots": N}
+     "slots": N, "files": {NAME: TEXT}, "dirs": [NAME], "log_prefix": P}
     {"op": "kill", "id": K, "reason": "terminate"}
     {"op": "ping"}
     {"op": "shutdown"}
@@ -81,6 +81,13 @@ def command_argv(cmd: str, path: str) -> list[str]:
     if not exe:
         return ["/bin/sh", "-c", cmd]  # let the shell report "not found" (exit 127)
     return [exe, *words[1:]]
+
+
+def safe_name(name: str) -> str:
+    """A plain file name inside the task directory (no separators, no '..')."""
+    if not name or "/" in name or name in (".", "..") or "\0" in name:
+        raise OSError(f"refusing file name {name!r} outside the task directory")
+    return name
 
 
 class Task:
@@ -182,11 +189,19 @@ class Agent:
             if msg.get("env"):
                 env = dict(env)
                 env.update(msg["env"])
+            for name in msg.get("dirs") or ():
+                os.makedirs(os.path.join(tdir, safe_name(name)), exist_ok=True)
+            for name, text in (msg.get("files") or {}).items():
+                with open(os.path.join(tdir, safe_name(name)), "w") as f:
+                    f.write(text)
             argv = command_argv(msg["cmd"], env.get("PATH", os.defpath))
             flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+            prefix = safe_name(msg["log_prefix"]) if msg.get("log_prefix") else ""
+            out = os.path.join(tdir, prefix + "stdout.txt")
+            err = os.path.join(tdir, prefix + "stderr.txt")
             actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                       (os.POSIX_SPAWN_OPEN, 1, os.path.join(tdir, "stdout.txt"), flags, 0o644),
-                       (os.POSIX_SPAWN_OPEN, 2, os.path.join(tdir, "stderr.txt"), flags, 0o644)]
+                       (os.POSIX_SPAWN_OPEN, 1, out, flags, 0o644),
+                       (os.POSIX_SPAWN_OPEN, 2, err, flags, 0o644)]
             # posix_spawn has no cwd argument; the agent is single-threaded, so a chdir
             # around the spawn is safe. Every other fd of ours is close-on-exec.
             os.chdir(wd)

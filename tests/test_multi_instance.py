@@ -1,0 +1,115 @@
+"""Multi-instance tasks on a local pool of several simulated nodes (one agent each)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from conftest import poll
+
+import hpcbatch
+from hpcbatch.errors import Conflict
+
+
+@pytest.fixture
+def batch(home):
+    with hpcbatch.Batch() as b:
+        yield b
+
+
+def mi(instances, coordination=None, per=0):
+    return {"instances": instances, "coordination_command": coordination,
+            "slots_per_instance": per}
+
+
+def node_file(home, pool, node, job, task, name) -> str:
+    return (home / "nodes" / pool / node / "jobs" / job / task / name).read_text()
+
+
+def test_allocation_environment_hostfile_and_coordination(batch, home):
+    batch.pools.create("trio", task_slots_per_node=2, target_nodes=3)
+    job = batch.jobs.create("mpi", pool="trio")
+    job.add_task("t", 'env | grep ^HPCBATCH_ | sort; cat "$HPCBATCH_HOSTFILE"',
+                 multi_instance=mi(3, 'echo "coord $HPCBATCH_INSTANCE_INDEX of '
+                                      '$HPCBATCH_NUM_INSTANCES"'))
+    job.wait(timeout_s=60)
+    t = job.task("t")
+    assert t.succeeded, t.stderr()
+    out = t.stdout().splitlines()
+    env = dict(line.split("=", 1) for line in out if line.startswith("HPCBATCH_"))
+    assert env["HPCBATCH_NODE_LIST"] == "local-1,local-2,local-3"
+    assert env["HPCBATCH_HOST_LIST"] == "localhost,localhost,localhost"
+    assert env["HPCBATCH_MASTER_NODE"] == "localhost"
+    assert env["HPCBATCH_NUM_INSTANCES"] == "3" and env["HPCBATCH_INSTANCE_INDEX"] == "0"
+    assert env["HPCBATCH_TASK_SHARED_DIR"] == env["HPCBATCH_TASK_DIR"] + "/shared"
+    assert out[-3:] == ["localhost slots=2"] * 3  # the hostfile: one line per node
+    for i, node in enumerate(["local-1", "local-2", "local-3"]):
+        assert node_file(home, "trio", node, "mpi", "t", "coordination-stdout.txt") == \
+            f"coord {i} of 3\n"
+    # the allocation is released: every node takes work again
+    nodes = {n["id"]: n["state"] for n in batch.pools.nodes("trio")}
+    assert nodes == {"local-1": "idle", "local-2": "idle", "local-3": "idle"}
+
+
+def test_wider_than_the_pool_fails_fast(batch):
+    batch.pools.create("duo", target_nodes=2)
+    job = batch.jobs.create("wide", pool="duo")
+    with pytest.raises(Conflict, match="instances 3 is more than the 2 nodes of pool 'duo'"):
+        job.add_task("t", "true", multi_instance=mi(3))
+    assert job.counts()["total"] == 0
+
+
+def test_a_failing_instance_fails_the_task_and_it_is_retried(batch, tmp_path):
+    batch.pools.create("duo", target_nodes=2)
+    job = batch.jobs.create("flaky", pool="duo", max_task_retry_count=1)
+    marker = tmp_path / "app-ran"
+    job.add_task("t", f"touch '{marker}'",
+                 multi_instance=mi(2, '[ "$HPCBATCH_INSTANCE_INDEX" != 1 ]'))
+    job.wait(timeout_s=60)
+    t = job.task("t")
+    assert (t.result, t.retry_count, t.exit_code) == ("failure", 1, 1)
+    assert not marker.exists(), "the application ran although a coordination command failed"
+
+
+def test_a_wide_task_waits_for_running_ones_and_is_not_overtaken(batch):
+    batch.pools.create("duo", target_nodes=2)
+    job = batch.jobs.create("mix", pool="duo")
+    job.add_tasks([{"id": "first-a", "command_line": "sleep 0.6"},
+                   {"id": "first-b", "command_line": "sleep 0.6"},
+                   {"id": "wide", "command_line": "sleep 0.2", "multi_instance": mi(2)}]
+                  + [{"id": f"later-{i}", "command_line": "sleep 0.05"} for i in range(10)])
+    job.wait(timeout_s=60)
+    tasks = {t.id: t for t in job.tasks()}
+    assert all(t.succeeded for t in tasks.values())
+    wide = tasks["wide"]
+    assert wide.started_at >= max(tasks["first-a"].ended_at, tasks["first-b"].ended_at) - 0.01
+    later = [t for tid, t in tasks.items() if tid.startswith("later")]
+    assert min(t.started_at for t in later) >= wide.ended_at - 0.01
+
+
+def test_a_lost_node_fails_the_task_which_retries_elsewhere(batch, tmp_path):
+    batch.pools.create("trio", target_nodes=3)
+    job = batch.jobs.create("lossy", pool="trio", max_task_retry_count=1)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    job.add_task("t", f'echo $$ > "{pids}/$HPCBATCH_TASK_ATTEMPT"; exec sleep 300',
+                 multi_instance=mi(2))
+    first = poll(lambda: (pids / "0").exists() and (pids / "0").read_text().strip(),
+                 what="first attempt running")
+    primary = job.task("t").node_id
+    victim = batch.coordinator.nodes[("trio", primary)]
+    killed_at = time.monotonic()
+    os.kill(victim.channel.pid, signal.SIGKILL)  # the node's agent dies
+    poll(lambda: (pids / "1").exists() and (pids / "1").read_text().strip(), timeout_s=15,
+         what="retry running")
+    assert time.monotonic() - killed_at < 10
+    from test_agent import pid_alive
+    poll(lambda: not pid_alive(int(first)), timeout_s=5, what="orphan killed")
+    states = {n["id"]: (n["state"], n["reason"]) for n in batch.pools.nodes("trio")}
+    assert states[primary][0] == "unusable" and "closed" in states[primary][1]
+    t = job.task("t")
+    assert t.retry_count == 1 and t.node_id != primary
+    job.terminate_task("t")
+    job.wait(timeout_s=30)
