@@ -47,6 +47,7 @@ setup(
     entry_points={
         "console_scripts": [
             "hpcbatch=hpcbatch.cli:main",
+            "hpcbatch-mpiexec=hpcbatch.launch.mpi:main",
         ],
     },
 )

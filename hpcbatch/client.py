@@ -258,6 +258,22 @@ class Batch:
             db.execute("UPDATE pools SET spec=? WHERE id=?",
                        (json.dumps(spec_to_dict(local)), LOCAL_POOL))
 
+    def run_kernel(self, kernel: str, *, ranks: int | None = None,
+                   params: dict[str, Any] | None = None, output: str | os.PathLike | None = None,
+                   **kw: Any):
+        """Run an MPI kernel with its reduce and return its result file, read back.
+
+        ``batch.run_kernel("pi", ranks=4, params={"samples": 10**7}, output="pi.h5")``
+        returns a ``KernelResult`` with ``.reduced`` (dict of arrays), ``.path``,
+        ``.timings`` and ``.attrs`` (provenance). ``kernel`` may be a built-in
+        name, a dotted module or a path to a .py file. Other keywords: ``pool``,
+        ``nodes`` + ``ranks_per_node`` (multi-node), ``oversubscribe``,
+        ``progress``, ``timeout_s``. Raises ``KernelRunError`` (with the ranks'
+        stderr) when the kernel fails.
+        """
+        from hpcbatch.kernelrun import run_kernel
+        return run_kernel(self, kernel, ranks=ranks, params=params, output=output, **kw)
+
     def _notify(self) -> None:
         self.coordinator.notify()
 

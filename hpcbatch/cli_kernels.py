@@ -1,0 +1,105 @@
+"""`hpcbatch run KERNEL` (the main job) and `hpcbatch results show FILE`."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def _fmt(value) -> str:
+    arr = np.asarray(value)
+    if arr.ndim == 0:
+        v = arr.item()
+        return f"{v:.10g}" if isinstance(v, float) else str(v)
+    if arr.size <= 8:
+        return np.array2string(arr, precision=6, separator=", ")
+    return f"{arr.dtype}{list(arr.shape)}"
+
+
+def print_result(res) -> None:
+    t = Table(title=f"{res.kernel}: reduced results")
+    t.add_column("name")
+    t.add_column("value", overflow="fold")
+    for name, value in res.reduced.items():
+        t.add_row(name, _fmt(value))
+    out.print(t)
+    if res.timings:
+        out.print("timings: " + ", ".join(f"{k} {v:.3f} s" for k, v in res.timings.items()))
+    out.print(f"result file: {res.path}", soft_wrap=True, markup=False)
+
+
+@click.command("run", context_settings={"ignore_unknown_options": False})
+@click.argument("kernel")
+@click.option("--ranks", "-n", type=click.IntRange(min=1), help="MPI ranks (default 1, or "
+              "nodes x ranks-per-node).")
+@click.option("--param", "-p", "params", multiple=True, metavar="K=V",
+              help="A kernel parameter; repeat for several. 'hpcbatch run KERNEL --list-params'"
+              " shows them.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False),
+              help="HDF5 result file (default ./KERNEL-<time>.h5).")
+@click.option("--oversubscribe", is_flag=True, help="Allow more ranks than task slots.")
+@click.option("--pool", default="local", show_default=True)
+@click.option("--nodes", type=click.IntRange(min=1), help="Run across this many nodes of the "
+              "pool (a multi-instance task).")
+@click.option("--ranks-per-node", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True))
+@click.option("--list-params", is_flag=True, help="Show the kernel's parameters and exit.")
+@click.option("--progress/--no-progress", default=None)
+def run(kernel, ranks, params, output, oversubscribe, pool, nodes, ranks_per_node, timeout_s,
+        list_params, progress) -> None:
+    """Run an MPI KERNEL with its final reduce; results go to an HDF5 file.
+
+    \b
+      hpcbatch run pi --ranks 4 -o pi.h5
+      hpcbatch run heat --ranks 2 -p nx=256 -p steps=500
+      hpcbatch run ./my_kernel.py --ranks 2
+    """
+    from hpcbatch.client import Batch
+    from hpcbatch.kernelrun import KernelRunError, resolve_kernel
+
+    k, _ = resolve_kernel(kernel, list(params))  # exit 2 here, before any MPI
+    if list_params:
+        t = Table(title=f"{k.name} parameters")
+        for col in ("name", "type", "default", "help"):
+            t.add_column(col)
+        for name, p in k.params.items():
+            t.add_row(name, p.type.__name__, repr(p.default), p.help)
+        out.print(t)
+        return
+    if progress is None:
+        progress = sys.stderr.isatty()
+    with Batch() as batch:
+        try:
+            res = batch.run_kernel(kernel, ranks=ranks, params=list(params), output=output,
+                                   pool=pool, nodes=nodes, ranks_per_node=ranks_per_node,
+                                   oversubscribe=oversubscribe, progress=progress,
+                                   timeout_s=timeout_s)
+        except KernelRunError as exc:
+            if exc.stderr:
+                sys.stderr.write(exc.stderr if exc.stderr.endswith("\n") else exc.stderr + "\n")
+            raise
+    print_result(res)
+
+
+@click.group("results")
+def results() -> None:
+    """Result files (HDF5) written by kernels."""
+
+
+@results.command("show")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+def results_show(path: str) -> None:
+    """Print a result file's provenance and datasets."""
+    from hpcbatch.kernels.results import describe
+    try:
+        text = describe(path)
+    except OSError as exc:
+        raise click.ClickException(f"{path} is not a readable HDF5 result file ({exc})") from None
+    out.print(text, markup=False, soft_wrap=True)

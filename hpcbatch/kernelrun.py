@@ -1,0 +1,130 @@
+"""Run a kernel as a task: the glue between the batch core and hpcbatch.kernels.
+
+One task runs ``mpiexec ... python -m hpcbatch.kernels NAME ... --output FILE``.
+On the local pool it takes one slot per rank (``oversubscribe`` lets it use
+fewer); with ``nodes`` it is a multi-instance task whose primary starts the
+ranks on every node through ``hpcbatch-mpiexec`` and the pool's ssh_config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import secrets
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from hpcbatch.errors import HpcBatchError, ValidationError
+
+
+class KernelRunError(HpcBatchError):
+    """The kernel's task failed; ``stderr`` holds what the ranks printed."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, stderr: str = "", task: Any = None):
+        super().__init__(message)
+        self.stderr = stderr
+        self.task = task
+
+
+@dataclasses.dataclass
+class KernelResult:
+    kernel: str
+    path: Path
+    reduced: dict[str, Any]
+    timings: dict[str, float]
+    attrs: dict[str, Any]
+    job_id: str
+    task_id: str
+
+
+def resolve_kernel(kernel: str, params: dict[str, Any] | list[str] | None):
+    """Load the kernel and check its parameters before anything is submitted."""
+    from hpcbatch.kernels import api
+    try:
+        k = api.load_kernel(kernel)
+        if isinstance(params, list):
+            values = api.parse_params(k, params)
+        else:
+            values = api.parse_params(k, [f"{key}={val}" for key, val in (params or {}).items()])
+    except ValueError as exc:
+        raise ValidationError("kernel", str(exc)) from None
+    return k, values
+
+
+def kernel_command(kernel: str, params: dict[str, Any], output: Path, ranks: int, *,
+                   oversubscribe: bool = False, multi_node: bool = False,
+                   ranks_per_node: int | None = None) -> tuple[str, dict[str, str]]:
+    """The task's command line and the environment it needs."""
+    harness = [sys.executable, "-m", "hpcbatch.kernels", kernel, "--output", str(output),
+               "--json"]
+    for key, val in params.items():
+        harness += ["--param", f"{key}={val}"]
+    if multi_node:
+        argv = [sys.executable, "-m", "hpcbatch.launch.mpi", "--ranks-per-node",
+                str(ranks_per_node or 1), "--", *harness]
+        return shlex.join(argv), {}
+    from hpcbatch.launch.mpi import mpiexec_command
+    argv, env = mpiexec_command(ranks, harness, oversubscribe=oversubscribe)
+    extra = {k: v for k, v in env.items() if os.environ.get(k) != v}
+    return shlex.join(argv), extra
+
+
+def run_kernel(batch, kernel: str, *, ranks: int | None = None,
+               params: dict[str, Any] | list[str] | None = None,
+               output: str | os.PathLike | None = None, pool: str = "local",
+               nodes: int | None = None, ranks_per_node: int = 1,
+               oversubscribe: bool = False, progress: bool = False,
+               timeout_s: float | None = None) -> KernelResult:
+    """Run ``kernel`` (a built-in name, a module or a .py path) as one task; see
+    :meth:`hpcbatch.Batch.run_kernel`."""
+    k, values = resolve_kernel(kernel, params)
+    name = k.name
+    pool_spec = batch.store.get_pool(pool)
+    stamp = f"{dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+    out = Path(output) if output else Path(f"{name}-{stamp}.h5")
+    out = out.expanduser().resolve()
+    if out.parent and not out.parent.is_dir():
+        raise ValidationError("output", f"directory {out.parent} does not exist")
+    task: dict[str, Any] = {"id": "kernel"}
+    if nodes:
+        if ranks is not None and ranks != nodes * ranks_per_node:
+            raise ValidationError("ranks", f"{ranks} != nodes {nodes} x ranks_per_node "
+                                  f"{ranks_per_node}; give one or the other")
+        ranks = nodes * ranks_per_node
+        per = min(ranks_per_node, pool_spec.task_slots_per_node)
+        cmd, env = kernel_command(name, values, out, ranks, multi_node=True,
+                                  ranks_per_node=ranks_per_node)
+        task["multi_instance"] = {"instances": nodes, "slots_per_instance": per}
+    else:
+        ranks = ranks or 1
+        slots = pool_spec.task_slots_per_node
+        if ranks > slots and not oversubscribe:
+            raise ValidationError(
+                "ranks", f"{ranks} ranks need {ranks} task slots but pool {pool!r} has "
+                f"{slots} per node; use fewer ranks, --oversubscribe, or --nodes")
+        task["required_slots"] = min(ranks, slots)
+        cmd, env = kernel_command(name, values, out, ranks, oversubscribe=oversubscribe)
+    task["command_line"] = cmd
+    task["environment"] = env
+    task["max_wall_clock_time_s"] = timeout_s
+    job_id = f"run-{name.replace('.', '-')[:30]}-{stamp}"
+    job = batch.jobs.create(job_id, pool=pool, on_all_tasks_complete="terminate_job")
+    job.add_tasks([task])
+    job.wait(progress=progress)
+    t = job.task("kernel")
+    if not t.succeeded:
+        try:
+            stderr = t.stderr()
+        except HpcBatchError:
+            stderr = ""
+        why = "timed out" if t.failure == "timeout" else f"exited with {t.exit_code}"
+        raise KernelRunError(f"kernel {name} on {ranks} ranks {why}; stderr: "
+                             f"{t.stderr_path}", stderr, t)
+    from hpcbatch.kernels.results import read_result
+    res = read_result(out)
+    return KernelResult(name, out, res.reduced, res.timings, res.attrs, job_id, "kernel")

@@ -1,0 +1,5 @@
+import sys
+
+from hpcbatch.kernels.harness import main
+
+sys.exit(main())
