@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import os
+import re
 import secrets
 import shlex
 import sys
@@ -84,9 +85,11 @@ def run_kernel(batch, kernel: str, *, ranks: int | None = None,
     :meth:`hpcbatch.Batch.run_kernel`."""
     k, values = resolve_kernel(kernel, params)
     name = k.name
+    short = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(name).stem if name.endswith(".py")
+                   else name).strip("-")[:30] or "kernel"
     pool_spec = batch.store.get_pool(pool)
     stamp = f"{dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
-    out = Path(output) if output else Path(f"{name}-{stamp}.h5")
+    out = Path(output) if output else Path(f"{short}-{stamp}.h5")
     out = out.expanduser().resolve()
     if out.parent and not out.parent.is_dir():
         raise ValidationError("output", f"directory {out.parent} does not exist")
@@ -112,7 +115,7 @@ def run_kernel(batch, kernel: str, *, ranks: int | None = None,
     task["command_line"] = cmd
     task["environment"] = env
     task["max_wall_clock_time_s"] = timeout_s
-    job_id = f"run-{name.replace('.', '-')[:30]}-{stamp}"
+    job_id = f"run-{short}-{stamp}"
     job = batch.jobs.create(job_id, pool=pool, on_all_tasks_complete="terminate_job")
     job.add_tasks([task])
     job.wait(progress=progress)

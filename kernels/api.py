@@ -190,7 +190,7 @@ def reduce_outputs(comm, outputs: dict[str, Output], local: dict[str, Any]) -> d
         shape = np.shape(local[name])
         arr = _as_array(local[name])
         if callable(out.reduce):
-            parts = comm.gather(arr, root=0)
+            parts = comm.gather(np.asarray(local[name]), root=0)
             if root:
                 acc = parts[0]
                 for part in parts[1:]:

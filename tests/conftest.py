@@ -1,14 +1,9 @@
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-
-from hpcbatch.store import Store
+from helpers import run_cli
 
 
 @pytest.fixture
@@ -19,37 +14,8 @@ def home(tmp_path, monkeypatch) -> Path:
     return h
 
 
-def run_cli(home: Path, *args: str, timeout_s: float = 120, **kw) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HPCBATCH_HOME=str(home), COLUMNS="200")
-    return subprocess.run([sys.executable, "-m", "hpcbatch.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout_s,
-                          stdin=subprocess.DEVNULL, **kw)
-
-
 @pytest.fixture
 def cli(home):
-    def call(*args: str, **kw) -> subprocess.CompletedProcess:
+    def call(*args: str, **kw):
         return run_cli(home, *args, **kw)
     return call
-
-
-def snapshot(home: Path) -> tuple:
-    """Everything the store holds, to prove a rejected request changed nothing."""
-    if not (home / "state.db").exists():
-        return ()
-    s = Store(home / "state.db")
-    try:
-        return tuple(tuple(sorted(map(repr, s.db.execute(f"SELECT * FROM {t}").fetchall())))
-                     for t in ("pools", "jobs", "tasks"))
-    finally:
-        s.close()
-
-
-def poll(predicate, timeout_s: float = 30.0, interval_s: float = 0.02, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"{what} not reached within {timeout_s} s")

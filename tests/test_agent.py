@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import queue
 import time
 
 import pytest
+from helpers import pid_alive
 
 from hpcbatch.transport import LocalTransport
 
@@ -46,19 +46,6 @@ def agent(tmp_path):
     a = AgentUnderTest(tmp_path / "node")
     yield a
     a.chan.close()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is dead for our purposes
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def wait_file(path, timeout_s=10.0) -> str:

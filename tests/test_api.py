@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import poll
+from helpers import poll
 
 import hpcbatch
 from hpcbatch.errors import Conflict, CoordinatorBusy, ValidationError

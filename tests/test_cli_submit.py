@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import snapshot
+from helpers import pid_alive, snapshot
 
 from hpcbatch.store import Store
 
@@ -47,7 +47,6 @@ def test_timeout_kills_the_task_and_its_children(cli, tmp_path, home):
     assert r.returncode == 1
     assert re.search(r"task-1\s+│ timeout", r.stdout), r.stdout
     child = int(pidfile.read_text())
-    from test_agent import pid_alive
     assert not pid_alive(child)
     row = Store(home / "state.db").get_task("slow", "task-1")
     assert row["failure"] == "timeout" and row["result"] == "failure"

@@ -7,7 +7,7 @@ import signal
 import time
 
 import pytest
-from conftest import poll
+from helpers import pid_alive, poll
 
 import hpcbatch
 from hpcbatch.errors import Conflict
@@ -105,7 +105,6 @@ def test_a_lost_node_fails_the_task_which_retries_elsewhere(batch, tmp_path):
     poll(lambda: (pids / "1").exists() and (pids / "1").read_text().strip(), timeout_s=15,
          what="retry running")
     assert time.monotonic() - killed_at < 10
-    from test_agent import pid_alive
     poll(lambda: not pid_alive(int(first)), timeout_s=5, what="orphan killed")
     states = {n["id"]: (n["state"], n["reason"]) for n in batch.pools.nodes("trio")}
     assert states[primary][0] == "unusable" and "closed" in states[primary][1]

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from conftest import poll, run_cli
+from helpers import poll, run_cli
 
 from hpcbatch.store import Store
 
