@@ -122,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             final = kernel.finalize(reduced, params)
             import h5py
             import mpi4py
-            from hpcbatch.kernels.results import write_result
 
             from hpcbatch._version import __version__
+            from hpcbatch.kernels.results import write_result
             timings = {"launch": t_ready - launch_t0, "compute": t_computed - t_ready,
                        "reduce": t_reduced - t_computed}
             reduces = {n: (o.reduce if isinstance(o.reduce, str) else "custom")

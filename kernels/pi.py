@@ -7,6 +7,7 @@ so a run is reproducible for a given (ranks, seed, samples).
 from __future__ import annotations
 
 import numpy as np
+
 from hpcbatch.kernels.api import Output, Param
 
 DESCRIPTION = "Monte Carlo estimate of pi (sum reduce of hits)"

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from hpcbatch.kernels.results import read_result
 from hpcbatch.launch.mpi import mpiexec_command
 

@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import pytest
 from helpers import run_cli
+
 from hpcbatch.kernels import api
 
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from hpcbatch.kernels.api import Output, reduce_outputs
 
 
