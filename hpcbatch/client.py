@@ -129,6 +129,7 @@ class Job:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         bar = _ProgressBar(self.id) if progress else None
         store = self._batch.store
+        interval = 0.005
         try:
             while True:
                 if bar:
@@ -143,7 +144,8 @@ class Job:
                     counts = self.counts()
                     raise TimeoutError(f"job {self.id}: {counts['completed']}/{counts['total']} "
                                        f"tasks completed after {timeout_s} s")
-                time.sleep(poll_s)
+                time.sleep(interval)
+                interval = min(interval * 1.5, poll_s)  # short jobs return promptly
         finally:
             if bar:
                 bar.close()

@@ -1,0 +1,183 @@
+"""Kernel benchmarks, each against a baseline measured in the same run.
+
+(a) stream: per-rank triad GB/s of the kernel vs a single-process numpy triad
+(b) allreduce: the kernel's latency per size vs raw mpi4py Allreduce, same sizes
+(c) HDF5 result write of a large array vs `dd` writing the same bytes, same disk
+(d) a 2-rank trivial kernel through hpcbatch (API, warm coordinator; and the CLI)
+    vs bare `mpiexec -n 2 python -c ...` doing the same reduce
+
+    python benchmarks/bench_kernels.py [--repeats 5] [--write-mib 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import median, print_table, timed, write_results  # noqa: E402
+
+import hpcbatch  # noqa: E402
+from hpcbatch.kernels import stream  # noqa: E402
+from hpcbatch.kernels.results import read_result, write_result  # noqa: E402
+from hpcbatch.launch.mpi import mpiexec_command  # noqa: E402
+
+
+def mpirun(ranks: int, argv: list[str], oversubscribe: bool = True) -> str:
+    cmd, env = mpiexec_command(ranks, argv, oversubscribe=oversubscribe)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return r.stdout
+
+
+def harness(kernel: str, ranks: int, out: Path, **params) -> dict:
+    argv = [sys.executable, "-m", "hpcbatch.kernels", kernel, "--output", str(out)]
+    for k, v in params.items():
+        argv += ["--param", f"{k}={v}"]
+    mpirun(ranks, argv)
+    return read_result(out).reduced
+
+
+def bench_stream(tmp: Path, repeats: int, n: int) -> dict:
+    base, k1, k2 = [], [], []
+    a, b, c = np.empty(n), np.full(n, 1.0), np.full(n, 2.0)
+    for _ in range(repeats):
+        base.append(stream.triad(a, b, c, 3.0, 5))
+        k1.append(float(harness("stream", 1, tmp / "s1.h5", n=n)["gbps"][0]))
+        k2.append(float(np.mean(harness("stream", 2, tmp / "s2.h5", n=n)["gbps"])))
+    return {"numpy_gbps": median(base), "kernel_1rank_gbps": median(k1),
+            "kernel_2rank_per_rank_gbps": median(k2),
+            "ratio_1rank": median(k1) / median(base), "ratio_2rank_per_rank": median(k2) /
+            median(base), "aim": 0.9}
+
+
+RAW_ALLREDUCE = textwrap.dedent("""
+    import json, sys, time
+    import numpy as np
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    sizes, it = json.loads(sys.argv[1]), int(sys.argv[2])
+    lat = []
+    for nbytes in sizes:
+        s = np.full(nbytes // 8, comm.rank + 1.0); r = np.empty_like(s)
+        comm.Allreduce(s, r); comm.Barrier()
+        t0 = time.perf_counter()
+        for _ in range(it):
+            comm.Allreduce(s, r)
+        lat.append(comm.allreduce((time.perf_counter() - t0) / it * 1e6, op=MPI.MAX))
+    if comm.rank == 0:
+        print(json.dumps(lat))
+""")
+
+
+def bench_allreduce(tmp: Path, repeats: int) -> dict:
+    p = {"min_bytes": 8, "max_bytes": 1 << 22, "iterations": 50}
+    sizes = [8 * 2 ** i for i in range(20) if 8 * 2 ** i <= p["max_bytes"]]
+    raw, ker = [], []
+    for _ in range(repeats):
+        raw.append(json.loads(mpirun(2, [sys.executable, "-c", RAW_ALLREDUCE,
+                                         json.dumps(sizes), str(p["iterations"])])))
+        ker.append(list(harness("allreduce", 2, tmp / "a.h5", **p)["latency_us"]))
+    raw_m = np.median(np.array(raw), axis=0)
+    ker_m = np.median(np.array(ker), axis=0)
+    ratio = raw_m / ker_m  # > 1: the kernel is faster
+    return {"sizes_bytes": sizes, "raw_latency_us": raw_m.tolist(),
+            "kernel_latency_us": ker_m.tolist(), "ratio_per_size": ratio.tolist(),
+            "ratio_median": float(np.median(ratio)), "aim": 0.95}
+
+
+def bench_write(tmp: Path, repeats: int, mib: int) -> dict:
+    data = np.random.default_rng(0).random(mib * (1 << 20) // 8)
+    h5, dd = [], []
+    for _ in range(repeats):
+        out = tmp / "big.h5"
+        h5.append(timed(lambda out=out: write_result(
+            out, reduced={"x": data}, reduces={"x": "sum"}, attrs={"kernel": "bench"},
+            timings={})))
+        out.unlink()
+        target = tmp / "dd.bin"
+        dd.append(timed(lambda target=target: subprocess.run(
+            ["dd", "if=/dev/zero", f"of={target}", "bs=1M", f"count={mib}"],
+            check=True, capture_output=True)))
+        target.unlink()
+    return {"mib": mib, "h5py_s": median(h5), "dd_s": median(dd),
+            "h5_MiBps": mib / median(h5), "dd_MiBps": mib / median(dd),
+            "ratio": median(dd) / median(h5), "aim": 0.8}
+
+
+TRIVIAL = textwrap.dedent("""
+    from hpcbatch.kernels.api import Output
+    PARAMS = {}
+    OUTPUTS = {"x": Output("sum")}
+    def run(comm):
+        return {"x": comm.rank + 1.0}
+    def reference(ranks):
+        return {"x": ranks * (ranks + 1) / 2}
+""")
+BARE = ("from mpi4py import MPI; import numpy as np; c = MPI.COMM_WORLD; "
+        "r = np.empty(1) if c.rank == 0 else None; "
+        "c.Reduce(np.array([c.rank + 1.0]), r, op=MPI.SUM, root=0)")
+
+
+def bench_run_overhead(tmp: Path, repeats: int) -> dict:
+    kfile = tmp / "trivial.py"
+    kfile.write_text(TRIVIAL)
+    bare, api, cli = [], [], []
+    home = tmp / "home"
+    with hpcbatch.Batch(home) as batch:
+        for i in range(repeats):
+            bare.append(timed(lambda: mpirun(2, [sys.executable, "-c", BARE],
+                                             oversubscribe=False)))
+            api.append(timed(lambda i=i: batch.run_kernel(str(kfile), ranks=2,
+                                                          output=tmp / f"t{i}.h5")))
+    env_home = tmp / "home-cli"
+    import os
+    env = dict(os.environ, HPCBATCH_HOME=str(env_home))
+    for i in range(repeats):
+        cli.append(timed(lambda i=i: subprocess.run(
+            [sys.executable, "-m", "hpcbatch.cli", "run", str(kfile), "--ranks", "2", "-o",
+             str(tmp / f"c{i}.h5")], env=env, check=True, capture_output=True)))
+    return {"bare_mpiexec_s": median(bare), "api_run_kernel_s": median(api),
+            "cli_run_s": median(cli), "api_overhead_ms": (median(api) - median(bare)) * 1e3,
+            "cli_overhead_ms": (median(cli) - median(bare)) * 1e3, "aim_overhead_ms": 15}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--stream-n", type=int, default=10_000_000)
+    ap.add_argument("--write-mib", type=int, default=512)
+    ap.add_argument("--json-out")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(dir=".") as d:
+        tmp = Path(d)
+        res = {"stream": bench_stream(tmp, args.repeats, args.stream_n),
+               "allreduce": bench_allreduce(tmp, args.repeats),
+               "hdf5_write": bench_write(tmp, args.repeats, args.write_mib),
+               "run_overhead": bench_run_overhead(tmp, args.repeats)}
+    s, a, w, o = res["stream"], res["allreduce"], res["hdf5_write"], res["run_overhead"]
+    print_table(f"kernel benchmarks (median of {args.repeats})",
+                ["benchmark", "hpcbatch", "baseline", "ratio", "aim"], [
+        ["(a) stream GB/s, 1 rank", s["kernel_1rank_gbps"], s["numpy_gbps"], s["ratio_1rank"],
+         ">= 0.9"],
+        ["(a) stream GB/s per rank, 2 ranks", s["kernel_2rank_per_rank_gbps"], s["numpy_gbps"],
+         s["ratio_2rank_per_rank"], "(shared memory bus)"],
+        ["(b) allreduce latency (median ratio)", "", "", a["ratio_median"], ">= 0.95"],
+        [f"(c) HDF5 write {w['mib']} MiB, MiB/s", w["h5_MiBps"], w["dd_MiBps"], w["ratio"],
+         ">= 0.8"],
+        ["(d) run overhead vs bare mpiexec, API ms", o["api_overhead_ms"], "", "", "<= 15"],
+        ["(d) run overhead vs bare mpiexec, CLI ms", o["cli_overhead_ms"], "", "", "<= 15"],
+    ])
+    path = write_results("kernels", res, args.json_out)
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
