@@ -50,10 +50,11 @@ def print_result(res) -> None:
               "pool (a multi-instance task).")
 @click.option("--ranks-per-node", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True))
+@click.option("--compress", is_flag=True, help="gzip large datasets in the result file.")
 @click.option("--list-params", is_flag=True, help="Show the kernel's parameters and exit.")
 @click.option("--progress/--no-progress", default=None)
 def run(kernel, ranks, params, output, oversubscribe, pool, nodes, ranks_per_node, timeout_s,
-        list_params, progress) -> None:
+        compress, list_params, progress) -> None:
     """Run an MPI KERNEL with its final reduce; results go to an HDF5 file.
 
     \b
@@ -80,7 +81,7 @@ def run(kernel, ranks, params, output, oversubscribe, pool, nodes, ranks_per_nod
             res = batch.run_kernel(kernel, ranks=ranks, params=list(params), output=output,
                                    pool=pool, nodes=nodes, ranks_per_node=ranks_per_node,
                                    oversubscribe=oversubscribe, progress=progress,
-                                   timeout_s=timeout_s)
+                                   timeout_s=timeout_s, compress=compress)
         except KernelRunError as exc:
             if exc.stderr:
                 sys.stderr.write(exc.stderr if exc.stderr.endswith("\n") else exc.stderr + "\n")

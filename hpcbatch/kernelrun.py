@@ -59,10 +59,11 @@ def resolve_kernel(kernel: str, params: dict[str, Any] | list[str] | None):
 
 def kernel_command(kernel: str, params: dict[str, Any], output: Path, ranks: int, *,
                    oversubscribe: bool = False, multi_node: bool = False,
-                   ranks_per_node: int | None = None) -> tuple[str, dict[str, str]]:
+                   ranks_per_node: int | None = None,
+                   compress: bool = False) -> tuple[str, dict[str, str]]:
     """The task's command line and the environment it needs."""
     harness = [sys.executable, "-m", "hpcbatch.kernels", kernel, "--output", str(output),
-               "--json"]
+               "--json"] + (["--compress"] if compress else [])
     for key, val in params.items():
         harness += ["--param", f"{key}={val}"]
     if multi_node:
@@ -80,7 +81,7 @@ def run_kernel(batch, kernel: str, *, ranks: int | None = None,
                output: str | os.PathLike | None = None, pool: str = "local",
                nodes: int | None = None, ranks_per_node: int = 1,
                oversubscribe: bool = False, progress: bool = False,
-               timeout_s: float | None = None) -> KernelResult:
+               timeout_s: float | None = None, compress: bool = False) -> KernelResult:
     """Run ``kernel`` (a built-in name, a module or a .py path) as one task; see
     :meth:`hpcbatch.Batch.run_kernel`."""
     k, values = resolve_kernel(kernel, params)
@@ -101,7 +102,7 @@ def run_kernel(batch, kernel: str, *, ranks: int | None = None,
         ranks = nodes * ranks_per_node
         per = min(ranks_per_node, pool_spec.task_slots_per_node)
         cmd, env = kernel_command(name, values, out, ranks, multi_node=True,
-                                  ranks_per_node=ranks_per_node)
+                                  ranks_per_node=ranks_per_node, compress=compress)
         task["multi_instance"] = {"instances": nodes, "slots_per_instance": per}
     else:
         ranks = ranks or 1
@@ -111,7 +112,8 @@ def run_kernel(batch, kernel: str, *, ranks: int | None = None,
                 "ranks", f"{ranks} ranks need {ranks} task slots but pool {pool!r} has "
                 f"{slots} per node; use fewer ranks, --oversubscribe, or --nodes")
         task["required_slots"] = min(ranks, slots)
-        cmd, env = kernel_command(name, values, out, ranks, oversubscribe=oversubscribe)
+        cmd, env = kernel_command(name, values, out, ranks, oversubscribe=oversubscribe,
+                                  compress=compress)
     task["command_line"] = cmd
     task["environment"] = env
     task["max_wall_clock_time_s"] = timeout_s
