@@ -281,14 +281,45 @@ def pool_show(pool_id: str) -> None:
 @click.option("--policy", type=click.Choice(["pack", "spread"]), default="pack",
               show_default=True)
 @click.option("--start-task", help="Command every node runs before it takes tasks.")
-def pool_create(pool_id, slots, policy, start_task) -> None:
-    """Create a pool on this machine (the local provider)."""
-    from hpcbatch.client import open_store
+@click.option("--nodes", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Local pools: simulated nodes on this machine (one agent each).")
+@click.option("--spec", type=click.Path(dir_okay=False), help="SSH pool from a pool.json "
+              "(as 'hpcbatch cluster up' writes).")
+@click.option("--ssh", "hostlist", help="SSH pool from a host list: node[01-16],login1.")
+@click.option("--user", help="SSH user (default: yours).")
+@click.option("--key", type=click.Path(dir_okay=False), help="SSH private key.")
+@click.option("--known-hosts", type=click.Path(dir_okay=False),
+              help="known_hosts holding the nodes' host keys (checked strictly).")
+@click.option("--ssh-config", type=click.Path(dir_okay=False),
+              help="ssh_config with per-host HostName/Port/User.")
+@click.option("--port", type=click.IntRange(1, 65535))
+@click.option("--python", "python", help="python3 on the nodes (default: python3).")
+@click.option("--trust-on-first-use", is_flag=True,
+              help="Record unknown host keys into --known-hosts instead of refusing them.")
+def pool_create(pool_id, slots, policy, start_task, nodes, spec, hostlist, user, key,
+                known_hosts, ssh_config, port, python, trust_on_first_use) -> None:
+    """Create a pool: local (this machine) or SSH (--spec or --ssh)."""
+    from hpcbatch.client import open_store, ssh_pool
     from hpcbatch.models import PoolSpec
-    spec = PoolSpec(pool_id, "local", task_slots_per_node=slots, scheduling_policy=policy,
-                    start_task=start_task)
-    open_store(_home()).create_pool(spec)
-    out.print(f"pool {pool_id} created ({slots} slots, {policy})")
+    check_id("pool", pool_id)
+    store = open_store(_home())
+    if pool_id in {p.id for p in store.list_pools()}:
+        raise ValidationError("pool", f"{pool_id!r} already exists")
+    if spec or hostlist:
+        cfg = ssh_pool(pool_id, trust_on_first_use, spec=spec, hostlist=hostlist, user=user,
+                       key=key, known_hosts=known_hosts, ssh_config=ssh_config, port=port,
+                       python=python)
+        pspec = PoolSpec(pool_id, "ssh", task_slots_per_node=slots, scheduling_policy=policy,
+                         target_nodes=len(cfg["hosts"]), start_task=start_task,
+                         provider_config=cfg)
+    else:
+        pspec = PoolSpec(pool_id, "local", task_slots_per_node=slots, scheduling_policy=policy,
+                         target_nodes=nodes, start_task=start_task)
+    store.create_pool(pspec)
+    where = ", ".join(h["name"] for h in pspec.provider_config.get("hosts", [])) or \
+        f"{pspec.target_nodes} local node(s)"
+    out.print(f"pool {pool_id} created: {where}; {slots} slot(s) per node, {policy}",
+              soft_wrap=True, markup=False)
 
 
 # ---------------------------------------------------------------- jobs
@@ -303,7 +334,7 @@ def job_list() -> None:
     store = _store()
     t = Table()
     for col in ("job", "pool", "state", "priority", "tasks", "completed", "failed", "created"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")
     for j in store.list_jobs():
         c = store.task_counts(j["id"])
         t.add_row(j["id"], j["pool_id"], j["state"], str(j["spec"].priority), str(c["total"]),
@@ -372,7 +403,7 @@ def task_list(job_id, state, failed, limit) -> None:
     store.get_job(job_id)
     t = Table()
     for col in ("task", "state", "result", "exit", "retries", "node", "seconds"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")
     rows = store.list_tasks(job_id, "completed" if failed else state,
                             None if failed else limit)
     if failed:

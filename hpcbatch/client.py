@@ -115,6 +115,16 @@ class Job:
         self._batch.store.get_task(self.id, task_id)
         self._batch.coordinator.kill_task(self.id, task_id)
 
+    def _check_pool_usable(self) -> None:
+        """Waiting on a pool none of whose nodes can take work would be forever."""
+        pool_id = self._batch.store.get_job(self.id)["pool_id"]
+        nodes = self._batch.store.list_nodes(pool_id)
+        dead = ("unusable", "start_task_failed", "offline")
+        if nodes and all(n["state"] in dead for n in nodes):
+            why = "; ".join(f"{n['id']}: {n['reason'] or n['state']}" for n in nodes[:3])
+            raise HpcBatchError(f"pool {pool_id!r} has no usable node ({why}); the job's tasks "
+                                f"stay stored: fix the pool, then 'hpcbatch job wait {self.id}'")
+
     def done(self) -> bool:
         c = self.counts()
         return c["completed"] == c["total"]
@@ -130,6 +140,7 @@ class Job:
         bar = _ProgressBar(self.id) if progress else None
         store = self._batch.store
         interval = 0.005
+        next_pool_check = time.monotonic() + 10.0  # give nodes time to start
         try:
             while True:
                 if bar:
@@ -140,6 +151,9 @@ class Job:
                         bar.update(counts)
                     return counts
                 self._batch._check_coordinator()
+                if time.monotonic() >= next_pool_check:
+                    self._check_pool_usable()
+                    next_pool_check = time.monotonic() + 2.0
                 if deadline is not None and time.monotonic() > deadline:
                     counts = self.counts()
                     raise TimeoutError(f"job {self.id}: {counts['completed']}/{counts['total']} "
@@ -198,13 +212,33 @@ class Jobs:
         return self._batch.store.list_jobs()
 
 
+def ssh_pool(pool_id: str, trust_on_first_use: bool = False, **options: Any) -> dict:
+    """Validated provider config for an SSH pool, after every host answered."""
+    from hpcbatch.errors import Conflict
+    from hpcbatch.providers import preflight, ssh_pool_config
+    cfg = ssh_pool_config(**options)
+    failed = preflight(cfg, trust_on_first_use).failed
+    if failed:
+        more = f" (and {len(failed) - 1} more host(s) failed)" if len(failed) > 1 else ""
+        raise Conflict(f"pool {pool_id!r} not created: {failed[0].error}{more}")
+    return cfg
+
+
 class Pools:
     def __init__(self, batch: Batch):
         self._batch = batch
 
     def create(self, pool_id: str, provider: str = "local", *, task_slots_per_node: int = 1,
                scheduling_policy: str = "pack", target_nodes: int = 1,
-               start_task: str | None = None, **provider_config: Any) -> PoolSpec:
+               start_task: str | None = None, trust_on_first_use: bool = False,
+               **provider_config: Any) -> PoolSpec:
+        """Create a pool. ``provider="ssh"`` takes ``spec`` (a pool.json) or ``hostlist``
+        plus ``user``, ``key``, ``known_hosts``, ``ssh_config``, ``port``, ``python``,
+        ``node_root``; every host is contacted once first (host key checked strictly)
+        and nothing is stored unless all of them answer."""
+        if provider == "ssh":
+            provider_config = ssh_pool(pool_id, trust_on_first_use, **provider_config)
+            target_nodes = len(provider_config["hosts"])
         spec = PoolSpec(pool_id, provider, task_slots_per_node=task_slots_per_node,
                         scheduling_policy=scheduling_policy, target_nodes=target_nodes,
                         start_task=start_task, provider_config=provider_config)
@@ -236,7 +270,10 @@ class Batch:
     """An embedded coordinator plus the API to drive it."""
 
     def __init__(self, home: str | os.PathLike | None = None, *,
-                 local_slots: int | None = None):
+                 local_slots: int | None = None, prefetch: float = 1.0):
+        """``prefetch``: extra tasks per slot a node's agent may hold queued, so the next
+        task starts without a round trip. A higher-priority task submitted later can
+        wait behind at most these; 0 gives strict priority order at some throughput."""
         self.home = Path(home).expanduser() if home else default_home()
         self.store = open_store(self.home)
         try:
@@ -244,7 +281,7 @@ class Batch:
                 local = PoolSpec(LOCAL_POOL, "local", task_slots_per_node=local_slots)
                 if self.store.get_pool(LOCAL_POOL) != local:
                     self._resize_local(local)
-            self.coordinator = Coordinator(self.home)
+            self.coordinator = Coordinator(self.home, prefetch=prefetch)
             self.coordinator.start()
         except BaseException:
             self.store.close()

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import queue
+import secrets
 import signal
 import threading
 import time
@@ -92,6 +93,7 @@ class NodeHandle:
     running: set[int | str] = dataclasses.field(default_factory=set)  # run ids
     pids: dict[int | str, int] = dataclasses.field(default_factory=dict)  # run id -> pid
     local: bool = True  # on this machine: its process groups can be killed from here
+    token: str = dataclasses.field(default_factory=lambda: secrets.token_hex(8))
     last_seen: float = 0.0
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
     reason: str | None = None
@@ -99,6 +101,21 @@ class NodeHandle:
     @property
     def key(self) -> tuple[str, str]:
         return (self.pool_id, self.node_id)
+
+
+def processes_with_token(token: str) -> set[int]:
+    """PIDs on this machine whose environment carries this agent token."""
+    needle = f"{E.AGENT_TOKEN}={token}".encode() + b"\0"
+    found = set()
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/environ", "rb") as f:
+                    if needle in f.read():
+                        found.add(int(entry.name))
+            except OSError:
+                continue
+    return found
 
 
 def default_home() -> Path:
@@ -194,6 +211,11 @@ class Coordinator:
             if node.channel is not None:
                 node.channel.send({"op": "shutdown"})
                 node.channel.close()
+            try:  # the store must not show nodes as idle/running with nobody driving them
+                self.store.upsert_node(node.pool_id, node.node_id, NodeState.OFFLINE.value,
+                                       node.slots, node.info, "coordinator stopped")
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                log.exception("could not record node %s offline", node.node_id)
         self.nodes.clear()
         self.store.close()
         self.lock.release()
@@ -218,12 +240,41 @@ class Coordinator:
             return
         self.pools[pool.id] = pool
         self.queues.setdefault(pool.id, RunQueue())
-        if pool.provider != "local":
-            log.warning("pool %s: provider %s is not available yet", pool.id, pool.provider)
+        if pool.provider == "ssh":
+            self._start_ssh_pool(pool)
             return
         # a local pool of N nodes is N agents on this machine, each with its own root
         for i in range(1, pool.target_nodes + 1):
             self._start_node(NodeHandle(pool.id, f"local-{i}", pool.task_slots_per_node))
+
+    def _start_ssh_pool(self, pool: PoolSpec) -> None:
+        """Bootstrap every node in parallel, off the loop: each thread connects (host key
+        checked strictly), uploads the agent and starts it, then posts the channel."""
+        from hpcbatch.providers import targets
+        from hpcbatch.transport import SSHTransport
+
+        cfg = pool.provider_config
+        transport = SSHTransport(cfg.get("python") or "python3")
+        for target in targets(cfg):
+            handle = NodeHandle(pool.id, target.name, pool.task_slots_per_node,
+                                host=target.name, local=False)
+            self.nodes[handle.key] = handle
+            self.store.upsert_node(pool.id, target.name, NodeState.STARTING.value,
+                                   handle.slots, {"hostname": target.hostname,
+                                                  "port": target.port})
+            root = cfg.get("node_root") or "~/.hpcbatch-node"
+            root = f"{root}/{pool.id}/{target.name}"
+
+            def boot(target=target, key=handle.key, root=root) -> None:
+                try:
+                    chan = transport.start_agent(target, target.name, root, self.heartbeat_s,
+                                                 pool.task_slots_per_node)
+                except Exception as exc:  # noqa: BLE001 - reported on the node
+                    self.inbox.put(("bootfail", key, str(exc)))
+                else:
+                    self.inbox.put(("booted", key, chan))
+
+            threading.Thread(target=boot, name=f"bootstrap-{target.name}", daemon=True).start()
 
     def _start_node(self, handle: NodeHandle) -> None:
         root = self._node_root(handle.pool_id, handle.node_id)
@@ -287,11 +338,14 @@ class Coordinator:
         node.running.clear()
         node.used = node.held = 0
         if node.local:  # the agent is gone but its tasks may not be: leave no orphans
-            for pid in node.pids.values():
+            for pid in set(node.pids.values()) | processes_with_token(node.token):
                 try:
                     os.killpg(pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
-                    pass
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
         node.pids.clear()
         self._set_node(node, NodeState.UNUSABLE, reason)
         if node.channel is not None:
@@ -348,6 +402,7 @@ class Coordinator:
             E.NODE_SHARED_DIR: os.path.join(node.root, "shared"),
             E.JOB_PREP_DIR: os.path.join(node.root, "jobs", meta.job_id, "jobpreparation"),
             E.TASK_ATTEMPT: str(meta.retry_count),
+            E.AGENT_TOKEN: node.token,
         })
         return env
 
@@ -441,7 +496,8 @@ class Coordinator:
             E.INSTANCE_INDEX: str(index),
             E.NUM_INSTANCES: str(len(alloc.nodes)),
         })
-        ssh_config = self.pools[meta.pool_id].provider_config.get("node_ssh_config")
+        cfg = self.pools[meta.pool_id].provider_config
+        ssh_config = cfg.get("node_ssh_config") or cfg.get("ssh_config")
         if ssh_config:
             env[E.SSH_CONFIG] = ssh_config
         return env
@@ -601,6 +657,19 @@ class Coordinator:
                 self._on_hello(node, msg)
             elif ev == "garbage" or ev == "error":
                 log.warning("node %s: %s", node.node_id, msg)
+        elif kind == "booted":
+            node = self.nodes.get(item[1])
+            if node is None or self._stop.is_set():
+                item[2].close()
+                return
+            node.channel = item[2]
+            node.last_seen = time.monotonic()
+            key = node.key
+            node.channel.listen(lambda msg, key=key: self.inbox.put(("agent", key, msg)))
+        elif kind == "bootfail":
+            node = self.nodes.get(item[1])
+            if node is not None:
+                self._set_node(node, NodeState.UNUSABLE, f"bootstrap failed: {item[2]}")
         elif kind == "work":
             self._load_new_work()
         elif kind == "pool":
@@ -613,8 +682,8 @@ class Coordinator:
     def _check_heartbeats(self) -> None:
         now = time.monotonic()
         for node in self.nodes.values():
-            if node.state in (NodeState.UNUSABLE, NodeState.OFFLINE):
-                continue
+            if node.state in (NodeState.UNUSABLE, NodeState.OFFLINE) or node.channel is None:
+                continue  # (no channel: still bootstrapping)
             if now - node.last_seen > self.node_timeout_s:
                 self._node_lost(node, f"no heartbeat for {now - node.last_seen:.1f} s")
 

@@ -29,3 +29,7 @@ NUM_INSTANCES = "HPCBATCH_NUM_INSTANCES"
 
 # set by launchers so a kernel can measure launch time from the submit side
 LAUNCH_T0 = "HPCBATCH_LAUNCH_T0"
+
+# a random token per agent start, in every task it runs: finds a lost local node's
+# processes even when the agent died before reporting their pids
+AGENT_TOKEN = "HPCBATCH_AGENT_TOKEN"

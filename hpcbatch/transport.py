@@ -110,3 +110,39 @@ class LocalTransport:
         chan = AgentChannel(node_id, write, proc.stdout.readline, close)
         chan.pid = proc.pid
         return chan
+
+
+class SSHTransport:
+    """Starts the agent on a remote node over one SSH exec channel.
+
+    The agent (one stdlib-only file) is uploaded over SFTP to
+    ``~/.hpcbatch/agent-<version>.py`` and runs with the node's python3.
+    """
+
+    def __init__(self, python: str = "python3"):
+        self.python = python
+
+    def start_agent(self, target, node_id: str, root: str, heartbeat_s: float = 1.0,
+                    slots: int = 1) -> AgentChannel:
+        from hpcbatch._version import __version__
+        from hpcbatch.ssh import connect, exec_channel, upload
+
+        client = connect(target)
+        try:
+            remote = upload(client, AGENT_PATH, f".hpcbatch/agent-{__version__}.py")
+            chan = exec_channel(client, [self.python, remote, "--node-id", node_id, "--root",
+                                         root, "--heartbeat-s", str(heartbeat_s), "--slots",
+                                         str(slots)])
+        except BaseException:
+            client.close()
+            raise
+        reader = chan.makefile("rb")
+
+        def close() -> None:
+            try:
+                chan.shutdown_write()
+                chan.close()
+            finally:
+                client.close()
+
+        return AgentChannel(node_id, chan.sendall, reader.readline, close)

@@ -117,7 +117,7 @@ class Agent:
         self.slots = slots
         self.used = 0
         self.queued: collections.deque[dict] = collections.deque()
-        self.root = os.path.abspath(root)
+        self.root = os.path.abspath(os.path.expanduser(root))
         self.heartbeat_s = heartbeat_s
         self.out = out or sys.stdout.buffer
         self.tasks: dict[int, Task] = {}  # by pid

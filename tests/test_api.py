@@ -59,7 +59,8 @@ def test_hundred_thousand_tasks_in_one_call(batch):
          what="start task failure")
 
 
-def test_priority_then_submission_order(batch):
+def test_priority_then_submission_order(home):
+    batch = hpcbatch.Batch(prefetch=0)  # strict order: nothing waits queued in the agent
     batch.pools.create("one", task_slots_per_node=1)
     blocker = batch.jobs.create("blocker", pool="one")
     blocker.add_task("b", "sleep 0.5")
@@ -71,6 +72,7 @@ def test_priority_then_submission_order(batch):
     low.wait(timeout_s=60)
     high.wait(timeout_s=60)
     order = sorted(low.tasks() + high.tasks(), key=lambda t: t.started_at)
+    batch.close()
     assert [t.id for t in order] == ["h0", "h1", "h2", "l0", "l1", "l2"]
 
 

@@ -127,7 +127,7 @@ def test_read_commands(cli, home, tmp_path):
     assert cli("submit", "--each-line", str(tasks), "--job", "reads").returncode == 0
     assert "local" in cli("pool", "list").stdout
     show = cli("pool", "show", "local").stdout
-    assert "local-1" in show and "idle" in show
+    assert "local-1" in show and "offline" in show and "coordinator stopped" in show
     assert "reads" in cli("job", "list").stdout
     assert "succeeded 2" in cli("job", "show", "reads").stdout
     listing = cli("task", "list", "reads").stdout
