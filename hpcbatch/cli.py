@@ -302,10 +302,7 @@ def pool_create(pool_id, slots, policy, start_task, nodes, spec, hostlist, user,
     from hpcbatch.client import open_store, ssh_pool
     from hpcbatch.models import PoolSpec
     check_id("pool", pool_id)
-    store = open_store(_home())
-    if pool_id in {p.id for p in store.list_pools()}:
-        raise ValidationError("pool", f"{pool_id!r} already exists")
-    if spec or hostlist:
+    if spec or hostlist:  # contact every host before anything is stored
         cfg = ssh_pool(pool_id, trust_on_first_use, spec=spec, hostlist=hostlist, user=user,
                        key=key, known_hosts=known_hosts, ssh_config=ssh_config, port=port,
                        python=python)
@@ -315,6 +312,9 @@ def pool_create(pool_id, slots, policy, start_task, nodes, spec, hostlist, user,
     else:
         pspec = PoolSpec(pool_id, "local", task_slots_per_node=slots, scheduling_policy=policy,
                          target_nodes=nodes, start_task=start_task)
+    store = open_store(_home())
+    if pool_id in {p.id for p in store.list_pools()}:
+        raise ValidationError("pool", f"{pool_id!r} already exists")
     store.create_pool(pspec)
     where = ", ".join(h["name"] for h in pspec.provider_config.get("hosts", [])) or \
         f"{pspec.target_nodes} local node(s)"

@@ -118,21 +118,27 @@ def connect(target: SSHTarget, *, trust_on_first_use: bool = False) -> paramiko.
                        auth_timeout=target.connect_timeout_s, look_for_keys=False,
                        allow_agent=False)
     except SSHError:
-        sock.close()
+        _close(client, sock)
         raise
     except paramiko.BadHostKeyException as exc:
-        sock.close()
+        _close(client, sock)
         raise HostKeyMismatch(label, f"host key {fingerprint(exc.key)} does not match "
                               f"{fingerprint(exc.expected_key)} recorded in {kh}: the host "
                               "was reinstalled or someone is in the middle") from None
     except paramiko.AuthenticationException:
-        sock.close()
+        _close(client, sock)
         raise AuthFailed(label, f"authentication as {target.user} with key "
                          f"{target.key_file} was refused") from None
     except (paramiko.SSHException, OSError, EOFError) as exc:
-        sock.close()
+        _close(client, sock)
         raise Unreachable(label, f"SSH handshake failed: {exc}") from None
     return client
+
+
+def _close(client: paramiko.SSHClient, sock: socket.socket) -> None:
+    """Stop the transport thread before the socket goes (else it prints to stderr)."""
+    client.close()
+    sock.close()
 
 
 def run(client: paramiko.SSHClient, argv: list[str], timeout_s: float = 60) -> tuple:

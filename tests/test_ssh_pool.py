@@ -1,0 +1,188 @@
+"""SSH pools against real OpenSSH sshd nodes from `hpcbatch cluster up` (loopback ports)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import pid_alive, poll, run_cli, snapshot
+
+import hpcbatch
+from hpcbatch.launch.cluster import cluster_down, cluster_status, cluster_up, kill_node
+
+pytestmark = pytest.mark.skipif(not Path("/usr/sbin/sshd").exists(),
+                                reason="needs openssh-server (scripts/test.sh installs it)")
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """Five sshd nodes; pools use subsets of them."""
+    d = tmp_path_factory.mktemp("cluster")
+    state = cluster_up(5, d)
+    yield d
+    cluster_down(d)
+    for nd in state["nodes"]:
+        assert not pid_alive(nd["pid"]), f"sshd of {nd['name']} survived cluster down"
+
+
+def spec_for(cluster: Path, names: list[str], tmp_path: Path, **extra) -> Path:
+    spec = json.loads((cluster / "pool.json").read_text())
+    spec["hosts"] = [h for h in spec["hosts"] if h["name"] in names]
+    spec["python"] = sys.executable
+    spec.update(extra)
+    path = tmp_path / f"pool-{'-'.join(names)}.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def wait_idle(batch, pool: str, n: int) -> None:
+    poll(lambda: sum(nd["state"] == "idle" for nd in batch.pools.nodes(pool)) == n,
+         timeout_s=30, what=f"{n} idle nodes in {pool}")
+
+
+@pytest.fixture
+def batch(home):
+    with hpcbatch.Batch() as b:
+        yield b
+
+
+def test_three_node_pool_bootstraps_and_lists_idle_nodes(batch, cluster, tmp_path, home):
+    spec = spec_for(cluster, ["node1", "node2", "node3"], tmp_path)
+    batch.pools.create("trio", "ssh", task_slots_per_node=2, spec=str(spec))
+    wait_idle(batch, "trio", 3)
+    shown = run_cli(home, "pool", "show", "trio").stdout
+    for name in ("node1", "node2", "node3"):
+        assert f"│ {name} │ idle  │ 2     │" in shown, shown
+
+
+def test_tasks_really_run_on_each_node_over_ssh(batch, cluster, tmp_path):
+    spec = spec_for(cluster, ["node1", "node2", "node3"], tmp_path)
+    batch.pools.create("spread", "ssh", spec=str(spec), scheduling_policy="spread")
+    wait_idle(batch, "spread", 3)
+    job = batch.jobs.create("where", pool="spread")
+    job.add_tasks({"id": f"t{i}", "command_line":
+                   'echo "$HPCBATCH_NODE $HPCBATCH_NODE_ID ${SSH_CONNECTION:+ssh}"'}
+                  for i in range(6))
+    job.wait(timeout_s=60)
+    seen = {tuple(t.stdout().split()) for t in job.tasks()}
+    # HPCBATCH_NODE is set by each node's own sshd: the task ran in that node's session
+    assert seen == {("node1", "node1", "ssh"), ("node2", "node2", "ssh"),
+                    ("node3", "node3", "ssh")}
+
+
+@pytest.mark.parametrize("case", ["unknown_key", "wrong_key", "unreachable", "bad_hostlist"])
+def test_bad_hosts_are_one_line_naming_the_host_and_create_nothing(cluster, tmp_path, home,
+                                                                   case):
+    assert run_cli(home, "job", "create", "keep").returncode == 0  # accepted state to protect
+    spec = json.loads(spec_for(cluster, ["node1", "node2"], tmp_path).read_text())
+    args = ["pool", "create", "bad"]
+    if case == "unknown_key":
+        empty = tmp_path / "empty_known_hosts"
+        empty.write_text("")
+        spec["known_hosts"] = str(empty)
+        needle = "host key ssh-ed25519 SHA256:"
+    elif case == "wrong_key":
+        other = tmp_path / "other_key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)],
+                       check=True)
+        spec["key"] = str(other)
+        needle = f"with key {other} was refused"
+    elif case == "unreachable":
+        spec["hosts"][1]["port"] = 1  # nothing listens there
+        needle = "node2 (root@127.0.0.1:1): cannot connect"
+    if case == "bad_hostlist":
+        args += ["--ssh", "node[1-", "--known-hosts", str(cluster / "known_hosts")]
+        needle = "hostlist: 'node[1-' at position 4: '[' is never closed"
+    else:
+        path = tmp_path / "spec.json"
+        path.write_text(json.dumps(spec))
+        args += ["--spec", str(path)]
+    before = snapshot(home)
+    r = run_cli(home, *args)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
+    if case != "bad_hostlist":
+        assert "node1" in r.stderr or "node2" in r.stderr
+    assert snapshot(home) == before
+
+
+def test_trust_on_first_use_records_host_keys(cluster, tmp_path, home):
+    spec = json.loads(spec_for(cluster, ["node1"], tmp_path).read_text())
+    kh = tmp_path / "kh"
+    kh.write_text("")
+    spec["known_hosts"] = str(kh)
+    path = tmp_path / "tofu.json"
+    path.write_text(json.dumps(spec))
+    r = run_cli(home, "pool", "create", "tofu", "--spec", str(path), "--trust-on-first-use")
+    assert r.returncode == 0, r.stderr
+    port = spec["hosts"][0]["port"]
+    assert kh.read_text().startswith(f"[127.0.0.1]:{port} ssh-ed25519 ")
+
+
+def test_multi_instance_task_reaches_every_node_over_the_pool_ssh_config(batch, cluster,
+                                                                         tmp_path):
+    spec = spec_for(cluster, ["node1", "node2", "node3"], tmp_path)
+    batch.pools.create("mi", "ssh", spec=str(spec))
+    wait_idle(batch, "mi", 3)
+    job = batch.jobs.create("reach", pool="mi")
+    app = ('while read host rest; do ssh -n -F "$HPCBATCH_SSH_CONFIG" "$host" '
+           "'echo $HPCBATCH_NODE'; done < \"$HPCBATCH_HOSTFILE\"")
+    job.add_task("t", app, multi_instance={"instances": 3,
+                                           "coordination_command": "echo $HPCBATCH_NODE"})
+    job.wait(timeout_s=60)
+    t = job.task("t")
+    assert t.succeeded, t.stderr()
+    assert t.stdout().split() == ["node1", "node2", "node3"]
+    hostfile = Path(t.task_dir, "hostfile").read_text()
+    assert hostfile == "node1 slots=1\nnode2 slots=1\nnode3 slots=1\n"
+
+
+def test_a_dead_node_is_unusable_and_its_tasks_are_requeued(batch, cluster, tmp_path):
+    spec = spec_for(cluster, ["node4", "node5"], tmp_path)
+    batch.pools.create("fragile", "ssh", spec=str(spec), scheduling_policy="spread")
+    wait_idle(batch, "fragile", 2)
+    job = batch.jobs.create("survive", pool="fragile")
+    job.add_tasks({"id": f"t{i}", "command_line": "sleep 1; echo $HPCBATCH_NODE"}
+                  for i in range(4))
+    poll(lambda: {t.node_id for t in job.tasks("running")} == {"node4", "node5"},
+         what="tasks on both nodes")
+    killed = time.monotonic()
+    kill_node(cluster, "node5")
+    poll(lambda: {n["id"]: n["state"] for n in batch.pools.nodes("fragile")}["node5"]
+         == "unusable", timeout_s=5, what="node5 unusable")
+    assert time.monotonic() - killed < 5
+    job.wait(timeout_s=60)
+    tasks = job.tasks()
+    assert all(t.succeeded for t in tasks)
+    assert {t.stdout().strip() for t in tasks} == {"node4"}
+    assert sum(t.requeue_count for t in tasks) >= 1
+    assert not cluster_status(cluster)["nodes"][4]["alive"]
+
+
+def test_cluster_cli_up_status_down(tmp_path, home):
+    d = tmp_path / "c"
+    up = run_cli(home, "cluster", "up", "-n", "2", "--dir", str(d))
+    assert up.returncode == 0, up.stderr
+    assert f"hpcbatch pool create mypool --spec {d}/pool.json" in up.stdout
+    pids = [nd["pid"] for nd in json.loads((d / "cluster.json").read_text())["nodes"]]
+    assert all(pid_alive(p) for p in pids)
+    assert run_cli(home, "cluster", "status", "--dir", str(d)).stdout.count(" up ") == 2
+    again = run_cli(home, "cluster", "up", "-n", "2", "--dir", str(d))
+    assert again.returncode == 2 and "already running" in again.stderr
+    down = run_cli(home, "cluster", "down", "--dir", str(d))
+    assert down.returncode == 0 and "stopped 2" in down.stdout
+    assert not any(pid_alive(p) for p in pids)
+    assert (d / "pool.json").exists() and (d / "known_hosts").exists()  # nothing removed
+
+
+def test_missing_sshd_is_named(monkeypatch, tmp_path):
+    from hpcbatch.launch import cluster as c
+    monkeypatch.setattr(c, "SSHD", str(tmp_path / "no-sshd"))
+    with pytest.raises(c.ClusterError, match="install the Debian/Ubuntu packages openssh-server"):
+        c.cluster_up(1, tmp_path / "x")
+    assert shutil.which("ssh-keygen")
