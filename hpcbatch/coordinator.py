@@ -553,8 +553,14 @@ class Coordinator:
 
     def _finish_allocation(self, meta: TaskMeta, ex: Exit, ev: dict) -> None:
         alloc = meta.alloc
+        # ranks the application started over ssh are not the agents' children: find them
+        # by the ids every rank inherits (hpcbatch-mpiexec forwards HPCBATCH_*)
+        match = {E.JOB_ID: meta.job_id, E.TASK_ID: meta.task_id,
+                 E.TASK_ATTEMPT: str(meta.retry_count)}
         for i, node in enumerate(alloc.nodes):
             self._vacate(node, f"{meta.seq}.{i}", alloc.slots[i])
+            if node.channel is not None and node.state is not NodeState.UNUSABLE:
+                self._sends.setdefault(node.key, []).append({"op": "reap", "match": match})
         meta.alloc = None
         self._record_exit(meta, ex, ev)
 

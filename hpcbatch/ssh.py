@@ -152,7 +152,14 @@ def run(client: paramiko.SSHClient, argv: list[str], timeout_s: float = 60) -> t
 
 
 def upload(client: paramiko.SSHClient, local: str | Path, remote: str, mode: int = 0o755) -> str:
-    """Copy a file over SFTP (parents created); returns the absolute remote path."""
+    """Copy a file over SFTP (parents created); returns the absolute remote path.
+
+    The file goes to a temporary name and is renamed into place, so parallel
+    uploads to a shared home directory never see (or leave) a half-written file;
+    a file already there with the same size is kept.
+    """
+    import secrets
+    local = Path(local)
     sftp = client.open_sftp()
     try:
         if not remote.startswith("/"):
@@ -164,9 +171,19 @@ def upload(client: paramiko.SSHClient, local: str | Path, remote: str, mode: int
             try:
                 sftp.stat(path)
             except FileNotFoundError:
-                sftp.mkdir(path, 0o700)
-        sftp.put(str(local), remote)
-        sftp.chmod(remote, mode)
+                try:
+                    sftp.mkdir(path, 0o700)
+                except OSError:  # made meanwhile by a parallel upload
+                    sftp.stat(path)
+        try:
+            if sftp.stat(remote).st_size == local.stat().st_size:
+                return remote
+        except FileNotFoundError:
+            pass
+        tmp = f"{remote}.tmp-{secrets.token_hex(4)}"
+        sftp.put(str(local), tmp)
+        sftp.chmod(tmp, mode)
+        sftp.posix_rename(tmp, remote)
         return remote
     finally:
         sftp.close()

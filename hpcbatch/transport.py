@@ -8,6 +8,7 @@ coordinator does not know which one it talks to.
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 import threading
@@ -129,7 +130,8 @@ class SSHTransport:
 
         client = connect(target)
         try:
-            remote = upload(client, AGENT_PATH, f".hpcbatch/agent-{__version__}.py")
+            digest = hashlib.sha256(AGENT_PATH.read_bytes()).hexdigest()[:12]
+            remote = upload(client, AGENT_PATH, f".hpcbatch/agent-{__version__}-{digest}.py")
             chan = exec_channel(client, [self.python, remote, "--node-id", node_id, "--root",
                                          root, "--heartbeat-s", str(heartbeat_s), "--slots",
                                          str(slots)])

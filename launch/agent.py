@@ -8,6 +8,8 @@ coordinator -> agent  (one object per line, key "op")
     {"op": "run", "id": K, "cmd": "...", "env": {...}, "dir": TASK_DIR, "timeout_s": S|null,
      "slots": N, "files": {NAME: TEXT}, "dirs": [NAME], "log_prefix": P}
     {"op": "kill", "id": K, "reason": "terminate"}
+    {"op": "reap", "match": {NAME: VALUE}}   kill every process whose environment
+                                          has all of these (ranks started over ssh)
     {"op": "ping"}
     {"op": "shutdown"}
 
@@ -81,6 +83,29 @@ def command_argv(cmd: str, path: str) -> list[str]:
     if not exe:
         return ["/bin/sh", "-c", cmd]  # let the shell report "not found" (exit 127)
     return [exe, *words[1:]]
+
+
+def reap_matching(match: dict) -> list[int]:
+    """SIGKILL every process (but us) whose environment holds all NAME=VALUE of ``match``."""
+    if not match:
+        return []
+    needles = [b"\0" + f"{k}={v}".encode() + b"\0" for k, v in match.items()]
+    killed = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = b"\0" + f.read()
+        except OSError:
+            continue
+        if all(n in env for n in needles):
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+                killed.append(int(entry))
+            except OSError:
+                pass
+    return killed
 
 
 def safe_name(name: str) -> str:
@@ -161,6 +186,9 @@ class Agent:
                 self.events.append({"ev": "exited", "id": tid, "exit_code": None,
                                     "signal": None, "timed_out": False, "killed": reason,
                                     "start": now, "end": now, "usage": {}})
+        elif op == "reap":
+            killed = reap_matching(msg.get("match") or {})
+            self.events.append({"ev": "reaped", "match": msg.get("match"), "pids": killed})
         elif op == "ping":
             self.heartbeat()
         elif op == "shutdown":

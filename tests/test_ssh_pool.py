@@ -41,8 +41,12 @@ def spec_for(cluster: Path, names: list[str], tmp_path: Path, **extra) -> Path:
 
 
 def wait_idle(batch, pool: str, n: int) -> None:
-    poll(lambda: sum(nd["state"] == "idle" for nd in batch.pools.nodes(pool)) == n,
-         timeout_s=30, what=f"{n} idle nodes in {pool}")
+    try:
+        poll(lambda: sum(nd["state"] == "idle" for nd in batch.pools.nodes(pool)) == n,
+             timeout_s=30, what=f"{n} idle nodes in {pool}")
+    except AssertionError:
+        states = [(nd["id"], nd["state"], nd["reason"]) for nd in batch.pools.nodes(pool)]
+        raise AssertionError(f"{n} idle nodes in {pool} not reached: {states}") from None
 
 
 @pytest.fixture
@@ -186,3 +190,64 @@ def test_missing_sshd_is_named(monkeypatch, tmp_path):
     with pytest.raises(c.ClusterError, match="install the Debian/Ubuntu packages openssh-server"):
         c.cluster_up(1, tmp_path / "x")
     assert shutil.which("ssh-keygen")
+
+
+def processes_with(env: dict[str, str]) -> list[int]:
+    from hpcbatch.launch.agent import reap_matching  # noqa: F401 - same matching rule
+    needles = [b"\0" + f"{k}={v}".encode() + b"\0" for k, v in env.items()]
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                data = b"\0" + (entry / "environ").read_bytes()
+            except OSError:
+                continue
+            if all(n in data for n in needles) and pid_alive(int(entry.name)):
+                found.append(int(entry.name))
+    return found
+
+
+def test_a_node_dying_under_a_multi_node_task_retries_it_on_a_spare(batch, tmp_path):
+    """Kill one node's sshd (and everything under it) while a 3-node task runs: the task
+    fails, is retried on the fourth node within 10 s, and no rank survives anywhere."""
+    d = tmp_path / "c4"
+    cluster_up(4, d)
+    try:
+        spec = spec_for(d, ["node1", "node2", "node3", "node4"], tmp_path)
+        batch.pools.create("quad", "ssh", spec=str(spec))
+        wait_idle(batch, "quad", 4)
+        job = batch.jobs.create("wide", pool="quad", max_task_retry_count=1)
+        marks = tmp_path / "marks"
+        marks.mkdir()
+        # the "ranks": one per node, started over ssh like mpiexec does, carrying the
+        # HPCBATCH ids as hpcbatch-mpiexec forwards them
+        rank = ("HPCBATCH_JOB_ID=$HPCBATCH_JOB_ID HPCBATCH_TASK_ID=$HPCBATCH_TASK_ID "
+                "HPCBATCH_TASK_ATTEMPT=$HPCBATCH_TASK_ATTEMPT exec sleep 300")
+        app = ('while read host rest; do ssh -n -F "$HPCBATCH_SSH_CONFIG" "$host" '
+               f'"{rank}" & done < "$HPCBATCH_HOSTFILE"; '
+               f'echo "$HPCBATCH_NODE_LIST" > "{marks}/$HPCBATCH_TASK_ATTEMPT"; wait')
+        job.add_task("t", app, multi_instance={"instances": 3})
+        first = {"HPCBATCH_JOB_ID": "wide", "HPCBATCH_TASK_ID": "t",
+                 "HPCBATCH_TASK_ATTEMPT": "0"}
+        poll(lambda: (marks / "0").exists() and len(processes_with(first)) >= 3,
+             timeout_s=30, what="3 ranks of attempt 0")
+        nodes0 = (marks / "0").read_text().strip().split(",")
+        victim = nodes0[1]
+        t0 = time.monotonic()
+        kill_node(d, victim)
+        poll(lambda: (marks / "1").exists(), timeout_s=10, what="the retry starting")
+        assert time.monotonic() - t0 < 10
+        nodes1 = (marks / "1").read_text().strip().split(",")
+        assert nodes0 == ["node1", "node2", "node3"]
+        assert victim not in nodes1 and "node4" in nodes1  # the spare replaced it
+        poll(lambda: not processes_with(first), timeout_s=5, what="attempt 0 ranks gone")
+        states = {n["id"]: n["state"] for n in batch.pools.nodes("quad")}
+        assert states[victim] == "unusable"
+        task = job.task("t")
+        assert task.retry_count == 1 and task.state == "running"
+        job.terminate_task("t")
+        job.wait(timeout_s=30)
+        second = dict(first, HPCBATCH_TASK_ATTEMPT="1")
+        poll(lambda: not processes_with(second), timeout_s=5, what="attempt 1 ranks gone")
+    finally:
+        cluster_down(d)
