@@ -38,6 +38,15 @@ def flavour_from_version(text: str) -> str:
     return UNKNOWN
 
 
+def default_mpiexec() -> str:
+    """The mpiexec beside this python (a venv's MPI wheel) if there is one, else PATH's.
+
+    Inside a task started over SSH, PATH does not include the venv, but the
+    python running this does."""
+    here = Path(sys.executable).parent / "mpiexec"
+    return str(here) if here.exists() else "mpiexec"
+
+
 @functools.lru_cache(maxsize=8)
 def detect_flavour(mpiexec: str = "mpiexec") -> str:
     exe = shutil.which(mpiexec)
@@ -87,13 +96,14 @@ def ssh_wrapper(ssh_config: str | Path, directory: str | Path) -> Path:
     return path
 
 
-def mpiexec_command(nprocs: int, argv: list[str], *, mpiexec: str = "mpiexec",
+def mpiexec_command(nprocs: int, argv: list[str], *, mpiexec: str | None = None,
                     flavour: str | None = None, oversubscribe: bool = False,
                     hostfile: str | Path | None = None, ssh_config: str | Path | None = None,
                     ranks_per_node: int | None = None, workdir: str | Path | None = None,
                     env: dict[str, str] | None = None,
                     forward: tuple[str, ...] = ()) -> tuple[list[str], dict[str, str]]:
     """argv + environment to start ``argv`` on ``nprocs`` ranks."""
+    mpiexec = mpiexec or default_mpiexec()
     flavour = flavour or detect_flavour(mpiexec)
     env = clean_environment(dict(os.environ if env is None else env))
     cmd = [mpiexec]
@@ -137,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks-per-node", type=int, default=None)
     ap.add_argument("-n", "--np", type=int, default=None, help="total ranks (default: all "
                     "slots of the hostfile, or nodes x ranks-per-node)")
-    ap.add_argument("--mpiexec", default="mpiexec")
+    ap.add_argument("--mpiexec", default=None, help="default: the one beside this python, "
+                    "else PATH's")
     ap.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     ap.add_argument("program", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
@@ -147,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     hostfile_in = os.environ.get("HPCBATCH_HOSTFILE")
     if not hostfile_in:
         ap.error("HPCBATCH_HOSTFILE is not set: run this inside a multi-instance task")
-    flavour = detect_flavour(args.mpiexec)
+    mpiexec = args.mpiexec or default_mpiexec()
+    flavour = detect_flavour(mpiexec)
     hosts = read_hostfile(hostfile_in)
     rpn = args.ranks_per_node
     if rpn:
@@ -158,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     hostfile = workdir / f"hostfile.{flavour}"
     hostfile.write_text(hostfile_for(flavour, hosts))
     forward = tuple(k for k in os.environ if k.startswith("HPCBATCH_"))
-    cmd, env = mpiexec_command(nprocs, program, mpiexec=args.mpiexec, flavour=flavour,
+    cmd, env = mpiexec_command(nprocs, program, mpiexec=mpiexec, flavour=flavour,
                                hostfile=hostfile, ssh_config=os.environ.get("HPCBATCH_SSH_CONFIG"),
                                ranks_per_node=rpn, workdir=workdir, forward=forward)
     if args.dry_run:
