@@ -33,3 +33,11 @@ LAUNCH_T0 = "HPCBATCH_LAUNCH_T0"
 # a random token per agent start, in every task it runs: finds a lost local node's
 # processes even when the agent died before reporting their pids
 AGENT_TOKEN = "HPCBATCH_AGENT_TOKEN"
+
+# set by a node itself (its sshd's SetEnv; the test cluster does this) to name the node
+# a process runs on: remote MPI ranks report it, since HPCBATCH_NODE_ID is the primary's
+NODE_NAME = "HPCBATCH_NODE"
+
+# what hpcbatch-mpiexec forwards to every rank: task-wide, true on every node
+FORWARD_TO_RANKS = (POOL_ID, JOB_ID, TASK_ID, TASK_ATTEMPT, NUM_INSTANCES, HOST_LIST,
+                    NODE_LIST, MASTER_NODE, LAUNCH_T0)

@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     t_computed = time.time()
     try:
         reduced = api.reduce_outputs(comm, kernel.outputs, local)
-        host = os.environ.get("HPCBATCH_NODE_ID") or socket.gethostname()
+        # the node's own name (its sshd sets HPCBATCH_NODE), else the host name; not
+        # HPCBATCH_NODE_ID, which remote ranks inherit from the primary
+        host = os.environ.get("HPCBATCH_NODE") or socket.gethostname()
         hosts = comm.gather(host, root=0)
         # per-rank outputs: small ones travel to rank 0, large ones stay in per-rank files
         keep = [n for n, o in kernel.outputs.items() if o.per_rank]

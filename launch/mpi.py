@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     hostfile = workdir / f"hostfile.{flavour}"
     hostfile.write_text(hostfile_for(flavour, hosts))
-    forward = tuple(k for k in os.environ if k.startswith("HPCBATCH_"))
+    from hpcbatch.env import FORWARD_TO_RANKS
+    forward = tuple(k for k in FORWARD_TO_RANKS if k in os.environ)
     cmd, env = mpiexec_command(nprocs, program, mpiexec=mpiexec, flavour=flavour,
                                hostfile=hostfile, ssh_config=os.environ.get("HPCBATCH_SSH_CONFIG"),
                                ranks_per_node=rpn, workdir=workdir, forward=forward)

