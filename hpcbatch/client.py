@@ -158,8 +158,10 @@ class Job:
                     counts = self.counts()
                     raise TimeoutError(f"job {self.id}: {counts['completed']}/{counts['total']} "
                                        f"tasks completed after {timeout_s} s")
-                time.sleep(interval)
-                interval = min(interval * 1.5, poll_s)  # short jobs return promptly
+                progress_cv = self._batch.coordinator.progress
+                with progress_cv:  # woken when the coordinator commits completions
+                    progress_cv.wait(interval)
+                interval = min(interval * 1.5, poll_s)
         finally:
             if bar:
                 bar.close()

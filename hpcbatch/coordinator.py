@@ -174,6 +174,9 @@ class Coordinator:
         self._stop = threading.Event()
         self._stopped = threading.Event()
         self._sends: dict[tuple[str, str], list[dict]] = {}  # messages of the current turn
+        # notified after each turn that completed tasks: embedded waiters wake at once
+        self.progress = threading.Condition()
+        self._completions = 0
         self.error: BaseException | None = None
 
     # ---- life cycle ------------------------------------------------------
@@ -610,6 +613,7 @@ class Coordinator:
         self._completed(meta)
 
     def _completed(self, meta: TaskMeta) -> None:
+        self._completions += 1
         del self.meta[meta.seq]
         left = self.outstanding[meta.job_id] = self.outstanding[meta.job_id] - 1
         if left == 0 and self._job(meta.job_id).on_all_tasks_complete == "terminate_job":
@@ -721,6 +725,10 @@ class Coordinator:
                     node = self.nodes.get(key)
                     if node is not None and node.channel is not None:
                         node.channel.send_many(msgs)
+                if self._completions:  # committed: tell waiters
+                    self._completions = 0
+                    with self.progress:
+                        self.progress.notify_all()
         except BaseException as exc:  # surface to waiters instead of dying silently
             log.exception("coordinator loop failed")
             self.error = exc
