@@ -42,7 +42,8 @@ def _keygen(path: Path, comment: str) -> str:
     return " ".join(path.with_suffix(".pub").read_text().split()[:2])
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -84,7 +85,7 @@ def _kill_tree(pid: int) -> None:
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + 5
-    while any(_alive(p) for p in procs) and time.monotonic() < deadline:
+    while any(pid_alive(p) for p in procs) and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
@@ -178,7 +179,7 @@ def _state(directory: str | Path) -> dict:
 def cluster_status(directory: str | Path) -> dict:
     state = _state(directory)
     for nd in state["nodes"]:
-        nd["alive"] = _alive(nd["pid"]) and _is_sshd(nd["pid"])
+        nd["alive"] = pid_alive(nd["pid"]) and _is_sshd(nd["pid"])
     state["running"] = any(nd["alive"] for nd in state["nodes"])
     return state
 
@@ -194,7 +195,7 @@ def kill_node(directory: str | Path, name: str) -> None:
     """Kill one node's sshd and every process under it (its sessions): a node lost."""
     for nd in _state(directory)["nodes"]:
         if nd["name"] == name:
-            if _alive(nd["pid"]) and _is_sshd(nd["pid"]):
+            if pid_alive(nd["pid"]) and _is_sshd(nd["pid"]):
                 _kill_tree(nd["pid"])
             return
     raise ClusterError(f"no node {name!r} in the cluster in {directory}")
@@ -204,7 +205,7 @@ def cluster_down(directory: str | Path) -> list[str]:
     """Stop exactly the sshd processes this cluster started (and their sessions)."""
     stopped = []
     for nd in _state(directory)["nodes"]:
-        if _alive(nd["pid"]) and _is_sshd(nd["pid"]):
+        if pid_alive(nd["pid"]) and _is_sshd(nd["pid"]):
             _kill_tree(nd["pid"])
             stopped.append(nd["name"])
     return stopped

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from hpcbatch.launch.cluster import pid_alive  # noqa: F401 - re-exported for tests
 from hpcbatch.store import Store
 
 
@@ -38,16 +39,3 @@ def poll(predicate, timeout_s: float = 30.0, interval_s: float = 0.02, what: str
             return value
         time.sleep(interval_s)
     raise AssertionError(f"{what} not reached within {timeout_s} s")
-
-
-def pid_alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
-        return False
