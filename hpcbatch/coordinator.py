@@ -174,9 +174,10 @@ class Coordinator:
         self._stop = threading.Event()
         self._stopped = threading.Event()
         self._sends: dict[tuple[str, str], list[dict]] = {}  # messages of the current turn
-        # notified after each turn that completed tasks: embedded waiters wake at once
+        # notified after a turn in which some job's last known task completed: an
+        # embedded waiter returns at once without polling hard through a big job
         self.progress = threading.Condition()
-        self._completions = 0
+        self._drained = False
         self.error: BaseException | None = None
 
     # ---- life cycle ------------------------------------------------------
@@ -613,9 +614,9 @@ class Coordinator:
         self._completed(meta)
 
     def _completed(self, meta: TaskMeta) -> None:
-        self._completions += 1
         del self.meta[meta.seq]
         left = self.outstanding[meta.job_id] = self.outstanding[meta.job_id] - 1
+        self._drained |= left == 0
         if left == 0 and self._job(meta.job_id).on_all_tasks_complete == "terminate_job":
             counts = self.store.task_counts(meta.job_id)
             if counts["completed"] == counts["total"]:
@@ -725,8 +726,8 @@ class Coordinator:
                     node = self.nodes.get(key)
                     if node is not None and node.channel is not None:
                         node.channel.send_many(msgs)
-                if self._completions:  # committed: tell waiters
-                    self._completions = 0
+                if self._drained:  # committed: tell waiters
+                    self._drained = False
                     with self.progress:
                         self.progress.notify_all()
         except BaseException as exc:  # surface to waiters instead of dying silently
