@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 from helpers import run_cli
 
+pytest_plugins = ["conftest_ssh"]  # real sshd node fixtures
+
 
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
