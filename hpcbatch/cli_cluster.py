@@ -1,6 +1,13 @@
-"""`hpcbatch cluster up/down/status`: a test cluster of real sshd nodes on this machine."""
+"""`hpcbatch cluster up/down/status`: a test cluster of real sshd nodes on this machine.
+
+The main CLI adds the group with ``main_group.add_command(cluster)``; it also runs
+on its own (``python -m hpcbatch.cli_cluster up -n 3``).
+"""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -8,14 +15,21 @@ from rich.table import Table
 
 from hpcbatch.launch.cluster import ClusterError, cluster_down, cluster_status, cluster_up
 
-out = Console(highlight=False)
+_DIR_HELP = "Cluster folder: keys, configs, pool.json, logs [default: $HPCBATCH_HOME/cluster]."
 
 
-def _dir(directory: str | None) -> str:
-    if directory:
-        return directory
-    from hpcbatch.coordinator import default_home
-    return str(default_home() / "cluster")
+def default_dir() -> Path:
+    """``$HPCBATCH_HOME/cluster``; HPCBATCH_HOME defaults to ~/.hpcbatch."""
+    home = os.environ.get("HPCBATCH_HOME") or "~/.hpcbatch"
+    return Path(home).expanduser() / "cluster"
+
+
+def _dir(directory: str | None) -> Path:
+    return Path(directory).expanduser() if directory else default_dir()
+
+
+def _console() -> Console:
+    return Console(highlight=False, soft_wrap=True)
 
 
 def _call(fn, *args, **kw):
@@ -25,47 +39,61 @@ def _call(fn, *args, **kw):
         raise click.ClickException(str(exc)) from None
 
 
+def _table(info, title: str | None = None) -> Table:
+    t = Table(title=title)
+    for col in ("node", "address", "user", "sshd pid", "state"):
+        t.add_column(col)
+    for nd in info.nodes:
+        t.add_row(nd.name, f"{nd.hostname}:{nd.port}", nd.user, str(nd.pid),
+                  "up" if nd.alive else "down")
+    return t
+
+
 @click.group("cluster")
 def cluster() -> None:
-    """A throw-away SSH cluster on this machine (one real sshd per node), for trying
-    SSH pools and multi-node MPI, and for the tests."""
+    """A throw-away SSH cluster on this machine (one real OpenSSH sshd per node, on
+    127.0.0.1 ports), for trying SSH pools and multi-node MPI, and for the tests."""
 
 
 @cluster.command("up")
-@click.option("-n", "--nodes", type=click.IntRange(1, 64), default=3, show_default=True)
-@click.option("--dir", "directory", type=click.Path(file_okay=False),
-              help="Where keys, configs and pool.json go (default $HPCBATCH_HOME/cluster).")
-def up(nodes: int, directory: str | None) -> None:
+@click.option("-n", "--nodes", type=click.IntRange(1, 256), default=3, show_default=True,
+              help="How many nodes (sshd processes) to start.")
+@click.option("--dir", "directory", type=click.Path(file_okay=False), help=_DIR_HELP)
+@click.option("--user", help="Login user on the nodes [default: you].")
+def up(nodes: int, directory: str | None, user: str | None) -> None:
+    """Start N sshd nodes and write pool.json, ssh_config and known_hosts."""
     d = _dir(directory)
-    state = _call(cluster_up, nodes, d)
-    t = Table(title=f"{nodes} sshd node(s) in {d}")
-    for col in ("node", "address", "sshd pid"):
-        t.add_column(col)
-    for nd in state["nodes"]:
-        t.add_row(nd["name"], f"127.0.0.1:{nd['port']}", str(nd["pid"]))
-    out.print(t)
-    out.print(f"make a pool of them:  hpcbatch pool create mypool --spec {d}/pool.json",
-              soft_wrap=True, markup=False)
-    out.print(f"log in to one:        ssh -F {d}/ssh_config node1", soft_wrap=True, markup=False)
-    out.print(f"stop them:            hpcbatch cluster down --dir {d}", soft_wrap=True,
+    info = _call(cluster_up, nodes, d, user=user)
+    out = _console()
+    out.print(_table(info, title=f"{nodes} sshd node(s) in {info.directory}"))
+    spec = info.pool_json
+    out.print(f"make a pool of them:  hpcbatch pool create mypool --spec {spec}", markup=False)
+    out.print(f"log in to one:        ssh -F {info.ssh_config} {info.nodes[0].name}",
+              markup=False)
+    out.print(f"stop them:            hpcbatch cluster down --dir {info.directory}",
               markup=False)
 
 
 @cluster.command("down")
-@click.option("--dir", "directory", type=click.Path(file_okay=False))
+@click.option("--dir", "directory", type=click.Path(file_okay=False), help=_DIR_HELP)
 def down(directory: str | None) -> None:
+    """Stop the cluster's sshd processes (and their sessions); files are kept."""
     stopped = _call(cluster_down, _dir(directory))
-    out.print(f"stopped {len(stopped)} sshd node(s): {', '.join(stopped) or 'none running'}")
+    _console().print(f"stopped {len(stopped)} sshd node(s): "
+                     f"{', '.join(stopped) or 'none was running'}", markup=False)
 
 
 @cluster.command("status")
-@click.option("--dir", "directory", type=click.Path(file_okay=False))
+@click.option("--dir", "directory", type=click.Path(file_okay=False), help=_DIR_HELP)
 def status(directory: str | None) -> None:
-    state = _call(cluster_status, _dir(directory))
-    t = Table()
-    for col in ("node", "address", "sshd pid", "state"):
-        t.add_column(col)
-    for nd in state["nodes"]:
-        t.add_row(nd["name"], f"127.0.0.1:{nd['port']}", str(nd["pid"]),
-                  "up" if nd["alive"] else "down")
-    out.print(t)
+    """Show each node's address, sshd PID and whether it is up."""
+    info = _call(cluster_status, _dir(directory))
+    out = _console()
+    out.print(_table(info))
+    alive = sum(bool(nd.alive) for nd in info.nodes)
+    out.print(f"{alive} of {len(info.nodes)} node(s) running; pool spec: {info.pool_json}",
+              markup=False)
+
+
+if __name__ == "__main__":
+    cluster(prog_name="hpcbatch cluster")
