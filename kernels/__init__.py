@@ -1,0 +1,1 @@
+"""mpi4py kernels and the harness that runs them (see hpcbatch.kernels.api)."""

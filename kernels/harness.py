@@ -1,16 +1,28 @@
 """Run a kernel on every rank, reduce to rank 0, write the HDF5 result file.
 
-    mpiexec -n 4 python -m hpcbatch.kernels pi --param samples=1e7 --output pi.h5
+    mpiexec -n 4 python -m hpcbatch.kernels pi --param samples=1e7 --output pi.h5 [--json]
+    python -m hpcbatch.kernels --list [--json]
 
-Parameters are checked before MPI starts (bad ones: one line, exit 2). If any
-rank raises, its traceback goes to stderr prefixed ``[rank N]`` and the job is
-aborted with MPI_Abort, so mpiexec exits non-zero at once instead of hanging.
+The kernel and its parameters are checked before MPI is initialised: a bad kernel,
+parameter or value prints one line ``error: ...`` on stderr (once, from rank 0 when
+under mpiexec) and exits 2. If any rank raises, its traceback goes to stderr, every
+line prefixed ``[rank N]``, and the job is aborted with ``MPI_Abort(1)``, so mpiexec
+exits non-zero at once instead of leaving the other ranks waiting.
+
+Phases timed (seconds, in the result file's ``timings``): ``launch`` from the process
+start (or from ``HPCBATCH_LAUNCH_T0``, an epoch time a launcher sets before starting
+mpiexec) until MPI is initialised, the slowest rank; ``compute`` the kernel's run(),
+the slowest rank; ``reduce`` on rank 0 (including finalize); ``write`` the result file
+and per-rank parts, on rank 0.
+
+With ``--json``, rank 0 prints one JSON object on stdout: kernel, output, ranks, hosts,
+timings, and the reduced outputs (values of up to 16 elements; shape and dtype of
+larger ones).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import socket
@@ -20,52 +32,124 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-T_START = time.time()
+T_IMPORT = time.time()
+LAUNCH_T0_ENV = "HPCBATCH_LAUNCH_T0"
+SMALL = 16
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
-        sys.stderr.write(f"error: {message}\n")
-        raise SystemExit(2)
+        _error(message)
 
 
-def _utc(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="milliseconds")
+def _launcher_rank() -> int | None:
+    """This process's rank as the launcher says it (before MPI is initialised)."""
+    for key in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"):
+        value = os.environ.get(key)
+        if value and value.isdigit():
+            return int(value)
+    return None
+
+
+def _error(message: str) -> None:
+    if (_launcher_rank() or 0) == 0:  # one line per run, not one per rank
+        sys.stderr.write(f"error: {' '.join(str(message).split())}\n")
+        sys.stderr.flush()
+    raise SystemExit(2)
+
+
+def process_start_time() -> float:
+    """Epoch time this process started (Linux /proc, 10 ms resolution); else when this
+    module was imported."""
+    try:
+        with open("/proc/self/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # seconds since boot
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - started
+        if 0 <= age < 3600:
+            return min(time.time() - age, T_IMPORT)
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    return T_IMPORT
+
+
+def host_name() -> str:
+    """The name this rank reports in ``hosts``: HPCBATCH_NODE (a node's own name, set by
+    the node), else HPCBATCH_NODE_ID when the task spans one node (in a multi-node task
+    remote ranks inherit the primary's), else the host name."""
+    node = os.environ.get("HPCBATCH_NODE")
+    if node:
+        return node
+    node_id = os.environ.get("HPCBATCH_NODE_ID")
+    try:
+        instances = int(os.environ.get("HPCBATCH_NUM_INSTANCES") or 1)
+    except ValueError:
+        instances = 1
+    if node_id and instances <= 1:
+        return node_id
+    return socket.gethostname()
 
 
 def _abort(comm, rank: int, where: str) -> None:
-    text = traceback.format_exc()
-    sys.stderr.write("".join(f"[rank {rank}] {line}\n" for line in
-                             [f"{where} failed:"] + text.rstrip().splitlines()))
+    lines = [f"{where} failed:", *traceback.format_exc().rstrip().splitlines()]
+    sys.stderr.write("".join(f"[rank {rank}] {line}\n" for line in lines))
     sys.stderr.flush()
+    sys.stdout.flush()
     comm.Abort(1)
+    os._exit(1)  # Abort does not return; this is belt and braces
 
 
-def _summary(value: Any) -> Any:
+def _jsonable(value: Any) -> Any:
     import numpy as np
     arr = np.asarray(value)
-    if arr.size <= 16:
-        return arr.tolist()
-    return {"shape": list(arr.shape), "dtype": str(arr.dtype)}
+    if arr.size > SMALL or arr.dtype.kind not in "biufc":
+        return {"shape": list(arr.shape), "dtype": str(arr.dtype)}
+    if arr.dtype.kind == "c":
+        return {"real": arr.real.tolist(), "imag": arr.imag.tolist()}
+    return arr.tolist()
+
+
+def catalogue(as_json: bool = False) -> str:
+    """The built-in kernels: name, description, parameters (``--list``)."""
+    from hpcbatch.kernels import api
+    entries, lines = [], []
+    for name in api.list_kernels():
+        try:
+            k = api.load_kernel(name)
+        except ValueError as exc:
+            lines.append(f"{name:12s} (cannot load: {exc})")
+            entries.append({"name": name, "error": str(exc)})
+            continue
+        first = k.description.splitlines()[0] if k.description else ""
+        lines.append(f"{name:12s} {first}")
+        lines.append(f"{'':12s} {k.signature()}")
+        entries.append({
+            "name": name, "description": k.description,
+            "params": {n: {"type": p.type.__name__, "default": p.default, "help": p.help,
+                           "min": p.min, "max": p.max,
+                           "choices": list(p.choices) if p.choices else None}
+                       for n, p in k.params.items()},
+            "outputs": {n: {"reduce": o.reduce_name, "per_rank": o.per_rank,
+                            "description": o.description} for n, o in k.outputs.items()}})
+    return json.dumps(entries, indent=2) if as_json else "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     from hpcbatch.kernels import api
 
     ap = _Parser(prog="python -m hpcbatch.kernels",
-                 description="Run an hpcbatch kernel under mpiexec and write its HDF5 result.")
+                 description="Run an hpcbatch kernel on every MPI rank, reduce to rank 0 and "
+                 "write the HDF5 result file. Run it under mpiexec.")
     ap.add_argument("kernel", nargs="?", help="built-in name, dotted module, or .py path")
-    ap.add_argument("--param", "-p", action="append", default=[], metavar="K=V")
+    ap.add_argument("--param", "-p", action="append", default=[], metavar="K=V",
+                    help="a kernel parameter; repeat for several")
     ap.add_argument("--output", "-o", help="result file (HDF5)")
-    ap.add_argument("--compress", action="store_true", help="gzip large datasets")
-    ap.add_argument("--json", action="store_true", help="print a JSON summary on rank 0")
-    ap.add_argument("--list", action="store_true", help="list the built-in kernels")
+    ap.add_argument("--compress", action="store_true", help="gzip datasets above 1 MiB")
+    ap.add_argument("--json", action="store_true", help="print a JSON summary (rank 0)")
+    ap.add_argument("--list", action="store_true", help="list the built-in kernels and exit")
     args = ap.parse_args(argv)
     if args.list:
-        for name in api.list_kernels():
-            k = api.load_kernel(name)
-            print(f"{name:12s} {k.description.splitlines()[0] if k.description else ''}")
-            print(f"{'':12s} {k.signature()}")
+        print(catalogue(args.json))
         return 0
     if not args.kernel:
         ap.error("give a kernel name (see --list)")
@@ -75,85 +159,93 @@ def main(argv: list[str] | None = None) -> int:
         kernel = api.load_kernel(args.kernel)
         params = api.parse_params(kernel, args.param)
     except ValueError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
-    output = Path(args.output).resolve()
+        _error(str(exc))
+    output = Path(args.output).expanduser().resolve()
+    if output.is_dir():
+        _error(f"--output {output} is a directory; give a file name such as result.h5")
     if not output.parent.is_dir():
-        sys.stderr.write(f"error: --output: directory {output.parent} does not exist\n")
-        return 2
+        _error(f"--output: directory {output.parent} does not exist")
+    launch_t0 = process_start_time()
+    if os.environ.get(LAUNCH_T0_ENV):
+        try:
+            launch_t0 = float(os.environ[LAUNCH_T0_ENV])
+        except ValueError:
+            _error(f"{LAUNCH_T0_ENV}={os.environ[LAUNCH_T0_ENV]!r} is not an epoch time "
+                   "in seconds")
+    return _run(kernel, params, output, args, launch_t0)
 
-    launch_t0 = float(os.environ.get("HPCBATCH_LAUNCH_T0") or T_START)
+
+def _run(kernel, params: dict[str, Any], output: Path, args, launch_t0: float) -> int:
     import numpy as np
     from mpi4py import MPI
+
+    from hpcbatch.kernels import api, results
 
     comm = MPI.COMM_WORLD
     rank, size = comm.rank, comm.size
     t_ready = time.time()
     try:
         local = kernel.run(comm, **params)
-    except Exception:
-        _abort(comm, rank, f"{kernel.name}.run")
+    except BaseException:
+        _abort(comm, rank, f"{kernel.name}: run()")
     t_computed = time.time()
+
     try:
         reduced = api.reduce_outputs(comm, kernel.outputs, local)
-        # the node's own name (its sshd sets HPCBATCH_NODE), else the host name; not
-        # HPCBATCH_NODE_ID, which remote ranks inherit from the primary
-        host = os.environ.get("HPCBATCH_NODE") or socket.gethostname()
-        hosts = comm.gather(host, root=0)
+        me = (host_name(), socket.gethostname(), t_ready - launch_t0, t_computed - t_ready)
+        everyone = comm.gather(me, root=0)
+        final = kernel.finalize(reduced, params) if rank == 0 else None
+    except BaseException:
+        _abort(comm, rank, f"{kernel.name}: reduce")
+    t_reduced = time.time()
+
+    try:
         # per-rank outputs: small ones travel to rank 0, large ones stay in per-rank files
         keep = [n for n, o in kernel.outputs.items() if o.per_rank]
-        per_rank, rank_files = {}, {}
-        for name in keep:
-            arr = np.asarray(local[name])
-            big = comm.allreduce(arr.nbytes) > 8 << 20
-            if big:
-                from hpcbatch.kernels.results import write_rank_part
-                write_rank_part(output, rank, name, arr)
-                parts = comm.gather((arr.shape, arr.dtype.str), root=0)
-                if rank == 0:
-                    rank_files[name] = parts
-            else:
-                parts = comm.gather(arr, root=0)
-                if rank == 0:
-                    per_rank[name] = parts
-    except Exception:
-        _abort(comm, rank, "reduce")
-    t_reduced = time.time()
+        arrays = {n: np.asarray(local[n]) for n in keep}
+        nbytes = np.array([arrays[n].nbytes for n in keep], dtype=np.int64)
+        totals = np.zeros_like(nbytes)
+        if keep:
+            comm.Allreduce(nbytes, totals, op=MPI.SUM)
+        big = [n for n, t in zip(keep, totals) if t > results.PER_RANK_FILE_ABOVE]
+        if big:
+            results.write_rank_part(output, rank, {n: arrays[n] for n in big},
+                                    compress=args.compress)
+        parts = comm.gather({n: (arrays[n].shape, arrays[n].dtype.str) for n in big}, root=0)
+        small = comm.gather({n: arrays[n] for n in keep if n not in big}, root=0)
+    except BaseException:
+        _abort(comm, rank, f"{kernel.name}: per-rank outputs")
+
     if rank == 0:
         try:
-            final = kernel.finalize(reduced, params)
             import h5py
             import mpi4py
 
             from hpcbatch._version import __version__
-            from hpcbatch.kernels.results import write_result
-            timings = {"launch": t_ready - launch_t0, "compute": t_computed - t_ready,
+            hosts = [e[0] for e in everyone]
+            timings = {"launch": max(e[2] for e in everyone),
+                       "compute": max(e[3] for e in everyone),
                        "reduce": t_reduced - t_computed}
-            reduces = {n: (o.reduce if isinstance(o.reduce, str) else "custom")
-                       for n, o in kernel.outputs.items()}
+            reduces = {n: o.reduce_name for n, o in kernel.outputs.items()}
             attrs = {"kernel": kernel.name, "params": params, "ranks": size, "hosts": hosts,
-                     "mpi_library": MPI.Get_library_version().replace("\0", "")
+                     "hostnames": [e[1] for e in everyone],
+                     "mpi_library": MPI.Get_library_version().replace("\0", "").strip()
                      .splitlines()[0].strip(),
                      "mpi4py_version": mpi4py.__version__, "numpy_version": np.__version__,
                      "h5py_version": h5py.__version__, "hpcbatch_version": __version__,
-                     "start_utc": _utc(launch_t0)}
-            t_write = time.time()
-            timings["write"] = 0.0
-            attrs["end_utc"] = _utc(t_write)
-            write_result(output, reduced=final, reduces=reduces, attrs=attrs, timings=timings,
-                         per_rank=per_rank, rank_files=rank_files, compress=args.compress)
-            timings["write"] = time.time() - t_write
-            import h5py as _h5
-            with _h5.File(output, "a") as f:  # the write time is known only now
-                f.attrs["timings"] = json.dumps(timings)
-                f.attrs["timing_write_s"] = timings["write"]
-                f.attrs["end_utc"] = _utc(time.time())
+                     "start_utc": results.utc(launch_t0)}
+            results.write_result(
+                output, reduced=final, reduces=reduces, attrs=attrs, timings=timings,
+                per_rank={n: [p[n] for p in small] for n in keep if n not in big},
+                rank_files={n: [p[n] for p in parts] for n in big}, compress=args.compress,
+                descriptions={n: o.description for n, o in kernel.outputs.items()},
+                time_write=True, write_started=t_reduced)
             if args.json:
                 print(json.dumps({"kernel": kernel.name, "output": str(output), "ranks": size,
-                                  "timings": timings,
-                                  "reduced": {k: _summary(v) for k, v in final.items()}}))
-                sys.stdout.flush()
-        except Exception:
-            _abort(comm, rank, "write")
-    comm.Barrier()
+                                  "hosts": hosts, "params": params, "timings": timings,
+                                  "reduced": {k: _jsonable(v) for k, v in final.items()}}))
+            sys.stdout.flush()
+        except BaseException:
+            _abort(comm, rank, f"{kernel.name}: write")
+    comm.Barrier()  # every per-rank part is closed before mpiexec returns
     return 0

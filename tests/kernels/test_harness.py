@@ -137,7 +137,7 @@ def test_a_user_kernel_file_with_every_reduce(home, tmp_path):
         assert res["total"][()].tolist() == [3.0] * 4
         assert res["low"][()] == 10 and res["avg"][()] == 0.5
         assert res["ids"][()].tolist() == [0, 100, 101]
-        assert res["prod"][()] == 6 and res["prod"].attrs["reduce"] == "custom"
+        assert res["prod"][()] == 6 and res["prod"].attrs["reduce"] == "custom:<lambda>"
         assert f["ranks/0/part"][()].tolist() == [0, 0]
         assert f["ranks/1/part"][()].tolist() == [1, 1]
         blob = f["ranks/blob"]
