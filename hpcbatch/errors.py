@@ -19,6 +19,7 @@ class ValidationError(HpcBatchError, ValueError):
 
     def __init__(self, field: str, message: str):
         self.field = field
+        self.rule = message
         super().__init__(f"{field}: {message}")
 
 

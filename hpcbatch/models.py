@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import posixpath
 import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from hpcbatch.errors import ValidationError
@@ -135,9 +137,14 @@ class PoolSpec:
     target_nodes: int = 1
     start_task: str | None = None
     provider_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # SSH pools: bootstrap makes a pool key pair and an ssh_config of node aliases on
+    # every node, so MPI on the primary reaches the others (HPCBATCH_SSH_CONFIG)
+    inter_node_communication: bool = False
 
     def __post_init__(self) -> None:
         check_id("pool.id", self.id)
+        if not isinstance(self.inter_node_communication, bool):
+            raise ValidationError("pool.inter_node_communication", "must be true or false")
         _check_choice("pool.provider", self.provider, PROVIDERS)
         _check_int("pool.task_slots_per_node", self.task_slots_per_node, 1, 1024)
         _check_choice("pool.scheduling_policy", self.scheduling_policy, POLICIES)
@@ -169,19 +176,95 @@ class JobSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class ResourceFile:
+    """A file on the coordinator's machine that is copied to the node before a task runs.
+
+    ``source`` is read when the task is dispatched (over SFTP to SSH nodes, by a copy
+    to local ones); ``file_path`` is where it lands, relative to the destination (the
+    task's working directory, or for ``common_resource_files`` the task's shared
+    directory); by default the source's file name. Its permission bits are kept.
+    """
+
+    source: str
+    file_path: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise ValidationError("resource_file.source", "is empty; give a file path")
+        src = Path(self.source).expanduser()
+        if not src.is_absolute():
+            src = Path.cwd() / src
+        object.__setattr__(self, "source", str(src))
+        dest = self.file_path or src.name
+        if not isinstance(dest, str) or dest.startswith("/") or "\0" in dest:
+            raise ValidationError("resource_file.file_path",
+                                  f"{dest!r} must be a relative path inside the task directory")
+        norm = posixpath.normpath(dest)
+        if norm in (".", "") or norm == ".." or norm.startswith("../"):
+            raise ValidationError("resource_file.file_path",
+                                  f"{dest!r} leaves the task directory; use a relative path "
+                                  "without '..'")
+        object.__setattr__(self, "file_path", norm)
+
+    @classmethod
+    def check_list(cls, field: str, value: Any) -> tuple[ResourceFile, ...]:
+        """Coerce a list of ResourceFile / {"source", "file_path"} / path strings, checking
+        that every source is a readable file now (bad input fails before it is stored)."""
+        if value is None:
+            return ()
+        if isinstance(value, (str, Mapping)) or not isinstance(value, Iterable):
+            raise ValidationError(field, "must be a list of files")
+        out = []
+        for i, item in enumerate(value):
+            where = f"{field}[{i}]"
+            try:
+                if isinstance(item, ResourceFile):
+                    rf = item
+                elif isinstance(item, str):
+                    rf = cls(item)
+                elif isinstance(item, Mapping):
+                    unknown = sorted(set(item) - {"source", "file_path"})
+                    if unknown:
+                        raise ValidationError(where, f"unknown field(s) {', '.join(unknown)}; "
+                                              "known: source, file_path")
+                    rf = cls(**item)
+                else:
+                    raise ValidationError(where, f"{item!r} is not a file path or "
+                                          "{'source': ..., 'file_path': ...}")
+            except ValidationError as exc:
+                if exc.field.startswith(field):
+                    raise
+                raise ValidationError(f"{where}.{exc.field.split('.')[-1]}", exc.rule) from None
+            if not Path(rf.source).is_file():
+                raise ValidationError(f"{where}.source", f"{rf.source} is not a file on this "
+                                      "machine; give an existing file")
+            out.append(rf)
+        dests = [rf.file_path for rf in out]
+        dup = next((d for d in dests if dests.count(d) > 1), None)
+        if dup is not None:
+            raise ValidationError(field, f"two files go to {dup!r}; give each a file_path")
+        return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
 class MultiInstanceSpec:
     """Run a task on ``instances`` nodes at once (an allocation).
 
     Every node runs ``coordination_command`` first (if given); when all of them
     have succeeded the primary runs the task's command line, typically mpiexec
     over ``$HPCBATCH_HOSTFILE``. ``slots_per_instance`` of 0 takes whole nodes.
+    ``common_resource_files`` are copied to every node's ``$HPCBATCH_TASK_SHARED_DIR``
+    before the coordination command runs.
     """
 
     instances: int
     coordination_command: str | None = None
     slots_per_instance: int = 0
+    common_resource_files: tuple[ResourceFile, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "common_resource_files", ResourceFile.check_list(
+            "multi_instance.common_resource_files", self.common_resource_files))
         _check_int("multi_instance.instances", self.instances, 1, 100_000)
         _check_int("multi_instance.slots_per_instance", self.slots_per_instance, 0, 1024)
         cc = self.coordination_command
@@ -206,9 +289,12 @@ class TaskSpec:
     max_task_retry_count: int | None = None
     max_wall_clock_time_s: float | None = None
     multi_instance: MultiInstanceSpec | None = None
+    resource_files: tuple[ResourceFile, ...] = ()  # copied into the working directory
 
     def __post_init__(self) -> None:
         check_id("task.id", self.id)
+        object.__setattr__(self, "resource_files", ResourceFile.check_list(
+            f"task {self.id}: resource_files", self.resource_files))
         mi = self.multi_instance
         if isinstance(mi, Mapping):
             object.__setattr__(self, "multi_instance", MultiInstanceSpec(**mi))

@@ -519,7 +519,8 @@ def _timeout(client, argv, timeout_s: float) -> CommandTimeout:
                           f"finish within {timeout_s:g} s (its channel was closed)")
 
 
-def _mkdir_p(sftp: paramiko.SFTPClient, path: str, label: str) -> None:
+def sftp_makedirs(sftp: paramiko.SFTPClient, path: str, label: str) -> None:
+    """mkdir -p over SFTP (new folders get mode 0700); label names the host in errors."""
     done = "/"
     for part in [p for p in path.split("/") if p]:
         done = posixpath.join(done, part)
@@ -545,21 +546,30 @@ def upload(client: paramiko.SSHClient, local_path: str | os.PathLike, remote_pat
     ``mode``, and renamed into place, so a reader (or a parallel upload of the same
     file) never sees half of it."""
     label = _label(client)
-    local = Path(local_path)
-    if not local.is_file():
-        raise SSHError(label, f"cannot upload {local}: it is not a file on this machine")
     try:
         sftp = client.open_sftp()
     except (paramiko.SSHException, OSError, EOFError) as exc:
         raise SSHError(label, f"cannot start SFTP ({exc}); the host's sshd_config needs a "
                        "'Subsystem sftp' line") from None
+    try:
+        return sftp_put(sftp, local_path, remote_path, mode, label)
+    finally:
+        sftp.close()
+
+
+def sftp_put(sftp: paramiko.SFTPClient, local_path: str | os.PathLike, remote_path: str,
+             mode: int, label: str) -> str:
+    """upload() over an open SFTP session."""
+    local = Path(local_path)
+    if not local.is_file():
+        raise SSHError(label, f"cannot upload {local}: it is not a file on this machine")
     remote = remote_path
     tmp = None
     try:
         if not remote.startswith("/"):
             remote = posixpath.join(sftp.normalize("."), remote)
         remote = posixpath.normpath(remote)
-        _mkdir_p(sftp, posixpath.dirname(remote), label)
+        sftp_makedirs(sftp, posixpath.dirname(remote), label)
         tmp = f"{remote}.tmp-{secrets.token_hex(4)}"
         sftp.put(str(local), tmp, confirm=True)
         sftp.chmod(tmp, mode)
@@ -575,7 +585,6 @@ def upload(client: paramiko.SSHClient, local_path: str | os.PathLike, remote_pat
                 sftp.remove(tmp)
             except OSError:
                 pass
-        sftp.close()
 
 
 # ---------------------------------------------------------------- many hosts at once

@@ -3,16 +3,20 @@
 Every transport yields an :class:`AgentChannel`: a line-framed duplex stream to
 one agent. ``LocalTransport`` starts the agent as a subprocess with pipes; the
 SSH transport (hpcbatch.ssh) runs it over one paramiko exec channel. The
-coordinator does not know which one it talks to.
+coordinator does not know which one it talks to. Files move the same way:
+``AgentChannel.put_files`` copies on this machine's filesystem for a local agent
+and over SFTP (on the agent's own SSH connection) for a remote one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +31,22 @@ class AgentChannel:
     """A started agent: send messages, receive them on a reader thread."""
 
     def __init__(self, name: str, write: Callable[[bytes], Any], readline: Callable[[], bytes],
-                 close: Callable[[], None]):
+                 close: Callable[[], None],
+                 put_files: Callable[[Iterable[tuple[str, str]], str], None] | None = None,
+                 root: str | None = None):
         self.name = name
         self._write = write
         self._readline = readline
         self._close = close
+        self._put_files = put_files or copy_local_files
+        self.root = root  # the node root, absolute on the node (None: the agent says)
         self._lock = threading.Lock()
         self.closed = False
+
+    def put_files(self, files: Iterable[tuple[str, str]], dest_dir: str) -> None:
+        """Copy (local source, relative destination) pairs into dest_dir on the node,
+        keeping permission bits. Blocking: call it off the coordinator's loop."""
+        self._put_files(files, dest_dir)
 
     def send_many(self, msgs: list[dict]) -> bool:
         """Write messages as one chunk; False when the channel is gone."""
@@ -83,6 +96,16 @@ class AgentChannel:
             pass
 
 
+def copy_local_files(files: Iterable[tuple[str, str]], dest_dir: str) -> None:
+    for source, rel in files:
+        dest = os.path.join(dest_dir, rel)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        tmp = f"{dest}.tmp-{os.getpid()}-{threading.get_ident()}"
+        shutil.copyfile(source, tmp)
+        shutil.copymode(source, tmp)
+        os.replace(tmp, dest)
+
+
 class LocalTransport:
     """Starts the agent as a child process of the coordinator."""
 
@@ -117,19 +140,30 @@ class SSHTransport:
     """Starts the agent on a remote node over one SSH exec channel.
 
     The agent (one stdlib-only file) is uploaded over SFTP to
-    ``~/.hpcbatch/agent-<version>.py`` and runs with the node's python3.
+    ``~/.hpcbatch/agent-<version>-<hash>.py`` and runs with the node's python3.
+    ``setup(client, root)`` (if given) runs on the same connection first, with the
+    node root resolved to an absolute path (bootstrap's inter-node trust uses it).
     """
 
     def __init__(self, python: str = "python3"):
         self.python = python
 
     def start_agent(self, target, node_id: str, root: str, heartbeat_s: float = 1.0,
-                    slots: int = 1) -> AgentChannel:
+                    slots: int = 1,
+                    setup: Callable[[Any, str], None] | None = None) -> AgentChannel:
         from hpcbatch._version import __version__
+        from hpcbatch.bootstrap import resolve_root
         from hpcbatch.ssh import connect, exec_channel, upload
 
         client = connect(target)
         try:
+            sftp = client.open_sftp()
+            try:
+                root = resolve_root(sftp, root)
+            finally:
+                sftp.close()
+            if setup is not None:
+                setup(client, root)
             digest = hashlib.sha256(AGENT_PATH.read_bytes()).hexdigest()[:12]
             remote = upload(client, AGENT_PATH, f".hpcbatch/agent-{__version__}-{digest}.py")
             chan = exec_channel(client, [self.python, remote, "--node-id", node_id, "--root",
@@ -147,4 +181,15 @@ class SSHTransport:
             finally:
                 client.close()
 
-        return AgentChannel(node_id, chan.sendall, reader.readline, close)
+        def put_files(files: Iterable[tuple[str, str]], dest_dir: str) -> None:
+            from hpcbatch.ssh import sftp_put
+            label = target.label
+            sftp = client.open_sftp()
+            try:
+                for source, rel in files:
+                    sftp_put(sftp, source, f"{dest_dir}/{rel}",
+                             os.stat(source).st_mode & 0o7777, label)
+            finally:
+                sftp.close()
+
+        return AgentChannel(node_id, chan.sendall, reader.readline, close, put_files, root)
