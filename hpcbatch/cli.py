@@ -263,7 +263,11 @@ def pool_show(pool_id: str) -> None:
     out.print(f"pool [bold]{p.id}[/]  provider {p.provider}  {p.task_slots_per_node} slots/node"
               f"  policy {p.scheduling_policy}  target nodes {p.target_nodes}")
     if p.start_task:
-        out.print(f"start task: {p.start_task}")
+        out.print(f"start task: {p.start_task}", markup=False)
+    if p.provider == "ssh":
+        trust = ("on: pool key + ssh_config on every node (HPCBATCH_SSH_CONFIG)"
+                 if p.inter_node_communication else "off: the nodes' own SSH set-up")
+        out.print(f"inter-node SSH: {trust}", markup=False)
     t = Table()
     for col in ("node", "state", "slots", "host", "reason"):
         t.add_column(col, overflow="fold")
@@ -294,31 +298,39 @@ def pool_show(pool_id: str) -> None:
               help="ssh_config with per-host HostName/Port/User.")
 @click.option("--port", type=click.IntRange(1, 65535))
 @click.option("--python", "python", help="python3 on the nodes (default: python3).")
+@click.option("--node-root", help="Where nodes keep task directories "
+              "(default: ~/.hpcbatch-node/POOL/NODE).")
+@click.option("--authorized-keys", help="The nodes' authorized_keys file, where the pool's "
+              "inter-node key is added (default: ~/.ssh/authorized_keys).")
+@click.option("--inter-node-communication/--no-inter-node-communication", "inter_node",
+              default=None, help="SSH pools: give the nodes a pool key and ssh_config so "
+              "MPI reaches every node (default: on). Off: the nodes' own SSH set-up is used.")
 @click.option("--trust-on-first-use", is_flag=True,
               help="Record unknown host keys into --known-hosts instead of refusing them.")
 def pool_create(pool_id, slots, policy, start_task, nodes, spec, hostlist, user, key,
-                known_hosts, ssh_config, port, python, trust_on_first_use) -> None:
-    """Create a pool: local (this machine) or SSH (--spec or --ssh)."""
-    from hpcbatch.client import open_store, ssh_pool
-    from hpcbatch.models import PoolSpec
-    check_id("pool", pool_id)
-    if spec or hostlist:  # contact every host before anything is stored
-        cfg = ssh_pool(pool_id, trust_on_first_use, spec=spec, hostlist=hostlist, user=user,
-                       key=key, known_hosts=known_hosts, ssh_config=ssh_config, port=port,
-                       python=python)
-        pspec = PoolSpec(pool_id, "ssh", task_slots_per_node=slots, scheduling_policy=policy,
-                         target_nodes=len(cfg["hosts"]), start_task=start_task,
-                         provider_config=cfg)
-    else:
-        pspec = PoolSpec(pool_id, "local", task_slots_per_node=slots, scheduling_policy=policy,
-                         target_nodes=nodes, start_task=start_task)
+                known_hosts, ssh_config, port, python, node_root, authorized_keys, inter_node,
+                trust_on_first_use) -> None:
+    """Create a pool: local (this machine) or SSH (--spec or --ssh).
+
+    An SSH pool's hosts are all contacted first (host keys checked strictly); nothing
+    is stored unless every one answers. Its nodes are bootstrapped by the next
+    coordinator that runs (submit, run, job wait)."""
+    from hpcbatch.client import make_pool_spec, open_store
+    ssh_options = {k: v for k, v in dict(
+        spec=spec, hostlist=hostlist, user=user, key=key, known_hosts=known_hosts,
+        ssh_config=ssh_config, port=port, python=python, node_root=node_root,
+        authorized_keys=authorized_keys).items() if v is not None}
     store = open_store(_home())
-    if pool_id in {p.id for p in store.list_pools()}:
-        raise ValidationError("pool", f"{pool_id!r} already exists")
+    pspec = make_pool_spec(
+        store, pool_id, "ssh" if spec or hostlist else "local", task_slots_per_node=slots,
+        scheduling_policy=policy, target_nodes=nodes, start_task=start_task,
+        inter_node_communication=inter_node, trust_on_first_use=trust_on_first_use,
+        **ssh_options)
     store.create_pool(pspec)
     where = ", ".join(h["name"] for h in pspec.provider_config.get("hosts", [])) or \
         f"{pspec.target_nodes} local node(s)"
-    out.print(f"pool {pool_id} created: {where}; {slots} slot(s) per node, {policy}",
+    trust = "; inter-node SSH on" if pspec.inter_node_communication else ""
+    out.print(f"pool {pool_id} created: {where}; {slots} slot(s) per node, {policy}{trust}",
               soft_wrap=True, markup=False)
 
 
@@ -455,17 +467,10 @@ def task_add(job_id, task_id, command, slots, retries, timeout_s) -> None:
 @click.option("--stderr", "which", flag_value="stderr.txt", help="Show stderr.")
 @click.option("--stdout", "which", flag_value="stdout.txt", default=True, help="Show stdout.")
 def task_logs(job_id, task_id, which) -> None:
-    """Print a task's stdout (or --stderr)."""
-    r = _store().get_task(job_id, task_id)
-    if not r["task_dir"]:
-        raise NotFound(f"task {job_id}/{task_id} is {r['state']} and has not started; "
-                       "no logs yet")
-    path = Path(r["task_dir"]) / which
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise NotFound(f"{path} does not exist (was the node's directory removed?)") from None
-    sys.stdout.buffer.write(data)
+    """Print a task's stdout (or --stderr); SSH nodes' files are fetched over SFTP."""
+    from hpcbatch.client import read_task_file
+    store = _store()
+    sys.stdout.buffer.write(read_task_file(store, store.get_task(job_id, task_id), which))
 
 
 def _register_optional() -> None:

@@ -51,20 +51,13 @@ class Task:
     def succeeded(self) -> bool:
         return self.result == "success"
 
-    def _read(self, name: str) -> str:
-        if not self.task_dir:
-            raise NotFound(f"task {self.job_id}/{self.id} has not started; it has no {name} yet")
-        path = Path(self.task_dir) / name
-        try:
-            return path.read_text(errors="replace")
-        except FileNotFoundError:
-            raise NotFound(f"{path} does not exist (the node's files were removed?)") from None
-
     def stdout(self) -> str:
-        return self._read("stdout.txt")
+        return read_task_file(self._batch.store, self._row, "stdout.txt").decode(
+            errors="replace")
 
     def stderr(self) -> str:
-        return self._read("stderr.txt")
+        return read_task_file(self._batch.store, self._row, "stderr.txt").decode(
+            errors="replace")
 
     @property
     def stdout_path(self) -> Path | None:
@@ -73,6 +66,27 @@ class Task:
     @property
     def stderr_path(self) -> Path | None:
         return Path(self.task_dir) / "stderr.txt" if self.task_dir else None
+
+
+def read_task_file(store: Store, row: dict[str, Any], name: str) -> bytes:
+    """A file of a task's directory: from this machine's filesystem for local pools,
+    over SFTP from the node (host key checked strictly) for SSH pools."""
+    where = f"task {row['job_id']}/{row['id']}"
+    if not row.get("task_dir"):
+        raise NotFound(f"{where} is {row['state']} and has not started; it has no {name} yet")
+    path = f"{row['task_dir']}/{name}"
+    pool = store.get_pool(store.get_job(row["job_id"])["pool_id"])
+    try:
+        if pool.provider == "ssh":
+            from hpcbatch.providers import read_node_file
+            return read_node_file(pool.provider_config, row["node_id"], path)
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise NotFound(f"{path} of {where} does not exist on node {row['node_id']} (were the "
+                       "node's files removed?)") from None
+    except OSError as exc:
+        raise HpcBatchError(f"cannot read {path} of {where} on node {row['node_id']}: "
+                            f"{exc.strerror or exc}") from None
 
 
 class Job:
@@ -226,24 +240,53 @@ def ssh_pool(pool_id: str, trust_on_first_use: bool = False, **options: Any) -> 
     return cfg
 
 
+def make_pool_spec(store: Store, pool_id: str, provider: str = "local", *,
+                   task_slots_per_node: int = 1, scheduling_policy: str = "pack",
+                   target_nodes: int = 1, start_task: str | None = None,
+                   inter_node_communication: bool | None = None,
+                   trust_on_first_use: bool = False, **provider_options: Any) -> PoolSpec:
+    """A validated PoolSpec; an SSH pool's hosts have all answered (nothing stored yet).
+
+    ``inter_node_communication`` defaults to on for SSH pools: bootstrap gives the
+    nodes a pool key and ssh_config so multi-instance tasks can start MPI across them."""
+    from hpcbatch.errors import Conflict
+    check_id("pool", pool_id)
+    try:
+        store.get_pool(pool_id)
+    except NotFound:
+        pass
+    else:
+        raise Conflict(f"pool {pool_id!r} already exists; pick another id")
+    config: dict[str, Any] = {}
+    if provider == "ssh":
+        config = ssh_pool(pool_id, trust_on_first_use, **provider_options)
+        target_nodes = len(config["hosts"])
+        if inter_node_communication is None:
+            inter_node_communication = True
+    elif provider_options:
+        raise ValidationError("pool", f"{', '.join(sorted(provider_options))} only apply to "
+                              "ssh pools (give spec= or hostlist=)")
+    return PoolSpec(pool_id, provider, task_slots_per_node=task_slots_per_node,
+                    scheduling_policy=scheduling_policy, target_nodes=target_nodes,
+                    start_task=start_task, provider_config=config,
+                    inter_node_communication=bool(inter_node_communication))
+
+
 class Pools:
     def __init__(self, batch: Batch):
         self._batch = batch
 
-    def create(self, pool_id: str, provider: str = "local", *, task_slots_per_node: int = 1,
-               scheduling_policy: str = "pack", target_nodes: int = 1,
-               start_task: str | None = None, trust_on_first_use: bool = False,
-               **provider_config: Any) -> PoolSpec:
-        """Create a pool. ``provider="ssh"`` takes ``spec`` (a pool.json) or ``hostlist``
-        plus ``user``, ``key``, ``known_hosts``, ``ssh_config``, ``port``, ``python``,
-        ``node_root``; every host is contacted once first (host key checked strictly)
-        and nothing is stored unless all of them answer."""
-        if provider == "ssh":
-            provider_config = ssh_pool(pool_id, trust_on_first_use, **provider_config)
-            target_nodes = len(provider_config["hosts"])
-        spec = PoolSpec(pool_id, provider, task_slots_per_node=task_slots_per_node,
-                        scheduling_policy=scheduling_policy, target_nodes=target_nodes,
-                        start_task=start_task, provider_config=provider_config)
+    def create(self, pool_id: str, provider: str = "local", **options: Any) -> PoolSpec:
+        """Create a pool and start its nodes.
+
+        Options: ``task_slots_per_node``, ``scheduling_policy`` ("pack"/"spread"),
+        ``target_nodes`` (local pools), ``start_task``. ``provider="ssh"`` takes
+        ``spec`` (a pool.json) or ``hostlist`` (``node[01-16]``) plus ``user``, ``key``,
+        ``known_hosts``, ``ssh_config``, ``port``, ``python``, ``node_root``,
+        ``authorized_keys``, ``inter_node_communication`` (default on) and
+        ``trust_on_first_use``; every host is contacted once first (host key checked
+        strictly) and nothing is stored unless all of them answer."""
+        spec = make_pool_spec(self._batch.store, pool_id, provider, **options)
         self._batch.store.create_pool(spec)
         self._batch.coordinator.add_pool(spec)
         return spec

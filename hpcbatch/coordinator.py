@@ -11,11 +11,13 @@ tasks that were in flight, and never runs a completed task again.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import fcntl
 import json
 import logging
 import os
+import posixpath
 import queue
 import secrets
 import signal
@@ -43,6 +45,7 @@ from hpcbatch.transport import AgentChannel, LocalTransport
 log = logging.getLogger("hpcbatch.coordinator")
 
 START_TASK_ID = "__start_task__"
+RECONNECT_MAX_S = 10.0  # an unusable node is tried again after 1, 2, 4, .. at most this
 
 
 @dataclasses.dataclass
@@ -65,6 +68,10 @@ class TaskMeta:
     slots_per_instance: int = 0
     coordination_command: str | None = None
     alloc: Allocated | None = None
+    resource_files: list[dict] = dataclasses.field(default_factory=list)
+    common_files: list[dict] = dataclasses.field(default_factory=list)
+    staging: dict[int | str, int] = dataclasses.field(default_factory=dict)  # run id -> gen
+    pending_run: dict | None = None  # an ordinary task's run message, sent once staged
 
 
 @dataclasses.dataclass
@@ -77,6 +84,7 @@ class Allocated:
     pending: set[str]  # run ids still to exit
     task_dir: str
     failed: Exit | None = None
+    failed_ev: dict = dataclasses.field(default_factory=dict)  # the first failure's event
 
 
 @dataclasses.dataclass
@@ -97,10 +105,21 @@ class NodeHandle:
     last_seen: float = 0.0
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
     reason: str | None = None
+    target: Any = None  # SSH nodes: the SSHTarget
+    booting: bool = False  # an SSH bootstrap thread is running for it
+    retry_at: float | None = None  # when an unusable node is tried again
+    retry_s: float = 1.0
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.pool_id, self.node_id)
+
+
+def _instance_of(rid: str) -> tuple[str, int]:
+    """A multi-instance run id 'SEQ.a' / 'SEQ.cI' / 'SEQ.sI' as (kind, instance index):
+    the application (on the primary), coordination command I, or staging files to I."""
+    part = rid.split(".", 1)[1]
+    return ("a", 0) if part == "a" else (part[0], int(part[1:]))
 
 
 def processes_with_token(token: str) -> set[int]:
@@ -179,6 +198,9 @@ class Coordinator:
         self.progress = threading.Condition()
         self._drained = False
         self.error: BaseException | None = None
+        self.trust: dict[str, Any] = {}  # pool id -> PoolTrust (inter-node SSH)
+        self._gen = 0  # numbers each staging of files, so a late result is recognised
+        self._stager_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     # ---- life cycle ------------------------------------------------------
 
@@ -221,6 +243,8 @@ class Coordinator:
             except Exception:  # noqa: BLE001 - best effort on the way out
                 log.exception("could not record node %s offline", node.node_id)
         self.nodes.clear()
+        if self._stager_pool is not None:
+            self._stager_pool.shutdown(wait=False, cancel_futures=True)
         self.store.close()
         self.lock.release()
 
@@ -252,42 +276,80 @@ class Coordinator:
             self._start_node(NodeHandle(pool.id, f"local-{i}", pool.task_slots_per_node))
 
     def _start_ssh_pool(self, pool: PoolSpec) -> None:
-        """Bootstrap every node in parallel, off the loop: each thread connects (host key
-        checked strictly), uploads the agent and starts it, then posts the channel."""
+        """Bootstrap every node in parallel, off the loop (see _boot)."""
+        from hpcbatch.bootstrap import PoolTrust
         from hpcbatch.providers import targets
-        from hpcbatch.transport import SSHTransport
 
-        cfg = pool.provider_config
-        transport = SSHTransport(cfg.get("python") or "python3")
-        for target in targets(cfg):
+        nodes = targets(pool.provider_config)
+        if pool.inter_node_communication:
+            self.trust[pool.id] = PoolTrust.load_or_create(self.home / "pools" / pool.id,
+                                                           pool.id, nodes)
+        for target in nodes:
             handle = NodeHandle(pool.id, target.name, pool.task_slots_per_node,
-                                host=target.name, local=False)
+                                host=target.name, local=False, target=target)
             self.nodes[handle.key] = handle
             self.store.upsert_node(pool.id, target.name, NodeState.STARTING.value,
                                    handle.slots, {"hostname": target.hostname,
                                                   "port": target.port})
-            root = cfg.get("node_root") or "~/.hpcbatch-node"
-            root = f"{root}/{pool.id}/{target.name}"
+            self._boot(handle)
 
-            def boot(target=target, key=handle.key, root=root) -> None:
-                try:
-                    chan = transport.start_agent(target, target.name, root, self.heartbeat_s,
-                                                 pool.task_slots_per_node)
-                except Exception as exc:  # noqa: BLE001 - reported on the node
-                    self.inbox.put(("bootfail", key, str(exc)))
-                else:
-                    self.inbox.put(("booted", key, chan))
+    def _boot(self, node: NodeHandle) -> None:
+        """In a thread: connect (host key checked strictly), install the pool's inter-node
+        trust, upload the agent and start it; then post the channel to the loop."""
+        from hpcbatch.transport import SSHTransport
 
-            threading.Thread(target=boot, name=f"bootstrap-{target.name}", daemon=True).start()
+        pool = self.pools[node.pool_id]
+        cfg = pool.provider_config
+        transport = SSHTransport(cfg.get("python") or "python3")
+        root = f"{cfg.get('node_root') or '~/.hpcbatch-node'}/{pool.id}/{node.node_id}"
+        trust = self.trust.get(pool.id)
+        setup = None
+        if trust is not None:
+            def setup(client, abs_root: str) -> None:
+                trust.install(client, abs_root, cfg.get("authorized_keys"))
+        node.booting = True
+        key = node.key
+
+        def boot() -> None:
+            try:
+                chan = transport.start_agent(node.target, node.node_id, root, self.heartbeat_s,
+                                             pool.task_slots_per_node, setup)
+            except Exception as exc:  # noqa: BLE001 - reported on the node
+                self.inbox.put(("bootfail", key, str(exc)))
+            else:
+                self.inbox.put(("booted", key, chan))
+
+        threading.Thread(target=boot, name=f"bootstrap-{node.node_id}", daemon=True).start()
+
+    def _listen(self, node: NodeHandle) -> None:
+        """Deliver the node's agent messages to the loop, tagged with their channel so a
+        late message of a replaced channel is recognised and dropped."""
+        key, chan = node.key, node.channel
+        chan.listen(lambda msg: self.inbox.put(("agent", key, msg, chan)))
+
+    def _schedule_reconnect(self, node: NodeHandle) -> None:
+        node.retry_at = time.monotonic() + node.retry_s
+        node.retry_s = min(node.retry_s * 2, RECONNECT_MAX_S)
+
+    def _reconnect(self, node: NodeHandle) -> None:
+        """Try an unusable node again: a new agent (over a new SSH connection)."""
+        node.retry_at = None
+        if node.local:
+            try:
+                self._start_node(node)
+            except OSError as exc:
+                self._set_node(node, NodeState.UNUSABLE, f"agent restart failed: {exc}")
+                self._schedule_reconnect(node)
+        else:
+            self._boot(node)
 
     def _start_node(self, handle: NodeHandle) -> None:
         root = self._node_root(handle.pool_id, handle.node_id)
         handle.channel = self.transport.start_agent(handle.node_id, root, self.heartbeat_s,
                                                     handle.slots)
         handle.last_seen = time.monotonic()
-        key = handle.key
-        handle.channel.listen(lambda msg, key=key: self.inbox.put(("agent", key, msg)))
-        self.nodes[key] = handle
+        self._listen(handle)
+        self.nodes[handle.key] = handle
         self.store.upsert_node(handle.pool_id, handle.node_id, NodeState.STARTING.value,
                                handle.slots)
 
@@ -309,6 +371,7 @@ class Coordinator:
 
     def _node_ready(self, node: NodeHandle) -> None:
         node.used = 0
+        node.retry_s = 1.0
         self._set_node(node, NodeState.IDLE)
 
     def _set_node(self, node: NodeHandle, state: NodeState, reason: str | None = None) -> None:
@@ -330,10 +393,13 @@ class Coordinator:
                 meta = self.meta.get(seq)
                 if meta is not None and meta.alloc is not None:
                     # what ran here is gone with the node
-                    meta.alloc.pending -= {f"{seq}.c{index}", f"{seq}.a" if index == 0 else ""}
+                    meta.alloc.pending -= {f"{seq}.c{index}", f"{seq}.s{index}",
+                                           f"{seq}.a" if index == 0 else ""}
                     self._fail_allocation(meta, Exit(None, node_lost=True))
                 continue
             meta = self.meta[rid]
+            meta.staging.clear()
+            meta.pending_run = None
             self.store.db.execute(
                 "UPDATE tasks SET state='active', requeue_count=requeue_count+1, node_id=NULL "
                 "WHERE seq=?", (rid,))
@@ -351,9 +417,10 @@ class Coordinator:
                     except (ProcessLookupError, PermissionError):
                         pass
         node.pids.clear()
-        self._set_node(node, NodeState.UNUSABLE, reason)
+        self._set_node(node, NodeState.UNUSABLE, f"{reason}; trying it again")
         if node.channel is not None:
             node.channel.close()
+        self._schedule_reconnect(node)
 
     # ---- work ------------------------------------------------------------
 
@@ -387,7 +454,9 @@ class Coordinator:
                 wall_s=spec.get("max_wall_clock_time_s"), priority=job.priority,
                 retry_count=r["retry_count"], instances=mi.get("instances", 0),
                 slots_per_instance=mi.get("slots_per_instance", 0),
-                coordination_command=mi.get("coordination_command"))
+                coordination_command=mi.get("coordination_command"),
+                resource_files=spec.get("resource_files") or [],
+                common_files=mi.get("common_resource_files") or [])
             self.meta[meta.seq] = meta
             self.outstanding[meta.job_id] = self.outstanding.get(meta.job_id, 0) + 1
             fresh.setdefault(meta.pool_id, []).append(self._runnable(meta))
@@ -437,10 +506,15 @@ class Coordinator:
                 self._occupy(node, d.seq, d.slots)
                 tdir = os.path.join(node.root, "jobs", meta.job_id, meta.task_id)
                 rows.append((node.node_id, tdir, now, d.seq))
-                out.setdefault(node.key, []).append({
-                    "op": "run", "id": d.seq, "cmd": meta.command_line, "dir": tdir,
-                    "timeout_s": meta.wall_s, "slots": d.slots,
-                    "env": self._task_env(meta, node, tdir)})
+                run = {"op": "run", "id": d.seq, "cmd": meta.command_line, "dir": tdir,
+                       "timeout_s": meta.wall_s, "slots": d.slots,
+                       "env": self._task_env(meta, node, tdir)}
+                if meta.resource_files:  # the run message goes once they are there
+                    meta.pending_run = run
+                    self._stage(meta, node, d.seq, meta.resource_files,
+                                os.path.join(tdir, "wd"))
+                else:
+                    out.setdefault(node.key, []).append(run)
             if rows:
                 self.store.db.executemany(
                     "UPDATE tasks SET state='running', node_id=?, task_dir=?, started_at=?, "
@@ -477,15 +551,31 @@ class Coordinator:
         meta.alloc = alloc
         for i, node in enumerate(nodes):
             self._occupy(node, f"{meta.seq}.{i}", slots[i])
-        if meta.coordination_command:
+        if meta.common_files:
+            alloc.phase = "staging"
             for i, node in enumerate(nodes):
+                rid = f"{meta.seq}.s{i}"
+                alloc.pending.add(rid)
+                self._stage(meta, node, rid, meta.common_files,
+                            posixpath.join(node.root, "jobs", meta.job_id, meta.task_id,
+                                           "shared"))
+        else:
+            self._start_coordination(meta, out)
+        return tdir
+
+    def _start_coordination(self, meta: TaskMeta,
+                            out: dict[tuple[str, str], list[dict]]) -> None:
+        """The coordination command on every node, or straight to the application."""
+        alloc = meta.alloc
+        alloc.phase = "coordination"
+        if meta.coordination_command:
+            for i, node in enumerate(alloc.nodes):
                 run = self._instance_run(meta, i, meta.coordination_command, f"{meta.seq}.c{i}")
                 run["log_prefix"] = "coordination-"
                 out.setdefault(node.key, []).append(run)
                 alloc.pending.add(f"{meta.seq}.c{i}")
         else:
             self._start_application(meta, out)
-        return tdir
 
     def _instance_env(self, meta: TaskMeta, index: int, tdir: str) -> dict[str, str]:
         alloc = meta.alloc
@@ -500,10 +590,12 @@ class Coordinator:
             E.INSTANCE_INDEX: str(index),
             E.NUM_INSTANCES: str(len(alloc.nodes)),
         })
-        cfg = self.pools[meta.pool_id].provider_config
-        ssh_config = cfg.get("node_ssh_config") or cfg.get("ssh_config")
-        if ssh_config:
-            env[E.SSH_CONFIG] = ssh_config
+        if meta.pool_id in self.trust:  # written on every node by bootstrap
+            env[E.SSH_CONFIG] = posixpath.join(node.root, "ssh", "config")
+        else:  # the nodes' own SSH set-up, or a config the pool spec says they have
+            ssh_config = self.pools[meta.pool_id].provider_config.get("node_ssh_config")
+            if ssh_config:
+                env[E.SSH_CONFIG] = ssh_config
         return env
 
     def _instance_run(self, meta: TaskMeta, index: int, cmd: str, rid: str) -> dict:
@@ -524,19 +616,23 @@ class Coordinator:
         out.setdefault(alloc.nodes[0].key, []).append(
             self._instance_run(meta, 0, meta.command_line, rid))
 
-    def _fail_allocation(self, meta: TaskMeta, ex: Exit) -> None:
+    def _fail_allocation(self, meta: TaskMeta, ex: Exit, ev: dict | None = None) -> None:
         """One instance failed or its node died: stop the others."""
         alloc = meta.alloc
+        staging = {rid for rid in alloc.pending if _instance_of(rid)[0] == "s"}
+        alloc.pending -= staging  # a copy in flight is not waited for; its result is dropped
+        for rid in staging:
+            meta.staging.pop(rid, None)
         if alloc.failed is None:
             alloc.failed = ex
+            alloc.failed_ev = {"killed": ev["killed"]} if ev and ev.get("killed") else {}
             for rid in alloc.pending:
-                index = 0 if rid.endswith(".a") else int(rid.rsplit(".c", 1)[1])
-                node = alloc.nodes[index]
+                node = alloc.nodes[_instance_of(rid)[1]]
                 if node.channel is not None and node.state not in (NodeState.UNUSABLE,):
                     self._sends.setdefault(node.key, []).append(
                         {"op": "kill", "id": rid, "reason": "instance_failed"})
         if not alloc.pending:
-            self._finish_allocation(meta, alloc.failed, {})
+            self._finish_allocation(meta, alloc.failed, alloc.failed_ev)
 
     def _on_instance_exited(self, node: NodeHandle, rid: str, ev: dict) -> None:
         meta = self.meta.get(int(rid.split(".")[0]))
@@ -548,7 +644,7 @@ class Coordinator:
                   timed_out=bool(ev.get("timed_out")), start_failed=ev.get("start_failed"))
         ok = failure_of(ex) is None
         if alloc.failed is not None or not ok:
-            self._fail_allocation(meta, alloc.failed or ex)
+            self._fail_allocation(meta, alloc.failed or ex, ev)
         elif alloc.phase == "coordination":
             if not alloc.pending:
                 self._start_application(meta, self._sends)
@@ -567,6 +663,57 @@ class Coordinator:
                 self._sends.setdefault(node.key, []).append({"op": "reap", "match": match})
         meta.alloc = None
         self._record_exit(meta, ex, ev)
+
+    # ---- resource files ----------------------------------------------------
+
+    def _stage(self, meta: TaskMeta, node: NodeHandle, rid: int | str, files: list[dict],
+               dest_dir: str) -> None:
+        """Copy files to the node on a worker thread (SFTP or the filesystem, per the
+        node's transport); the loop hears back through a ("staged", ...) item."""
+        self._gen += 1
+        token = (meta.seq, rid, self._gen)
+        meta.staging[rid] = self._gen
+        pairs = [(f["source"], f["file_path"]) for f in files]
+        chan, inbox = node.channel, self.inbox
+
+        def work() -> None:
+            try:
+                chan.put_files(pairs, dest_dir)
+            except Exception as exc:  # noqa: BLE001 - reported as the task's failure
+                inbox.put(("staged", token, f"copying resource files to node {node.node_id} "
+                                            f"failed: {exc}"))
+            else:
+                inbox.put(("staged", token, None))
+
+        if self._stager_pool is None:
+            self._stager_pool = concurrent.futures.ThreadPoolExecutor(
+                8, thread_name_prefix="hpcbatch-stage")
+        self._stager_pool.submit(work)
+
+    def _on_staged(self, token: tuple, error: str | None,
+                   sends: dict[tuple[str, str], list[dict]]) -> None:
+        seq, rid, gen = token
+        meta = self.meta.get(seq)
+        if meta is None or meta.staging.get(rid) != gen:
+            return  # the attempt it was for is over (node lost, killed, failed)
+        del meta.staging[rid]
+        if isinstance(rid, str):
+            alloc = meta.alloc
+            if alloc is None or rid not in alloc.pending:
+                return
+            alloc.pending.discard(rid)
+            if error:
+                self._fail_allocation(meta, Exit(None, start_failed=error))
+            elif not alloc.pending:
+                self._start_coordination(meta, sends)
+            return
+        node = self.nodes[(meta.pool_id, meta.node_id)]
+        run, meta.pending_run = meta.pending_run, None
+        if error:
+            self._vacate(node, seq, meta.required_slots)
+            self._record_exit(meta, Exit(None, start_failed=error), {})
+        else:
+            sends.setdefault(node.key, []).append(run)
 
     # ---- exits -----------------------------------------------------------
 
@@ -601,6 +748,8 @@ class Coordinator:
         killed = ev.get("killed")
         if killed and not ex.timed_out and outcome.failure:
             common["failure"] = f"killed:{killed}"
+        elif ex.start_failed:
+            common["failure"] = f"start_failed: {ex.start_failed}"
         if outcome.retry and killed != "terminate":
             meta.retry_count += 1
             meta.node_id = None
@@ -633,10 +782,22 @@ class Coordinator:
                     self._completed(meta)
                     return None
                 if meta.alloc is not None:
+                    if meta.alloc.phase == "staging":
+                        self._fail_allocation(meta, Exit(None, start_failed="terminated"),
+                                              {"killed": "terminate"})
+                        return None
                     for rid in meta.alloc.pending:
-                        index = 0 if rid.endswith(".a") else int(rid.rsplit(".c", 1)[1])
-                        self._sends.setdefault(meta.alloc.nodes[index].key, []).append(
+                        self._sends.setdefault(
+                            meta.alloc.nodes[_instance_of(rid)[1]].key, []).append(
                             {"op": "kill", "id": rid, "reason": "terminate"})
+                    return None
+                if meta.pending_run is not None:  # still copying its files: never started
+                    node = self.nodes[(meta.pool_id, meta.node_id)]
+                    self._vacate(node, meta.seq, meta.required_slots)
+                    meta.staging.clear()
+                    meta.pending_run = None
+                    self._record_exit(meta, Exit(None, start_failed="terminated"),
+                                      {"killed": "terminate"})
                     return None
                 return (meta.pool_id, meta.node_id), {"op": "kill", "id": meta.seq,
                                                       "reason": "terminate"}
@@ -647,10 +808,10 @@ class Coordinator:
     def _handle(self, item: tuple, sends: dict[tuple[str, str], list[dict]]) -> None:
         kind = item[0]
         if kind == "agent":
-            _, key, msg = item
+            _, key, msg, chan = item
             node = self.nodes.get(key)
-            if node is None:
-                return
+            if node is None or chan is not node.channel:
+                return  # a replaced channel's last words
             if msg is None:
                 self._node_lost(node, "agent connection closed")
                 return
@@ -673,14 +834,19 @@ class Coordinator:
             if node is None or self._stop.is_set():
                 item[2].close()
                 return
+            node.booting = False
             node.channel = item[2]
             node.last_seen = time.monotonic()
-            key = node.key
-            node.channel.listen(lambda msg, key=key: self.inbox.put(("agent", key, msg)))
+            self._listen(node)
         elif kind == "bootfail":
             node = self.nodes.get(item[1])
             if node is not None:
-                self._set_node(node, NodeState.UNUSABLE, f"bootstrap failed: {item[2]}")
+                node.booting = False
+                retry = f"; trying again in {node.retry_s:g} s"
+                self._set_node(node, NodeState.UNUSABLE, f"bootstrap failed: {item[2]}{retry}")
+                self._schedule_reconnect(node)
+        elif kind == "staged":
+            self._on_staged(item[1], item[2], sends)
         elif kind == "work":
             self._load_new_work()
         elif kind == "pool":
@@ -691,9 +857,14 @@ class Coordinator:
                 sends.setdefault(kill[0], []).append(kill[1])
 
     def _check_heartbeats(self) -> None:
+        """Lose nodes that went quiet; try unusable ones again when their time comes."""
         now = time.monotonic()
         for node in self.nodes.values():
-            if node.state in (NodeState.UNUSABLE, NodeState.OFFLINE) or node.channel is None:
+            if node.state is NodeState.UNUSABLE:
+                if not node.booting and node.retry_at is not None and now >= node.retry_at:
+                    self._reconnect(node)
+                continue
+            if node.state is NodeState.OFFLINE or node.channel is None:
                 continue  # (no channel: still bootstrapping)
             if now - node.last_seen > self.node_timeout_s:
                 self._node_lost(node, f"no heartbeat for {now - node.last_seen:.1f} s")

@@ -112,3 +112,59 @@ def test_a_lost_node_fails_the_task_which_retries_elsewhere(batch, tmp_path):
     assert t.retry_count == 1 and t.node_id != primary
     job.terminate_task("t")
     job.wait(timeout_s=30)
+
+
+def test_common_resource_files_reach_every_node_before_the_coordination_command(
+        batch, home, tmp_path):
+    data = tmp_path / "in put.dat"  # a space in the name, on purpose
+    data.write_text("42\n")
+    script = tmp_path / "solve.sh"
+    script.write_text("#!/bin/sh\necho solved\n")
+    script.chmod(0o750)
+    batch.pools.create("quad", target_nodes=3)
+    job = batch.jobs.create("staged", pool="quad")
+    job.add_task("t", '"$HPCBATCH_TASK_SHARED_DIR/bin/solve.sh"', multi_instance={
+        "instances": 3, "coordination_command": 'cat "$HPCBATCH_TASK_SHARED_DIR/in put.dat"',
+        "common_resource_files": [str(data), {"source": str(script),
+                                              "file_path": "bin/solve.sh"}]})
+    job.wait(timeout_s=60)
+    t = job.task("t")
+    assert t.succeeded, (t.failure, t.stderr())
+    assert t.stdout() == "solved\n"
+    for node in ("local-1", "local-2", "local-3"):
+        assert node_file(home, "quad", node, "staged", "t", "coordination-stdout.txt") == "42\n"
+        shared = home / "nodes" / "quad" / node / "jobs" / "staged" / "t" / "shared"
+        assert (shared / "bin" / "solve.sh").stat().st_mode & 0o777 == 0o750  # mode kept
+
+
+def test_resource_files_of_an_ordinary_task_land_in_its_working_directory(batch, tmp_path):
+    src = tmp_path / "params.json"
+    src.write_text('{"n": 3}')
+    job = batch.jobs.create("rf")
+    job.add_task("t", "cat conf/p.json", resource_files=[{"source": str(src),
+                                                          "file_path": "conf/p.json"}])
+    job.wait(timeout_s=30)
+    assert job.task("t").stdout() == '{"n": 3}'
+
+
+def test_a_resource_file_gone_before_dispatch_fails_the_task_naming_it(batch, tmp_path):
+    src = tmp_path / "vanishing.txt"
+    src.write_text("x")
+    batch.pools.create("slow", start_task="sleep 1")  # no dispatch before the unlink
+    job = batch.jobs.create("gone", pool="slow", max_task_retry_count=1)
+    job.add_task("t", "cat vanishing.txt", resource_files=[str(src)])
+    src.unlink()  # accepted while it existed; read when the task is dispatched
+    job.wait(timeout_s=30)
+    t = job.task("t")
+    assert t.result == "failure" and t.retry_count == 1
+    assert t.failure.startswith("start_failed: copying resource files") and "vanishing.txt" in \
+        t.failure
+
+
+def test_a_missing_resource_file_is_refused_at_submit(batch, tmp_path):
+    from hpcbatch.errors import ValidationError
+    job = batch.jobs.create("bad")
+    with pytest.raises(ValidationError, match=r"resource_files\[0\].source: .*nope.txt is not "
+                       "a file on this machine"):
+        job.add_task("t", "true", resource_files=[str(tmp_path / "nope.txt")])
+    assert job.counts()["total"] == 0

@@ -34,6 +34,8 @@ def spec_for(cluster: Path, names: list[str], tmp_path: Path, **extra) -> Path:
     spec = json.loads((cluster / "pool.json").read_text())
     spec["hosts"] = [h for h in spec["hosts"] if h["name"] in names]
     spec["python"] = sys.executable
+    spec["authorized_keys"] = str(cluster / "authorized_keys")  # what the nodes' sshd reads
+    spec["node_root"] = str(tmp_path / "node roots")  # not under the real ~
     spec.update(extra)
     path = tmp_path / f"pool-{'-'.join(names)}.json"
     path.write_text(json.dumps(spec))
@@ -250,4 +252,117 @@ def test_a_node_dying_under_a_multi_node_task_retries_it_on_a_spare(batch, tmp_p
         second = dict(first, HPCBATCH_TASK_ATTEMPT="1")
         poll(lambda: not processes_with(second), timeout_s=5, what="attempt 1 ranks gone")
     finally:
+        cluster_down(d)
+
+
+def tree(path: Path) -> dict[str, tuple]:
+    """Every file under path with its bytes and mtime (to prove nothing was touched)."""
+    if not path.exists():
+        return {}
+    return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
+def test_inter_node_trust_is_a_pool_key_and_ssh_config_on_every_node(batch, cluster,
+                                                                     tmp_path, home):
+    user_ssh = tree(Path.home() / ".ssh")
+    spec = spec_for(cluster, ["node1", "node2"], tmp_path)
+    batch.pools.create("trusted", "ssh", spec=str(spec))
+    wait_idle(batch, "trusted", 2)
+    pub = (home / "pools" / "trusted" / "id_ed25519.pub").read_text().split()
+    assert pub[0] == "ssh-ed25519" and pub[2] == "hpcbatch-pool:trusted"
+    authorized = (cluster / "authorized_keys").read_text()
+    assert authorized.count(pub[1]) == 1  # both nodes read this file: added once
+    host_keys = {nd["name"]: nd["host_key"] for nd in cluster_status(cluster)["nodes"]}
+    for node in ("node1", "node2"):
+        ssh_dir = tmp_path / "node roots" / "trusted" / node / "ssh"
+        assert (ssh_dir / "id_ed25519").stat().st_mode & 0o777 == 0o600
+        assert (ssh_dir / "id_ed25519").read_text() == \
+            (home / "pools" / "trusted" / "id_ed25519").read_text()
+        known = (ssh_dir / "known_hosts").read_text().splitlines()
+        assert known == [f"{n} {host_keys[n]}" for n in ("node1", "node2")]
+        config = (ssh_dir / "config").read_text()
+        assert f'IdentityFile "{ssh_dir}/id_ed25519"' in config
+        assert config.count("StrictHostKeyChecking yes") == 2
+    # the primary reaches the other node with real ssh and only these files
+    job = batch.jobs.create("hop", pool="trusted")
+    job.add_task("t", 'ssh -n -F "$HPCBATCH_SSH_CONFIG" node2 \'echo "$HPCBATCH_NODE"\'',
+                 multi_instance={"instances": 2})
+    job.wait(timeout_s=60)
+    t = job.task("t")
+    assert t.succeeded, t.stderr()
+    assert t.stdout() == "node2\n"
+    assert tree(Path.home() / ".ssh") == user_ssh  # the user's own ~/.ssh is untouched
+
+
+def test_without_inter_node_communication_no_pool_key_is_installed(batch, cluster, tmp_path,
+                                                                   home):
+    spec = spec_for(cluster, ["node3"], tmp_path)
+    batch.pools.create("plain", "ssh", spec=str(spec), inter_node_communication=False)
+    wait_idle(batch, "plain", 1)
+    job = batch.jobs.create("env", pool="plain")
+    job.add_task("t", 'echo "[${HPCBATCH_SSH_CONFIG-unset}]"', multi_instance={"instances": 1})
+    job.wait(timeout_s=60)
+    assert job.task("t").stdout() == "[unset]\n"
+    assert not (home / "pools" / "plain").exists()
+    assert not (tmp_path / "node roots" / "plain" / "node3" / "ssh").exists()
+
+
+def test_resource_files_go_over_sftp_and_logs_come_back_over_it(batch, cluster, tmp_path,
+                                                                home):
+    data = tmp_path / "mesh.dat"
+    data.write_text("mesh v1\n")
+    spec = spec_for(cluster, ["node2", "node3"], tmp_path)
+    batch.pools.create("files", "ssh", spec=str(spec))
+    wait_idle(batch, "files", 2)
+    job = batch.jobs.create("stage", pool="files")
+    job.add_task("one", "cat in/mesh.dat", resource_files=[{"source": str(data),
+                                                             "file_path": "in/mesh.dat"}])
+    job.add_task("wide", 'cat "$HPCBATCH_TASK_SHARED_DIR/mesh.dat"', multi_instance={
+        "instances": 2, "common_resource_files": [str(data)],
+        "coordination_command": 'test -s "$HPCBATCH_TASK_SHARED_DIR/mesh.dat"'})
+    job.wait(timeout_s=60)
+    for tid in ("one", "wide"):
+        t = job.task(tid)
+        assert t.succeeded, (t.failure, t.stderr())
+        assert t.stdout() == "mesh v1\n"
+    r = run_cli(home, "task", "logs", "stage", "one")
+    assert r.returncode == 0 and r.stdout == "mesh v1\n", r.stderr
+
+
+def test_an_unusable_node_comes_back_when_it_answers_again(batch, tmp_path, home):
+    d = tmp_path / "c2"
+    cluster_up(2, d)
+    sshd = None
+    try:
+        spec = spec_for(d, ["node1", "node2"], tmp_path)
+        batch.pools.create("phoenix", "ssh", spec=str(spec), scheduling_policy="spread")
+        wait_idle(batch, "phoenix", 2)
+        job = batch.jobs.create("before", pool="phoenix")
+        job.add_tasks({"id": f"t{i}", "command_line": "sleep 0.3; echo hi"} for i in range(2))
+        job.wait(timeout_s=30)
+        on_node2 = next(t.id for t in job.tasks() if t.node_id == "node2")
+        kill_node(d, "node2")
+
+        def state():
+            return {n["id"]: (n["state"], n["reason"]) for n in batch.pools.nodes("phoenix")}
+        poll(lambda: state()["node2"][0] == "unusable", timeout_s=10, what="node2 unusable")
+        # while node2 is down its logs cannot be fetched: one line naming the node
+        r = run_cli(home, "task", "logs", "before", on_node2)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "node2 (root@127.0.0.1:" in r.stderr and "connection refused" in r.stderr
+        # the same sshd (same host key, port) comes back
+        nd = d / "node2"
+        sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-f", str(nd / "sshd_config"), "-E",
+                                 str(nd / "sshd.log")], start_new_session=True)
+        poll(lambda: state()["node2"][0] == "idle", timeout_s=20, what="node2 idle again")
+        job2 = batch.jobs.create("after", pool="phoenix")
+        job2.add_tasks({"id": f"t{i}", "command_line": "sleep 0.3; echo $HPCBATCH_NODE"}
+                       for i in range(4))
+        job2.wait(timeout_s=60)
+        assert {t.stdout().strip() for t in job2.tasks()} == {"node1", "node2"}
+    finally:
+        if sshd is not None:
+            sshd.kill()
+            sshd.wait()
         cluster_down(d)
