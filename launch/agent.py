@@ -136,6 +136,25 @@ def _killpg(pgid: int, sig: int) -> None:
         pass
 
 
+def signal_session(sid: int, sig: int) -> None:
+    """Signal a task's whole session: its process group, and the other groups a launcher
+    made inside it (Open MPI puts each local rank in a group of its own)."""
+    _killpg(sid, sig)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and int(fields[2]) != sid:  # session, not the main group
+            try:
+                os.kill(int(entry), sig)
+            except OSError:
+                pass
+
+
 class Agent:
     def __init__(self, node_id: str, root: str, heartbeat_s: float, slots: int = 1, out=None):
         self.node_id = node_id
@@ -250,7 +269,7 @@ class Agent:
 
     def terminate(self, task: Task) -> None:
         if task.kill_at is None:
-            _killpg(task.pid, signal.SIGTERM)
+            signal_session(task.pid, signal.SIGTERM)
             task.kill_at = time.time() + KILL_GRACE_S
 
     def reap(self) -> None:
@@ -266,7 +285,11 @@ class Agent:
                 continue
             self.by_id.pop(task.id, None)
             self.used -= task.slots
-            _killpg(pid, signal.SIGKILL)  # nothing of the task outlives it
+            # nothing of the task outlives it (a killed one: not even in other groups)
+            if task.kill_at is not None:
+                signal_session(pid, signal.SIGKILL)
+            else:
+                _killpg(pid, signal.SIGKILL)
             code = os.waitstatus_to_exitcode(status)
             self.events.append({
                 "ev": "exited", "id": task.id,
@@ -287,7 +310,7 @@ class Agent:
                 task.timed_out = True
                 self.terminate(task)
             if task.kill_at is not None and now >= task.kill_at:
-                _killpg(task.pid, signal.SIGKILL)
+                signal_session(task.pid, signal.SIGKILL)
                 task.kill_at = now + KILL_GRACE_S
             for t in (task.deadline if task.kill_at is None else None, task.kill_at):
                 if t is not None and (nxt is None or t < nxt):
@@ -303,7 +326,8 @@ class Agent:
     def kill_all(self) -> None:
         self.queued.clear()
         for task in list(self.tasks.values()):
-            _killpg(task.pid, signal.SIGKILL)
+            task.kill_at = task.kill_at or time.time()
+            signal_session(task.pid, signal.SIGKILL)
         deadline = time.time() + 5
         while self.tasks and time.time() < deadline:
             self.reap()

@@ -160,3 +160,33 @@ def test_coordinator_going_away_kills_tasks(tmp_path):
     while (pid_alive(pid) or pid_alive(agent_pid)) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not pid_alive(pid) and not pid_alive(agent_pid)
+
+
+# a child that leaves the task's process group but stays in its session, as Open MPI's
+# launcher does with each local rank
+OWN_GROUP = ("python3 -c 'import os, sys, time; os.setpgid(0, 0); "
+             "open(sys.argv[1], \"w\").write(str(os.getpid())); time.sleep(300)' {} & wait")
+
+
+def wait_gone(pid: int, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not pid_alive(pid), f"process {pid} outlived its task"
+
+
+def test_a_killed_task_takes_processes_in_other_groups_of_its_session(agent, tmp_path):
+    pidfile = tmp_path / "rank.pid"
+    agent.run(1, OWN_GROUP.format(pidfile), tmp_path, timeout_s=0.5)
+    rank = int(wait_file(pidfile))
+    assert agent.expect("exited", id=1)["timed_out"]
+    wait_gone(rank)
+
+
+def test_coordinator_going_away_kills_other_groups_of_a_task_too(tmp_path):
+    a = AgentUnderTest(tmp_path / "node")
+    pidfile = tmp_path / "rank.pid"
+    a.run(1, OWN_GROUP.format(pidfile), tmp_path)
+    rank = int(wait_file(pidfile))
+    a.chan.close()  # stdin EOF: the agent kills everything it started
+    wait_gone(rank)
