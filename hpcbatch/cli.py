@@ -26,8 +26,48 @@ from hpcbatch._version import __version__
 from hpcbatch.errors import HpcBatchError, NotFound, ValidationError
 from hpcbatch.models import TaskSpec, check_id
 
-out = Console(highlight=False)
+# piped output is not folded at 80 columns: ids and paths stay whole for grep and copy
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 240)
 err = Console(stderr=True, highlight=False)
+
+
+def table(columns: list[str], rows: list[list[Any]], *, keep: tuple[str, ...] = (),
+          title: str | None = None, right: tuple[str, ...] = ()) -> Table:
+    """A rich table whose ``keep`` columns (ids, names) never wrap, so they can be copied;
+    the other columns fold when the terminal is narrow."""
+    t = Table(title=title)
+    for i, col in enumerate(columns):
+        justify = "right" if col in right else "left"
+        if col in keep:
+            width = max([len(col)] + [len(str(r[i])) for r in rows])
+            t.add_column(col, no_wrap=True, min_width=width, justify=justify)
+        else:
+            t.add_column(col, overflow="fold", justify=justify)
+    for r in rows:
+        t.add_row(*[str(c) for c in r])
+    return t
+
+
+def exit_text(r: dict[str, Any]) -> str:
+    """How a task's process ended: its exit code, or the signal that killed it."""
+    if r["exit_code"] is not None:
+        return str(r["exit_code"])
+    return f"signal {r['signal']}" if r["signal"] else ""
+
+
+def join_command(argv: tuple[str, ...] | list[str]) -> str:
+    """argv as one /bin/sh command line: every argument quoted, except that $NAME and
+    ${NAME} references in it still expand in the task (so '$HPCBATCH_TASK_INDEX' given
+    to submit --array works); a '$' not starting a variable name stays a literal '$'."""
+    parts = []
+    for a in argv:
+        if re.search(r"\$(\{?)[A-Za-z_]", a):
+            body = re.sub(r'(["\\`])', r"\\\1", a)
+            body = re.sub(r"\$(?!\{?[A-Za-z_])", r"\\$", body)
+            parts.append(f'"{body}"')
+        else:
+            parts.append(shlex.quote(a))
+    return " ".join(parts)
 
 
 def _home() -> Path:
@@ -130,7 +170,7 @@ def submit(each_line, array, job_id, pool_id, slots, retries, timeout_s, priorit
     if each_line:
         specs = _tasks_from_lines(each_line, common)
     else:
-        cmd = command[0] if len(command) == 1 else shlex.join(command)
+        cmd = command[0] if len(command) == 1 else join_command(command)
         if array:
             specs = [TaskSpec(f"task-{i}", cmd, environment={E.TASK_INDEX: str(i)}, **common)
                      for i in parse_array(array)]
@@ -199,29 +239,22 @@ def _summary(job, counts: dict[str, int]) -> None:
     rows = store.list_tasks(job.id, "completed")
     retried = sum(1 for r in rows if r["retry_count"])
     timed_out = sum(1 for r in rows if r["failure"] == "timeout" and r["result"] == "failure")
-    t = Table(title=f"job {job.id}", show_header=True)
-    for col in ("tasks", "succeeded", "failed", "timed out", "retried", "requeued"):
-        t.add_column(col, justify="right")
-    t.add_row(str(counts["total"]), f"[green]{counts['succeeded']}",
-              f"[red]{counts['failed']}" if counts["failed"] else "0", str(timed_out),
-              str(retried), str(sum(1 for r in rows if r["requeue_count"])))
-    out.print(t)
+    cols = ["tasks", "succeeded", "failed", "timed out", "retried", "requeued"]
+    out.print(table(cols, [[counts["total"], f"[green]{counts['succeeded']}",
+                            f"[red]{counts['failed']}" if counts["failed"] else "0", timed_out,
+                            retried, sum(1 for r in rows if r["requeue_count"])]],
+                    title=f"job {job.id}", right=tuple(cols)))
     slow = sorted((r for r in rows if _duration(r) is not None), key=_duration, reverse=True)[:5]
     if slow and len(rows) > 1:
-        st = Table(title="slowest tasks")
-        for col in ("task", "seconds", "exit", "node"):
-            st.add_column(col)
-        for r in slow:
-            st.add_row(r["id"], f"{_duration(r):.3f}", str(r["exit_code"]), r["node_id"] or "")
-        out.print(st)
+        out.print(table(["task", "seconds", "exit", "node"],
+                        [[r["id"], f"{_duration(r):.3f}", exit_text(r), r["node_id"] or ""]
+                         for r in slow], keep=("task", "node"), title="slowest tasks"))
     failed = [r for r in rows if r["result"] == "failure"]
     if failed:
-        ft = Table(title=f"failed tasks ({len(failed)})")
-        for col in ("task", "failure", "exit", "retries"):
-            ft.add_column(col)
-        for r in failed[:20]:
-            ft.add_row(r["id"], r["failure"] or "", str(r["exit_code"]), str(r["retry_count"]))
-        out.print(ft)
+        out.print(table(["task", "failure", "exit", "retries"],
+                        [[r["id"], r["failure"] or "", exit_text(r), r["retry_count"]]
+                         for r in failed[:20]], keep=("task",),
+                        title=f"failed tasks ({len(failed)})"))
         for r in failed[:20]:  # unwrapped, so the paths can be copied
             stderr_path = os.path.join(r["task_dir"], "stderr.txt") if r["task_dir"] else "-"
             out.print(f"{r['id']} stderr: {stderr_path}", soft_wrap=True, markup=False)
@@ -240,24 +273,25 @@ def pool() -> None:
 
 @pool.command("list")
 def pool_list() -> None:
+    """The pools, with how many nodes are in each state."""
     store = _store()
     nodes = store.list_nodes()
-    t = Table()
-    for col in ("pool", "provider", "slots/node", "policy", "nodes", "states"):
-        t.add_column(col)
+    rows = []
     for p in store.list_pools():
         states: dict[str, int] = {}
         for n in nodes:
             if n["pool_id"] == p.id:
                 states[n["state"]] = states.get(n["state"], 0) + 1
-        t.add_row(p.id, p.provider, str(p.task_slots_per_node), p.scheduling_policy,
-                  str(sum(states.values())), ", ".join(f"{k} {v}" for k, v in states.items()))
-    out.print(t)
+        rows.append([p.id, p.provider, p.task_slots_per_node, p.scheduling_policy,
+                     sum(states.values()), ", ".join(f"{k} {v}" for k, v in states.items())])
+    out.print(table(["pool", "provider", "slots/node", "policy", "nodes", "states"], rows,
+                    keep=("pool",)))
 
 
 @pool.command("show")
 @click.argument("pool_id")
 def pool_show(pool_id: str) -> None:
+    """A pool's settings and each node's state (with the reason when it is unusable)."""
     store = _store()
     p = store.get_pool(pool_id)
     out.print(f"pool [bold]{p.id}[/]  provider {p.provider}  {p.task_slots_per_node} slots/node"
@@ -268,14 +302,9 @@ def pool_show(pool_id: str) -> None:
         trust = ("on: pool key + ssh_config on every node (HPCBATCH_SSH_CONFIG)"
                  if p.inter_node_communication else "off: the nodes' own SSH set-up")
         out.print(f"inter-node SSH: {trust}", markup=False)
-    t = Table()
-    for col in ("node", "state", "slots", "host", "reason"):
-        t.add_column(col, overflow="fold")
-    for n in store.list_nodes(pool_id):
-        info = json.loads(n["info"])
-        t.add_row(n["id"], n["state"], str(n["slots"]), str(info.get("hostname") or ""),
-                  n["reason"] or "")
-    out.print(t)
+    rows = [[n["id"], n["state"], n["slots"], json.loads(n["info"]).get("hostname") or "",
+             n["reason"] or ""] for n in store.list_nodes(pool_id)]
+    out.print(table(["node", "state", "slots", "host", "reason"], rows, keep=("node",)))
 
 
 @pool.command("create")
@@ -343,21 +372,22 @@ def job() -> None:
 
 @job.command("list")
 def job_list() -> None:
+    """The jobs, newest last, with their task counts."""
     store = _store()
-    t = Table()
-    for col in ("job", "pool", "state", "priority", "tasks", "completed", "failed", "created"):
-        t.add_column(col, overflow="fold")
+    rows = []
     for j in store.list_jobs():
         c = store.task_counts(j["id"])
-        t.add_row(j["id"], j["pool_id"], j["state"], str(j["spec"].priority), str(c["total"]),
-                  str(c["completed"]), str(c["failed"]),
-                  dt.datetime.fromtimestamp(j["created_at"]).strftime("%Y-%m-%d %H:%M:%S"))
-    out.print(t)
+        rows.append([j["id"], j["pool_id"], j["state"], j["spec"].priority, c["total"],
+                     c["completed"], c["failed"],
+                     dt.datetime.fromtimestamp(j["created_at"]).strftime("%Y-%m-%d %H:%M:%S")])
+    out.print(table(["job", "pool", "state", "priority", "tasks", "completed", "failed",
+                     "created"], rows, keep=("job", "pool", "completed", "created")))
 
 
 @job.command("show")
 @click.argument("job_id")
 def job_show(job_id: str) -> None:
+    """A job's settings and task counts."""
     store = _store()
     j = store.get_job(job_id)
     c = store.task_counts(job_id)
@@ -411,27 +441,27 @@ def task() -> None:
 @click.option("--failed", is_flag=True, help="Only completed tasks that failed.")
 @click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True)
 def task_list(job_id, state, failed, limit) -> None:
+    """A job's tasks (at most --limit of them), in submission order."""
     store = _store()
     store.get_job(job_id)
-    t = Table()
-    for col in ("task", "state", "result", "exit", "retries", "node", "seconds"):
-        t.add_column(col, overflow="fold")
-    rows = store.list_tasks(job_id, "completed" if failed else state,
-                            None if failed else limit)
+    rows = store.list_tasks(job_id, "completed" if failed else state)
     if failed:
-        rows = [r for r in rows if r["result"] == "failure"][:limit]
-    for r in rows:
-        d = _duration(r)
-        t.add_row(r["id"], r["state"], r["result"] or "", "" if r["exit_code"] is None
-                  else str(r["exit_code"]), str(r["retry_count"]), r["node_id"] or "",
-                  f"{d:.3f}" if d is not None else "")
-    out.print(t)
+        rows = [r for r in rows if r["result"] == "failure"]
+    shown = [[r["id"], r["state"], r["result"] or "", exit_text(r), r["retry_count"],
+              r["node_id"] or "", f"{d:.3f}" if (d := _duration(r)) is not None else ""]
+             for r in rows[:limit]]
+    out.print(table(["task", "state", "result", "exit", "retries", "node", "seconds"], shown,
+                    keep=("task", "node")))
+    if len(rows) > limit:
+        err.print(f"showing {limit} of {len(rows)} tasks; use --limit to see more",
+                  markup=False)
 
 
 @task.command("show")
 @click.argument("job_id")
 @click.argument("task_id")
 def task_show(job_id, task_id) -> None:
+    """Everything stored about one task, as JSON."""
     r = _store().get_task(job_id, task_id)
     r = dict(r)
     r["spec"] = json.loads(r["spec"])

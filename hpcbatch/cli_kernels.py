@@ -23,13 +23,36 @@ def _fmt(value) -> str:
     return f"{arr.dtype}{list(arr.shape)}"
 
 
+SERIES_MAX = 64  # 1-D outputs of one length up to this are shown side by side
+
+
+def _series(reduced: dict) -> dict[int, list[str]]:
+    """Names of the 1-D outputs too long to show inline, by length, where at least two
+    share a length (a sweep: sizes and their latencies, say)."""
+    by_len: dict[int, list[str]] = {}
+    for name, value in reduced.items():
+        arr = np.asarray(value)
+        if arr.ndim == 1 and 8 < arr.size <= SERIES_MAX:
+            by_len.setdefault(arr.size, []).append(name)
+    return {n: names for n, names in by_len.items() if len(names) > 1}
+
+
 def print_result(res) -> None:
+    series = _series(res.reduced)
     t = Table(title=f"{res.kernel}: reduced results")
     t.add_column("name")
     t.add_column("value", overflow="fold")
     for name, value in res.reduced.items():
-        t.add_row(name, _fmt(value))
+        shown_below = any(name in names for names in series.values())
+        t.add_row(name, _fmt(value) + ("  (below)" if shown_below else ""))
     out.print(t)
+    for names in series.values():
+        st = Table(title=f"{res.kernel}: {', '.join(names)}")
+        for name in names:
+            st.add_column(name, justify="right")
+        for row in zip(*(np.asarray(res.reduced[n]) for n in names)):
+            st.add_row(*(f"{v:.4g}" if isinstance(v, np.floating) else str(v) for v in row))
+        out.print(st)
     if res.timings:
         out.print("timings: " + ", ".join(f"{k} {v:.3f} s" for k, v in res.timings.items()))
     out.print(f"result file: {res.path}", soft_wrap=True, markup=False)

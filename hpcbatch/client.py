@@ -311,6 +311,14 @@ def open_store(home: Path) -> Store:
     return store
 
 
+class _Closed:
+    """Stands in for the store of a closed Batch: any use says so in one line."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise HpcBatchError("this hpcbatch.Batch is closed; open a new one (or use it in a "
+                            "'with' block) to reach its jobs and tasks")
+
+
 class Batch:
     """An embedded coordinator plus the API to drive it."""
 
@@ -366,8 +374,11 @@ class Batch:
             raise HpcBatchError(f"the coordinator stopped: {self.coordinator.error!r}")
 
     def close(self) -> None:
+        if isinstance(self.store, _Closed):
+            return
         self.coordinator.stop()
         self.store.close()
+        self.store = _Closed()
 
     def __enter__(self) -> Batch:
         return self

@@ -71,9 +71,25 @@ def kernel_command(kernel: str, params: dict[str, Any], output: Path, ranks: int
                 str(ranks_per_node or 1), "--", *harness]
         return shlex.join(argv), {}
     from hpcbatch.launch.mpi import mpiexec_command
-    argv, env = mpiexec_command(ranks, harness, oversubscribe=oversubscribe)
+    try:
+        argv, env = mpiexec_command(ranks, harness, oversubscribe=oversubscribe)
+    except FileNotFoundError as exc:  # no MPI here: say how to get one
+        raise HpcBatchError(str(exc)) from None
     extra = {k: v for k, v in env.items() if os.environ.get(k) != v}
     return shlex.join(argv), extra
+
+
+_RANK_ERROR = re.compile(r"^\[rank \d+\] [\w.]*(Error|Exception|Exit|Interrupt)\b.*")
+
+
+def _cause(stderr: str) -> str:
+    """The line of the ranks' stderr that says why: a rank's exception, else the last
+    line with words in it (MPI's banners end in dashes)."""
+    lines = [ln.strip() for ln in stderr.splitlines()]
+    found = [ln for ln in lines if _RANK_ERROR.match(ln)]
+    if found:
+        return found[-1]
+    return next((ln for ln in reversed(lines) if any(c.isalnum() for c in ln)), "")
 
 
 def run_kernel(batch, kernel: str, *, ranks: int | None = None,
@@ -120,16 +136,29 @@ def run_kernel(batch, kernel: str, *, ranks: int | None = None,
     job_id = f"run-{short}-{stamp}"
     job = batch.jobs.create(job_id, pool=pool, on_all_tasks_complete="terminate_job")
     job.add_tasks([task])
-    job.wait(progress=progress)
+    try:
+        job.wait(progress=progress)
+    except KeyboardInterrupt:  # the user gave up on this run: stop its ranks, keep nothing
+        job.terminate_task("kernel")
+        try:
+            job.wait(timeout_s=10)
+        except (TimeoutError, HpcBatchError):
+            pass
+        raise
     t = job.task("kernel")
     if not t.succeeded:
         try:
             stderr = t.stderr()
         except HpcBatchError:
             stderr = ""
-        why = "timed out" if t.failure == "timeout" else f"exited with {t.exit_code}"
-        raise KernelRunError(f"kernel {name} on {ranks} ranks {why}; stderr: "
-                             f"{t.stderr_path}", stderr, t)
+        why = ("timed out" if t.failure == "timeout" else
+               f"failed to start ({t.failure.split(': ', 1)[-1]})"
+               if (t.failure or "").startswith("start_failed") else
+               f"exited with {t.exit_code}")
+        last = _cause(stderr)
+        raise KernelRunError(f"kernel {name} on {ranks} ranks {why}"
+                             + (f": {last[:200]}" if last else "")
+                             + f" (stderr: {t.stderr_path})", stderr, t)
     from hpcbatch.kernels.results import read_result
     res = read_result(out)
     return KernelResult(name, out, res.reduced, res.timings, res.attrs, job_id, "kernel")

@@ -12,8 +12,13 @@ from hpcbatch.launch.cluster import pid_alive  # noqa: F401 - re-exported for te
 from hpcbatch.store import Store
 
 
-def run_cli(home: Path, *args: str, timeout_s: float = 120, **kw) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HPCBATCH_HOME=str(home), COLUMNS="200")
+def run_cli(home: Path, *args: str, timeout_s: float = 120, columns: str | None = "200",
+            **kw) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess, output piped (COLUMNS=None: as a pipe with no COLUMNS)."""
+    env = dict(os.environ, HPCBATCH_HOME=str(home))
+    env.pop("COLUMNS", None)
+    if columns is not None:
+        env["COLUMNS"] = columns
     return subprocess.run([sys.executable, "-m", "hpcbatch.cli", *args], env=env,
                           capture_output=True, text=True, timeout=timeout_s,
                           stdin=subprocess.DEVNULL, **kw)

@@ -120,3 +120,13 @@ def test_terminate_job_completes_the_job(batch):
     poll(lambda: job.state == "completed", what="job completed")
     with pytest.raises(Conflict, match="is completed"):
         job.add_task("late", "true")
+
+
+def test_a_closed_batch_says_so(home):
+    from hpcbatch.errors import HpcBatchError
+    batch = hpcbatch.Batch()
+    job = batch.jobs.create("j")
+    batch.close()
+    batch.close()  # twice is fine
+    with pytest.raises(HpcBatchError, match="this hpcbatch.Batch is closed"):
+        job.counts()

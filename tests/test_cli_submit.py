@@ -72,6 +72,34 @@ def test_array_sets_the_task_index(cli, home):
     assert outs == sorted(f"index={i} task=task-{i}\n" for i in (1, 2, 3, 4, 5, 9))
 
 
+def test_array_in_argv_form_expands_variables_but_nothing_else(cli, home):
+    # the README's form: each argument quoted, $NAME still expanding in the task
+    r = cli("submit", "--array", "1-3", "--job", "argv", "--", "echo", "--seed",
+            "$HPCBATCH_TASK_INDEX", "a b;", "$(id)", "`id`", "5$")
+    assert r.returncode == 0, r.stderr
+    s = Store(home / "state.db")
+    outs = sorted(Path(t["task_dir"], "stdout.txt").read_text() for t in s.list_tasks("argv"))
+    assert outs == [f"--seed {i} a b; $(id) `id` 5$\n" for i in (1, 2, 3)]
+
+
+def test_a_timed_out_task_shows_the_signal_that_ended_it(cli, home):
+    r = cli("submit", "--timeout", "0.5", "--job", "sig", "--", "sleep 30")
+    assert r.returncode == 1
+    assert re.search(r"task-1\s+│ timeout\s+│ signal 15", r.stdout), r.stdout
+
+
+def test_listings_keep_long_ids_whole_when_piped(cli, home):
+    long_id = "a-job-id-that-is-long-" + "x" * 40
+    assert cli("submit", "--job", long_id, "--", "true").returncode == 0
+    r = cli("job", "list", columns=None)
+    assert long_id in r.stdout, r.stdout
+    many = cli("submit", "--array", "1-12", "--job", "many", "--", "true")
+    assert many.returncode == 0
+    limited = cli("task", "list", "many", "--limit", "5")
+    assert limited.stdout.count("task-") == 5
+    assert "showing 5 of 12 tasks" in limited.stderr
+
+
 def test_task_environment(cli, home):
     r = cli("submit", "--job", "envjob", "--", "env | grep ^HPCBATCH_ | sort")
     assert r.returncode == 0

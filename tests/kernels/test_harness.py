@@ -101,6 +101,58 @@ def test_a_failing_rank_aborts_the_run_quickly_with_its_traceback(home, tmp_path
     assert not (tmp_path / "bad.h5").exists()
 
 
+SLOW_KERNEL = textwrap.dedent('''
+    import os, time
+    from hpcbatch.kernels.api import Output, Param
+    PARAMS = {"dir": Param(str, "", "where each rank writes its pid")}
+    OUTPUTS = {"x": Output("sum")}
+
+    def run(comm, dir):
+        with open(os.path.join(dir, f"rank{comm.rank}.pid"), "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(300)
+        return {"x": 1}
+''')
+
+
+def test_ctrl_c_on_run_stops_every_rank_and_the_job(home, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import pid_alive, poll
+
+    from hpcbatch.store import Store
+    kfile = tmp_path / "slow.py"
+    kfile.write_text(SLOW_KERNEL)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "hpcbatch.cli", "run", str(kfile),
+                             "--ranks", "2", "-p", f"dir={pids}", "-o", str(tmp_path / "s.h5")],
+                            env=dict(os.environ, HPCBATCH_HOME=str(home)),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        ranks = poll(lambda: [int(p.read_text()) for p in pids.glob("*.pid")
+                              if p.read_text()] if len(list(pids.glob("*.pid"))) == 2 else None,
+                     timeout_s=60, what="both ranks running")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    for pid in ranks:
+        poll(lambda pid=pid: not pid_alive(pid), timeout_s=10, what=f"rank {pid} gone")
+    store = Store(home / "state.db")
+    try:
+        rows = store.db.execute("SELECT state, failure FROM tasks").fetchall()
+    finally:
+        store.close()
+    # the run is over for good: the next coordinator on this home will not start it again
+    assert rows == [{"state": "completed", "failure": "killed:terminate"}]
+
+
 USER_KERNEL = textwrap.dedent('''
     import numpy as np
     from hpcbatch.kernels.api import Output, Param
