@@ -18,7 +18,9 @@ from hpcbatch.launch.cluster import (
     cluster_down,
     cluster_status,
     cluster_up,
+    kill_node,
     set_link,
+    start_node,
 )
 
 _DIR_HELP = "Cluster folder: keys, configs, pool.json, logs [default: $HPCBATCH_HOME/cluster]."
@@ -104,6 +106,25 @@ def down(directory: str | None) -> None:
                      f"{', '.join(stopped) or 'none was running'}"
                      + (f"; removed its namespaces, veths and bridge {bridge}" if bridge
                         else ""), markup=False)
+
+
+@cluster.command("kill")
+@click.argument("node")
+@click.option("--dir", "directory", type=click.Path(file_okay=False), help=_DIR_HELP)
+def kill(node: str, directory: str | None) -> None:
+    """Kill one node's sshd and everything under it (and, --netns, everything in its
+    namespace): a node lost, for fault tests. 'cluster start NODE' brings it back."""
+    was_up = _call(kill_node, _dir(directory), node)
+    _console().print(f"{node}: {'killed' if was_up else 'was not running'}", markup=False)
+
+
+@cluster.command("start")
+@click.argument("node")
+@click.option("--dir", "directory", type=click.Path(file_okay=False), help=_DIR_HELP)
+def start(node: str, directory: str | None) -> None:
+    """Start a killed node's sshd again (same host key, address and port)."""
+    nd = _call(start_node, _dir(directory), node)
+    _console().print(f"{node}: sshd running again (pid {nd.pid})", markup=False)
 
 
 @cluster.command("link")

@@ -819,6 +819,27 @@ def kill_node(directory: str | os.PathLike, name: str) -> bool:
     return _stop_node(_load(directory).node(name))
 
 
+def start_node(directory: str | os.PathLike, name: str, timeout_s: float = 15.0) -> NodeInfo:
+    """Start a stopped node's sshd again: same host key, address and port (a node that
+    comes back after a loss). Raises ClusterError if it is running."""
+    info = _load(directory)
+    nd = info.node(name)
+    if _is_ours(nd):
+        raise ClusterError(f"node {name} of the cluster in {info.directory} is running "
+                           f"(sshd pid {nd.pid})")
+    if nd.netns and nd.netns not in _netns_names():
+        raise ClusterError(f"node {name}'s namespace {nd.netns} is gone (was the cluster "
+                           f"taken down?); start a new cluster with 'hpcbatch cluster up'")
+    proc = _start_sshd(nd, info.directory)
+    failed = _wait_listening({name: proc}, info.directory, time.monotonic() + timeout_s)
+    if failed:
+        proc.wait()
+        raise _start_error(info.directory, failed)
+    nd.pid, nd.start_time = proc.pid, _start_time(proc.pid) or 0
+    _write_state(info)
+    return nd
+
+
 def set_link(directory: str | os.PathLike, name: str, up: bool) -> None:
     """Cut (up=False) or restore a netns node's link: its root-side veth goes down, the
     node becomes unreachable while its processes live on."""

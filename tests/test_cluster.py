@@ -211,7 +211,16 @@ def test_kill_node_takes_down_one_node_and_its_sessions(up):
         c = connect(targets[0])
         assert run(c, ["printenv", "HPCBATCH_NODE"], timeout_s=30)[1] == "node1\n"
         c.close()
-        assert ct.cluster_down(info.directory) == ["node1"]
+        # it comes back as the same node: same port, same host key (strict known_hosts)
+        back = ct.start_node(info.directory, "node2")
+        assert back.port == info.nodes[1].port and back.pid != info.nodes[1].pid
+        assert [nd.alive for nd in ct.cluster_status(info.directory).nodes] == [True, True]
+        with pytest.raises(ct.ClusterError, match="node2 .* is running"):
+            ct.start_node(info.directory, "node2")
+        c = connect(targets[1])
+        assert run(c, ["printenv", "HPCBATCH_NODE"], timeout_s=30)[1] == "node2\n"
+        c.close()
+        assert ct.cluster_down(info.directory) == ["node1", "node2"]
     finally:
         client.close()
 
@@ -557,6 +566,12 @@ def test_cli_up_status_down(tmp_path, monkeypatch):
         again = runner.invoke(cluster_cli, ["up", "-n", "2", "--dir", str(d)])
         assert again.exit_code == 1 and "Error: a cluster is already running" in again.output
         assert len(again.output.strip().splitlines()) == 1
+        k = runner.invoke(cluster_cli, ["kill", "node2", "--dir", str(d)])
+        assert k.exit_code == 0 and "node2: killed" in k.output
+        assert not ct.pid_alive(pids[1])
+        st = runner.invoke(cluster_cli, ["start", "node2", "--dir", str(d)])
+        assert st.exit_code == 0 and "node2: sshd running again" in st.output, st.output
+        pids[1] = ct.cluster_status(d).nodes[1].pid
     finally:
         down = runner.invoke(cluster_cli, ["down", "--dir", str(d)])
     assert down.exit_code == 0 and "stopped 2 sshd node(s): node1, node2" in down.output

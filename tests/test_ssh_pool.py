@@ -13,7 +13,13 @@ import pytest
 from helpers import pid_alive, poll, run_cli, snapshot
 
 import hpcbatch
-from hpcbatch.launch.cluster import cluster_down, cluster_status, cluster_up, kill_node
+from hpcbatch.launch.cluster import (
+    cluster_down,
+    cluster_status,
+    cluster_up,
+    kill_node,
+    start_node,
+)
 
 pytestmark = pytest.mark.skipif(not Path("/usr/sbin/sshd").exists(),
                                 reason="needs openssh-server (scripts/test.sh installs it)")
@@ -34,7 +40,6 @@ def spec_for(cluster: Path, names: list[str], tmp_path: Path, **extra) -> Path:
     spec = json.loads((cluster / "pool.json").read_text())
     spec["hosts"] = [h for h in spec["hosts"] if h["name"] in names]
     spec["python"] = sys.executable
-    spec["authorized_keys"] = str(cluster / "authorized_keys")  # what the nodes' sshd reads
     spec["node_root"] = str(tmp_path / "node roots")  # not under the real ~
     spec.update(extra)
     path = tmp_path / f"pool-{'-'.join(names)}.json"
@@ -333,7 +338,6 @@ def test_resource_files_go_over_sftp_and_logs_come_back_over_it(batch, cluster, 
 def test_an_unusable_node_comes_back_when_it_answers_again(batch, tmp_path, home):
     d = tmp_path / "c2"
     cluster_up(2, d)
-    sshd = None
     try:
         spec = spec_for(d, ["node1", "node2"], tmp_path)
         batch.pools.create("phoenix", "ssh", spec=str(spec), scheduling_policy="spread")
@@ -351,10 +355,7 @@ def test_an_unusable_node_comes_back_when_it_answers_again(batch, tmp_path, home
         r = run_cli(home, "task", "logs", "before", on_node2)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert "node2 (root@127.0.0.1:" in r.stderr and "connection refused" in r.stderr
-        # the same sshd (same host key, port) comes back
-        nd = d / "node2"
-        sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-f", str(nd / "sshd_config"), "-E",
-                                 str(nd / "sshd.log")], start_new_session=True)
+        start_node(d, "node2")  # the same sshd (same host key and port) comes back
         poll(lambda: state()["node2"][0] == "idle", timeout_s=20, what="node2 idle again")
         job2 = batch.jobs.create("after", pool="phoenix")
         job2.add_tasks({"id": f"t{i}", "command_line": "sleep 0.3; echo $HPCBATCH_NODE"}
@@ -362,7 +363,4 @@ def test_an_unusable_node_comes_back_when_it_answers_again(batch, tmp_path, home
         job2.wait(timeout_s=60)
         assert {t.stdout().strip() for t in job2.tasks()} == {"node1", "node2"}
     finally:
-        if sshd is not None:
-            sshd.kill()
-            sshd.wait()
         cluster_down(d)
