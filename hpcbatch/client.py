@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from hpcbatch.coordinator import Coordinator, default_home
+from hpcbatch.coordinator import DEFAULT_PREFETCH, Coordinator, default_home
 from hpcbatch.errors import HpcBatchError, NotFound, ValidationError
 from hpcbatch.models import JobSpec, PoolSpec, TaskSpec, check_id, check_unique_ids
 from hpcbatch.store import Store
@@ -323,10 +323,12 @@ class Batch:
     """An embedded coordinator plus the API to drive it."""
 
     def __init__(self, home: str | os.PathLike | None = None, *,
-                 local_slots: int | None = None, prefetch: float = 1.0):
-        """``prefetch``: extra tasks per slot a node's agent may hold queued, so the next
-        task starts without a round trip. A higher-priority task submitted later can
-        wait behind at most these; 0 gives strict priority order at some throughput."""
+                 local_slots: int | None = None, prefetch: int = DEFAULT_PREFETCH):
+        """``prefetch``: at most this many tasks per slot a node's agent may hold queued,
+        so the next short task starts without a round trip (the queue holds about 20 ms
+        of work, judged from the pool's recent task durations: long tasks get none). A
+        higher-priority task submitted later can wait behind these; 0 gives strict
+        priority order at some throughput."""
         self.home = Path(home).expanduser() if home else default_home()
         self.store = open_store(self.home)
         try:

@@ -46,6 +46,13 @@ log = logging.getLogger("hpcbatch.coordinator")
 
 START_TASK_ID = "__start_task__"
 RECONNECT_MAX_S = 10.0  # an unusable node is tried again after 1, 2, 4, .. at most this
+# Prefetch: a node's agent may hold tasks queued beyond its slots, starting each the moment
+# a slot frees, with no round trip to the coordinator between two tasks. It pays only for
+# short tasks, and queued work cannot move to a node that frees up meanwhile, so a slot's
+# queue holds about PREFETCH_HORIZON_S of work (by the pool's recent task durations), at
+# most `prefetch` tasks (Coordinator argument, default DEFAULT_PREFETCH).
+DEFAULT_PREFETCH = 4
+PREFETCH_HORIZON_S = 0.02
 
 
 @dataclasses.dataclass
@@ -170,16 +177,15 @@ class Coordinator:
 
     def __init__(self, home: Path | str | None = None, *, heartbeat_s: float = 1.0,
                  node_timeout_s: float = 4.0, transport: LocalTransport | None = None,
-                 prefetch: float = 1.0):
+                 prefetch: int = DEFAULT_PREFETCH):
         self.home = Path(home) if home else default_home()
         self.lock = HomeLock(self.home)
         self.store = Store(self.home / "state.db")
         self.transport = transport or LocalTransport()
         self.heartbeat_s = heartbeat_s
         self.node_timeout_s = node_timeout_s
-        # tasks sent to a node beyond its slots (as a fraction of them): the agent queues
-        # them and starts each the moment a slot frees, with no round trip to us
-        self.prefetch = prefetch
+        self.prefetch = prefetch  # at most this many tasks queued per slot (see above)
+        self.run_s: dict[str, float] = {}  # pool -> moving average of task run time
         self.inbox: queue.Queue = queue.Queue()
         self.nodes: dict[tuple[str, str], NodeHandle] = {}
         self.pools: dict[str, PoolSpec] = {}
@@ -490,8 +496,9 @@ class Coordinator:
                      if n.pool_id == pool_id and n.state in (NodeState.IDLE, NodeState.RUNNING)]
             # no prefetch onto a node an allocation holds: its agent does not see the
             # allocation's slots as busy and would start queued work at once
-            slots = [NodeSlots(n.node_id, n.slots, n.used,
-                               0 if n.held else int(n.slots * self.prefetch)) for n in nodes]
+            per_slot = self._prefetch_per_slot(pool_id)
+            slots = [NodeSlots(n.node_id, n.slots, n.used, 0 if n.held else n.slots * per_slot)
+                     for n in nodes]
             decisions = schedule_from_queue(rq, slots, self.pools[pool_id].scheduling_policy)
             by_id = {n.node_id: n for n in nodes}
             rows = []
@@ -520,6 +527,14 @@ class Coordinator:
                     "UPDATE tasks SET state='running', node_id=?, task_dir=?, started_at=?, "
                     "ended_at=NULL WHERE seq=?", rows)
         return out
+
+    def _prefetch_per_slot(self, pool_id: str) -> int:
+        """Tasks a slot may hold queued: about PREFETCH_HORIZON_S of work, 1 until the
+        pool's tasks have been timed, never more than ``self.prefetch``."""
+        avg = self.run_s.get(pool_id)
+        if avg is None:
+            return min(1, self.prefetch)
+        return min(self.prefetch, int(PREFETCH_HORIZON_S / max(avg, 1e-4)))
 
     def _occupy(self, node: NodeHandle, rid: int | str, slots: int) -> None:
         node.used += slots
@@ -734,6 +749,10 @@ class Coordinator:
         if meta is None or tid not in node.running:
             return
         self._vacate(node, tid, meta.required_slots)
+        if ev.get("start") and ev.get("end"):
+            took = ev["end"] - ev["start"]
+            avg = self.run_s.get(meta.pool_id)
+            self.run_s[meta.pool_id] = took if avg is None else 0.9 * avg + 0.1 * took
         ex = Exit(exit_code=ev.get("exit_code"), signal=ev.get("signal"),
                   timed_out=bool(ev.get("timed_out")), start_failed=ev.get("start_failed"))
         self._record_exit(meta, ex, ev)
