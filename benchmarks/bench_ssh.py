@@ -3,8 +3,9 @@
 (1) bootstrap of an 8-node pool (strict host keys, agent upload, agent start, all
     idle) vs OpenSSH's `ssh -F cfg nodeN true` to all 8 in parallel
 (2) submit -> first rank running, 2-node multi-instance task through hpcbatch-mpiexec,
-    vs bare `mpiexec` with the same hostfile and ssh config (needs MPICH: run with a
-    python whose environment has the `mpich` extra; skipped otherwise)
+    vs bare `mpiexec` with the same hostfile and ssh config, with the MPI beside this
+    python: MPICH on loopback nodes, Open MPI on network-namespace nodes (root only;
+    PRRTE refuses loopback interfaces)
 
     python benchmarks/bench_ssh.py [--nodes 8] [--repeats 5]
 """
@@ -24,7 +25,12 @@ from _common import median, print_table, timed, write_results  # noqa: E402
 
 import hpcbatch  # noqa: E402
 from hpcbatch.launch import mpi  # noqa: E402
-from hpcbatch.launch.cluster import cluster_down, cluster_up  # noqa: E402
+from hpcbatch.launch.cluster import (  # noqa: E402
+    ClusterError,
+    check_netns,
+    cluster_down,
+    cluster_up,
+)
 
 STAMP = "import sys, time; open(sys.argv[1] + '.' + sys.argv[2], 'w').write(repr(time.time()))"
 
@@ -33,6 +39,7 @@ def spec(d: Path, names: list[str]) -> Path:
     s = json.loads((d / "pool.json").read_text())
     s["hosts"] = [h for h in s["hosts"] if h["name"] in names]
     s["python"] = sys.executable
+    s["node_root"] = str(d / "node-roots")
     p = d / f"pool-{len(names)}-{time.monotonic_ns()}.json"
     p.write_text(json.dumps(s))
     return p
@@ -65,11 +72,26 @@ def bench_bootstrap(d: Path, n: int, repeats: int) -> dict:
             "ratio": median(ssh) / median(ours), "all_s": {"hpcbatch": ours, "ssh": ssh}}
 
 
-def bench_first_rank(d: Path, repeats: int) -> dict:
+def bench_first_rank(tmp: Path, repeats: int) -> dict:
     flavour = mpi.detect_flavour(mpi.default_mpiexec())
-    if flavour != "mpich":
-        return {"skipped": f"MPI here is {flavour}; run with an environment with the mpich "
-                           "extra (Open MPI across loopback nodes needs network namespaces)"}
+    netns = flavour == "openmpi"
+    if netns:
+        try:
+            check_netns()
+        except ClusterError as exc:
+            return {"skipped": f"Open MPI across nodes needs network-namespace nodes: {exc}"}
+    elif flavour != "mpich":
+        return {"skipped": f"no MPI beside {sys.executable} (found {flavour})"}
+    d = tmp / "first-rank"
+    cluster_up(2, d, netns=netns)
+    try:
+        return {"cluster": "netns" if netns else "loopback",
+                **_first_rank(d, flavour, repeats)}
+    finally:
+        cluster_down(d)
+
+
+def _first_rank(d: Path, flavour: str, repeats: int) -> dict:
     ours, bare = [], []
     with tempfile.TemporaryDirectory() as home, hpcbatch.Batch(home) as batch:
         batch.pools.create("two", "ssh", spec=str(spec(d, ["node1", "node2"])))
@@ -85,7 +107,7 @@ def bench_first_rank(d: Path, repeats: int) -> dict:
             assert job.task(f"t{r}").succeeded, job.task(f"t{r}").stderr()
             ours.append(float(Path(f"{stamp}.0").read_text()) - t0)
         hostfile = Path(home) / "hf"
-        hostfile.write_text(mpi.hostfile_for("mpich", [("node1", 1), ("node2", 1)]))
+        hostfile.write_text(mpi.hostfile_for(flavour, [("node1", 1), ("node2", 1)]))
         for r in range(repeats):
             stamp = Path(home) / f"bare{r}"
             cmd, env = mpi.mpiexec_command(2, [sys.executable, "-c", STAMP, str(stamp), "0"],
@@ -110,15 +132,16 @@ def main() -> int:
         d = Path(tmp) / "cluster"
         cluster_up(args.nodes, d)
         try:
-            res = {"bootstrap": bench_bootstrap(d, args.nodes, args.repeats),
-                   "first_rank": bench_first_rank(d, args.repeats)}
+            res = {"bootstrap": bench_bootstrap(d, args.nodes, args.repeats)}
         finally:
             cluster_down(d)
+        res["first_rank"] = bench_first_rank(Path(tmp), args.repeats)
     b, f = res["bootstrap"], res["first_rank"]
     rows = [[f"bootstrap {b['nodes']} nodes to idle (s)", b["hpcbatch_s"],
              b["openssh_parallel_true_s"], b["ratio"]]]
     if "skipped" not in f:
-        rows.append(["submit -> first rank, 2 nodes (s)", f["hpcbatch_submit_to_first_rank_s"],
+        rows.append([f"submit -> first rank, 2 nodes, {f['flavour']} (s)",
+                     f["hpcbatch_submit_to_first_rank_s"],
                      f["bare_mpiexec_to_first_rank_s"],
                      f["bare_mpiexec_to_first_rank_s"] / f["hpcbatch_submit_to_first_rank_s"]])
     print_table(f"SSH pools (median of {args.repeats})",

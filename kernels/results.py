@@ -18,6 +18,9 @@ Datasets above 1 MiB are chunked (about 1 MiB per chunk); ``compress=True`` adds
 with the shuffle filter. The file is written as ``<name>.tmp`` and renamed into place,
 so a reader never sees a half-written result.
 
+h5py is imported where a file is opened, not with this module: ranks that write no
+file never pay its import (~0.1 s).
+
 Per-rank part files sit next to the result file and are found through a relative
 path, so the three move together; across nodes they need a shared filesystem.
 """
@@ -30,10 +33,12 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import h5py
 import numpy as np
+
+if TYPE_CHECKING:
+    import h5py
 
 CHUNK_ABOVE = 1 << 20
 CHUNK_TARGET = 1 << 20
@@ -83,6 +88,7 @@ def write_rank_part(path: str | Path, rank: int, values: dict[str, Any] | str,
 
     ``values`` is ``{name: array}``; the older form ``(path, rank, name, value)`` adds one
     dataset to the file."""
+    import h5py
     part = rank_part_path(path, rank)
     if isinstance(values, str):
         mode, values = "a", {values: value}
@@ -98,6 +104,7 @@ def write_rank_part(path: str | Path, rank: int, values: dict[str, Any] | str,
 
 def _virtual(group: h5py.Group, name: str, path: Path,
              parts: list[tuple[tuple, str]]) -> None:
+    import h5py
     shapes = [tuple(shape) or (1,) for shape, _ in parts]
     dtype = np.result_type(*[np.dtype(d) for _, d in parts])
     tails = {s[1:] for s in shapes if int(np.prod(s))}
@@ -132,6 +139,7 @@ def write_result(path: str | Path, *, reduced: dict[str, Any], reduces: dict[str
     data is on its way to disk is added to ``timings`` as ``write`` (the dict is updated)
     before the file is renamed into place, together with ``end_utc``.
     """
+    import h5py
     t0 = time.time() if write_started is None else write_started
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -190,6 +198,7 @@ class ResultFile:
 
     def per_rank(self, name: str) -> list[np.ndarray]:
         """The values every rank kept for ``name`` (per_rank=True outputs), in rank order."""
+        import h5py
         with h5py.File(self.path, "r") as f:
             if "ranks" not in f:
                 raise KeyError(f"{self.path} holds no per-rank outputs")
@@ -220,6 +229,7 @@ def _attr(value: Any) -> Any:
 
 def read_result(path: str | Path) -> ResultFile:
     """Provenance attributes, every reduced dataset and the timings of a result file."""
+    import h5py
     path = Path(path)
     with h5py.File(path, "r") as f:
         attrs = {k: _attr(v) for k, v in f.attrs.items()}
@@ -242,6 +252,7 @@ def _fmt_value(obj: h5py.Dataset) -> str:
 
 def describe(path: str | Path) -> str:
     """A human summary (for ``hpcbatch results show``): provenance, timings, datasets."""
+    import h5py
     res = read_result(path)
     a = res.attrs
     hosts = a.get("hosts") or []
