@@ -42,7 +42,7 @@ def test_bad_input_to_the_harness_is_one_line_exit_2(args, needle, tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["run", "nope", "--ranks", "2"], "unknown kernel 'nope'"),
     (["run", "pi", "--ranks", "2", "-p", "darts=1"], "pi has no parameter 'darts'; it takes: "
-                                                      "samples: int = 10000000, seed: int"),
+                                                      "samples: int = 50000000, seed: int"),
     (["run", "pi", "--ranks", "2", "-p", "seed=x"], "seed='x': expected int"),
 ])
 def test_bad_input_to_run_starts_no_mpi(home, args, needle):
@@ -60,7 +60,7 @@ def test_run_pi_main_job(home, tmp_path):
     with h5py.File(out, "r") as f:
         assert abs(f["result/pi"][()] - math.pi) < 1e-3
         assert f.attrs["ranks"] == 4
-        assert json.loads(f.attrs["params"]) == {"samples": 10_000_000, "seed": 12345}
+        assert json.loads(f.attrs["params"]) == {"samples": 50_000_000, "seed": 12345}
         assert "Open MPI" in f.attrs["mpi_library"] or "MPICH" in f.attrs["mpi_library"]
         assert set(json.loads(f.attrs["timings"])) == {"launch", "compute", "reduce", "write"}
         for key in ("mpi4py_version", "numpy_version", "h5py_version", "hpcbatch_version",
