@@ -364,3 +364,33 @@ def test_an_unusable_node_comes_back_when_it_answers_again(batch, tmp_path, home
         assert {t.stdout().strip() for t in job2.tasks()} == {"node1", "node2"}
     finally:
         cluster_down(d)
+
+
+def test_wide_tasks_on_ssh_nodes_fail_fast_or_wait_and_are_not_overtaken(batch, cluster,
+                                                                         tmp_path):
+    from hpcbatch.errors import Conflict
+    spec = spec_for(cluster, ["node1", "node2", "node3"], tmp_path)
+    batch.pools.create("wide", "ssh", spec=str(spec))
+    wait_idle(batch, "wide", 3)
+    job = batch.jobs.create("mix", pool="wide")
+    with pytest.raises(Conflict, match="instances 4 is more than the 3 nodes of pool 'wide'"):
+        job.add_task("too-wide", "true", multi_instance={"instances": 4})
+    job.add_tasks({"id": f"first-{i}", "command_line": "sleep 1"} for i in range(3))
+    poll(lambda: len(job.tasks("running")) == 3, what="the pool busy")
+    job.add_task("all", "sleep 0.5", multi_instance={"instances": 3})
+    # a stream of small tasks submitted after it: none may start before it does
+    deadline = time.monotonic() + 2.0
+    i = 0
+    while time.monotonic() < deadline:
+        job.add_task(f"later-{i}", "true")
+        i += 1
+        time.sleep(0.1)
+    job.wait(timeout_s=60)
+    tasks = {t.id: t for t in job.tasks()}
+    assert all(t.succeeded for t in tasks.values()), [(t.id, t.failure) for t in
+                                                      tasks.values() if not t.succeeded]
+    wide = tasks["all"]
+    assert wide.started_at >= max(tasks[f"first-{k}"].ended_at for k in range(3)) - 0.01
+    later = [t for tid, t in tasks.items() if tid.startswith("later-")]
+    assert len(later) >= 15
+    assert min(t.started_at for t in later) >= wide.ended_at - 0.01
