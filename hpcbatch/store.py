@@ -158,11 +158,14 @@ class Store:
 
     def upsert_node(self, pool_id: str, node_id: str, state: str, slots: int,
                     info: dict | None = None, reason: str | None = None) -> None:
+        """Record a node's state; ``info`` None (or empty) keeps what is known of it."""
         self.db.execute(
-            "INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (pool_id, id) DO UPDATE "
-            "SET state=excluded.state, slots=excluded.slots, info=excluded.info, "
-            "reason=excluded.reason, updated_at=excluded.updated_at",
-            (pool_id, node_id, state, slots, json.dumps(info or {}), reason, time.time()))
+            "INSERT INTO nodes VALUES (?, ?, ?, ?, COALESCE(?, '{}'), ?, ?) "
+            "ON CONFLICT (pool_id, id) DO UPDATE SET state=excluded.state, "
+            "slots=excluded.slots, info=COALESCE(?, nodes.info), reason=excluded.reason, "
+            "updated_at=excluded.updated_at",
+            (pool_id, node_id, state, slots, json.dumps(info) if info else None, reason,
+             time.time(), json.dumps(info) if info else None))
 
     def list_nodes(self, pool_id: str | None = None) -> list[dict[str, Any]]:
         if pool_id is None:
