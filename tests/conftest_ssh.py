@@ -15,18 +15,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import unavailable
 
 from hpcbatch.launch import cluster as cluster_tool
 from hpcbatch.ssh import SSHTarget, connect, targets_from_spec
-
-
-def sshd_missing_reason() -> str | None:
-    """Why real sshd nodes cannot run here (None if they can)."""
-    try:
-        cluster_tool.check_sshd()
-    except cluster_tool.ClusterError as exc:
-        return f"{exc} (scripts/test.sh installs them)"
-    return None
 
 
 @pytest.fixture(scope="session")
@@ -34,9 +26,9 @@ def ssh_cluster(tmp_path_factory) -> cluster_tool.ClusterInfo:
     """Three sshd nodes (node1..node3) on 127.0.0.1, shared by the whole session.
 
     Tests must not stop these nodes; a test that kills nodes makes its own cluster."""
-    reason = sshd_missing_reason()
+    reason = unavailable(cluster_tool.check_sshd)
     if reason:
-        pytest.skip(reason)
+        pytest.skip(f"{reason} (scripts/test.sh installs them)")
     d = tmp_path_factory.mktemp("ssh cluster")  # a space in the path, on purpose
     info = cluster_tool.cluster_up(3, d)
     try:

@@ -12,6 +12,16 @@ from hpcbatch.launch.cluster import pid_alive  # noqa: F401 - re-exported for te
 from hpcbatch.store import Store
 
 
+def unavailable(check) -> str | None:
+    """Why a test-cluster feature cannot run here (check_sshd, check_netns), or None."""
+    from hpcbatch.launch.cluster import ClusterError
+    try:
+        check()
+    except ClusterError as exc:
+        return str(exc)
+    return None
+
+
 def run_cli(home: Path, *args: str, timeout_s: float = 120, columns: str | None = "200",
             **kw) -> subprocess.CompletedProcess:
     """The CLI in a subprocess, output piped (COLUMNS=None: as a pipe with no COLUMNS)."""

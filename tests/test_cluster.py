@@ -15,22 +15,14 @@ from pathlib import Path
 import paramiko
 import pytest
 from click.testing import CliRunner
-from helpers import poll
+from helpers import poll, unavailable
 
 from hpcbatch.cli_cluster import cluster as cluster_cli
 from hpcbatch.launch import cluster as ct
 from hpcbatch.ssh import Unreachable, connect, exec_channel, run, targets_from_spec
 
-
-def _no_sshd() -> str | None:
-    try:
-        ct.check_sshd()
-    except ct.ClusterError as exc:
-        return str(exc)
-    return None
-
-
-pytestmark = pytest.mark.skipif(_no_sshd() is not None, reason=_no_sshd() or "")
+NO_SSHD = unavailable(ct.check_sshd)
+pytestmark = pytest.mark.skipif(NO_SSHD is not None, reason=NO_SSHD or "")
 
 
 @pytest.fixture
@@ -295,16 +287,8 @@ def test_status_and_down_without_a_cluster_say_how_to_start_one(tmp_path):
 
 # ---------------------------------------------------------------- netns mode (root)
 
-def _netns_unavailable() -> str | None:
-    try:
-        ct.check_netns()
-    except ct.ClusterError as exc:
-        return str(exc)
-    return None
-
-
-needs_netns = pytest.mark.skipif(_netns_unavailable() is not None,
-                                 reason=f"netns mode: {_netns_unavailable()}")
+NO_NETNS = unavailable(ct.check_netns)
+needs_netns = pytest.mark.skipif(NO_NETNS is not None, reason=f"netns mode: {NO_NETNS}")
 
 
 def ssh(info: ct.ClusterInfo, node: str, command: str) -> str:

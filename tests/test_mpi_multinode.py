@@ -19,7 +19,7 @@ from pathlib import Path
 
 import h5py
 import pytest
-from helpers import run_cli
+from helpers import run_cli, unavailable
 
 from hpcbatch.launch import cluster as ct
 from hpcbatch.launch import mpi
@@ -32,14 +32,6 @@ pytestmark = [
     pytest.mark.skipif(not MODES, reason=f"the MPI beside {sys.executable} is {FLAVOUR}; "
                        "multi-node tests run with Open MPI or MPICH"),
 ]
-
-
-def _netns_unavailable() -> str | None:
-    try:
-        ct.check_netns()
-    except ct.ClusterError as exc:
-        return str(exc)
-    return None
 
 
 # each rank reports the node its own environment names (set by that node's sshd), its
@@ -69,7 +61,7 @@ def cluster(request, tmp_path_factory):
     """3 sshd nodes and a pool spec for them whose python is this one; afterwards,
     nothing of the cluster is left (no sshd, no namespace, veth or bridge)."""
     netns = request.param == "netns"
-    reason = _netns_unavailable() if netns else None
+    reason = unavailable(ct.check_netns) if netns else None
     if reason:
         pytest.skip(f"{LIBRARY} across sshd nodes here needs a --netns cluster: {reason}")
     d = tmp_path_factory.mktemp(f"mpi-{request.param}")
