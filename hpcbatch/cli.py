@@ -84,6 +84,22 @@ def _store():
     return Store(path)
 
 
+def _exclusive(fn, *args):
+    """Run fn(store, *args) with no coordinator on the home (its lock held meanwhile);
+    print the clean-up problems it returns, one line each."""
+    from hpcbatch.coordinator import HomeLock
+    store = _store()
+    lock = HomeLock(_home())
+    try:
+        problems = fn(store, *args)
+    finally:
+        lock.release()
+        store.close()
+    for line in problems:
+        err.print(f"warning: {line}", markup=False, soft_wrap=True)
+    return problems
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--home", type=click.Path(file_okay=False), envvar=E.HOME,
               help=f"State directory (default ~/.hpcbatch, or ${E.HOME}).")
@@ -307,6 +323,18 @@ def pool_show(pool_id: str) -> None:
     out.print(table(["node", "state", "slots", "host", "reason"], rows, keep=("node",)))
 
 
+@pool.command("delete")
+@click.argument("pool_id")
+def pool_delete(pool_id: str) -> None:
+    """Delete a pool that has no jobs left. An SSH pool's inter-node key is taken out
+    of every node's authorized_keys (a node that cannot be reached is named)."""
+    from hpcbatch.client import delete_pool
+    problems = _exclusive(delete_pool, pool_id)
+    out.print(f"pool {pool_id} deleted", markup=False)
+    if problems:
+        raise SystemExit(1)
+
+
 @pool.command("create")
 @click.argument("pool_id")
 @click.option("--slots", "slots", type=click.IntRange(min=1), default=1, show_default=True,
@@ -397,6 +425,17 @@ def job_show(job_id: str) -> None:
     out.print(f"tasks {c['total']}: active {c['active']}, running {c['running']}, completed "
               f"{c['completed']} (succeeded {c['succeeded']}, failed {c['failed']}); "
               f"retries {c['retries']}, requeues {c['requeues']}")
+
+
+@job.command("delete")
+@click.argument("job_id")
+def job_delete(job_id: str) -> None:
+    """Delete a finished job, its tasks' records and their directories on the nodes."""
+    from hpcbatch.client import delete_job
+    problems = _exclusive(delete_job, job_id)
+    out.print(f"job {job_id} deleted", markup=False)
+    if problems:
+        raise SystemExit(1)
 
 
 @job.command("create")

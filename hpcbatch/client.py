@@ -208,6 +208,83 @@ class _ProgressBar:
         self.progress.stop()
 
 
+def _job_dirs(rows: list[dict[str, Any]], job_id: str) -> dict[str, set[str]]:
+    """node id -> the job's directories there (``<node root>/jobs/<job>``)."""
+    out: dict[str, set[str]] = {}
+    for r in rows:
+        parent = r["task_dir"].rstrip("/").rsplit("/", 1)[0]
+        if parent.endswith(f"/jobs/{job_id}"):  # never anything but a job's own folder
+            out.setdefault(r["node_id"], set()).add(parent)
+    return out
+
+
+def delete_job(store: Store, job_id: str) -> list[str]:
+    """Delete a finished job, its tasks and their directories on the nodes (local ones
+    from this filesystem, SSH ones over SSH). Returns one line per node whose files
+    could not be removed (nothing stored is kept for them)."""
+    import shutil
+    pool = store.get_pool(store.get_job(job_id)["pool_id"])
+    dirs = _job_dirs(store.delete_job(job_id), job_id)
+    problems: list[str] = []
+    if pool.provider != "ssh":
+        for paths in dirs.values():
+            for path in paths:
+                shutil.rmtree(path, ignore_errors=True)
+        return problems
+    from hpcbatch.providers import targets
+    from hpcbatch.ssh import connect, parallel, run
+    by_name = {t.name: t for t in targets(pool.provider_config)}
+
+    def remove(target) -> None:
+        client = connect(target)
+        try:
+            code, _, err = run(client, ["rm", "-rf", "--", *sorted(dirs[target.name])])
+            if code != 0:
+                raise OSError(err.strip() or f"rm exited with {code}")
+        finally:
+            client.close()
+    result = parallel([by_name[n] for n in dirs if n in by_name], remove, 60)
+    problems += [f"{r.name}: task directories not removed ({r.error})" for r in result.failed]
+    return problems
+
+
+def check_pool_deletable(store: Store, pool_id: str) -> None:
+    from hpcbatch.errors import Conflict
+    if pool_id == LOCAL_POOL:
+        raise Conflict("the local pool is built in and cannot be deleted")
+    store.check_pool_deletable(pool_id)
+
+
+def delete_pool(store: Store, pool_id: str) -> list[str]:
+    """Delete a pool with no jobs left: its nodes' records, and for an SSH pool with
+    inter-node communication the pool key, taken out of every node's authorized_keys
+    (over SSH) and removed here. Returns one line per node where that failed."""
+    import shutil
+    check_pool_deletable(store, pool_id)
+    pool = store.get_pool(pool_id)
+    key_dir = store.path.parent / "pools" / pool_id
+    problems: list[str] = []
+    store.delete_pool(pool_id)
+    if pool.provider == "ssh" and (key_dir / "id_ed25519.pub").exists():
+        from hpcbatch.bootstrap import PoolTrust
+        from hpcbatch.providers import targets
+        from hpcbatch.ssh import connect, parallel
+        nodes = targets(pool.provider_config)
+        trust = PoolTrust.load_or_create(key_dir, pool_id, nodes)
+
+        def revoke(target) -> bool:
+            client = connect(target)
+            try:
+                return trust.revoke(client, pool.provider_config.get("authorized_keys"))
+            finally:
+                client.close()
+        result = parallel(nodes, revoke, 60)
+        problems += [f"{r.name}: the pool key is still in its authorized_keys ({r.error})"
+                     for r in result.failed]
+    shutil.rmtree(key_dir, ignore_errors=True)
+    return problems
+
+
 class Jobs:
     def __init__(self, batch: Batch):
         self._batch = batch
@@ -226,6 +303,12 @@ class Jobs:
 
     def list(self) -> list[dict[str, Any]]:
         return self._batch.store.list_jobs()
+
+    def delete(self, job_id: str) -> list[str]:
+        """Delete a finished job, its tasks and their directories; see ``delete_job``."""
+        problems = delete_job(self._batch.store, job_id)
+        self._batch.coordinator.forget_job(job_id)
+        return problems
 
 
 def ssh_pool(pool_id: str, trust_on_first_use: bool = False, **options: Any) -> dict:
@@ -293,6 +376,13 @@ class Pools:
 
     def get(self, pool_id: str) -> PoolSpec:
         return self._batch.store.get_pool(pool_id)
+
+    def delete(self, pool_id: str) -> list[str]:
+        """Stop the pool's agents and delete it (it must have no jobs); see
+        ``delete_pool``. Returns one line per node where clean-up failed."""
+        check_pool_deletable(self._batch.store, pool_id)
+        self._batch.coordinator.remove_pool(pool_id)
+        return delete_pool(self._batch.store, pool_id)
 
     def list(self) -> list[PoolSpec]:
         return self._batch.store.list_pools()

@@ -264,6 +264,23 @@ class Coordinator:
     def add_pool(self, pool: PoolSpec) -> None:
         self.inbox.put(("pool", pool))
 
+    def remove_pool(self, pool_id: str, timeout_s: float = 30.0) -> None:
+        """Shut the pool's agents down and forget it (its jobs must be gone)."""
+        self._call(("droppool", pool_id), timeout_s)
+
+    def forget_job(self, job_id: str, timeout_s: float = 30.0) -> None:
+        """Drop what is cached of a deleted job (a new job may take its id)."""
+        self._call(("forgetjob", job_id), timeout_s)
+
+    def _call(self, item: tuple, timeout_s: float) -> None:
+        """Have the loop handle item, and wait until it has (no wait when it is stopped)."""
+        if self._thread is None or not self._thread.is_alive():
+            self._handle((*item, None), {})
+            return
+        done = threading.Event()
+        self.inbox.put((*item, done))
+        done.wait(timeout_s)
+
     # ---- pools and nodes ---------------------------------------------------
 
     def _node_root(self, pool_id: str, node_id: str) -> Path:
@@ -386,6 +403,16 @@ class Coordinator:
         node.reason = reason
         self.store.upsert_node(node.pool_id, node.node_id, state.value, node.slots, node.info,
                                reason)
+
+    def _drop_pool(self, pool_id: str) -> None:
+        for key, node in list(self.nodes.items()):
+            if node.pool_id == pool_id:
+                if node.channel is not None:
+                    node.channel.send({"op": "shutdown"})
+                    node.channel.close()
+                del self.nodes[key]
+        for table in (self.pools, self.queues, self.trust, self.run_s):
+            table.pop(pool_id, None)
 
     def _node_lost(self, node: NodeHandle, reason: str) -> None:
         """The agent is gone: ordinary tasks go back to the queue (a requeue, not a
@@ -866,6 +893,15 @@ class Coordinator:
                 self._schedule_reconnect(node)
         elif kind == "staged":
             self._on_staged(item[1], item[2], sends)
+        elif kind == "droppool":
+            self._drop_pool(item[1])
+            if item[2] is not None:
+                item[2].set()
+        elif kind == "forgetjob":
+            self.jobs.pop(item[1], None)
+            self.outstanding.pop(item[1], None)
+            if item[2] is not None:
+                item[2].set()
         elif kind == "work":
             self._load_new_work()
         elif kind == "pool":

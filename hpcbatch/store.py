@@ -167,6 +167,23 @@ class Store:
             (pool_id, node_id, state, slots, json.dumps(info) if info else None, reason,
              time.time(), json.dumps(info) if info else None))
 
+    def check_pool_deletable(self, pool_id: str) -> None:
+        """Raise unless the pool exists and no job (even a completed one) is bound to it."""
+        self.get_pool(pool_id)
+        jobs = [r["id"] for r in self.db.execute(
+            "SELECT id FROM jobs WHERE pool_id=? ORDER BY seq", (pool_id,)).fetchall()]
+        if jobs:
+            more = f" and {len(jobs) - 3} more" if len(jobs) > 3 else ""
+            raise Conflict(f"pool {pool_id!r} still has job(s) {', '.join(jobs[:3])}{more}; "
+                           f"delete them first ('hpcbatch job delete JOB')")
+
+    def delete_pool(self, pool_id: str) -> None:
+        """Remove a pool and its nodes (see check_pool_deletable)."""
+        with self.transaction() as db:
+            self.check_pool_deletable(pool_id)
+            db.execute("DELETE FROM nodes WHERE pool_id=?", (pool_id,))
+            db.execute("DELETE FROM pools WHERE id=?", (pool_id,))
+
     def list_nodes(self, pool_id: str | None = None) -> list[dict[str, Any]]:
         if pool_id is None:
             return self.db.execute("SELECT * FROM nodes ORDER BY pool_id, id").fetchall()
@@ -197,6 +214,21 @@ class Store:
         for r in rows:
             r["spec"] = JobSpec(**json.loads(r["spec"]))
         return rows
+
+    def delete_job(self, job_id: str) -> list[dict[str, Any]]:
+        """Remove a completed job and its tasks; returns the tasks' (node_id, task_dir)
+        rows so their directories can be cleaned. Refused while a task is unfinished."""
+        with self.transaction() as db:
+            self.get_job(job_id)
+            left = self.unfinished(job_id)
+            if left:
+                raise Conflict(f"job {job_id!r} has {left} unfinished task(s); wait for them "
+                               f"('hpcbatch job wait {job_id}') or terminate them first")
+            dirs = db.execute("SELECT node_id, task_dir FROM tasks WHERE job_id=? AND "
+                              "task_dir IS NOT NULL", (job_id,)).fetchall()
+            db.execute("DELETE FROM tasks WHERE job_id=?", (job_id,))
+            db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+        return dirs
 
     def set_job_state(self, job_id: str, state: JobState) -> None:
         done = time.time() if state is JobState.COMPLETED else None

@@ -162,3 +162,36 @@ def test_read_commands(cli, home, tmp_path):
     assert "line-00001" in listing and "line-00002" in listing
     assert '"exit_code": 0' in cli("task", "show", "reads", "line-00002").stdout
     assert cli("task", "logs", "reads", "line-00002").stdout == "two\n"
+
+
+def test_job_delete_removes_a_finished_job_and_its_directories(cli, home):
+    assert cli("submit", "--job", "old", "--array", "1-3", "--", "true").returncode == 0
+    s = Store(home / "state.db")
+    dirs = {Path(t["task_dir"]).parent for t in s.list_tasks("old")}
+    s.close()
+    assert dirs and all(d.is_dir() and d.name == "old" for d in dirs)
+    r = cli("job", "delete", "old")
+    assert r.returncode == 0 and "job old deleted" in r.stdout, r.stderr
+    assert not any(d.exists() for d in dirs)
+    gone = cli("job", "show", "old")
+    assert gone.returncode == 2 and "old" in gone.stderr
+    # the id is free again
+    assert cli("submit", "--job", "old", "--", "true").returncode == 0
+
+
+def test_job_delete_refuses_unfinished_work_and_pool_delete_refuses_jobs(cli, home):
+    assert cli("pool", "create", "side", "--nodes", "2").returncode == 0
+    assert cli("submit", "--no-wait", "--job", "pending", "--pool", "side", "--",
+               "true").returncode == 0
+    before = snapshot(home)
+    r = cli("job", "delete", "pending")
+    assert r.returncode == 2 and "job 'pending' has 1 unfinished task(s)" in r.stderr
+    r = cli("pool", "delete", "side")
+    assert r.returncode == 2 and "pool 'side' still has job(s) pending" in r.stderr
+    r = cli("pool", "delete", "local")
+    assert r.returncode == 2 and "built in" in r.stderr
+    assert snapshot(home) == before
+    assert cli("job", "wait", "pending").returncode == 0
+    assert cli("job", "delete", "pending").returncode == 0
+    assert cli("pool", "delete", "side").returncode == 0
+    assert "side" not in cli("pool", "list").stdout

@@ -13,6 +13,7 @@ import pytest
 from helpers import pid_alive, poll, run_cli, snapshot
 
 import hpcbatch
+from hpcbatch.errors import Conflict
 from hpcbatch.launch.cluster import (
     cluster_down,
     cluster_status,
@@ -368,7 +369,6 @@ def test_an_unusable_node_comes_back_when_it_answers_again(batch, tmp_path, home
 
 def test_wide_tasks_on_ssh_nodes_fail_fast_or_wait_and_are_not_overtaken(batch, cluster,
                                                                          tmp_path):
-    from hpcbatch.errors import Conflict
     spec = spec_for(cluster, ["node1", "node2", "node3"], tmp_path)
     batch.pools.create("wide", "ssh", spec=str(spec))
     wait_idle(batch, "wide", 3)
@@ -394,3 +394,47 @@ def test_wide_tasks_on_ssh_nodes_fail_fast_or_wait_and_are_not_overtaken(batch, 
     later = [t for tid, t in tasks.items() if tid.startswith("later-")]
     assert len(later) >= 15
     assert min(t.started_at for t in later) >= wide.ended_at - 0.01
+
+
+def agents_of(root: Path) -> list[int]:
+    """PIDs of agents whose node root is under root."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"--root" in cmd and str(root).encode() in cmd[cmd.index(b"--root") + 1]:
+                found.append(int(entry.name))
+    return found
+
+
+def test_deleting_a_pool_stops_its_agents_and_revokes_its_key(batch, tmp_path, home):
+    d = tmp_path / "c3"
+    cluster_up(3, d)
+    try:
+        spec = spec_for(d, ["node1", "node2", "node3"], tmp_path)
+        batch.pools.create("gone", "ssh", spec=str(spec), scheduling_policy="spread")
+        wait_idle(batch, "gone", 3)
+        pub = (home / "pools" / "gone" / "id_ed25519.pub").read_text().split()[1]
+        assert pub in (d / "authorized_keys").read_text()
+        job = batch.jobs.create("j", pool="gone")
+        job.add_tasks({"id": f"t{i}", "command_line": "sleep 0.2"} for i in range(3))
+        job.wait(timeout_s=60)
+        dirs = [Path(t.task_dir).parent for t in job.tasks()]
+        with pytest.raises(Conflict, match="still has job"):
+            batch.pools.delete("gone")
+        assert batch.jobs.delete("j") == []
+        assert not any(p.exists() for p in dirs)  # removed over SSH
+        roots = tmp_path / "node roots" / "gone"
+        assert agents_of(roots)
+        kill_node(d, "node3")  # one node cannot be reached to revoke the key
+        problems = batch.pools.delete("gone")
+        assert len(problems) == 1 and problems[0].startswith("node3: the pool key is still")
+        poll(lambda: not agents_of(roots), timeout_s=15, what="the pool's agents stopped")
+        assert pub not in (d / "authorized_keys").read_text()  # node1/node2 share this file
+        assert not (home / "pools" / "gone").exists()
+        assert "gone" not in [p.id for p in batch.pools.list()]
+    finally:
+        cluster_down(d)
