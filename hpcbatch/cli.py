@@ -422,7 +422,8 @@ def job_show(job_id: str) -> None:
     spec = j["spec"]
     out.print(f"job [bold]{job_id}[/]  pool {j['pool_id']}  state {j['state']}  priority "
               f"{spec.priority}  on_all_tasks_complete {spec.on_all_tasks_complete}")
-    out.print(f"tasks {c['total']}: active {c['active']}, running {c['running']}, completed "
+    out.print(f"tasks {c['total']}: active {c['active']}, preparing {c['preparing']}, "
+              f"running {c['running']}, completed "
               f"{c['completed']} (succeeded {c['succeeded']}, failed {c['failed']}); "
               f"retries {c['retries']}, requeues {c['requeues']}")
 

@@ -200,7 +200,8 @@ class _ProgressBar:
         self.progress.start()
 
     def update(self, c: dict[str, int]) -> None:
-        detail = f"running {c['running']}  failed {c['failed']}  retries {c['retries']}"
+        detail = (f"running {c['running']}  preparing {c['preparing']}  failed {c['failed']}"
+                  f"  retries {c['retries']}")
         self.progress.update(self.task, total=c["total"], completed=c["completed"],
                              detail=detail)
 

@@ -551,7 +551,7 @@ class Coordinator:
                     out.setdefault(node.key, []).append(run)
             if rows:
                 self.store.db.executemany(
-                    "UPDATE tasks SET state='running', node_id=?, task_dir=?, started_at=?, "
+                    "UPDATE tasks SET state='preparing', node_id=?, task_dir=?, started_at=?, "
                     "ended_at=NULL WHERE seq=?", rows)
         return out
 
@@ -784,6 +784,18 @@ class Coordinator:
                   timed_out=bool(ev.get("timed_out")), start_failed=ev.get("start_failed"))
         self._record_exit(meta, ex, ev)
 
+    def _on_started(self, ev: dict) -> None:
+        """A task's process (for a multi-instance task: the application command) started:
+        it moves from preparing (assigned, files being copied, queued in the agent,
+        coordination commands running) to running."""
+        rid = ev["id"]
+        if isinstance(rid, str):
+            if not rid.endswith(".a"):
+                return
+            rid = int(rid.split(".")[0])
+        self.store.db.execute("UPDATE tasks SET state='running', started_at=? WHERE seq=? "
+                              "AND state='preparing'", (ev.get("t") or time.time(), rid))
+
     def _record_exit(self, meta: TaskMeta, ex: Exit, ev: dict) -> None:
         """Success, retry (back to the queue) or failure, from how the attempt ended."""
         tid = meta.seq
@@ -871,6 +883,7 @@ class Coordinator:
                         self._on_exited(node, item_ev)
                     elif kind == "started":
                         node.pids[item_ev["id"]] = item_ev["pid"]
+                        self._on_started(item_ev)
             elif ev == "hello":
                 self._on_hello(node, msg)
             elif ev == "garbage" or ev == "error":

@@ -145,3 +145,17 @@ def test_prefetch_holds_short_work_only(home):
         assert c._prefetch_per_slot("p") == 0
     finally:
         c.stop()
+
+
+def test_tasks_queued_on_a_node_are_preparing_until_they_start(home):
+    with hpcbatch.Batch(local_slots=1) as batch:
+        job = batch.jobs.create("q")
+        job.add_tasks({"id": f"t{i}", "command_line": "sleep 0.5"} for i in range(3))
+        poll(lambda: job.task("t0").state == "running", what="t0 running")
+        c = job.counts()
+        assert c["running"] == 1  # one slot: never more running than that
+        assert c["running"] + c["preparing"] + c["active"] == 3
+        job.wait(timeout_s=30)
+        t1 = job.task("t1")
+        # started_at is when the process started, not when the task was sent to the node
+        assert t1.started_at >= job.task("t0").ended_at - 0.05

@@ -251,8 +251,8 @@ def test_a_node_dying_under_a_multi_node_task_retries_it_on_a_spare(batch, tmp_p
         poll(lambda: not processes_with(first), timeout_s=5, what="attempt 0 ranks gone")
         states = {n["id"]: n["state"] for n in batch.pools.nodes("quad")}
         assert states[victim] == "unusable"
-        task = job.task("t")
-        assert task.retry_count == 1 and task.state == "running"
+        poll(lambda: job.task("t").state == "running", timeout_s=5, what="attempt 1 running")
+        assert job.task("t").retry_count == 1
         job.terminate_task("t")
         job.wait(timeout_s=30)
         second = dict(first, HPCBATCH_TASK_ATTEMPT="1")
