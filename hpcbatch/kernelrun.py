@@ -92,6 +92,17 @@ def _cause(stderr: str) -> str:
     return next((ln for ln in reversed(lines) if any(c.isalnum() for c in ln)), "")
 
 
+def _import_root(k) -> str | None:
+    """For a kernel given as a dotted module, the folder its top-level package is imported
+    from (it may be on this process's sys.path only); None for built-ins and files."""
+    from hpcbatch.kernels import api
+    name, path = k.name, getattr(k.module, "__file__", None)
+    if not path or name.endswith(".py") or "/" in name or name in api.list_kernels():
+        return None
+    depth = name.count(".") + (Path(path).name == "__init__.py")
+    return str(Path(path).resolve().parents[depth])
+
+
 def run_kernel(batch, kernel: str, *, ranks: int | None = None,
                params: dict[str, Any] | list[str] | None = None,
                output: str | os.PathLike | None = None, pool: str = "local",
@@ -130,6 +141,10 @@ def run_kernel(batch, kernel: str, *, ranks: int | None = None,
         task["required_slots"] = min(ranks, slots)
         cmd, env = kernel_command(name, values, out, ranks, oversubscribe=oversubscribe,
                                   compress=compress)
+    root = _import_root(k)
+    if root:  # the ranks start with their own sys.path: let them import it from here too
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH"))
+                                            if p)
     task["command_line"] = cmd
     task["environment"] = env
     task["max_wall_clock_time_s"] = timeout_s

@@ -211,7 +211,8 @@ def _task_command(args: argparse.Namespace, program: list[str],
     hostfile = workdir / f"hostfile.{flavour}"
     hostfile.write_text(hostfile_for(flavour, hosts))
     from hpcbatch.env import FORWARD_TO_RANKS
-    forward = tuple(k for k in FORWARD_TO_RANKS if k in os.environ)
+    # PYTHONPATH too: a kernel module found through it on the primary is found on every node
+    forward = tuple(k for k in (*FORWARD_TO_RANKS, "PYTHONPATH") if k in os.environ)
     return mpiexec_command(nprocs, program, mpiexec=mpiexec, flavour=flavour,
                            hostfile=hostfile, ssh_config=os.environ.get("HPCBATCH_SSH_CONFIG"),
                            ranks_per_node=rpn, workdir=workdir, forward=forward)

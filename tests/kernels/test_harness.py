@@ -208,6 +208,29 @@ def test_api_run_kernel(home, tmp_path):
     assert res.timings["compute"] >= 0 and res.attrs["kernel"] == "pi"
 
 
+def test_a_kernel_module_importable_only_here_runs_on_the_ranks(home, tmp_path,
+                                                                monkeypatch):
+    import sys
+
+    import hpcbatch
+    pkg = tmp_path / "labkernels"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "double.py").write_text(textwrap.dedent('''
+        from hpcbatch.kernels.api import Output
+        PARAMS = {}
+        OUTPUTS = {"x": Output("sum")}
+        def run(comm):
+            return {"x": 2.0}
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))  # on this process's path, not the ranks'
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    assert str(tmp_path) in sys.path
+    with hpcbatch.Batch() as batch:
+        res = batch.run_kernel("labkernels.double", ranks=2, output=tmp_path / "d.h5")
+    assert float(res.reduced["x"]) == 4.0
+
+
 def test_param_conversion():
     k = api.load_kernel("pi")
     assert api.parse_params(k, ["samples=1e6"]) == {"samples": 1_000_000, "seed": 12345}
