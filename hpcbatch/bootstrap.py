@@ -88,7 +88,9 @@ class PoolTrust:
         tables: dict[str, paramiko.HostKeys] = {}
         for t in targets:
             if t.known_hosts not in tables:
-                tables[t.known_hosts] = paramiko.HostKeys(os.path.expanduser(t.known_hosts))
+                path = os.path.expanduser(t.known_hosts or "")
+                tables[t.known_hosts] = paramiko.HostKeys(path if os.path.isfile(path)
+                                                          else None)
             found = tables[t.known_hosts].lookup(t.known_hosts_name) or {}
             if found:
                 host_keys[t.name] = next(iter(found.values()))
@@ -120,12 +122,18 @@ class PoolTrust:
             "  LogLevel ERROR\n" for t in self.targets)
 
     def install(self, client: paramiko.SSHClient, node_root: str,
-                authorized_keys: str | None) -> str:
+                authorized_keys: str | None, node: str) -> str:
         """Write the key, known_hosts and config under ``node_root/ssh`` and authorize the
-        pool key on this node; returns the ssh_config's path on the node."""
+        pool key on ``node``; returns the ssh_config's path on the node."""
         ssh_dir = posixpath.join(node_root, SSH_DIR)
         label = getattr(client, "hpcbatch_target", None)
-        label = label.label if label else "node"
+        label = label.label if label else node
+        if node not in self.host_keys:  # the others could not check it: refuse it here
+            target = next(t for t in self.targets if t.name == node)
+            raise SSHError(label, f"no host key for {target.known_hosts_name} in known_hosts "
+                           f"file {target.known_hosts}, so the other nodes could not verify "
+                           "it; add its key there (or recreate the pool with "
+                           "--trust-on-first-use)")
         sftp = client.open_sftp()
         try:
             sftp_makedirs(sftp, ssh_dir, label)

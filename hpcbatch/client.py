@@ -25,6 +25,7 @@ from hpcbatch.models import JobSpec, PoolSpec, TaskSpec, check_id, check_unique_
 from hpcbatch.store import Store
 
 LOCAL_POOL = "local"
+POOL_DEAD_GRACE_S = 30.0  # Job.wait gives up on a pool with no usable node this long
 
 
 class Task:
@@ -74,6 +75,9 @@ def read_task_file(store: Store, row: dict[str, Any], name: str) -> bytes:
     where = f"task {row['job_id']}/{row['id']}"
     if not row.get("task_dir"):
         raise NotFound(f"{where} is {row['state']} and has not started; it has no {name} yet")
+    if not row.get("node_id"):
+        raise NotFound(f"{where} is waiting to run again (retry or requeue); its {name} "
+                       "comes back once the new attempt starts")
     path = f"{row['task_dir']}/{name}"
     pool = store.get_pool(store.get_job(row["job_id"])["pool_id"])
     try:
@@ -129,15 +133,18 @@ class Job:
         self._batch.store.get_task(self.id, task_id)
         self._batch.coordinator.kill_task(self.id, task_id)
 
-    def _check_pool_usable(self) -> None:
-        """Waiting on a pool none of whose nodes can take work would be forever."""
+    def _pool_dead_reason(self) -> str | None:
+        """Why none of the pool's nodes can take work now (None: some can, or may soon).
+        A node being reconnected counts as dead: it has failed at least once."""
         pool_id = self._batch.store.get_job(self.id)["pool_id"]
         nodes = self._batch.store.list_nodes(pool_id)
-        dead = ("unusable", "start_task_failed", "offline")
-        if nodes and all(n["state"] in dead for n in nodes):
-            why = "; ".join(f"{n['id']}: {n['reason'] or n['state']}" for n in nodes[:3])
-            raise HpcBatchError(f"pool {pool_id!r} has no usable node ({why}); the job's tasks "
-                                f"stay stored: fix the pool, then 'hpcbatch job wait {self.id}'")
+
+        def dead(n: dict) -> bool:
+            return n["state"] in ("unusable", "start_task_failed", "offline") or (
+                n["state"] == "starting" and (n["reason"] or "").startswith("reconnecting"))
+        if not nodes or not all(dead(n) for n in nodes):
+            return None
+        return "; ".join(f"{n['id']}: {n['reason'] or n['state']}" for n in nodes[:3])
 
     def done(self) -> bool:
         c = self.counts()
@@ -154,7 +161,8 @@ class Job:
         bar = _ProgressBar(self.id) if progress else None
         store = self._batch.store
         interval = 0.005
-        next_pool_check = time.monotonic() + 10.0  # give nodes time to start
+        next_pool_check = time.monotonic() + 2.0
+        dead_since = None  # when the pool was first seen with no usable node
         try:
             while True:
                 if bar:
@@ -166,7 +174,17 @@ class Job:
                     return counts
                 self._batch._check_coordinator()
                 if time.monotonic() >= next_pool_check:
-                    self._check_pool_usable()
+                    # nodes are retried for ever; a pool with none usable for a while is
+                    # most likely misconfigured: say so rather than wait in silence
+                    why = self._pool_dead_reason()
+                    dead_since = (dead_since or time.monotonic()) if why else None
+                    if why and time.monotonic() - dead_since >= POOL_DEAD_GRACE_S:
+                        pool_id = self._batch.store.get_job(self.id)["pool_id"]
+                        raise HpcBatchError(
+                            f"pool {pool_id!r} has had no usable node for "
+                            f"{POOL_DEAD_GRACE_S:g} s ({why}); the job's tasks stay stored "
+                            f"and its nodes are still being retried: fix the pool, then "
+                            f"'hpcbatch job wait {self.id}'")
                     next_pool_check = time.monotonic() + 2.0
                 if deadline is not None and time.monotonic() > deadline:
                     counts = self.counts()
@@ -209,44 +227,35 @@ class _ProgressBar:
         self.progress.stop()
 
 
-def _job_dirs(rows: list[dict[str, Any]], job_id: str) -> dict[str, set[str]]:
-    """node id -> the job's directories there (``<node root>/jobs/<job>``)."""
-    out: dict[str, set[str]] = {}
-    for r in rows:
-        parent = r["task_dir"].rstrip("/").rsplit("/", 1)[0]
-        if parent.endswith(f"/jobs/{job_id}"):  # never anything but a job's own folder
-            out.setdefault(r["node_id"], set()).add(parent)
-    return out
-
-
 def delete_job(store: Store, job_id: str) -> list[str]:
-    """Delete a finished job, its tasks and their directories on the nodes (local ones
-    from this filesystem, SSH ones over SSH). Returns one line per node whose files
-    could not be removed (nothing stored is kept for them)."""
+    """Delete a finished job, its tasks and its directory on every node of its pool
+    (``<node root>/jobs/<job>``: local ones from this filesystem, SSH ones over SSH).
+    Returns one line per node whose files could not be removed."""
     import shutil
+
+    from hpcbatch.coordinator import ssh_node_root
     pool = store.get_pool(store.get_job(job_id)["pool_id"])
-    dirs = _job_dirs(store.delete_job(job_id), job_id)
-    problems: list[str] = []
+    nodes = [n["id"] for n in store.list_nodes(pool.id)]
+    store.delete_job(job_id)
     if pool.provider != "ssh":
-        for paths in dirs.values():
-            for path in paths:
-                shutil.rmtree(path, ignore_errors=True)
-        return problems
+        for node in nodes:
+            shutil.rmtree(store.path.parent / "nodes" / pool.id / node / "jobs" / job_id,
+                          ignore_errors=True)
+        return []
     from hpcbatch.providers import targets
     from hpcbatch.ssh import connect, parallel, run
-    by_name = {t.name: t for t in targets(pool.provider_config)}
 
     def remove(target) -> None:
+        path = f"{ssh_node_root(pool.provider_config, pool.id, target.name)}/jobs/{job_id}"
         client = connect(target)
-        try:
-            code, _, err = run(client, ["rm", "-rf", "--", *sorted(dirs[target.name])])
+        try:  # "~/x" as "x": the command runs in the login's home, and is never expanded
+            code, _, err = run(client, ["rm", "-rf", "--", path.removeprefix("~/")])
             if code != 0:
                 raise OSError(err.strip() or f"rm exited with {code}")
         finally:
             client.close()
-    result = parallel([by_name[n] for n in dirs if n in by_name], remove, 60)
-    problems += [f"{r.name}: task directories not removed ({r.error})" for r in result.failed]
-    return problems
+    result = parallel(targets(pool.provider_config), remove, 60)
+    return [f"{r.name}: task directories not removed ({r.error})" for r in result.failed]
 
 
 def check_pool_deletable(store: Store, pool_id: str) -> None:

@@ -79,6 +79,7 @@ class TaskMeta:
     common_files: list[dict] = dataclasses.field(default_factory=list)
     staging: dict[int | str, int] = dataclasses.field(default_factory=dict)  # run id -> gen
     pending_run: dict | None = None  # an ordinary task's run message, sent once staged
+    terminated: bool = False  # a terminate was asked: this attempt is the last
 
 
 @dataclasses.dataclass
@@ -142,6 +143,15 @@ def processes_with_token(token: str) -> set[int]:
             except OSError:
                 continue
     return found
+
+
+DEFAULT_SSH_NODE_ROOT = "~/.hpcbatch-node"
+
+
+def ssh_node_root(provider_config: dict[str, Any], pool_id: str, node_id: str) -> str:
+    """Where an SSH node keeps its task directories (``~`` is the login's home)."""
+    base = provider_config.get("node_root") or DEFAULT_SSH_NODE_ROOT
+    return f"{base.rstrip('/')}/{pool_id}/{node_id}"
 
 
 def default_home() -> Path:
@@ -220,9 +230,13 @@ class Coordinator:
                                            "coordinator restarted")
         if self.requeued_at_start:
             log.info("requeued %d tasks that were in flight", self.requeued_at_start)
-        for pool in self.store.list_pools():
-            self._start_pool(pool)
-        self._load_new_work()
+        try:
+            for pool in self.store.list_pools():
+                self._start_pool(pool)
+            self._load_new_work()
+        except BaseException:
+            self._release()  # the home's lock and any agents started
+            raise
         self._thread = threading.Thread(target=self._run, name="hpcbatch-coordinator",
                                         daemon=True)
         self._thread.start()
@@ -299,14 +313,19 @@ class Coordinator:
             self._start_node(NodeHandle(pool.id, f"local-{i}", pool.task_slots_per_node))
 
     def _start_ssh_pool(self, pool: PoolSpec) -> None:
-        """Bootstrap every node in parallel, off the loop (see _boot)."""
+        """Bootstrap every node in parallel, off the loop (see _boot). A pool whose
+        inter-node trust cannot be prepared has its nodes unusable, saying why."""
         from hpcbatch.bootstrap import PoolTrust
         from hpcbatch.providers import targets
 
         nodes = targets(pool.provider_config)
+        problem = None
         if pool.inter_node_communication:
-            self.trust[pool.id] = PoolTrust.load_or_create(self.home / "pools" / pool.id,
-                                                           pool.id, nodes)
+            try:
+                self.trust[pool.id] = PoolTrust.load_or_create(self.home / "pools" / pool.id,
+                                                               pool.id, nodes)
+            except (OSError, ValueError) as exc:
+                problem = f"pool {pool.id}'s inter-node SSH key could not be prepared: {exc}"
         for target in nodes:
             handle = NodeHandle(pool.id, target.name, pool.task_slots_per_node,
                                 host=target.name, local=False, target=target)
@@ -314,7 +333,10 @@ class Coordinator:
             self.store.upsert_node(pool.id, target.name, NodeState.STARTING.value,
                                    handle.slots, {"hostname": target.hostname,
                                                   "port": target.port})
-            self._boot(handle)
+            if problem:
+                self._set_node(handle, NodeState.UNUSABLE, problem)
+            else:
+                self._boot(handle)
 
     def _boot(self, node: NodeHandle) -> None:
         """In a thread: connect (host key checked strictly), install the pool's inter-node
@@ -324,13 +346,14 @@ class Coordinator:
         pool = self.pools[node.pool_id]
         cfg = pool.provider_config
         transport = SSHTransport(cfg.get("python") or "python3")
-        root = f"{cfg.get('node_root') or '~/.hpcbatch-node'}/{pool.id}/{node.node_id}"
+        root = ssh_node_root(cfg, pool.id, node.node_id)
         trust = self.trust.get(pool.id)
         setup = None
         if trust is not None:
             def setup(client, abs_root: str) -> None:
-                trust.install(client, abs_root, cfg.get("authorized_keys"))
+                trust.install(client, abs_root, cfg.get("authorized_keys"), node.node_id)
         node.booting = True
+        node.channel = None  # until "booted": no heartbeats expected
         key = node.key
 
         def boot() -> None:
@@ -338,9 +361,9 @@ class Coordinator:
                 chan = transport.start_agent(node.target, node.node_id, root, self.heartbeat_s,
                                              pool.task_slots_per_node, setup)
             except Exception as exc:  # noqa: BLE001 - reported on the node
-                self.inbox.put(("bootfail", key, str(exc)))
+                self.inbox.put(("bootfail", key, str(exc), node))
             else:
-                self.inbox.put(("booted", key, chan))
+                self.inbox.put(("booted", key, chan, node))
 
         threading.Thread(target=boot, name=f"bootstrap-{node.node_id}", daemon=True).start()
 
@@ -355,8 +378,10 @@ class Coordinator:
         node.retry_s = min(node.retry_s * 2, RECONNECT_MAX_S)
 
     def _reconnect(self, node: NodeHandle) -> None:
-        """Try an unusable node again: a new agent (over a new SSH connection)."""
+        """Try an unusable node again: a new agent (over a new SSH connection). It is
+        'starting' meanwhile, so losing the new agent (or its silence) counts again."""
         node.retry_at = None
+        self._set_node(node, NodeState.STARTING, f"reconnecting ({node.reason})")
         if node.local:
             try:
                 self._start_node(node)
@@ -433,6 +458,9 @@ class Coordinator:
             meta = self.meta[rid]
             meta.staging.clear()
             meta.pending_run = None
+            if meta.terminated:  # it was being stopped anyway: done, not requeued
+                self._record_exit(meta, Exit(None, node_lost=True), {})
+                continue
             self.store.db.execute(
                 "UPDATE tasks SET state='active', requeue_count=requeue_count+1, node_id=NULL "
                 "WHERE seq=?", (rid,))
@@ -545,8 +573,8 @@ class Coordinator:
                        "env": self._task_env(meta, node, tdir)}
                 if meta.resource_files:  # the run message goes once they are there
                     meta.pending_run = run
-                    self._stage(meta, node, d.seq, meta.resource_files,
-                                os.path.join(tdir, "wd"))
+                    self._stage(meta, node, d.seq,
+                                [(meta.resource_files, os.path.join(tdir, "wd"))])
                 else:
                     out.setdefault(node.key, []).append(run)
             if rows:
@@ -593,14 +621,17 @@ class Coordinator:
         meta.alloc = alloc
         for i, node in enumerate(nodes):
             self._occupy(node, f"{meta.seq}.{i}", slots[i])
-        if meta.common_files:
+        if meta.common_files or meta.resource_files:
             alloc.phase = "staging"
             for i, node in enumerate(nodes):
-                rid = f"{meta.seq}.s{i}"
-                alloc.pending.add(rid)
-                self._stage(meta, node, rid, meta.common_files,
-                            posixpath.join(node.root, "jobs", meta.job_id, meta.task_id,
-                                           "shared"))
+                node_tdir = posixpath.join(node.root, "jobs", meta.job_id, meta.task_id)
+                groups = [(meta.common_files, posixpath.join(node_tdir, "shared"))]
+                if i == 0:  # the task's own files: the primary's working directory
+                    groups.append((meta.resource_files, posixpath.join(node_tdir, "wd")))
+                if any(files for files, _ in groups):
+                    rid = f"{meta.seq}.s{i}"
+                    alloc.pending.add(rid)
+                    self._stage(meta, node, rid, groups)
         else:
             self._start_coordination(meta, out)
         return tdir
@@ -688,7 +719,10 @@ class Coordinator:
         if alloc.failed is not None or not ok:
             self._fail_allocation(meta, alloc.failed or ex, ev)
         elif alloc.phase == "coordination":
-            if not alloc.pending:
+            if not alloc.pending and meta.terminated:  # asked to stop: no application
+                self._fail_allocation(meta, Exit(None, start_failed="terminated"),
+                                      {"killed": "terminate"})
+            elif not alloc.pending:
                 self._start_application(meta, self._sends)
         else:  # the application command ended: the task is done
             self._finish_allocation(meta, ex, ev)
@@ -708,19 +742,22 @@ class Coordinator:
 
     # ---- resource files ----------------------------------------------------
 
-    def _stage(self, meta: TaskMeta, node: NodeHandle, rid: int | str, files: list[dict],
-               dest_dir: str) -> None:
-        """Copy files to the node on a worker thread (SFTP or the filesystem, per the
-        node's transport); the loop hears back through a ("staged", ...) item."""
+    def _stage(self, meta: TaskMeta, node: NodeHandle, rid: int | str,
+               groups: list[tuple[list[dict], str]]) -> None:
+        """Copy (files, destination folder) groups to the node on a worker thread (SFTP or
+        the filesystem, per the node's transport); the loop hears back through a
+        ("staged", ...) item."""
         self._gen += 1
         token = (meta.seq, rid, self._gen)
         meta.staging[rid] = self._gen
-        pairs = [(f["source"], f["file_path"]) for f in files]
         chan, inbox = node.channel, self.inbox
 
         def work() -> None:
             try:
-                chan.put_files(pairs, dest_dir)
+                for files, dest_dir in groups:
+                    if files:
+                        chan.put_files([(f["source"], f["file_path"]) for f in files],
+                                       dest_dir)
             except Exception as exc:  # noqa: BLE001 - reported as the task's failure
                 inbox.put(("staged", token, f"copying resource files to node {node.node_id} "
                                             f"failed: {exc}"))
@@ -798,6 +835,8 @@ class Coordinator:
 
     def _record_exit(self, meta: TaskMeta, ex: Exit, ev: dict) -> None:
         """Success, retry (back to the queue) or failure, from how the attempt ended."""
+        if meta.terminated:  # however it ended, it is not run again
+            ev = {**ev, "killed": "terminate"}
         tid = meta.seq
         outcome = decide_exit(ex, meta.retry_count, meta.max_retries)
         common = dict(exit_code=ex.exit_code, signal=ex.signal, failure=outcome.failure,
@@ -839,6 +878,7 @@ class Coordinator:
                                            failure="killed:terminate", ended_at=time.time())
                     self._completed(meta)
                     return None
+                meta.terminated = True
                 if meta.alloc is not None:
                     if meta.alloc.phase == "staging":
                         self._fail_allocation(meta, Exit(None, start_failed="terminated"),
@@ -871,7 +911,9 @@ class Coordinator:
             if node is None or chan is not node.channel:
                 return  # a replaced channel's last words
             if msg is None:
-                self._node_lost(node, "agent connection closed")
+                words = chan.last_words()
+                self._node_lost(node, "agent connection closed" + (f" ({words})" if words
+                                                                    else ""))
                 return
             node.last_seen = time.monotonic()
             ev = msg.get("ev")
@@ -890,7 +932,7 @@ class Coordinator:
                 log.warning("node %s: %s", node.node_id, msg)
         elif kind == "booted":
             node = self.nodes.get(item[1])
-            if node is None or self._stop.is_set():
+            if node is not item[3] or self._stop.is_set():  # deleted (or replaced) meanwhile
                 item[2].close()
                 return
             node.booting = False
@@ -899,7 +941,7 @@ class Coordinator:
             self._listen(node)
         elif kind == "bootfail":
             node = self.nodes.get(item[1])
-            if node is not None:
+            if node is item[3]:
                 node.booting = False
                 retry = f"; trying again in {node.retry_s:g} s"
                 self._set_node(node, NodeState.UNUSABLE, f"bootstrap failed: {item[2]}{retry}")

@@ -101,7 +101,7 @@ _T = TaskState
 TRANSITIONS: dict[type, dict[Any, frozenset]] = {
     NodeState: {
         _N.STARTING: frozenset({_N.IDLE, _N.START_TASK_FAILED, _N.UNUSABLE, _N.OFFLINE}),
-        _N.START_TASK_FAILED: frozenset({_N.STARTING, _N.OFFLINE, _N.LEAVING}),
+        _N.START_TASK_FAILED: frozenset({_N.STARTING, _N.UNUSABLE, _N.OFFLINE, _N.LEAVING}),
         _N.IDLE: frozenset({_N.RUNNING, _N.UNUSABLE, _N.OFFLINE, _N.LEAVING}),
         _N.RUNNING: frozenset({_N.IDLE, _N.UNUSABLE, _N.OFFLINE, _N.LEAVING}),
         _N.UNUSABLE: frozenset({_N.STARTING, _N.IDLE, _N.OFFLINE, _N.LEAVING}),
@@ -189,7 +189,10 @@ class ResourceFile:
     file_path: str = ""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.source, str) or not self.source.strip():
+        if not isinstance(self.source, str):
+            raise ValidationError("resource_file.source", f"must be a file path, not "
+                                  f"{self.source!r}")
+        if not self.source.strip():
             raise ValidationError("resource_file.source", "is empty; give a file path")
         src = Path(self.source).expanduser()
         if not src.is_absolute():
@@ -227,6 +230,8 @@ class ResourceFile:
                     if unknown:
                         raise ValidationError(where, f"unknown field(s) {', '.join(unknown)}; "
                                               "known: source, file_path")
+                    if "source" not in item:
+                        raise ValidationError(where, "needs a 'source' (the file to copy)")
                     rf = cls(**item)
                 else:
                     raise ValidationError(where, f"{item!r} is not a file path or "
@@ -297,6 +302,13 @@ class TaskSpec:
             f"task {self.id}: resource_files", self.resource_files))
         mi = self.multi_instance
         if isinstance(mi, Mapping):
+            known = {f.name for f in dataclasses.fields(MultiInstanceSpec)}
+            unknown = sorted(set(mi) - known)
+            if unknown or "instances" not in mi:
+                raise ValidationError(f"task {self.id}: multi_instance",
+                                      f"unknown field(s) {', '.join(unknown)}; known: "
+                                      f"{', '.join(sorted(known))}" if unknown else
+                                      "needs 'instances' (how many nodes)")
             object.__setattr__(self, "multi_instance", MultiInstanceSpec(**mi))
         elif mi is not None and not isinstance(mi, MultiInstanceSpec):
             raise ValidationError(f"task {self.id}: multi_instance",

@@ -59,14 +59,14 @@ def ssh_pool_config(*, spec: str | None = None, hostlist: str | None = None,
         cfg, base = {"hosts": hostlist}, Path.cwd()
     else:
         raise ValidationError("pool", "an ssh pool needs --spec FILE or --ssh HOSTLIST")
+    for field in _PATH_FIELDS:  # relative paths in a spec file are the file's
+        if cfg.get(field):
+            cfg[field] = str((base / Path(cfg[field]).expanduser()).resolve())
     for k, v in (("user", user), ("key", key), ("known_hosts", known_hosts),
                  ("ssh_config", ssh_config), ("port", port), ("python", python),
                  ("node_root", node_root), ("authorized_keys", authorized_keys)):
-        if v is not None:
-            cfg[k] = v
-    for field in _PATH_FIELDS:  # relative paths are the spec file's
-        if cfg.get(field):
-            cfg[field] = str((base / Path(cfg[field]).expanduser()).resolve())
+        if v is not None:  # given here: relative to where the command runs
+            cfg[k] = str(Path(v).expanduser().resolve()) if k in _PATH_FIELDS else v
     if cfg.get("key") and not Path(cfg["key"]).is_file():
         raise ValidationError("--key", f"key file {cfg['key']} does not exist")
     if cfg.get("ssh_config") and not Path(cfg["ssh_config"]).is_file():

@@ -215,20 +215,16 @@ class Store:
             r["spec"] = JobSpec(**json.loads(r["spec"]))
         return rows
 
-    def delete_job(self, job_id: str) -> list[dict[str, Any]]:
-        """Remove a completed job and its tasks; returns the tasks' (node_id, task_dir)
-        rows so their directories can be cleaned. Refused while a task is unfinished."""
+    def delete_job(self, job_id: str) -> None:
+        """Remove a completed job and its tasks; refused while a task is unfinished."""
         with self.transaction() as db:
             self.get_job(job_id)
             left = self.unfinished(job_id)
             if left:
                 raise Conflict(f"job {job_id!r} has {left} unfinished task(s); wait for them "
                                f"('hpcbatch job wait {job_id}') or terminate them first")
-            dirs = db.execute("SELECT node_id, task_dir FROM tasks WHERE job_id=? AND "
-                              "task_dir IS NOT NULL", (job_id,)).fetchall()
             db.execute("DELETE FROM tasks WHERE job_id=?", (job_id,))
             db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
-        return dirs
 
     def set_job_state(self, job_id: str, state: JobState) -> None:
         done = time.time() if state is JobState.COMPLETED else None

@@ -33,15 +33,24 @@ class AgentChannel:
     def __init__(self, name: str, write: Callable[[bytes], Any], readline: Callable[[], bytes],
                  close: Callable[[], None],
                  put_files: Callable[[Iterable[tuple[str, str]], str], None] | None = None,
-                 root: str | None = None):
+                 root: str | None = None, last_words: Callable[[], str] | None = None):
         self.name = name
         self._write = write
         self._readline = readline
         self._close = close
         self._put_files = put_files or copy_local_files
         self.root = root  # the node root, absolute on the node (None: the agent says)
+        self._last_words = last_words
         self._lock = threading.Lock()
         self.closed = False
+
+    def last_words(self) -> str:
+        """Once the channel has ended: what the agent's end said (exit status, the tail
+        of its stderr), for the node's reason; empty when nothing is known."""
+        try:
+            return self._last_words() if self._last_words else ""
+        except Exception:  # noqa: BLE001 - only ever an addition to a message
+            return ""
 
     def put_files(self, files: Iterable[tuple[str, str]], dest_dir: str) -> None:
         """Copy (local source, relative destination) pairs into dest_dir on the node,
@@ -102,7 +111,7 @@ def copy_local_files(files: Iterable[tuple[str, str]], dest_dir: str) -> None:
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         tmp = f"{dest}.tmp-{os.getpid()}-{threading.get_ident()}"
         shutil.copyfile(source, tmp)
-        shutil.copymode(source, tmp)
+        os.chmod(tmp, os.stat(source).st_mode & 0o777)  # no setuid/setgid bits
         os.replace(tmp, dest)
 
 
@@ -188,8 +197,18 @@ class SSHTransport:
             try:
                 for source, rel in files:
                     sftp_put(sftp, source, f"{dest_dir}/{rel}",
-                             os.stat(source).st_mode & 0o7777, label)
+                             os.stat(source).st_mode & 0o777, label)
             finally:
                 sftp.close()
 
-        return AgentChannel(node_id, chan.sendall, reader.readline, close, put_files, root)
+        def last_words() -> str:
+            err = b""
+            while chan.recv_stderr_ready() and len(err) < 1 << 16:
+                err += chan.recv_stderr(4096)
+            tail = " | ".join(err.decode(errors="replace").strip().splitlines()[-3:])
+            status = chan.exit_status if chan.exit_status_ready() else None
+            said = [f"exit status {status}"] if status not in (None, -1) else []
+            return "; ".join(said + ([f"stderr: {tail[-300:]}"] if tail else []))
+
+        return AgentChannel(node_id, chan.sendall, reader.readline, close, put_files, root,
+                            last_words)

@@ -159,3 +159,4 @@ def test_round_trip_random():
 def test_compress_refuses_what_is_not_a_host_name(bad):
     with pytest.raises(HostlistError):
         compress_hostlist(["ok", bad])
+

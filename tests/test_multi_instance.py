@@ -168,3 +168,64 @@ def test_a_missing_resource_file_is_refused_at_submit(batch, tmp_path):
                        "a file on this machine"):
         job.add_task("t", "true", resource_files=[str(tmp_path / "nope.txt")])
     assert job.counts()["total"] == 0
+
+
+def test_a_multi_instance_tasks_own_resource_files_go_to_the_primarys_working_dir(
+        batch, tmp_path):
+    src = tmp_path / "input.txt"
+    src.write_text("in\n")
+    batch.pools.create("duo", target_nodes=2)
+    job = batch.jobs.create("mirf", pool="duo")
+    job.add_task("t", "cat input.txt", resource_files=[str(src)],
+                 multi_instance=mi(2))
+    job.wait(timeout_s=60)
+    t = job.task("t")
+    assert t.succeeded, (t.failure, t.stderr())
+    assert t.stdout() == "in\n"
+
+
+def test_terminate_during_coordination_never_starts_the_application(batch, tmp_path):
+    batch.pools.create("duo", target_nodes=2)
+    job = batch.jobs.create("stop", pool="duo", max_task_retry_count=3)
+    marker = tmp_path / "app-ran"
+    # a coordination command that ends "successfully" when told to stop
+    job.add_task("t", f"touch '{marker}'",
+                 multi_instance=mi(2, "trap 'exit 0' TERM; sleep 30 & wait"))
+    poll(lambda: job.task("t").state == "preparing", what="coordination running")
+    time.sleep(0.3)  # let both coordination commands start (a kill may also land earlier)
+    job.terminate_task("t")
+    job.wait(timeout_s=30)
+    t = job.task("t")
+    assert (t.result, t.failure, t.retry_count) == ("failure", "killed:terminate", 0)
+    assert not marker.exists(), "the application ran although the task was terminated"
+
+
+def test_losing_a_node_whose_start_task_failed_keeps_the_coordinator_up(home, monkeypatch):
+    from hpcbatch import client
+    from hpcbatch.errors import HpcBatchError
+    monkeypatch.setattr(client, "POOL_DEAD_GRACE_S", 1.0)
+    with hpcbatch.Batch() as batch:
+        batch.pools.create("bad", start_task="exit 3")
+        def states():
+            return [n["state"] for n in batch.pools.nodes("bad")]
+        poll(lambda: states() == ["start_task_failed"], what="start task failed")
+        node = batch.coordinator.nodes[("bad", "local-1")]
+        os.kill(node.channel.pid, signal.SIGKILL)  # its agent dies too
+        poll(lambda: states()[0] in ("unusable", "starting"), what="node lost")
+        job = batch.jobs.create("never", pool="bad")
+        job.add_task("t", "true")
+        with pytest.raises(HpcBatchError, match="pool 'bad' has had no usable node"):
+            job.wait(timeout_s=30)
+        assert batch.coordinator.error is None  # the loop is alive
+        assert job.task("t").state == "active"  # nothing lost
+
+
+def test_deleting_a_job_removes_its_directories_on_every_node(batch, home):
+    batch.pools.create("trio", target_nodes=3)
+    job = batch.jobs.create("wide", pool="trio")
+    job.add_task("t", "true", multi_instance=mi(3, "echo coord"))
+    job.wait(timeout_s=60)
+    dirs = [home / "nodes" / "trio" / f"local-{i}" / "jobs" / "wide" for i in (1, 2, 3)]
+    assert all(d.is_dir() for d in dirs)
+    assert batch.jobs.delete("wide") == []
+    assert not any(d.exists() for d in dirs)

@@ -438,3 +438,39 @@ def test_deleting_a_pool_stops_its_agents_and_revokes_its_key(batch, tmp_path, h
         assert "gone" not in [p.id for p in batch.pools.list()]
     finally:
         cluster_down(d)
+
+
+def test_an_agent_that_cannot_start_is_named_and_its_node_retried(batch, cluster,
+                                                                  tmp_path):
+    spec = spec_for(cluster, ["node1"], tmp_path, python="/nonexistent/python3")
+    batch.pools.create("nopy", "ssh", spec=str(spec))
+
+    def node():
+        rows = batch.pools.nodes("nopy")
+        return rows[0] if rows else {"state": None, "reason": None}
+    poll(lambda: node()["state"] == "unusable", timeout_s=15, what="node1 unusable")
+    assert "exit status 127" in node()["reason"] and "/nonexistent/python3" in \
+        node()["reason"], node()["reason"]
+    # it is tried again (and fails again): a later attempt records a new reason
+    poll(lambda: node()["state"] == "starting" and node()["reason"].startswith(
+        "reconnecting"), timeout_s=15, what="a reconnect attempt")
+    poll(lambda: node()["state"] == "unusable", timeout_s=15, what="unusable again")
+
+
+def test_a_pool_whose_known_hosts_vanished_does_not_stop_the_home(cluster, tmp_path, home):
+    spec = json.loads(spec_for(cluster, ["node2"], tmp_path).read_text())
+    kh = tmp_path / "kh-copy"
+    kh.write_text((cluster / "known_hosts").read_text())
+    spec["known_hosts"] = str(kh)
+    path = tmp_path / "vanish.json"
+    path.write_text(json.dumps(spec))
+    assert run_cli(home, "pool", "create", "vanish", "--spec", str(path)).returncode == 0
+    kh.unlink()  # the cluster folder was cleaned up after the pool was made
+    with hpcbatch.Batch() as b:  # local work on the same home still runs
+        job = b.jobs.create("local-work")
+        job.add_task("t", "echo fine")
+        job.wait(timeout_s=30)
+        assert job.task("t").stdout() == "fine\n"
+        poll(lambda: [n["state"] for n in b.pools.nodes("vanish")] == ["unusable"],
+             timeout_s=15, what="the pool's node unusable")
+        assert str(kh) in b.pools.nodes("vanish")[0]["reason"]
