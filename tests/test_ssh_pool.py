@@ -249,8 +249,9 @@ def test_a_node_dying_under_a_multi_node_task_retries_it_on_a_spare(batch, tmp_p
         assert nodes0 == ["node1", "node2", "node3"]
         assert victim not in nodes1 and "node4" in nodes1  # the spare replaced it
         poll(lambda: not processes_with(first), timeout_s=5, what="attempt 0 ranks gone")
-        states = {n["id"]: n["state"] for n in batch.pools.nodes("quad")}
-        assert states[victim] == "unusable"
+        # unusable, between attempts to reconnect to it (each briefly 'starting')
+        poll(lambda: {n["id"]: n["state"] for n in batch.pools.nodes("quad")}[victim]
+             == "unusable", timeout_s=5, what=f"{victim} unusable")
         poll(lambda: job.task("t").state == "running", timeout_s=5, what="attempt 1 running")
         assert job.task("t").retry_count == 1
         job.terminate_task("t")
