@@ -202,6 +202,7 @@ class SSHTransport:
                 sftp.close()
 
         def last_words() -> str:
+            chan.status_event.wait(0.5)  # the exit status follows EOF closely
             err = b""
             while chan.recv_stderr_ready() and len(err) < 1 << 16:
                 err += chan.recv_stderr(4096)

@@ -150,7 +150,7 @@ def test_prefetch_holds_short_work_only(home):
 def test_tasks_queued_on_a_node_are_preparing_until_they_start(home):
     with hpcbatch.Batch(local_slots=1) as batch:
         job = batch.jobs.create("q")
-        job.add_tasks({"id": f"t{i}", "command_line": "sleep 0.5"} for i in range(3))
+        job.add_tasks({"id": f"t{i}", "command_line": "sleep 1"} for i in range(3))
         poll(lambda: job.task("t0").state == "running", what="t0 running")
         c = job.counts()
         assert c["running"] == 1  # one slot: never more running than that
