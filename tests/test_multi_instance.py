@@ -189,10 +189,11 @@ def test_terminate_during_coordination_never_starts_the_application(batch, tmp_p
     job = batch.jobs.create("stop", pool="duo", max_task_retry_count=3)
     marker = tmp_path / "app-ran"
     # a coordination command that ends "successfully" when told to stop
-    job.add_task("t", f"touch '{marker}'",
-                 multi_instance=mi(2, "trap 'exit 0' TERM; sleep 30 & wait"))
-    poll(lambda: job.task("t").state == "preparing", what="coordination running")
-    time.sleep(0.3)  # let both coordination commands start (a kill may also land earlier)
+    up = tmp_path / "up"
+    up.mkdir()
+    job.add_task("t", f"touch '{marker}'", multi_instance=mi(
+        2, f"trap 'exit 0' TERM; touch '{up}'/$HPCBATCH_INSTANCE_INDEX; sleep 30 & wait"))
+    poll(lambda: len(list(up.iterdir())) == 2, what="both coordination commands running")
     job.terminate_task("t")
     job.wait(timeout_s=30)
     t = job.task("t")
