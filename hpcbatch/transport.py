@@ -33,13 +33,12 @@ class AgentChannel:
     def __init__(self, name: str, write: Callable[[bytes], Any], readline: Callable[[], bytes],
                  close: Callable[[], None],
                  put_files: Callable[[Iterable[tuple[str, str]], str], None] | None = None,
-                 root: str | None = None, last_words: Callable[[], str] | None = None):
+                 last_words: Callable[[], str] | None = None):
         self.name = name
         self._write = write
         self._readline = readline
         self._close = close
         self._put_files = put_files or copy_local_files
-        self.root = root  # the node root, absolute on the node (None: the agent says)
         self._last_words = last_words
         self._lock = threading.Lock()
         self.closed = False
@@ -211,5 +210,5 @@ class SSHTransport:
             said = [f"exit status {status}"] if status not in (None, -1) else []
             return "; ".join(said + ([f"stderr: {tail[-300:]}"] if tail else []))
 
-        return AgentChannel(node_id, chan.sendall, reader.readline, close, put_files, root,
+        return AgentChannel(node_id, chan.sendall, reader.readline, close, put_files,
                             last_words)

@@ -57,6 +57,14 @@ def wait_idle(batch, pool: str, n: int) -> None:
         raise AssertionError(f"{n} idle nodes in {pool} not reached: {states}") from None
 
 
+def ssh_pool(batch, cluster: Path, tmp_path: Path, pool: str, names: list[str],
+             **pool_options) -> None:
+    """An SSH pool of those cluster nodes, all idle."""
+    batch.pools.create(pool, "ssh", spec=str(spec_for(cluster, names, tmp_path)),
+                       **pool_options)
+    wait_idle(batch, pool, len(names))
+
+
 @pytest.fixture
 def batch(home):
     with hpcbatch.Batch() as b:
@@ -64,18 +72,16 @@ def batch(home):
 
 
 def test_three_node_pool_bootstraps_and_lists_idle_nodes(batch, cluster, tmp_path, home):
-    spec = spec_for(cluster, ["node1", "node2", "node3"], tmp_path)
-    batch.pools.create("trio", "ssh", task_slots_per_node=2, spec=str(spec))
-    wait_idle(batch, "trio", 3)
+    ssh_pool(batch, cluster, tmp_path, "trio", ["node1", "node2", "node3"],
+             task_slots_per_node=2)
     shown = run_cli(home, "pool", "show", "trio").stdout
     for name in ("node1", "node2", "node3"):
         assert f"│ {name} │ idle  │ 2     │" in shown, shown
 
 
 def test_tasks_really_run_on_each_node_over_ssh(batch, cluster, tmp_path):
-    spec = spec_for(cluster, ["node1", "node2", "node3"], tmp_path)
-    batch.pools.create("spread", "ssh", spec=str(spec), scheduling_policy="spread")
-    wait_idle(batch, "spread", 3)
+    ssh_pool(batch, cluster, tmp_path, "spread", ["node1", "node2", "node3"],
+             scheduling_policy="spread")
     job = batch.jobs.create("where", pool="spread")
     job.add_tasks({"id": f"t{i}", "command_line":
                    'echo "$HPCBATCH_NODE $HPCBATCH_NODE_ID ${SSH_CONNECTION:+ssh}"'}
@@ -138,9 +144,7 @@ def test_trust_on_first_use_records_host_keys(cluster, tmp_path, home):
 
 def test_multi_instance_task_reaches_every_node_over_the_pool_ssh_config(batch, cluster,
                                                                          tmp_path):
-    spec = spec_for(cluster, ["node1", "node2", "node3"], tmp_path)
-    batch.pools.create("mi", "ssh", spec=str(spec))
-    wait_idle(batch, "mi", 3)
+    ssh_pool(batch, cluster, tmp_path, "mi", ["node1", "node2", "node3"])
     job = batch.jobs.create("reach", pool="mi")
     app = ('while read host rest; do ssh -n -F "$HPCBATCH_SSH_CONFIG" "$host" '
            "'echo $HPCBATCH_NODE'; done < \"$HPCBATCH_HOSTFILE\"")
@@ -155,9 +159,7 @@ def test_multi_instance_task_reaches_every_node_over_the_pool_ssh_config(batch, 
 
 
 def test_a_dead_node_is_unusable_and_its_tasks_are_requeued(batch, cluster, tmp_path):
-    spec = spec_for(cluster, ["node4", "node5"], tmp_path)
-    batch.pools.create("fragile", "ssh", spec=str(spec), scheduling_policy="spread")
-    wait_idle(batch, "fragile", 2)
+    ssh_pool(batch, cluster, tmp_path, "fragile", ["node4", "node5"], scheduling_policy="spread")
     job = batch.jobs.create("survive", pool="fragile")
     job.add_tasks({"id": f"t{i}", "command_line": "sleep 1; echo $HPCBATCH_NODE"}
                   for i in range(4))
@@ -221,9 +223,7 @@ def test_a_node_dying_under_a_multi_node_task_retries_it_on_a_spare(batch, tmp_p
     d = tmp_path / "c4"
     cluster_up(4, d)
     try:
-        spec = spec_for(d, ["node1", "node2", "node3", "node4"], tmp_path)
-        batch.pools.create("quad", "ssh", spec=str(spec))
-        wait_idle(batch, "quad", 4)
+        ssh_pool(batch, d, tmp_path, "quad", ["node1", "node2", "node3", "node4"])
         job = batch.jobs.create("wide", pool="quad", max_task_retry_count=1)
         marks = tmp_path / "marks"
         marks.mkdir()
@@ -273,9 +273,7 @@ def tree(path: Path) -> dict[str, tuple]:
 def test_inter_node_trust_is_a_pool_key_and_ssh_config_on_every_node(batch, cluster,
                                                                      tmp_path, home):
     user_ssh = tree(Path.home() / ".ssh")
-    spec = spec_for(cluster, ["node1", "node2"], tmp_path)
-    batch.pools.create("trusted", "ssh", spec=str(spec))
-    wait_idle(batch, "trusted", 2)
+    ssh_pool(batch, cluster, tmp_path, "trusted", ["node1", "node2"])
     pub = (home / "pools" / "trusted" / "id_ed25519.pub").read_text().split()
     assert pub[0] == "ssh-ed25519" and pub[2] == "hpcbatch-pool:trusted"
     authorized = (cluster / "authorized_keys").read_text()
@@ -304,9 +302,7 @@ def test_inter_node_trust_is_a_pool_key_and_ssh_config_on_every_node(batch, clus
 
 def test_without_inter_node_communication_no_pool_key_is_installed(batch, cluster, tmp_path,
                                                                    home):
-    spec = spec_for(cluster, ["node3"], tmp_path)
-    batch.pools.create("plain", "ssh", spec=str(spec), inter_node_communication=False)
-    wait_idle(batch, "plain", 1)
+    ssh_pool(batch, cluster, tmp_path, "plain", ["node3"], inter_node_communication=False)
     job = batch.jobs.create("env", pool="plain")
     job.add_task("t", 'echo "[${HPCBATCH_SSH_CONFIG-unset}]"', multi_instance={"instances": 1})
     job.wait(timeout_s=60)
@@ -319,9 +315,7 @@ def test_resource_files_go_over_sftp_and_logs_come_back_over_it(batch, cluster, 
                                                                 home):
     data = tmp_path / "mesh.dat"
     data.write_text("mesh v1\n")
-    spec = spec_for(cluster, ["node2", "node3"], tmp_path)
-    batch.pools.create("files", "ssh", spec=str(spec))
-    wait_idle(batch, "files", 2)
+    ssh_pool(batch, cluster, tmp_path, "files", ["node2", "node3"])
     job = batch.jobs.create("stage", pool="files")
     job.add_task("one", "cat in/mesh.dat", resource_files=[{"source": str(data),
                                                              "file_path": "in/mesh.dat"}])
@@ -341,9 +335,7 @@ def test_an_unusable_node_comes_back_when_it_answers_again(batch, tmp_path, home
     d = tmp_path / "c2"
     cluster_up(2, d)
     try:
-        spec = spec_for(d, ["node1", "node2"], tmp_path)
-        batch.pools.create("phoenix", "ssh", spec=str(spec), scheduling_policy="spread")
-        wait_idle(batch, "phoenix", 2)
+        ssh_pool(batch, d, tmp_path, "phoenix", ["node1", "node2"], scheduling_policy="spread")
         job = batch.jobs.create("before", pool="phoenix")
         job.add_tasks({"id": f"t{i}", "command_line": "sleep 0.3; echo hi"} for i in range(2))
         job.wait(timeout_s=30)
@@ -370,9 +362,7 @@ def test_an_unusable_node_comes_back_when_it_answers_again(batch, tmp_path, home
 
 def test_wide_tasks_on_ssh_nodes_fail_fast_or_wait_and_are_not_overtaken(batch, cluster,
                                                                          tmp_path):
-    spec = spec_for(cluster, ["node1", "node2", "node3"], tmp_path)
-    batch.pools.create("wide", "ssh", spec=str(spec))
-    wait_idle(batch, "wide", 3)
+    ssh_pool(batch, cluster, tmp_path, "wide", ["node1", "node2", "node3"])
     job = batch.jobs.create("mix", pool="wide")
     with pytest.raises(Conflict, match="instances 4 is more than the 3 nodes of pool 'wide'"):
         job.add_task("too-wide", "true", multi_instance={"instances": 4})
@@ -415,9 +405,8 @@ def test_deleting_a_pool_stops_its_agents_and_revokes_its_key(batch, tmp_path, h
     d = tmp_path / "c3"
     cluster_up(3, d)
     try:
-        spec = spec_for(d, ["node1", "node2", "node3"], tmp_path)
-        batch.pools.create("gone", "ssh", spec=str(spec), scheduling_policy="spread")
-        wait_idle(batch, "gone", 3)
+        ssh_pool(batch, d, tmp_path, "gone", ["node1", "node2", "node3"],
+                 scheduling_policy="spread")
         pub = (home / "pools" / "gone" / "id_ed25519.pub").read_text().split()[1]
         assert pub in (d / "authorized_keys").read_text()
         job = batch.jobs.create("j", pool="gone")
