@@ -95,6 +95,94 @@ class TaskResult(enum.StrEnum):
     FAILURE = "failure"
 
 
+class FailureKind(enum.StrEnum):
+    """Why an attempt did not succeed; the detail (which signal, what failed to start, who
+    killed it) is kept beside it as text."""
+
+    EXIT_CODE = "exit_code"
+    SIGNAL = "signal"
+    TIMEOUT = "timeout"
+    START_FAILED = "start_failed"
+    NODE_LOST = "node_lost"
+    KILLED = "killed"
+
+
+def failure_text(kind: FailureKind | str | None, detail: str | None) -> str | None:
+    """The one-string form listings show (and stored before schema 2): 'exit_code',
+    'start_failed: WHY', 'killed:terminate'."""
+    if kind is None:
+        return None
+    kind = FailureKind(kind)
+    if kind is FailureKind.KILLED:
+        return f"killed:{detail or 'terminate'}"
+    if kind is FailureKind.START_FAILED and detail:
+        return f"start_failed: {detail}"
+    return kind.value
+
+
+class MIPhase(enum.StrEnum):
+    """Where a multi-instance task's attempt is: copying common files, running the
+    coordination command on every node, running the application on the primary."""
+
+    STAGING = "staging"
+    COORDINATION = "coordination"
+    APPLICATION = "application"
+    ENDING = "ending"  # failed or done: waiting for the other instances to exit
+
+
+class RunKind(enum.StrEnum):
+    TASK = "task"  # an ordinary task (wire id: the task's seq)
+    APPLICATION = "a"  # a multi-instance task's application command on the primary
+    COORDINATION = "c"  # its coordination command on instance I
+    STAGING = "s"  # copying its files to instance I (never on the wire)
+    INSTANCE = "i"  # the slots instance I holds on its node (never on the wire)
+    START_TASK = "start"  # a node's start task
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RunId:
+    """What runs on a node, as a typed value; ``wire`` is how the agent protocol spells it
+    (an int for an ordinary task, 'SEQ.a' / 'SEQ.cI' / 'SEQ.sI', '__start_task__')."""
+
+    seq: int
+    kind: RunKind = RunKind.TASK
+    index: int = 0
+
+    START_WIRE = "__start_task__"
+
+    @property
+    def wire(self) -> int | str:
+        if self.kind is RunKind.TASK:
+            return self.seq
+        if self.kind is RunKind.START_TASK:
+            return self.START_WIRE
+        if self.kind is RunKind.APPLICATION:
+            return f"{self.seq}.a"
+        return f"{self.seq}.{self.kind.value}{self.index}"
+
+    @classmethod
+    def parse(cls, wire: int | str) -> RunId:
+        """The RunId of a wire id; ValueError for anything else."""
+        if isinstance(wire, bool):
+            raise ValueError(f"not a run id: {wire!r}")
+        if isinstance(wire, int):
+            return cls(wire)
+        if wire == cls.START_WIRE:
+            return START_TASK_RUN
+        seq, _, part = str(wire).partition(".")
+        if not seq.isdigit() or not part:
+            raise ValueError(f"not a run id: {wire!r}")
+        if part == "a":
+            return cls(int(seq), RunKind.APPLICATION)
+        kind, index = part[0], part[1:]
+        if kind not in ("c", "s") or not index.isdigit():
+            raise ValueError(f"not a run id: {wire!r}")
+        return cls(int(seq), RunKind(kind), int(index))
+
+
+START_TASK_RUN = RunId(0, RunKind.START_TASK)
+
+
 _N = NodeState
 _J = JobState
 _T = TaskState

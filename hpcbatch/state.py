@@ -1,0 +1,1395 @@
+"""The coordinator's decisions as a pure state machine: events in, instructions out.
+
+``CoordinatorState.handle(*events) -> list[Instruction]`` does no I/O and reads no
+clock: time arrives in the events (every event carries ``t``). It owns what happens
+to nodes (start, hello, start task, heartbeats, loss, fencing, reconnect back-off),
+to tasks (windows of runnable work, placement and prefetch, retry vs requeue,
+terminate) and to multi-instance tasks (the phase machine), and when a job drains.
+The coordinator (:mod:`hpcbatch.coordinator`) is the shell that performs the
+instructions: persistence first, in one store transaction, then sends, file copies
+and agent starts/stops off its loop.
+
+Queries are instructions too (``LoadWindow``, ``LoadNewWork``): the shell answers them
+within the same turn with ``WindowLoaded`` / ``WorkAdded`` events, so the state never
+holds more than a bounded window of the stored work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import posixpath
+from collections.abc import Iterable
+from typing import Any
+
+from hpcbatch import env as E
+from hpcbatch.models import (
+    FailureKind,
+    MIPhase,
+    NodeState,
+    RunId,
+    RunKind,
+    TaskResult,
+)
+from hpcbatch.scheduler import (
+    Allocation,
+    Exit,
+    Placer,
+    Runnable,
+    RunQueue,
+    decide_exit,
+    failure_of,
+    schedule_from_queue,
+)
+from hpcbatch.timings import Timings
+
+DEFAULT_PREFETCH = 4
+PREFETCH_HORIZON_S = 0.02  # a slot's agent-side queue holds about this much work
+WINDOW_MIN = 1000  # runnable tasks loaded per pool at a time: at least this many ..
+WINDOW_MAX = 50_000  # .. at most this many (memory stays bounded whatever is stored)
+PLACE_BUDGET = 20_000  # placements per turn (bounded turns)
+NEW_WORK_SLICE = 5000  # new tasks read per query (a 1M-task submit is read in slices)
+FLAG_RESOURCE_FILES, FLAG_COORDINATION, FLAG_COMMON_FILES = 1, 2, 4
+
+usable = frozenset({NodeState.IDLE, NodeState.RUNNING})
+
+
+def _ev(cls):
+    return dataclasses.dataclass(frozen=True, slots=True)(cls)
+
+
+# ---- what the state is told --------------------------------------------------------
+
+@_ev
+class NodeInfo:
+    node_id: str
+    host: str
+    slots: int
+
+
+@_ev
+class PoolInfo:
+    pool_id: str
+    slots_per_node: int
+    policy: str = "pack"
+    start_task: str | None = None
+
+
+@_ev
+class JobInfo:
+    job_id: str
+    pool_id: str
+    priority: int = 0
+    terminate_when_done: bool = False
+
+
+@_ev
+class TaskRow:
+    """A runnable task as the store serves it (no command line: that is read at dispatch)."""
+
+    seq: int
+    job_id: str
+    task_id: str
+    pool_id: str
+    neg_priority: int
+    required_slots: int = 1
+    instances: int = 0
+    slots_per_instance: int = 0
+    max_retries: int = 0
+    retry_count: int = 0
+    flags: int = 0
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.neg_priority, self.seq)
+
+
+@_ev
+class Started:
+    """The coordinator started: what the store holds of open work."""
+    t: float
+    open_counts: tuple[tuple[str, int], ...] = ()
+    last_seq: int = 0
+
+
+@_ev
+class PoolAdded:
+    t: float
+    pool: PoolInfo
+    nodes: tuple[NodeInfo, ...]
+
+
+@_ev
+class PoolRemoved:
+    t: float
+    pool_id: str
+
+
+@_ev
+class NodeGranted:
+    """An elastic pool got a node (or a dialled-in agent registered)."""
+    t: float
+    pool_id: str
+    node: NodeInfo
+
+
+@_ev
+class NodeLeaving:
+    """An elastic pool gives a node back: drain it, then stop its agent."""
+    t: float
+    pool_id: str
+    node_id: str
+
+
+@_ev
+class JobsKnown:
+    t: float
+    jobs: tuple[JobInfo, ...]
+
+
+@_ev
+class JobForgotten:
+    t: float
+    job_id: str
+
+
+@_ev
+class WorkAdded:
+    """New tasks (seq above every one seen before), read in slices; ``more``: the slice
+    was full, ask again."""
+    t: float
+    rows: tuple[TaskRow, ...]
+    more: bool = False
+
+
+@_ev
+class WorkNoticed:
+    """Somebody stored new work (or the poll interval passed): look for it."""
+    t: float
+
+
+@_ev
+class WindowLoaded:
+    t: float
+    pool_id: str
+    rows: tuple[TaskRow, ...]
+    exhausted: bool  # fewer than asked: nothing beyond these is stored
+
+
+@_ev
+class AgentUp:
+    """The shell has a channel to the node's agent of generation ``gen``."""
+    t: float
+    pool_id: str
+    node_id: str
+    gen: int
+
+
+@_ev
+class AgentStartFailed:
+    t: float
+    pool_id: str
+    node_id: str
+    gen: int
+    reason: str
+
+
+@_ev
+class AgentHello:
+    t: float
+    pool_id: str
+    node_id: str
+    gen: int
+    root: str
+    protocol: int
+    info: tuple[tuple[str, Any], ...] = ()
+
+
+@_ev
+class Heartbeat:
+    t: float
+    pool_id: str
+    node_id: str
+    gen: int
+
+
+@_ev
+class RunStarted:
+    t: float
+    pool_id: str
+    node_id: str
+    gen: int
+    run: RunId
+    pid: int
+
+
+@_ev
+class RunExited:
+    t: float
+    pool_id: str
+    node_id: str
+    gen: int
+    run: RunId
+    exit_code: int | None
+    signal: int | None = None
+    timed_out: bool = False
+    killed: str | None = None
+    start_failed: str | None = None
+    start: float | None = None
+    end: float | None = None
+    usage: tuple[tuple[str, Any], ...] = ()
+
+
+@_ev
+class AgentError:
+    t: float
+    pool_id: str
+    node_id: str
+    gen: int
+    message: str
+    run: RunId | None = None
+
+
+@_ev
+class AgentClosed:
+    """The channel ended (the agent died, or its connection); ``words``: what its end said."""
+    t: float
+    pool_id: str
+    node_id: str
+    gen: int
+    words: str = ""
+
+
+@_ev
+class NodeFenced:
+    """The provider made sure (``sure``) nothing of agent ``gen`` runs any more, or could
+    not (then the state waits for the agent's lease to run out)."""
+    t: float
+    pool_id: str
+    node_id: str
+    gen: int
+    sure: bool
+
+
+@_ev
+class FilesStaged:
+    t: float
+    seq: int
+    run: RunId
+    token: int
+    error: str | None = None
+
+
+@_ev
+class TerminateAsked:
+    t: float
+    seq: int
+    job_id: str
+    reply: int = 0
+
+
+@_ev
+class Tick:
+    t: float
+
+
+# ---- what the state asks for -------------------------------------------------------
+
+@_ev
+class StartAgent:
+    pool_id: str
+    node_id: str
+    gen: int
+
+
+@_ev
+class StopAgent:
+    pool_id: str
+    node_id: str
+    gen: int
+    lost: bool = False  # close hard (a lost node: nothing buffered may reach it later)
+
+
+@_ev
+class FenceNode:
+    pool_id: str
+    node_id: str
+    gen: int
+    pids: tuple[int, ...]
+
+
+@_ev
+class RunTask:
+    """Start ``run`` on the node: the shell adds the task's command line, environment and
+    wall-clock limit from the store (the coordination command for a COORDINATION run)."""
+    pool_id: str
+    node_id: str
+    seq: int
+    run: RunId
+    task_dir: str
+    env: tuple[tuple[str, str], ...]
+    slots: int
+    files: tuple[tuple[str, str], ...] = ()
+    dirs: tuple[str, ...] = ()
+    log_prefix: str = ""
+    instance: bool = False  # a multi-instance run: add the provider's inter-node env
+
+
+@_ev
+class RunStartTask:
+    pool_id: str
+    node_id: str
+    command: str
+    task_dir: str
+    env: tuple[tuple[str, str], ...]
+
+
+@_ev
+class KillRun:
+    pool_id: str
+    node_id: str
+    run: RunId
+    reason: str
+
+
+@_ev
+class Reap:
+    pool_id: str
+    node_id: str
+    match: tuple[tuple[str, str], ...]
+    sessions: tuple[int, ...] = ()
+
+
+@_ev
+class Ping:
+    pool_id: str
+    node_id: str
+    t: float
+
+
+@_ev
+class StageFiles:
+    """Copy the task's files to the node: ``groups`` are (which, destination directory),
+    which = 'resource' (the task's resource_files) or 'common' (common_resource_files)."""
+    pool_id: str
+    node_id: str
+    seq: int
+    run: RunId
+    token: int
+    groups: tuple[tuple[str, str], ...]
+
+
+@_ev
+class LoadWindow:
+    pool_id: str
+    after: tuple[int, int] | None
+    limit: int
+
+
+@_ev
+class LoadNewWork:
+    after_seq: int
+    limit: int
+
+
+@_ev
+class PersistNode:
+    pool_id: str
+    node_id: str
+    state: NodeState
+    slots: int
+    reason: str | None = None
+    info: tuple[tuple[str, Any], ...] = ()
+
+
+@_ev
+class MarkPreparing:
+    seq: int
+    node_id: str
+    task_dir: str
+    t: float
+
+
+@_ev
+class MarkRunning:
+    seq: int
+    t: float
+
+
+@_ev
+class FinishAttempt:
+    seq: int
+    outcome: str  # success | failure | retry | requeue
+    node_id: str | None
+    started_at: float | None
+    ended_at: float
+    exit_code: int | None
+    signal: int | None
+    failure_kind: FailureKind | None
+    failure_detail: str | None
+    usage: tuple[tuple[str, Any], ...]
+    retry_count: int
+
+
+@_ev
+class CompleteUnstarted:
+    seq: int
+    failure_kind: FailureKind
+    failure_detail: str
+    t: float
+
+
+@_ev
+class CompleteJobIfDone:
+    job_id: str
+
+
+@_ev
+class JobDrained:
+    job_id: str
+
+
+@_ev
+class Reply:
+    reply: int
+    error: str | None = None
+
+
+@_ev
+class Log:
+    level: int
+    message: str
+
+
+Instruction = Any  # one of the instruction classes above
+PERSIST = (PersistNode, MarkPreparing, MarkRunning, FinishAttempt, CompleteUnstarted,
+           CompleteJobIfDone)
+
+
+# ---- what the state keeps ----------------------------------------------------------
+
+@dataclasses.dataclass(slots=True)
+class Node:
+    pool_id: str
+    node_id: str
+    host: str
+    slots: int
+    state: NodeState = NodeState.STARTING
+    reason: str | None = None
+    gen: int = 0
+    connected: bool = False  # the shell has a channel to agent `gen`
+    root: str | None = None
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    used: int = 0
+    held: int = 0  # allocations holding this node
+    runs: dict[RunId, int] = dataclasses.field(default_factory=dict)  # run -> slots
+    pids: dict[RunId, int] = dataclasses.field(default_factory=dict)
+    last_heard: float = 0.0
+    last_ping: float = 0.0
+    retry_at: float | None = None
+    retry_s: float = 1.0
+    fence_until: float | None = None  # lost: its runs are held until fenced or then
+    fenced_runs: dict[RunId, int] = dataclasses.field(default_factory=dict)
+    lost_reason: str = ""
+    leaving: bool = False
+    reconnecting: bool = False
+    persisted: Any = None  # the PersistNode last emitted
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.pool_id, self.node_id)
+
+
+@dataclasses.dataclass(slots=True)
+class Alloc:
+    nodes: list[tuple[str, str]]  # node keys; the first is the primary
+    hosts: list[str]
+    slots: list[int]
+    phase: MIPhase
+    pending: set[RunId]
+    task_dir: str
+    failed: Exit | None = None
+    killed: str | None = None
+    fencing: set[int] = dataclasses.field(default_factory=set)  # instances on lost nodes
+
+    def over(self) -> bool:
+        return not self.pending and not self.fencing
+
+
+@dataclasses.dataclass(slots=True)
+class Attempt:
+    """A task with an attempt in flight (placed, staging, queued on an agent, running)."""
+
+    row: TaskRow
+    node_key: tuple[str, str] | None = None
+    task_dir: str = ""
+    started_at: float | None = None
+    terminated: bool = False
+    staging: dict[RunId, int] = dataclasses.field(default_factory=dict)  # run -> token
+    pending_run: RunTask | None = None  # sent once its files are staged
+    alloc: Alloc | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class PoolState:
+    info: PoolInfo
+    queue: RunQueue
+    placer: Placer
+    nodes: dict[str, Node] = dataclasses.field(default_factory=dict)
+    cursor: tuple[int, int] | None = None  # every active task with key <= this is in memory
+    exhausted: bool = False  # .. and nothing stored beyond it
+    loading: bool = False
+    avg_run_s: float | None = None
+    per_slot: int = -1  # the prefetch depth the placer's nodes were last given
+    dirty: bool = True
+
+
+def _exit_of(ev: RunExited) -> Exit:
+    return Exit(exit_code=ev.exit_code, signal=ev.signal, timed_out=ev.timed_out,
+                start_failed=ev.start_failed)
+
+
+def _failure(ex: Exit, killed: str | None, terminated: bool, failed: bool
+             ) -> tuple[FailureKind | None, str | None]:
+    if not failed:
+        return None, None
+    if terminated:
+        return FailureKind.KILLED, "terminate"
+    if killed and not ex.timed_out:
+        return FailureKind.KILLED, killed
+    kind = FailureKind(failure_of(ex) or "exit_code")
+    if kind is FailureKind.START_FAILED:
+        return kind, ex.start_failed
+    if kind is FailureKind.SIGNAL:
+        return kind, str(ex.signal)
+    return kind, None
+
+
+class CoordinatorState:
+    """Everything the coordinator decides, as a function of the events it was told."""
+
+    def __init__(self, timings: Timings | None = None, *, prefetch: int = DEFAULT_PREFETCH,
+                 protocol: int = 2):
+        self.timings = timings or Timings()
+        self.prefetch = prefetch
+        self.protocol = protocol
+        self.pools: dict[str, PoolState] = {}
+        self.jobs: dict[str, JobInfo] = {}
+        self.rows: dict[int, TaskRow] = {}  # queued in a window
+        self.attempts: dict[int, Attempt] = {}  # in flight
+        self.open: dict[str, int] = {}  # job -> tasks not completed
+        self.last_seq = 0
+        self.loading_new = False
+        self.want_new = False
+        self._token = 0
+        self._out: list[Instruction] = []
+        self._dirty_nodes: dict[tuple[str, str], Node] = {}
+        self.now = 0.0
+
+    # ---- entry point ---------------------------------------------------------------
+
+    def handle(self, *events: Any) -> list[Instruction]:
+        out = self._out = []
+        for ev in events:
+            self.now = max(self.now, ev.t)
+            getattr(self, "_on_" + type(ev).__name__)(ev)
+        self._dispatch()
+        self._flush_nodes()
+        self._out = []
+        return out
+
+    def _emit(self, ins: Instruction) -> None:
+        self._out.append(ins)
+
+    def node(self, pool_id: str, node_id: str) -> Node | None:
+        pool = self.pools.get(pool_id)
+        return pool.nodes.get(node_id) if pool else None
+
+    def _live(self, ev: Any) -> Node | None:
+        """The node an agent event is about, if it comes from its current agent."""
+        node = self.node(ev.pool_id, ev.node_id)
+        if node is None or ev.gen != node.gen or node.fence_until is not None:
+            return None
+        return node
+
+    # ---- start, pools, jobs, work --------------------------------------------------
+
+    def _on_Started(self, ev: Started) -> None:
+        self.open.update(dict(ev.open_counts))
+        self.last_seq = max(self.last_seq, ev.last_seq)
+
+    def _on_JobsKnown(self, ev: JobsKnown) -> None:
+        for job in ev.jobs:
+            self.jobs[job.job_id] = job
+
+    def _on_JobForgotten(self, ev: JobForgotten) -> None:
+        self.jobs.pop(ev.job_id, None)
+        self.open.pop(ev.job_id, None)
+
+    def _on_PoolAdded(self, ev: PoolAdded) -> None:
+        if ev.pool.pool_id in self.pools:
+            return
+        pool = PoolState(ev.pool, RunQueue(), Placer(ev.pool.policy))
+        self.pools[ev.pool.pool_id] = pool
+        for info in ev.nodes:
+            self._add_node(pool, info)
+        self._want_window(pool)
+
+    def _add_node(self, pool: PoolState, info: NodeInfo) -> None:
+        node = Node(pool.info.pool_id, info.node_id, info.host, info.slots,
+                    retry_s=self.timings.reconnect_min_s)
+        pool.nodes[info.node_id] = node
+        self._persist_node(node)
+        self._start_agent(node)
+
+    def _on_NodeGranted(self, ev: NodeGranted) -> None:
+        pool = self.pools.get(ev.pool_id)
+        if pool is not None and ev.node.node_id not in pool.nodes:
+            self._add_node(pool, ev.node)
+
+    def _on_NodeLeaving(self, ev: NodeLeaving) -> None:
+        node = self.node(ev.pool_id, ev.node_id)
+        if node is None or node.leaving:
+            return
+        node.leaving = True
+        self._unplace(node)
+        self._maybe_gone(node)
+
+    def _maybe_gone(self, node: Node) -> None:
+        """A leaving node with nothing left on it is stopped and forgotten."""
+        if not node.leaving or node.runs or node.fenced_runs:
+            return
+        if node.state not in (NodeState.LEAVING, NodeState.OFFLINE) and \
+                NodeState.LEAVING in _moves(node.state):
+            self._set_node(node, NodeState.LEAVING, "leaving the pool")
+        self._emit(StopAgent(node.pool_id, node.node_id, node.gen))
+        if node.state is NodeState.LEAVING:
+            self._set_node(node, NodeState.OFFLINE, "left the pool")
+        pool = self.pools[node.pool_id]
+        pool.placer.remove_node(node.node_id)
+        del pool.nodes[node.node_id]
+
+    def _on_PoolRemoved(self, ev: PoolRemoved) -> None:
+        pool = self.pools.pop(ev.pool_id, None)
+        if pool is None:
+            return
+        for node in pool.nodes.values():
+            if node.gen:
+                self._emit(StopAgent(node.pool_id, node.node_id, node.gen))
+        for seq in [s for s, r in self.rows.items() if r.pool_id == ev.pool_id]:
+            del self.rows[seq]
+
+    def _on_WorkNoticed(self, ev: WorkNoticed) -> None:
+        self.want_new = True
+        for pool in self.pools.values():
+            if pool.exhausted and not pool.loading:
+                pool.dirty = True
+
+    def _on_WorkAdded(self, ev: WorkAdded) -> None:
+        self.loading_new = False
+        self.want_new = ev.more
+        for row in ev.rows:
+            if row.seq <= self.last_seq:
+                continue
+            self.last_seq = row.seq
+            self.open[row.job_id] = self.open.get(row.job_id, 0) + 1
+            pool = self.pools.get(row.pool_id)
+            if pool is None or row.seq in self.rows or row.seq in self.attempts:
+                continue
+            if pool.exhausted or (pool.cursor is not None and row.key <= pool.cursor):
+                self._enqueue(pool, row)
+                if pool.exhausted:
+                    pool.cursor = max(pool.cursor or row.key, row.key)
+
+    def _on_WindowLoaded(self, ev: WindowLoaded) -> None:
+        pool = self.pools.get(ev.pool_id)
+        if pool is None:
+            return
+        pool.loading = False
+        for row in ev.rows:
+            if row.seq not in self.rows and row.seq not in self.attempts:
+                self._enqueue(pool, row)
+            pool.cursor = max(pool.cursor or row.key, row.key)
+        pool.exhausted = ev.exhausted
+        pool.dirty = True
+
+    def _window_size(self, pool: PoolState) -> int:
+        slots = sum(n.slots for n in pool.nodes.values())
+        return max(WINDOW_MIN, min(WINDOW_MAX, 4 * slots))
+
+    def _want_window(self, pool: PoolState) -> None:
+        """Ask for more runnable work of the pool when its queue runs low."""
+        if pool.loading or pool.exhausted:
+            return
+        size = self._window_size(pool)
+        if len(pool.queue) >= size // 2:
+            return
+        pool.loading = True
+        self._emit(LoadWindow(pool.info.pool_id, pool.cursor, size))
+
+    def _enqueue(self, pool: PoolState, row: TaskRow) -> None:
+        self.rows[row.seq] = row
+        pool.queue.push(Runnable(row.neg_priority, row.seq, row.required_slots, row.instances,
+                                 row.slots_per_instance))
+        pool.dirty = True
+        if len(pool.queue) > 2 * self._window_size(pool):
+            self._evict(pool)
+
+    def _evict(self, pool: PoolState) -> None:
+        """Keep the window bounded: forget the queued tasks beyond its size (they stay
+        stored, active, and come back through a later window)."""
+        keep = self._window_size(pool)
+        ordered = pool.queue.take(len(pool.queue))
+        for r in ordered[keep:]:
+            self.rows.pop(r.seq, None)
+        pool.queue.extend(ordered[:keep])
+        last = ordered[keep - 1]
+        pool.cursor = (last.neg_priority, last.seq)
+        pool.exhausted = False
+
+    def _requeue_row(self, row: TaskRow) -> None:
+        """A task whose attempt ended goes back to its pool's queue (or, when it lies beyond
+        the window, is left to a later window: it is active in the store)."""
+        pool = self.pools.get(row.pool_id)
+        if pool is None:
+            return
+        if pool.exhausted or (pool.cursor is not None and row.key <= pool.cursor):
+            self._enqueue(pool, row)
+
+    # ---- nodes ---------------------------------------------------------------------
+
+    def _persist_node(self, node: Node) -> None:
+        """Record the node at the end of this handle() (once, however often it changed)."""
+        self._dirty_nodes[node.key] = node
+
+    def _flush_nodes(self) -> None:
+        dirty, self._dirty_nodes = self._dirty_nodes, {}
+        for node in dirty.values():
+            info = dict(node.info)
+            info["reconnecting"] = node.reconnecting
+            rec = PersistNode(node.pool_id, node.node_id, node.state, node.slots, node.reason,
+                              tuple(sorted(info.items())))
+            if rec != node.persisted:
+                node.persisted = rec
+                self._emit(rec)
+
+    def _set_node(self, node: Node, state: NodeState, reason: str | None = None) -> None:
+        if state is not node.state:
+            node.state = node.state.check_move(state)
+        node.reason = reason
+        self._persist_node(node)
+        pool = self.pools.get(node.pool_id)
+        if pool is not None:
+            self._place_node(pool, node)
+
+    def _start_agent(self, node: Node) -> None:
+        node.gen += 1
+        node.connected = False
+        node.root = None
+        node.last_heard = self.now
+        self._emit(StartAgent(node.pool_id, node.node_id, node.gen))
+
+    def _on_AgentUp(self, ev: AgentUp) -> None:
+        node = self._live(ev)
+        if node is not None:
+            node.connected = True
+            node.last_heard = ev.t
+
+    def _on_AgentStartFailed(self, ev: AgentStartFailed) -> None:
+        node = self._live(ev)
+        if node is None:
+            return
+        node.connected = False
+        self._unusable(node, f"bootstrap failed: {ev.reason}")
+
+    def _unusable(self, node: Node, reason: str) -> None:
+        """Unusable, and tried again after 1, 2, 4 .. at most reconnect_max_s."""
+        delay = node.retry_s
+        node.retry_at = self.now + delay
+        node.retry_s = min(delay * 2, self.timings.reconnect_max_s)
+        node.reconnecting = False
+        self._set_node(node, NodeState.UNUSABLE, f"{reason}; trying again in {delay:g} s")
+
+    def _on_AgentHello(self, ev: AgentHello) -> None:
+        node = self._live(ev)
+        if node is None:
+            return
+        node.last_heard = ev.t
+        node.connected = True
+        if ev.protocol != self.protocol:
+            self._emit(StopAgent(node.pool_id, node.node_id, node.gen))
+            node.connected = False
+            node.retry_s = self.timings.reconnect_max_s
+            self._unusable(node, f"its agent speaks protocol {ev.protocol}, this coordinator "
+                                 f"{self.protocol}: install the same hpcbatch version on both")
+            return
+        node.root = ev.root
+        node.info = dict(ev.info)
+        pool = self.pools[node.pool_id]
+        start_task = pool.info.start_task
+        if start_task:
+            tdir = posixpath.join(ev.root, "starttask")
+            env = {E.POOL_ID: node.pool_id, E.NODE_ID: node.node_id, E.TASK_DIR: tdir,
+                   E.TASK_WORKING_DIR: posixpath.join(tdir, "wd"),
+                   E.NODE_SHARED_DIR: posixpath.join(ev.root, "shared")}
+            self._emit(RunStartTask(node.pool_id, node.node_id, start_task, tdir,
+                                    tuple(sorted(env.items()))))
+            node.reconnecting = False
+            self._set_node(node, NodeState.STARTING, "running its start task")
+        else:
+            self._node_ready(node)
+
+    def _node_ready(self, node: Node) -> None:
+        node.used = node.held = 0
+        node.retry_s = self.timings.reconnect_min_s
+        node.reconnecting = False
+        self._set_node(node, NodeState.IDLE)
+
+    def _on_Heartbeat(self, ev: Heartbeat) -> None:
+        node = self._live(ev)
+        if node is not None:
+            node.last_heard = max(node.last_heard, ev.t)
+
+    def _on_AgentError(self, ev: AgentError) -> None:
+        node = self._live(ev)
+        if node is None:
+            return
+        node.last_heard = max(node.last_heard, ev.t)
+        about = f" (run {ev.run.wire})" if ev.run is not None else ""
+        self._emit(Log(logging.WARNING, f"node {node.pool_id}/{node.node_id}: agent error"
+                                        f"{about}: {ev.message}"))
+        node.info["last_error"] = ev.message[:500]
+        self._persist_node(node)
+
+    def _on_AgentClosed(self, ev: AgentClosed) -> None:
+        node = self._live(ev)
+        if node is None:
+            return
+        node.connected = False
+        words = f" ({ev.words})" if ev.words else ""
+        self._lose(node, f"agent connection closed{words}")
+
+    def _lose(self, node: Node, reason: str) -> None:
+        """The node's agent is gone or silent: stop talking to it, fence it, and hold what
+        ran there until that is sure (or its lease has run out): only then is it requeued
+        or counted failed, so nothing runs twice at the same time."""
+        if node.fence_until is not None:
+            return
+        self._emit(Log(logging.WARNING, f"node {node.pool_id}/{node.node_id} lost: {reason}"))
+        self._emit(StopAgent(node.pool_id, node.node_id, node.gen, lost=True))
+        self._emit(FenceNode(node.pool_id, node.node_id, node.gen,
+                             tuple(sorted(set(node.pids.values())))))
+        node.fence_until = self.now + self.timings.fence_wait_s
+        node.fenced_runs = dict(node.runs)
+        node.lost_reason = reason
+        node.connected = False
+        node.pids.clear()
+        self._unplace(node)
+        # the attempts see their instance gone now (no new work is sent anywhere for them);
+        # their requeue or retry waits for the fence
+        for run in list(node.fenced_runs):
+            att = self.attempts.get(run.seq)
+            if att is not None and att.alloc is not None:
+                self._instance_lost(att, node, run)
+        node.retry_at = None
+        node.reconnecting = False
+        if node.state is not NodeState.UNUSABLE:
+            self._set_node(node, NodeState.UNUSABLE, f"{reason}; fencing it")
+
+    def _on_NodeFenced(self, ev: NodeFenced) -> None:
+        node = self.node(ev.pool_id, ev.node_id)
+        if node is None or node.fence_until is None or ev.gen != node.gen:
+            return
+        if ev.sure:
+            self._fenced(node)
+
+    def _fenced(self, node: Node) -> None:
+        """Nothing of the lost agent runs any more: its runs end here."""
+        node.fence_until = None
+        runs, node.fenced_runs = node.fenced_runs, {}
+        for run in sorted(runs, key=lambda r: (r.seq, r.kind.value, r.index)):
+            att = self.attempts.get(run.seq)
+            if att is None:
+                continue
+            if att.alloc is not None:
+                self._instance_gone(att, run)
+                continue
+            self._vacate(node, run)
+            self._end_lost(att, node)
+        node.runs.clear()
+        node.used = node.held = 0
+        if node.leaving:
+            self._maybe_gone(node)
+            return
+        self._unusable(node, node.lost_reason)
+
+    def _end_lost(self, att: Attempt, node: Node) -> None:
+        """An ordinary task of a lost node: requeued (not a retry), or, when a terminate
+        was asked, completed as killed."""
+        if att.terminated:
+            self._finish(att, Exit(None, node_lost=True), killed="terminate")
+            return
+        del self.attempts[att.row.seq]
+        self._emit(FinishAttempt(att.row.seq, "requeue", node.node_id, att.started_at, self.now,
+                                 None, None, FailureKind.NODE_LOST, node.lost_reason, (),
+                                 att.row.retry_count))
+        self._requeue_row(att.row)
+
+    def _on_Tick(self, ev: Tick) -> None:
+        now = ev.t
+        tm = self.timings
+        for pool in self.pools.values():
+            for node in list(pool.nodes.values()):
+                if node.fence_until is not None:
+                    if now >= node.fence_until:
+                        self._fenced(node)
+                    continue
+                if node.state is NodeState.UNUSABLE:
+                    if node.retry_at is not None and now >= node.retry_at:
+                        node.retry_at = None
+                        node.reconnecting = True
+                        self._set_node(node, NodeState.STARTING,
+                                       f"reconnecting ({node.reason})")
+                        self._start_agent(node)
+                    continue
+                if node.state is NodeState.OFFLINE:
+                    continue
+                if not node.connected:
+                    continue  # still being started (an SSH bootstrap reports its own end)
+                if now - node.last_heard > tm.node_timeout_s:
+                    self._lose(node, f"no word from its agent for {now - node.last_heard:.1f} s")
+                elif now - node.last_ping >= tm.heartbeat_s:
+                    node.last_ping = now
+                    self._emit(Ping(node.pool_id, node.node_id, now))
+
+    # ---- placement -----------------------------------------------------------------
+
+    def _per_slot(self, pool: PoolState) -> int:
+        if pool.avg_run_s is None:
+            return min(1, self.prefetch)
+        return min(self.prefetch, int(PREFETCH_HORIZON_S / max(pool.avg_run_s, 1e-4)))
+
+    def _place_node(self, pool: PoolState, node: Node) -> None:
+        """Tell the placer what the node can take now."""
+        if node.state in usable and not node.leaving and node.fence_until is None:
+            queue = 0 if node.held else node.slots * max(pool.per_slot, 0)
+            pool.placer.set_node(node.node_id, node.slots, node.used, queue)
+        else:
+            pool.placer.remove_node(node.node_id)
+        pool.dirty = True
+
+    def _unplace(self, node: Node) -> None:
+        pool = self.pools.get(node.pool_id)
+        if pool is not None:
+            pool.placer.remove_node(node.node_id)
+
+    def _dispatch(self) -> None:
+        if self.want_new and not self.loading_new:
+            self.loading_new = True
+            self._emit(LoadNewWork(self.last_seq, NEW_WORK_SLICE))
+        budget = PLACE_BUDGET
+        for pool in self.pools.values():
+            per_slot = self._per_slot(pool)
+            if per_slot != pool.per_slot:  # the prefetch depth changed: every node's queue
+                pool.per_slot = per_slot
+                for node in pool.nodes.values():
+                    self._place_node(pool, node)
+            if not pool.dirty:
+                continue
+            pool.dirty = False
+            if len(pool.queue) and budget > 0:
+                pool.placer.begin_round()
+                decisions = schedule_from_queue(pool.queue, pool.placer, budget=budget)
+                budget -= len(decisions)
+                for d in decisions:
+                    row = self.rows.pop(d.seq)
+                    if isinstance(d, Allocation):
+                        self._allocate(pool, row, d)
+                    else:
+                        self._assign(pool, row, pool.nodes[d.node_id], d.slots)
+                if budget <= 0:
+                    pool.dirty = True
+            self._want_window(pool)
+
+    def _occupy(self, node: Node, run: RunId, slots: int) -> None:
+        node.used += slots
+        node.runs[run] = slots
+        if run.kind is not RunKind.TASK:
+            node.held += 1
+        if node.state is NodeState.IDLE:
+            node.state = node.state.check_move(NodeState.RUNNING)
+            node.reason = None
+            self._persist_node(node)
+        if node.held:
+            self._place_node(self.pools[node.pool_id], node)
+
+    def _vacate(self, node: Node, run: RunId) -> None:
+        slots = node.runs.pop(run, None)
+        node.pids.pop(run, None)
+        if slots is None:
+            return
+        node.used -= slots
+        if run.kind is not RunKind.TASK:
+            node.held -= 1
+        if not node.runs and node.state is NodeState.RUNNING:
+            node.state = node.state.check_move(NodeState.IDLE)
+            self._persist_node(node)
+        pool = self.pools.get(node.pool_id)
+        if pool is not None:
+            self._place_node(pool, node)
+        self._maybe_gone(node)
+
+    def _task_env(self, row: TaskRow, node: Node, tdir: str, attempt: int) -> dict[str, str]:
+        root = node.root or ""
+        return {
+            E.POOL_ID: row.pool_id, E.NODE_ID: node.node_id, E.JOB_ID: row.job_id,
+            E.TASK_ID: row.task_id, E.TASK_DIR: tdir,
+            E.TASK_WORKING_DIR: posixpath.join(tdir, "wd"),
+            E.NODE_SHARED_DIR: posixpath.join(root, "shared"),
+            E.JOB_PREP_DIR: posixpath.join(root, "jobs", row.job_id, "jobpreparation"),
+            E.TASK_ATTEMPT: str(attempt),
+        }
+
+    def _next_token(self) -> int:
+        self._token += 1
+        return self._token
+
+    def _assign(self, pool: PoolState, row: TaskRow, node: Node, slots: int) -> None:
+        run = RunId(row.seq)
+        tdir = posixpath.join(node.root or "", "jobs", row.job_id, row.task_id)
+        att = Attempt(row, node.key, tdir)
+        self.attempts[row.seq] = att
+        self._occupy(node, run, slots)
+        self._emit(MarkPreparing(row.seq, node.node_id, tdir, self.now))
+        msg = RunTask(node.pool_id, node.node_id, row.seq, run, tdir,
+                      tuple(sorted(self._task_env(row, node, tdir, row.retry_count).items())),
+                      slots)
+        if row.flags & FLAG_RESOURCE_FILES:
+            att.pending_run = msg
+            token = self._next_token()
+            att.staging[run] = token
+            self._emit(StageFiles(node.pool_id, node.node_id, row.seq, run, token,
+                                  (("resource", posixpath.join(tdir, "wd")),)))
+        else:
+            self._emit(msg)
+
+    # ---- task ends -------------------------------------------------------------------
+
+    def _on_RunStarted(self, ev: RunStarted) -> None:
+        node = self._live(ev)
+        if node is None:
+            return
+        node.last_heard = max(node.last_heard, ev.t)
+        if ev.run in node.runs:
+            node.pids[ev.run] = ev.pid
+        att = self.attempts.get(ev.run.seq)
+        if att is None or ev.run.kind not in (RunKind.TASK, RunKind.APPLICATION):
+            return
+        if ev.run.kind is RunKind.TASK and att.node_key != node.key:
+            return
+        att.started_at = ev.t
+        self._emit(MarkRunning(ev.run.seq, ev.t))
+
+    def _on_RunExited(self, ev: RunExited) -> None:
+        node = self._live(ev)
+        if node is None:
+            return
+        node.last_heard = max(node.last_heard, ev.t)
+        run = ev.run
+        if run.kind is RunKind.START_TASK:
+            if node.state is not NodeState.STARTING:
+                return
+            if ev.exit_code == 0:
+                self._node_ready(node)
+            else:
+                why = ev.start_failed or f"exited with {ev.exit_code}"
+                self._set_node(node, NodeState.START_TASK_FAILED,
+                               f"start task {why}; see "
+                               f"{posixpath.join(node.root or '', 'starttask', 'stderr.txt')}")
+            return
+        att = self.attempts.get(run.seq)
+        if run.kind in (RunKind.COORDINATION, RunKind.APPLICATION):
+            if att is not None and att.alloc is not None:
+                self._instance_exited(att, node, ev)
+            return
+        if run not in node.runs:
+            return
+        if att is None:
+            self._vacate(node, run)
+            return
+        self._vacate(node, run)
+        if ev.start is not None and ev.end is not None:
+            pool = self.pools[node.pool_id]
+            took = ev.end - ev.start
+            pool.avg_run_s = took if pool.avg_run_s is None else 0.9 * pool.avg_run_s + 0.1 * took
+        self._finish(att, _exit_of(ev), killed=ev.killed, start=ev.start, end=ev.end,
+                     usage=ev.usage)
+
+    def _finish(self, att: Attempt, ex: Exit, *, killed: str | None = None,
+                start: float | None = None, end: float | None = None,
+                usage: tuple = ()) -> None:
+        """Success, retry (back to the queue) or failure, from how the attempt ended."""
+        row = att.row
+        del self.attempts[row.seq]
+        if att.terminated:
+            killed = "terminate"
+        outcome = decide_exit(ex, row.retry_count, row.max_retries)
+        failed = outcome.failure is not None
+        kind, detail = _failure(ex, killed, att.terminated, failed)
+        node_id = att.node_key[1] if att.node_key else None
+        started = start if start is not None else att.started_at
+        if outcome.retry and not att.terminated:
+            retried = dataclasses.replace(row, retry_count=row.retry_count + 1)
+            self._emit(FinishAttempt(row.seq, "retry", node_id, started, end or self.now,
+                                     ex.exit_code, ex.signal, kind, detail, usage,
+                                     retried.retry_count))
+            self._requeue_row(retried)
+            return
+        result = outcome.result or TaskResult.FAILURE
+        self._emit(FinishAttempt(row.seq, result.value, node_id, started, end or self.now,
+                                 ex.exit_code, ex.signal, kind, detail, usage, row.retry_count))
+        self._completed(row)
+
+    def _completed(self, row: TaskRow) -> None:
+        self._completed_job(row.job_id)
+
+    def _completed_job(self, job_id: str) -> None:
+        left = self.open[job_id] = self.open.get(job_id, 1) - 1
+        if left <= 0:
+            self._emit(JobDrained(job_id))
+            job = self.jobs.get(job_id)
+            if job is not None and job.terminate_when_done:
+                self._emit(CompleteJobIfDone(job_id))
+
+    def _on_TerminateAsked(self, ev: TerminateAsked) -> None:
+        seq = ev.seq
+        att = self.attempts.get(seq)
+        row = self.rows.get(seq)
+        if att is None:
+            if row is not None:  # queued: never started
+                del self.rows[seq]
+                pool = self.pools.get(row.pool_id)
+                if pool is not None:
+                    pool.queue.discard({seq})
+            # queued, or stored active beyond the window: completed without a run
+            self._emit(CompleteUnstarted(seq, FailureKind.KILLED, "terminate", ev.t))
+            if row is not None or seq <= self.last_seq:  # counted open: count it done
+                self._completed_job(ev.job_id)
+            if ev.reply:
+                self._emit(Reply(ev.reply))
+            return
+        if ev.reply:
+            self._emit(Reply(ev.reply))
+        if att.terminated:
+            return
+        att.terminated = True
+        alloc = att.alloc
+        if alloc is not None:
+            if alloc.phase is MIPhase.STAGING:
+                self._fail_alloc(att, Exit(None, start_failed="terminated"), "terminate")
+                return
+            for run in sorted(alloc.pending, key=lambda r: (r.kind.value, r.index)):
+                key = alloc.nodes[run.index]
+                self._emit(KillRun(key[0], key[1], run, "terminate"))
+            return
+        node = self.node(*att.node_key) if att.node_key else None
+        if att.pending_run is not None:  # still copying its files: never started
+            att.pending_run = None
+            att.staging.clear()
+            if node is not None:
+                self._vacate(node, RunId(seq))
+            self._finish(att, Exit(None, start_failed="terminated"), killed="terminate")
+            return
+        if node is not None and node.fence_until is None:
+            self._emit(KillRun(node.pool_id, node.node_id, RunId(seq), "terminate"))
+
+    def terminate_unknown(self, seq: int) -> bool:
+        """Whether the state holds nothing of this task (queued or in flight)."""
+        return seq not in self.rows and seq not in self.attempts
+
+    # ---- resource files --------------------------------------------------------------
+
+    def _on_FilesStaged(self, ev: FilesStaged) -> None:
+        att = self.attempts.get(ev.seq)
+        if att is None or att.staging.get(ev.run) != ev.token:
+            return  # the attempt it was for is over
+        del att.staging[ev.run]
+        alloc = att.alloc
+        if alloc is not None:
+            if ev.run not in alloc.pending:
+                return
+            alloc.pending.discard(ev.run)
+            if ev.error:
+                self._fail_alloc(att, Exit(None, start_failed=ev.error))
+            elif not alloc.pending:
+                self._start_coordination(att)
+            return
+        run, att.pending_run = att.pending_run, None
+        node = self.node(*att.node_key)
+        if ev.error:
+            if node is not None:
+                self._vacate(node, ev.run)
+            self._finish(att, Exit(None, start_failed=ev.error))
+        elif run is not None:
+            self._emit(run)
+
+    # ---- multi-instance tasks --------------------------------------------------------
+
+    def _allocate(self, pool: PoolState, row: TaskRow, d: Allocation) -> None:
+        nodes = [pool.nodes[nid] for nid in d.node_ids]
+        slots = [d.slots or n.slots for n in nodes]
+        primary = nodes[0]
+        tdir = posixpath.join(primary.root or "", "jobs", row.job_id, row.task_id)
+        alloc = Alloc([n.key for n in nodes], [n.host for n in nodes], slots,
+                      MIPhase.COORDINATION, set(), tdir)
+        att = Attempt(row, primary.key, tdir, alloc=alloc)
+        self.attempts[row.seq] = att
+        for i, node in enumerate(nodes):
+            self._occupy(node, RunId(row.seq, RunKind.INSTANCE, i), slots[i])
+        self._emit(MarkPreparing(row.seq, primary.node_id, tdir, self.now))
+        if row.flags & (FLAG_COMMON_FILES | FLAG_RESOURCE_FILES):
+            alloc.phase = MIPhase.STAGING
+            for i, node in enumerate(nodes):
+                ntdir = posixpath.join(node.root or "", "jobs", row.job_id, row.task_id)
+                groups = []
+                if row.flags & FLAG_COMMON_FILES:
+                    groups.append(("common", posixpath.join(ntdir, "shared")))
+                if i == 0 and row.flags & FLAG_RESOURCE_FILES:
+                    groups.append(("resource", posixpath.join(ntdir, "wd")))
+                if groups:
+                    run = RunId(row.seq, RunKind.STAGING, i)
+                    token = self._next_token()
+                    att.staging[run] = token
+                    alloc.pending.add(run)
+                    self._emit(StageFiles(node.pool_id, node.node_id, row.seq, run, token,
+                                          tuple(groups)))
+        else:
+            self._start_coordination(att)
+
+    def _instance_run(self, att: Attempt, index: int, run: RunId, prefix: str = "") -> RunTask:
+        row, alloc = att.row, att.alloc
+        node = self.node(*alloc.nodes[index])
+        tdir = posixpath.join(node.root or "", "jobs", row.job_id, row.task_id)
+        env = self._task_env(row, node, tdir, row.retry_count)
+        env.update({
+            E.HOST_LIST: ",".join(alloc.hosts),
+            E.NODE_LIST: ",".join(k[1] for k in alloc.nodes),
+            E.MASTER_NODE: alloc.hosts[0],
+            E.HOSTFILE: posixpath.join(tdir, "hostfile"),
+            E.TASK_SHARED_DIR: posixpath.join(tdir, "shared"),
+            E.INSTANCE_INDEX: str(index),
+            E.NUM_INSTANCES: str(len(alloc.nodes)),
+        })
+        hostfile = "".join(f"{h} slots={s}\n" for h, s in zip(alloc.hosts, alloc.slots))
+        return RunTask(node.pool_id, node.node_id, row.seq, run, tdir,
+                       tuple(sorted(env.items())), alloc.slots[index],
+                       files=(("hostfile", hostfile),), dirs=("shared",), log_prefix=prefix,
+                       instance=True)
+
+    def _start_coordination(self, att: Attempt) -> None:
+        alloc = att.alloc
+        if att.terminated:
+            self._fail_alloc(att, Exit(None, start_failed="terminated"), "terminate")
+            return
+        alloc.phase = MIPhase.COORDINATION
+        if att.row.flags & FLAG_COORDINATION:
+            for i in range(len(alloc.nodes)):
+                run = RunId(att.row.seq, RunKind.COORDINATION, i)
+                alloc.pending.add(run)
+                self._emit(self._instance_run(att, i, run, "coordination-"))
+        else:
+            self._start_application(att)
+
+    def _start_application(self, att: Attempt) -> None:
+        alloc = att.alloc
+        alloc.phase = MIPhase.APPLICATION
+        run = RunId(att.row.seq, RunKind.APPLICATION)
+        alloc.pending.add(run)
+        self._emit(self._instance_run(att, 0, run))
+
+    def _instance_exited(self, att: Attempt, node: Node, ev: RunExited) -> None:
+        alloc = att.alloc
+        if ev.run not in alloc.pending:
+            return
+        alloc.pending.discard(ev.run)
+        ex = _exit_of(ev)
+        if alloc.failed is not None or failure_of(ex) is not None:
+            self._fail_alloc(att, alloc.failed or ex, ev.killed)
+        elif alloc.phase is MIPhase.COORDINATION:
+            if not alloc.pending:
+                if att.terminated:
+                    self._fail_alloc(att, Exit(None, start_failed="terminated"), "terminate")
+                else:
+                    self._start_application(att)
+        else:  # the application ended: the task is done
+            self._end_alloc(att, ex, killed=ev.killed, start=ev.start, end=ev.end,
+                            usage=ev.usage)
+
+    def _instance_lost(self, att: Attempt, node: Node, run: RunId) -> None:
+        """The node of instance I was lost: the attempt fails, and it ends only once that
+        node is fenced too (see _instance_gone), so no rank of it outlives the attempt."""
+        alloc = att.alloc
+        index = run.index
+        gone = {r for r in alloc.pending if r.index == index}
+        for r in gone:
+            att.staging.pop(r, None)
+        alloc.pending -= gone
+        alloc.fencing.add(index)
+        self._fail_alloc(att, Exit(None, node_lost=True))
+
+    def _instance_gone(self, att: Attempt, run: RunId) -> None:
+        """A lost node of the attempt is fenced: its instance is over."""
+        alloc = att.alloc
+        alloc.fencing.discard(run.index)
+        if alloc.over():
+            self._end_alloc(att, alloc.failed, killed=alloc.killed)
+
+    def _fail_alloc(self, att: Attempt, ex: Exit, killed: str | None = None) -> None:
+        """One instance failed or its node was lost: stop the others."""
+        alloc = att.alloc
+        staging = {r for r in alloc.pending if r.kind is RunKind.STAGING}
+        alloc.pending -= staging  # a copy in flight is not waited for; its result is dropped
+        for r in staging:
+            att.staging.pop(r, None)
+        if alloc.failed is None:
+            alloc.failed = ex
+            alloc.killed = killed
+            alloc.phase = MIPhase.ENDING
+            for r in sorted(alloc.pending, key=lambda r: (r.kind.value, r.index)):
+                key = alloc.nodes[r.index]
+                node = self.node(*key)
+                if node is not None and node.connected and node.fence_until is None:
+                    self._emit(KillRun(key[0], key[1], r, "instance_failed"))
+        if alloc.over():
+            self._end_alloc(att, alloc.failed, killed=alloc.killed)
+
+    def _end_alloc(self, att: Attempt, ex: Exit, *, killed: str | None = None,
+                   start: float | None = None, end: float | None = None,
+                   usage: tuple = ()) -> None:
+        alloc = att.alloc
+        row = att.row
+        # ranks started over ssh are not the agents' children: every agent of the
+        # allocation reaps what carries this attempt's ids
+        match = ((E.JOB_ID, row.job_id), (E.TASK_ID, row.task_id),
+                 (E.TASK_ATTEMPT, str(row.retry_count)))
+        for key in alloc.nodes:
+            node = self.node(*key)
+            if node is None:
+                continue
+            for r in [r for r in node.runs if r.seq == row.seq]:
+                self._vacate(node, r)
+            if node.connected and node.fence_until is None:
+                self._emit(Reap(key[0], key[1], match))
+        att.alloc = None
+        self._finish(att, ex, killed=killed, start=start, end=end, usage=usage)
+
+    # ---- views for the shell and tests -----------------------------------------------
+
+    def in_flight_on(self, pool_id: str, node_id: str) -> Iterable[RunId]:
+        node = self.node(pool_id, node_id)
+        return list(node.runs) if node else []
+
+
+def _moves(state: NodeState) -> frozenset:
+    from hpcbatch.models import TRANSITIONS
+    return TRANSITIONS[NodeState][state]

@@ -1,0 +1,404 @@
+"""The pure coordinator state: events in, exact instruction lists out (no I/O, no clock)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpcbatch import env as E
+from hpcbatch import state as S
+from hpcbatch.models import FailureKind, NodeState, RunId, RunKind
+from hpcbatch.timings import Timings
+
+TM = Timings()
+ROOT = "/r"
+
+
+def row(seq, task=None, job="j", pool="p", prio=0, **kw):
+    return S.TaskRow(seq, job, task or f"t{seq}", pool, -prio, **kw)
+
+
+def env_of(ins):
+    return dict(ins.env)
+
+
+def without(out, *types):
+    return [i for i in out if not isinstance(i, types)]
+
+
+def only(out, *types):
+    return [i for i in out if isinstance(i, types)]
+
+
+def node_rec(node="n1", state=NodeState.IDLE, reason=None, slots=1, pool="p", reconnecting=False,
+             **info):
+    return S.PersistNode(pool, node, state, slots, reason,
+                         tuple(sorted({**info, "reconnecting": reconnecting}.items())))
+
+
+def pool_up(nodes=(("n1", 1),), *, prefetch=0, rows=(), policy="pack", start_task=None,
+            timings=TM, hello=True):
+    """A state with pool p of these nodes, each agent up and said hello (at t=1)."""
+    st = S.CoordinatorState(timings, prefetch=prefetch)
+    if rows:
+        st.handle(S.Started(0.0, (("j", len(rows)),), max(r.seq for r in rows)))
+    st.handle(S.PoolAdded(0.0, S.PoolInfo("p", nodes[0][1], policy, start_task),
+                          tuple(S.NodeInfo(n, f"h-{n}", s) for n, s in nodes)))
+    st.handle(S.WindowLoaded(0.0, "p", tuple(rows), True))
+    if hello:
+        for n, _ in nodes:
+            st.handle(S.AgentUp(0.5, "p", n, 1))
+        st._out = []
+        outs = [st.handle(S.AgentHello(1.0, "p", n, 1, f"{ROOT}/{n}", 2)) for n, _ in nodes]
+        st.hello_out = [i for o in outs for i in o]
+    return st
+
+
+def run_of(seq, node="n1", attempt=0, slots=1, job="j", task=None):
+    task = task or f"t{seq}"
+    tdir = f"{ROOT}/{node}/jobs/{job}/{task}"
+    env = {E.POOL_ID: "p", E.NODE_ID: node, E.JOB_ID: job, E.TASK_ID: task, E.TASK_DIR: tdir,
+           E.TASK_WORKING_DIR: f"{tdir}/wd", E.NODE_SHARED_DIR: f"{ROOT}/{node}/shared",
+           E.JOB_PREP_DIR: f"{ROOT}/{node}/jobs/{job}/jobpreparation",
+           E.TASK_ATTEMPT: str(attempt)}
+    return S.RunTask("p", node, seq, RunId(seq), tdir, tuple(sorted(env.items())), slots)
+
+
+def exited(seq, code=0, t=2.0, node="n1", gen=1, run=None, **kw):
+    return S.RunExited(t, "p", node, gen, run or RunId(seq), code, start=t - 0.5, end=t, **kw)
+
+
+# ---- nodes ------------------------------------------------------------------------
+
+def test_a_pool_starts_its_agents_and_asks_for_a_window_of_work():
+    st = S.CoordinatorState(TM)
+    out = st.handle(S.PoolAdded(0.0, S.PoolInfo("p", 2), (S.NodeInfo("n1", "h1", 2),
+                                                          S.NodeInfo("n2", "h2", 2))))
+    assert out == [S.StartAgent("p", "n1", 1), S.StartAgent("p", "n2", 1),
+                   S.LoadWindow("p", None, S.WINDOW_MIN),
+                   node_rec("n1", NodeState.STARTING, slots=2),
+                   node_rec("n2", NodeState.STARTING, slots=2)]
+
+
+def test_hello_makes_a_node_idle_and_a_queued_task_runs_there():
+    st = pool_up(hello=False, rows=[row(1)])
+    st.handle(S.AgentUp(0.5, "p", "n1", 1))
+    out = st.handle(S.AgentHello(1.0, "p", "n1", 1, f"{ROOT}/n1", 2,
+                                 (("hostname", "h-n1"),)))
+    assert out == [S.MarkPreparing(1, "n1", f"{ROOT}/n1/jobs/j/t1", 1.0), run_of(1),
+                   node_rec(state=NodeState.RUNNING, hostname="h-n1")]
+
+
+def test_a_start_task_runs_before_the_node_takes_work():
+    st = pool_up(hello=False, rows=[row(1)], start_task="setup.sh")
+    out = st.handle(S.AgentHello(1.0, "p", "n1", 1, "/r/n1", 2))
+    tdir = "/r/n1/starttask"
+    env = {E.POOL_ID: "p", E.NODE_ID: "n1", E.TASK_DIR: tdir, E.TASK_WORKING_DIR: f"{tdir}/wd",
+           E.NODE_SHARED_DIR: "/r/n1/shared"}
+    assert out == [S.RunStartTask("p", "n1", "setup.sh", tdir, tuple(sorted(env.items()))),
+                   node_rec(state=NodeState.STARTING, reason="running its start task")]
+    out = st.handle(S.RunExited(2.0, "p", "n1", 1, S.RunId.parse("__start_task__"), 1))
+    assert out == [node_rec(state=NodeState.START_TASK_FAILED,
+                            reason="start task exited with 1; see /r/n1/starttask/stderr.txt")]
+
+
+def test_protocol_mismatch_is_one_line_naming_both_versions():
+    st = pool_up(hello=False)
+    out = st.handle(S.AgentHello(1.0, "p", "n1", 1, "/r/n1", 1))
+    assert out[0] == S.StopAgent("p", "n1", 1)
+    reason = out[-1].reason
+    assert out[-1].state is NodeState.UNUSABLE
+    assert "protocol 1" in reason and "coordinator 2" in reason and "\n" not in reason
+
+
+def test_messages_of_a_replaced_agent_are_ignored():
+    st = pool_up(rows=[row(1)])
+    assert st.handle(exited(1, gen=7)) == []
+
+
+def test_silence_loses_a_node_then_its_task_is_requeued_only_after_the_lease():
+    st = pool_up(rows=[row(1)])
+    st.handle(S.RunStarted(1.0, "p", "n1", 1, RunId(1), 4242))
+    assert only(st.handle(S.Tick(1.0 + TM.node_timeout_s)), S.StopAgent) == []
+    lost_at = 1.0 + TM.node_timeout_s + 0.1
+    out = st.handle(S.Tick(lost_at))
+    assert without(out, S.Log) == [
+        S.StopAgent("p", "n1", 1, lost=True), S.FenceNode("p", "n1", 1, (4242,)),
+        node_rec(state=NodeState.UNUSABLE,
+                 reason="no word from its agent for 4.1 s; fencing it")]
+    # the provider could not make sure (an unreachable node): wait out the lease
+    assert st.handle(S.NodeFenced(lost_at + 1, "p", "n1", 1, sure=False)) == []
+    assert st.handle(S.Tick(lost_at + TM.fence_wait_s - 0.1)) == []
+    out = st.handle(S.Tick(lost_at + TM.fence_wait_s))
+    assert out == [
+        S.FinishAttempt(1, "requeue", "n1", 1.0, lost_at + TM.fence_wait_s, None, None,
+                        FailureKind.NODE_LOST, "no word from its agent for 4.1 s", (), 0),
+        node_rec(state=NodeState.UNUSABLE,
+                 reason="no word from its agent for 4.1 s; trying again in 1 s")]
+
+
+def test_a_sure_fence_requeues_at_once_and_the_task_runs_on_another_node():
+    st = pool_up((("n1", 1), ("n2", 1)), rows=[row(1), row(2)])
+    st.handle(exited(2, node="n2"))  # n2 is free now
+    out = st.handle(S.AgentClosed(3.0, "p", "n1", 1, "exit status 137"))
+    assert only(out, S.FinishAttempt, S.RunTask) == []
+    out = st.handle(S.NodeFenced(3.1, "p", "n1", 1, sure=True))
+    assert only(out, S.FinishAttempt)[0].outcome == "requeue"
+    assert only(out, S.RunTask) == [run_of(1, node="n2")]
+
+
+def test_reconnect_back_off_doubles_up_to_the_maximum():
+    tm = Timings(reconnect_max_s=4.0)
+    st = pool_up(timings=tm)
+    t = 2.0
+    delays = []
+    for _ in range(4):
+        st.handle(S.AgentClosed(t, "p", "n1", st.node("p", "n1").gen))
+        out = st.handle(S.NodeFenced(t, "p", "n1", st.node("p", "n1").gen, sure=True))
+        delay = st.node("p", "n1").retry_at - t
+        delays.append(delay)
+        assert out[-1].reason.endswith(f"trying again in {delay:g} s")
+        assert only(st.handle(S.Tick(t + delay - 0.01)), S.StartAgent) == []
+        gen = st.node("p", "n1").gen
+        assert only(st.handle(S.Tick(t + delay)), S.StartAgent) == [
+            S.StartAgent("p", "n1", gen + 1)]
+        assert st.node("p", "n1").state is NodeState.STARTING
+        st.handle(S.AgentStartFailed(t + delay, "p", "n1", gen + 1, "connection refused"))
+        t += delay
+        # a failed start is another step of the back-off
+        delays.append(st.node("p", "n1").retry_at - t)
+        t = st.node("p", "n1").retry_at
+        st.handle(S.Tick(t))
+        st.handle(S.AgentUp(t, "p", "n1", st.node("p", "n1").gen))
+    assert delays[:5] == [1.0, 2.0, 4.0, 4.0, 4.0]
+
+
+def test_pings_keep_the_lease_of_every_connected_agent():
+    st = pool_up((("n1", 1), ("n2", 1)))
+    assert only(st.handle(S.Tick(2.0)), S.Ping) == [S.Ping("p", "n1", 2.0), S.Ping("p", "n2", 2.0)]
+    assert only(st.handle(S.Tick(2.5)), S.Ping) == []
+
+
+# ---- exits ------------------------------------------------------------------------
+
+def test_success_completes_and_drains_the_job():
+    st = pool_up(rows=[row(1)])
+    out = st.handle(exited(1))
+    assert out == [S.FinishAttempt(1, "success", "n1", 1.5, 2.0, 0, None, None, None, (), 0),
+                   S.JobDrained("j"), node_rec()]
+
+
+def test_a_failure_retries_with_the_next_attempt_number_then_fails():
+    st = pool_up(rows=[row(1, max_retries=1)])
+    out = st.handle(exited(1, code=3))
+    assert out == [
+        S.FinishAttempt(1, "retry", "n1", 1.5, 2.0, 3, None, FailureKind.EXIT_CODE, None, (), 1),
+        S.MarkPreparing(1, "n1", f"{ROOT}/n1/jobs/j/t1", 2.0), run_of(1, attempt=1)]
+    out = st.handle(exited(1, code=3, t=3.0))
+    assert out == [
+        S.FinishAttempt(1, "failure", "n1", 2.5, 3.0, 3, None, FailureKind.EXIT_CODE, None, (),
+                        1),
+        S.JobDrained("j"), node_rec()]
+
+
+def test_start_failure_and_signal_details():
+    st = pool_up(rows=[row(1), row(2)], nodes=(("n1", 2),))
+    out = st.handle(exited(1, code=None, start_failed="embedded null byte"))
+    fa = only(out, S.FinishAttempt)[0]
+    assert (fa.failure_kind, fa.failure_detail) == (FailureKind.START_FAILED, "embedded null byte")
+    fa = only(st.handle(exited(2, code=None, signal=9)), S.FinishAttempt)[0]
+    assert (fa.failure_kind, fa.failure_detail, fa.signal) == (FailureKind.SIGNAL, "9", 9)
+
+
+def test_terminate_drain_job_when_asked():
+    st = pool_up(rows=[row(1)])
+    st.handle(S.JobsKnown(0.0, (S.JobInfo("j", "p", 0, terminate_when_done=True),)))
+    out = st.handle(exited(1))
+    assert only(out, S.JobDrained, S.CompleteJobIfDone) == [S.JobDrained("j"),
+                                                           S.CompleteJobIfDone("j")]
+
+
+# ---- terminate --------------------------------------------------------------------
+
+def test_terminate_a_queued_task_completes_it_without_a_run():
+    st = pool_up(rows=[row(1), row(2)])
+    out = st.handle(S.TerminateAsked(1.5, 2, "j", reply=5))
+    assert out == [S.CompleteUnstarted(2, FailureKind.KILLED, "terminate", 1.5), S.Reply(5)]
+    assert only(st.handle(exited(1)), S.RunTask) == []  # t2 never runs
+
+
+def test_terminate_a_running_task_kills_it_and_it_is_never_retried():
+    st = pool_up(rows=[row(1, max_retries=3)])
+    out = st.handle(S.TerminateAsked(1.5, 1, "j", reply=1))
+    assert out == [S.Reply(1), S.KillRun("p", "n1", RunId(1), "terminate")]
+    out = st.handle(exited(1, code=None, signal=15, killed="terminate"))
+    assert out[0] == S.FinishAttempt(1, "failure", "n1", 1.5, 2.0, None, 15, FailureKind.KILLED,
+                                     "terminate", (), 0)
+    assert only(out, S.RunTask) == []
+
+
+def test_terminate_while_its_files_are_copied_never_starts_it():
+    st = pool_up(rows=[row(1, flags=S.FLAG_RESOURCE_FILES)])
+    stage = only(st.hello_out, S.StageFiles)[0]
+    assert stage.groups == (("resource", f"{ROOT}/n1/jobs/j/t1/wd"),)
+    out = st.handle(S.TerminateAsked(1.5, 1, "j"))
+    assert only(out, S.FinishAttempt)[0].failure_kind is FailureKind.KILLED
+    assert st.handle(S.FilesStaged(1.6, 1, stage.run, stage.token)) == []  # late: dropped
+
+
+def test_a_task_with_files_runs_once_they_are_copied_and_fails_if_they_are_not():
+    st = pool_up(rows=[row(1, flags=S.FLAG_RESOURCE_FILES, max_retries=1)])
+    stage = only(st.hello_out, S.StageFiles)[0]
+    assert only(st.hello_out, S.RunTask) == []
+    assert st.handle(S.FilesStaged(1.5, 1, stage.run, stage.token)) == [run_of(1)]
+    st.handle(exited(1, code=1))  # retried: copied again
+    stage = only(st.handle(S.Tick(2.1)), S.StageFiles) or [
+        i for i in st.attempts[1].staging.items()]
+    tok = st.attempts[1].staging[RunId(1)]
+    out = st.handle(S.FilesStaged(2.2, 1, RunId(1), tok, error="no such file"))
+    fa = only(out, S.FinishAttempt)[0]
+    assert (fa.outcome, fa.failure_kind, fa.failure_detail) == (
+        "failure", FailureKind.START_FAILED, "no such file")
+
+
+# ---- prefetch, windows, bounded turns ----------------------------------------------
+
+def test_prefetch_queues_short_tasks_on_agents_and_none_for_long_ones():
+    st = pool_up(prefetch=4, rows=[row(i) for i in range(1, 30)])
+    # before any task was timed: one queued per slot
+    assert len(only(st.hello_out, S.RunTask)) == 2
+    out = st.handle(exited(1, t=2.0))  # 0.5 s tasks: none queued
+    assert len(only(out, S.RunTask)) == 0
+    st2 = pool_up(prefetch=4, rows=[row(i) for i in range(1, 30)])
+    out = st2.handle(S.RunExited(2.0, "p", "n1", 1, RunId(1), 0, start=1.999, end=2.0))
+    assert len(only(out, S.RunTask)) == 4  # 1 ms tasks: the slot queues the maximum
+
+
+def test_a_window_is_asked_for_when_the_queue_runs_low_and_not_when_exhausted():
+    st = S.CoordinatorState(TM, prefetch=0)
+    st.handle(S.PoolAdded(0.0, S.PoolInfo("p", 1), (S.NodeInfo("n1", "h", 1),)))
+    rows = tuple(row(i) for i in range(1, S.WINDOW_MIN + 1))
+    out = st.handle(S.WindowLoaded(0.1, "p", rows, exhausted=False))
+    assert only(out, S.LoadWindow) == []
+    st.handle(S.AgentUp(0.2, "p", "n1", 1))
+    st.handle(S.AgentHello(0.3, "p", "n1", 1, "/r", 2))
+    t = 1.0
+    asked = []
+    for seq in range(1, S.WINDOW_MIN // 2 + 2):
+        out = st.handle(exited(seq, t=t))
+        asked += only(out, S.LoadWindow)
+        t += 0.01
+    assert asked == [S.LoadWindow("p", (0, S.WINDOW_MIN), S.WINDOW_MIN)]
+
+
+def test_new_work_beyond_the_window_is_left_in_the_store():
+    st = pool_up(rows=[row(1)])
+    st.pools["p"].exhausted = False
+    st.pools["p"].cursor = (0, 1)
+    st.handle(S.WorkAdded(1.1, (row(2), row(3, prio=5)), more=False))
+    assert 3 in st.rows and 2 not in st.rows  # a higher-priority job's task: before the cursor
+    assert st.open["j"] == 3  # both counted open, loaded or not
+
+
+def test_placements_per_turn_are_bounded(monkeypatch):
+    monkeypatch.setattr(S, "PLACE_BUDGET", 3)
+    st = pool_up(nodes=(("n1", 8),), rows=[row(i) for i in range(1, 9)])
+    assert len(only(st.hello_out, S.RunTask)) == 3
+    assert len(only(st.handle(S.Tick(1.1)), S.RunTask)) == 3
+
+
+# ---- multi-instance tasks ---------------------------------------------------------
+
+def mi_pool(flags=S.FLAG_COORDINATION, max_retries=0):
+    return pool_up((("n1", 2), ("n2", 2), ("n3", 2)),
+                   rows=[row(1, instances=2, flags=flags, max_retries=max_retries)])
+
+
+def test_multi_instance_phases_coordination_then_application_then_reap():
+    st = mi_pool()
+    c0, c1 = (RunId(1, RunKind.COORDINATION, i) for i in (0, 1))
+    runs = only(st.hello_out, S.RunTask)
+    assert [(r.node_id, r.run, r.log_prefix, r.instance) for r in runs] == [
+        ("n1", c0, "coordination-", True), ("n2", c1, "coordination-", True)]
+    env = env_of(runs[1])
+    assert (env[E.INSTANCE_INDEX], env[E.NUM_INSTANCES], env[E.HOST_LIST], env[E.NODE_LIST],
+            env[E.MASTER_NODE]) == ("1", "2", "h-n1,h-n2", "n1,n2", "h-n1")
+    assert runs[0].files == (("hostfile", "h-n1 slots=2\nh-n2 slots=2\n"),)
+    assert only(st.handle(exited(1, run=c1, node="n2")), S.RunTask) == []
+    app = only(st.handle(exited(1, run=c0)), S.RunTask)
+    assert [(a.node_id, a.run, a.log_prefix) for a in app] == [
+        ("n1", RunId(1, RunKind.APPLICATION), "")]
+    assert only(st.handle(S.RunStarted(3.0, "p", "n1", 1, app[0].run, 99)), S.MarkRunning) == [
+        S.MarkRunning(1, 3.0)]
+    out = st.handle(exited(1, run=app[0].run, t=4.0))
+    match = ((E.JOB_ID, "j"), (E.TASK_ID, "t1"), (E.TASK_ATTEMPT, "0"))
+    assert only(out, S.Reap, S.FinishAttempt) == [
+        S.Reap("p", "n1", match), S.Reap("p", "n2", match),
+        S.FinishAttempt(1, "success", "n1", 3.5, 4.0, 0, None, None, None, (), 0)]
+
+
+def test_a_failed_coordination_command_kills_the_others_and_retries():
+    st = mi_pool(max_retries=1)
+    c0, c1 = (RunId(1, RunKind.COORDINATION, i) for i in (0, 1))
+    out = st.handle(exited(1, run=c1, node="n2", code=127))
+    assert only(out, S.KillRun) == [S.KillRun("p", "n1", c0, "instance_failed")]
+    out = st.handle(exited(1, run=c0, code=None, signal=15, killed="instance_failed"))
+    fa = only(out, S.FinishAttempt)[0]
+    assert (fa.outcome, fa.failure_kind, fa.exit_code) == ("retry", FailureKind.EXIT_CODE, 127)
+    assert [r.run for r in only(out, S.RunTask)] == [c0, c1]  # the next attempt
+    assert env_of(only(out, S.RunTask)[0])[E.TASK_ATTEMPT] == "1"
+
+
+def test_terminate_in_coordination_kills_every_instance_and_never_starts_the_application():
+    st = mi_pool(max_retries=2)
+    c0, c1 = (RunId(1, RunKind.COORDINATION, i) for i in (0, 1))
+    out = st.handle(S.TerminateAsked(1.5, 1, "j"))
+    assert out == [S.KillRun("p", "n1", c0, "terminate"), S.KillRun("p", "n2", c1, "terminate")]
+    st.handle(exited(1, run=c0, code=0))  # exits 0 anyway
+    out = st.handle(exited(1, run=c1, node="n2", code=0))
+    assert only(out, S.RunTask) == []
+    fa = only(out, S.FinishAttempt)[0]
+    assert (fa.outcome, fa.failure_kind, fa.failure_detail) == ("failure", FailureKind.KILLED,
+                                                                "terminate")
+
+
+def test_terminate_while_staging_ends_the_attempt_at_once():
+    st = mi_pool(flags=S.FLAG_COMMON_FILES)
+    stages = only(st.hello_out, S.StageFiles)
+    assert [(s.node_id, s.groups) for s in stages] == [
+        ("n1", (("common", "/r/n1/jobs/j/t1/shared"),)),
+        ("n2", (("common", "/r/n2/jobs/j/t1/shared"),))]
+    out = st.handle(S.TerminateAsked(1.5, 1, "j"))
+    assert only(out, S.FinishAttempt)[0].failure_detail == "terminate"
+    assert st.handle(S.FilesStaged(1.6, 1, stages[0].run, stages[0].token)) == []
+
+
+def test_a_lost_node_fails_the_attempt_which_ends_only_once_that_node_is_fenced():
+    st = mi_pool(flags=0, max_retries=1)  # no coordination command: application at once
+    app = RunId(1, RunKind.APPLICATION)
+    st.handle(S.AgentClosed(2.0, "p", "n2", 1))
+    out = st.handle(exited(1, run=app, code=None, signal=9, killed="instance_failed"))
+    assert only(out, S.FinishAttempt) == []  # n2 is not fenced yet: nothing is retried
+    out = st.handle(S.NodeFenced(2.5, "p", "n2", 1, sure=True))
+    fa = only(out, S.FinishAttempt)[0]
+    assert (fa.outcome, fa.failure_kind) == ("retry", FailureKind.NODE_LOST)
+    # retried on the nodes that are usable
+    assert {r.node_id for r in only(out, S.RunTask)} == {"n1"}
+    assert only(out, S.RunTask)[0].run == app
+
+
+def test_node_loss_requeues_ordinary_tasks_but_completes_a_terminated_one():
+    st = pool_up(nodes=(("n1", 2),), rows=[row(1), row(2)])
+    st.handle(S.TerminateAsked(1.5, 2, "j"))
+    st.handle(S.AgentClosed(2.0, "p", "n1", 1))
+    out = st.handle(S.NodeFenced(2.1, "p", "n1", 1, sure=True))
+    assert [(f.seq, f.outcome, f.failure_kind) for f in only(out, S.FinishAttempt)] == [
+        (1, "requeue", FailureKind.NODE_LOST), (2, "failure", FailureKind.KILLED)]
+
+
+@pytest.mark.parametrize("policy,expect", [("pack", "n1"), ("spread", "n2")])
+def test_policy_picks_the_node(policy, expect):
+    st = pool_up((("n1", 4), ("n2", 4)), rows=[row(1)], policy=policy)
+    runs = only(st.hello_out, S.RunTask)
+    assert runs[0].node_id == "n1"
+    second = only(st.handle(S.WorkAdded(1.1, (row(2),))), S.RunTask)  # the window is exhausted:
+    assert [r.node_id for r in second] == [expect]  # new work joins it
