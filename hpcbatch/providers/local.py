@@ -1,0 +1,153 @@
+"""The ``local`` provider: N simulated nodes on this machine, one agent process each.
+
+Node ``local-I`` keeps its task directories in ``<home>/nodes/<pool>/local-I`` (a
+home is one directory per coordinator, so these never clash between homes). The
+agent is a child process (``hpcbatch.transport.LocalTransport``); being on this
+machine, what it and its tasks left can always be found and killed from here, so
+``fence`` is sure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import shutil
+import stat
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from hpcbatch.errors import HpcBatchError, ValidationError
+from hpcbatch.providers import reap as reaping
+from hpcbatch.providers.base import NodeDesc, Provider, check_relpath
+from hpcbatch.timings import Timings
+from hpcbatch.transport import AgentChannel, LocalTransport
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LocalConfig:
+    """A local pool has nothing to configure beyond its PoolSpec."""
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> LocalConfig:
+        if raw:
+            raise ValidationError("pool.provider_config", f"a local pool takes no provider "
+                                  f"config, not {', '.join(sorted(map(str, raw)))}")
+        return cls()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {}
+
+
+def processes_with_token(token: str) -> set[int]:
+    """PIDs on this machine whose environment carries this agent token."""
+    return reaping.scan([token], [], [])
+
+
+def read_inside(root: str, path: str) -> bytes:
+    """The regular file ``path`` under directory ``root``, opened one component at a
+    time without following a symbolic link (O_NOFOLLOW): a task that replaced its
+    stdout.txt (or a directory on the way) with a link cannot make us read elsewhere."""
+    root = os.path.abspath(root)
+    rel = os.path.relpath(os.path.abspath(path), root)
+    if rel == "." or rel.startswith("../") or rel == "..":
+        raise HpcBatchError(f"{path} is not inside the node root {root}")
+    parts = rel.split(os.sep)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in parts[:-1]:
+            nxt = _open_nofollow(part, os.O_RDONLY | os.O_DIRECTORY, fd, path)
+            os.close(fd)
+            fd = nxt
+        ffd = _open_nofollow(parts[-1], os.O_RDONLY | os.O_NONBLOCK, fd, path)
+    finally:
+        os.close(fd)
+    with os.fdopen(ffd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise HpcBatchError(f"{path} is not a regular file; refusing to read it")
+        return f.read()
+
+
+def _open_nofollow(name: str, flags: int, dir_fd: int, path: str) -> int:
+    try:
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        try:
+            link = stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+        except OSError:
+            link = False
+        if link:
+            raise HpcBatchError(f"{path}: {name} is a symbolic link; hpcbatch does not "
+                                "follow links out of a task directory") from None
+        raise
+
+
+class LocalProvider(Provider):
+    name = "local"
+
+    @classmethod
+    def parse_config(cls, raw: Mapping[str, Any]) -> LocalConfig:
+        return LocalConfig.from_dict(raw)
+
+    def fixed_nodes(self) -> list[NodeDesc]:
+        return [NodeDesc(f"local-{i}", "localhost", self.spec.task_slots_per_node)
+                for i in range(1, self.spec.target_nodes + 1)]
+
+    def where(self) -> str:
+        return f"{self.spec.target_nodes} local node(s)"
+
+    def node_root(self, node_id: str) -> str:
+        return str(self.home / "nodes" / self.pool_id / node_id)
+
+    def start_agent(self, node: NodeDesc, *, token: str, timings: Timings) -> AgentChannel:
+        root = Path(self.node_root(node.node_id))
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        transport = LocalTransport()
+        # the transport is gaining token= and timings= (the agent's lease); until then
+        # it is told the heartbeat only
+        params = inspect.signature(transport.start_agent).parameters
+        extra: dict[str, Any] = {}
+        if "token" in params:
+            extra["token"] = token
+        if "timings" in params:
+            extra["timings"] = timings
+        else:
+            extra["heartbeat_s"] = timings.heartbeat_s
+        return transport.start_agent(node.node_id, root, slots=node.slots, **extra)
+
+    def fence(self, node: NodeDesc, token: str, pids: Iterable[int]) -> bool:
+        _, left = reaping.reap([token], [int(p) for p in pids], [], deadline_s=5.0)
+        return left == 0
+
+    def reap_orphans(self, agent_records: Iterable[Mapping[str, Any]]) -> list[str]:
+        mine = [r for r in agent_records if r.get("pool_id") == self.pool_id]
+        if not mine:
+            return []
+        _, left = reaping.reap([r["token"] for r in mine if r.get("token")], [],
+                               [[r["pid"], r["root"]] for r in mine
+                                if r.get("pid") and r.get("root")], deadline_s=5.0)
+        if left:
+            return [f"{self.pool_id}: {left} process(es) of earlier agents could not be "
+                    "killed"]
+        return []
+
+    def read_node_file(self, node_id: str, path: str) -> bytes:
+        return read_inside(self.node_root(node_id), path)
+
+    def remove_tree(self, node_id: str, relpath: str) -> None:
+        root = os.path.realpath(self.node_root(node_id))
+        target = os.path.join(root, check_relpath(relpath))
+        if not os.path.lexists(target):
+            return
+        if os.path.realpath(target) != target:  # a link on the way: not ours to follow
+            raise HpcBatchError(f"{target} leads through a symbolic link; not removed")
+        shutil.rmtree(target)
+
+    def cleanup_pool(self) -> list[str]:
+        problems = super().cleanup_pool()
+        shutil.rmtree(self.home / "nodes" / self.pool_id, ignore_errors=True)
+        return problems
+
+
+PROVIDER = LocalProvider
