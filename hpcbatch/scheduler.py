@@ -1,18 +1,35 @@
-"""Scheduling decisions as pure functions: no I/O, no clocks, deterministic.
+"""Scheduling decisions, pure: no I/O, no clock, deterministic.
 
-``schedule`` maps (runnable tasks, free slots per node, pool policy) to
-assignments; ``decide_exit`` maps an attempt's end to success, retry or failure.
-The coordinator performs what these return and persists it.
+A :class:`Placer` holds one pool's nodes and is updated incrementally (a slot frees,
+a node joins or leaves); :func:`schedule_from_queue` places tasks from a
+:class:`RunQueue` onto it, at most ``budget`` per call. ``schedule`` is the one-shot
+form over a snapshot of the nodes. ``decide_exit`` maps an attempt's end to success,
+retry or failure. The coordinator performs what these return and persists it.
+
+Placement rules: ``pack`` fills the busiest node that still fits, ``spread`` the
+emptiest; ties go to the node added first. Real free slots come first; the agent's
+prefetch queue slots are used only when no node has a real free slot. A
+multi-instance task gets all its nodes or none; the first one in a round that cannot
+start reserves the nodes closest to free and nothing else is placed on them in that
+round. Tasks that do not fit are skipped so smaller ones backfill (bounded lookahead).
+
+Cost: nodes sit in buckets by free slots (per bucket a heap of node order indices,
+lazy deletion), so a placement costs O(free-slot levels + log nodes), never a scan of
+the nodes; a multi-instance placement costs O(instances log nodes).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import heapq
-from collections.abc import Iterable, Sequence
+from bisect import bisect_left, insort
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
-from hpcbatch.models import TaskResult
+from hpcbatch.models import POLICIES, TaskResult
+
+_heappush = heapq.heappush
+_heappop = heapq.heappop
 
 
 class Runnable(NamedTuple):
@@ -72,144 +89,469 @@ class Allocation:
 
     seq: int
     node_ids: tuple[str, ...]
-    slots: int  # per node
+    slots: int  # per node; 0: each node whole
 
 
-class _Round:
-    """One scheduling round over a snapshot of the nodes. Pure; no I/O."""
+class _Levels:
+    """Node indices bucketed by one integer each (a free-slot or used-slot count).
 
-    def __init__(self, nodes: Sequence[NodeSlots], policy: str):
+    ``level[i]`` is node i's level here, None when it is not in this view. The number
+    of nodes per level is exact and ``keys`` lists the occupied levels in order; each
+    level's indices sit in a heap with lazy deletion (an entry is live while the node
+    is still at that level), compacted when stale entries outnumber live ones.
+    """
+
+    __slots__ = ("level", "counts", "keys", "heaps")
+
+    def __init__(self) -> None:
+        self.level: list[int | None] = []
+        self.counts: dict[int, int] = {}
+        self.keys: list[int] = []
+        self.heaps: dict[int, list[int]] = {}
+
+    def set(self, i: int, lv: int | None) -> None:
+        cur = self.level[i]
+        if cur == lv:
+            return
+        self.level[i] = lv
+        counts = self.counts
+        if cur is not None:
+            c = counts[cur] - 1
+            if c:
+                counts[cur] = c
+            else:  # the level empties: every entry left in its heap is stale
+                del counts[cur], self.heaps[cur]
+                keys = self.keys
+                del keys[bisect_left(keys, cur)]
+        if lv is not None:
+            c = counts.get(lv)
+            if c is None:
+                counts[lv] = 1
+                self.heaps[lv] = [i]
+                insort(self.keys, lv)
+            else:
+                counts[lv] = c + 1
+                h = self.heaps[lv]
+                _heappush(h, i)
+                if len(h) > 2 * c + 16:
+                    level = self.level
+                    h[:] = sorted({j for j in h if level[j] == lv})
+
+    def _first(self, lv: int) -> int:
+        h = self.heaps[lv]
+        level = self.level
+        while level[h[0]] != lv:
+            _heappop(h)
+        return h[0]
+
+    def lowest(self, need: int) -> int | None:
+        """The first-added node on the lowest level >= need."""
+        keys = self.keys
+        j = bisect_left(keys, need)
+        return self._first(keys[j]) if j < len(keys) else None
+
+    def highest(self, need: int) -> int | None:
+        """The first-added node on the highest level, if that is >= need."""
+        keys = self.keys
+        return self._first(keys[-1]) if keys and keys[-1] >= need else None
+
+    def count_from(self, need: int) -> int:
+        keys = self.keys
+        counts = self.counts
+        return sum(counts[lv] for lv in keys[bisect_left(keys, need):])
+
+    def take(self, k: int, need: int | None, ascending: bool,
+             accept: Callable[[int], bool] | None = None) -> list[int]:
+        """Remove up to k nodes from the heaps in (level, index) order, levels >= need.
+
+        The caller must move or drop each returned node at once (their heap entries
+        are gone). Nodes ``accept`` refuses are put back.
+        """
+        keys = self.keys
+        lvls = keys[bisect_left(keys, need):] if need is not None else list(keys)
+        if not ascending:
+            lvls.reverse()
+        level = self.level
+        out: list[int] = []
+        seen: set[int] = set()
+        refused: list[tuple[int, int]] = []
+        for lv in lvls:
+            h = self.heaps[lv]
+            while h and len(out) < k:
+                i = _heappop(h)
+                if level[i] != lv or i in seen:
+                    continue
+                seen.add(i)
+                if accept is None or accept(i):
+                    out.append(i)
+                else:
+                    refused.append((lv, i))
+            if len(out) >= k:
+                break
+        for lv, i in refused:
+            _heappush(self.heaps[lv], i)
+        return out
+
+
+def _pos(v: int | None) -> int:
+    return v if v is not None and v > 0 else 0
+
+
+class Placer:
+    """One pool's nodes as the scheduler sees them, updated incrementally.
+
+    Nodes are identified by id; their order (for ties) is the order they were first
+    added, kept if a node is removed and added again. ``place`` books the slots it
+    hands out; the caller reports every other change with ``set_node`` (or
+    ``release``). A node given an allocation gets ``queue_slots`` 0 (its agent does
+    not count the allocation's slots as busy and would start queued work at once);
+    ``set_node`` sets it again once the allocation ends.
+
+    Reservations last one round: ``begin_round`` clears the last one
+    (``schedule_from_queue`` calls it).
+    """
+
+    def __init__(self, policy: str = "pack") -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"scheduling policy {policy!r} is unknown; use one of "
+                             f"{', '.join(POLICIES)}")
         self.policy = policy
-        self.order = [n.node_id for n in nodes]
-        self.total = {n.node_id: n.total_slots for n in nodes}
-        self.narrow = {n.node_id: n.total_slots + n.queue_slots - n.used_slots for n in nodes}
-        self.wide = {n.node_id: n.total_slots - n.used_slots for n in nodes}
-        self.reserved: set[str] = set()
-        self.reservation: int | None = None  # seq of the task holding it
+        self._spread = policy == "spread"
+        self._index: dict[str, int] = {}
+        self._ids: list[str] = []
+        self._total: list[int] = []
+        self._used: list[int] = []
+        self._queue: list[int] = []
+        self._alive: list[bool] = []
+        self._nodes = 0  # alive ones
+        self._counted: list[int | None] = []  # the total counted in _by_total, if any
+        self._by_total: dict[int, int] = {}  # nodes in the views, by total slots
+        self._members = 0  # nodes in the views (alive, not reserved)
+        self._capacity = 0  # sum of max(free incl. queue, 0) over the views' nodes
+        self._reserved: set[int] = set()
+        self.reservation: int | None = None  # seq of the task holding this round's one
+        self._free = _Levels()  # real free slots: total - used
+        self._qfree = _Levels()  # with the prefetch queue: total + queue - used
+        self._whole: _Levels | None = None  # idle nodes by real free; built at first wide
+        self._busy: _Levels | None = None  # nodes by used slots; built at first wide task
 
-    def capacity_left(self) -> int:
-        return sum(max(v, 0) for v in self.narrow.values())
+    @classmethod
+    def from_nodes(cls, nodes: Iterable[NodeSlots], policy: str = "pack") -> Placer:
+        p = cls(policy)
+        for n in nodes:
+            p.set_node(n.node_id, n.total_slots, n.used_slots, n.queue_slots)
+        return p
 
-    def _better(self, f: int, g: int) -> bool:
-        return f > g if self.policy == "spread" else f < g
+    # ---- the nodes --------------------------------------------------------
+
+    def set_node(self, node_id: str, total_slots: int, used_slots: int,
+                 queue_slots: int = 0) -> None:
+        """Add a node or update what it has (O(log nodes))."""
+        if total_slots < 0 or used_slots < 0 or queue_slots < 0:
+            raise ValueError(f"node {node_id}: total_slots={total_slots}, used_slots="
+                             f"{used_slots}, queue_slots={queue_slots}; each must be >= 0")
+        i = self._index.get(node_id)
+        if i is None:
+            i = self._index[node_id] = len(self._ids)
+            self._ids.append(node_id)
+            self._total.append(total_slots)
+            self._used.append(used_slots)
+            self._queue.append(queue_slots)
+            self._alive.append(True)
+            self._nodes += 1
+            self._counted.append(None)
+            for view in self._views():
+                view.level.append(None)
+        else:
+            self._total[i] = total_slots
+            self._used[i] = used_slots
+            self._queue[i] = queue_slots
+            self._nodes += not self._alive[i]
+            self._alive[i] = True
+        self._refresh(i)
+
+    def remove_node(self, node_id: str) -> None:
+        """Forget a node (a no-op for one not here); its order is kept for a re-add."""
+        i = self._index.get(node_id)
+        if i is not None and self._alive[i]:
+            self._alive[i] = False
+            self._nodes -= 1
+            self._reserved.discard(i)
+            self._refresh(i)
+
+    def release(self, node_id: str, slots: int) -> None:
+        """``slots`` of the node freed (a task ended): set_node with used - slots."""
+        i = self._known(node_id)
+        if slots > self._used[i]:
+            raise ValueError(f"node {node_id}: release of {slots} slots but only "
+                             f"{self._used[i]} are in use; set_node it with the true count")
+        self._used[i] -= slots
+        self._refresh(i)
+
+    def node(self, node_id: str) -> NodeSlots:
+        i = self._known(node_id)
+        return NodeSlots(node_id, self._total[i], self._used[i], self._queue[i])
+
+    def __contains__(self, node_id: object) -> bool:
+        i = self._index.get(node_id)  # type: ignore[arg-type]
+        return i is not None and self._alive[i]
+
+    def __len__(self) -> int:
+        return self._nodes
+
+    @property
+    def has_capacity(self) -> bool:
+        """Any unreserved node can take an ordinary task (its queue included)."""
+        return self._capacity > 0
+
+    @property
+    def capacity(self) -> int:
+        """Slots ordinary tasks could still take on unreserved nodes, queues included."""
+        return self._capacity
+
+    @property
+    def reserved(self) -> tuple[str, ...]:
+        """This round's reserved nodes, in node order."""
+        return tuple(self._ids[i] for i in sorted(self._reserved))
+
+    def begin_round(self) -> None:
+        """Clear the last round's reservation."""
+        self.reservation = None
+        if self._reserved:
+            held, self._reserved = self._reserved, set()
+            for i in held:
+                self._refresh(i)
+
+    # ---- placing ----------------------------------------------------------
 
     def place(self, task: Runnable) -> Assignment | Allocation | None:
-        if task.wide:
+        """Place one task and book its slots, or return None (it does not fit now)."""
+        if task.instances > 0:
             return self._allocate(task)
-        # real free slots first; the agent queues (prefetch) only when no node has one
-        best = self._best(self.wide, task.required_slots)
-        if best is None:
-            best = self._best(self.narrow, task.required_slots)
-        if best is None:
+        need = task.required_slots
+        if self._spread:
+            i = self._free.highest(need)
+            if i is None:
+                i = self._qfree.highest(need)
+        else:
+            i = self._free.lowest(need)
+            if i is None:
+                i = self._qfree.lowest(need)
+        if i is None:
             return None
-        self._take(best, task.required_slots)
-        return Assignment(task.seq, best, task.required_slots)
-
-    def _best(self, free: dict[str, int], need: int) -> str | None:
-        best = None
-        for nid in self.order:
-            f = free[nid]
-            if nid in self.reserved or f < need:
-                continue
-            if best is None or self._better(f, free[best]):
-                best = nid
-        return best
-
-    def _take(self, nid: str, slots: int) -> None:
-        self.narrow[nid] -= slots
-        self.wide[nid] -= slots
+        self._used[i] += need
+        self._refresh(i)
+        return Assignment(task.seq, self._ids[i], need)
 
     def _allocate(self, task: Runnable) -> Allocation | None:
-        def need(nid: str) -> int:
-            return task.slots_per_instance or self.total[nid]
-
-        fits = [nid for nid in self.order
-                if nid not in self.reserved and self.wide[nid] >= need(nid) > 0]
-        if len(fits) >= task.instances:
-            chosen = sorted(fits, key=lambda nid: (
-                -self.wide[nid] if self.policy == "spread" else self.wide[nid],
-                self.order.index(nid)))[:task.instances]
-            chosen.sort(key=self.order.index)
-            for nid in chosen:
-                self._take(nid, need(nid))
-                self.narrow[nid] = min(self.narrow[nid], self.wide[nid])  # no queue when held
-            return Allocation(task.seq, tuple(chosen), task.slots_per_instance or 0)
+        if self._whole is None:
+            self._build_wide_views()
+        k, per = task.instances, task.slots_per_instance
+        # nodes with `per` real free slots, or (per 0) idle ones, by the policy's order
+        view = self._free if per > 0 else self._whole
+        assert view is not None
+        if view.count_from(per) >= k:
+            chosen = sorted(view.take(k, per, ascending=not self._spread))
+            total, used, queue = self._total, self._used, self._queue
+            for i in chosen:
+                used[i] += per or total[i]
+                queue[i] = 0
+                self._refresh(i)
+            return Allocation(task.seq, tuple(self._ids[i] for i in chosen), per)
         if self.reservation is None:
-            # hold the nodes that will be free soonest (fewest slots in use), so a stream
-            # of narrow tasks cannot starve this task: nothing new starts on them
-            able = [nid for nid in self.order if nid not in self.reserved
-                    and self.total[nid] >= need(nid)]
-            if len(able) >= task.instances:
-                able.sort(key=lambda nid: (need(nid) - self.wide[nid], self.order.index(nid)))
-                self.reserved.update(able[:task.instances])
-                self.reservation = task.seq
+            self._reserve(task)
         return None
+
+    def _reserve(self, task: Runnable) -> None:
+        """Hold the nodes that will be free soonest, so a stream of narrow tasks cannot
+        starve this one: nothing new starts on them this round."""
+        k, per = task.instances, task.slots_per_instance
+        if per > 0:  # nodes big enough, most real free slots first
+            if sum(c for t, c in self._by_total.items() if t >= per) < k:
+                return
+            total = self._total
+            held = self._free.take(k, None, ascending=False, accept=lambda i: total[i] >= per)
+        else:  # whole nodes: fewest slots in use first
+            if self._members < k:
+                return
+            assert self._busy is not None
+            held = self._busy.take(k, None, ascending=True)
+        for i in held:
+            self._reserved.add(i)
+            self._refresh(i)
+        self.reservation = task.seq
+
+    # ---- bookkeeping ------------------------------------------------------
+
+    def _known(self, node_id: str) -> int:
+        i = self._index.get(node_id)
+        if i is None or not self._alive[i]:
+            raise KeyError(f"node {node_id!r} is not in this pool's placer; set_node it first")
+        return i
+
+    def _views(self) -> list[_Levels]:
+        return [v for v in (self._free, self._qfree, self._whole, self._busy) if v is not None]
+
+    def _build_wide_views(self) -> None:
+        self._whole, self._busy = _Levels(), _Levels()
+        n = len(self._ids)
+        self._whole.level = [None] * n
+        self._busy.level = [None] * n
+        for i in range(n):
+            self._refresh(i)
+
+    def _refresh(self, i: int) -> None:
+        """Put node i where its counts say in every view (out of them if gone/reserved)."""
+        if self._alive[i] and i not in self._reserved:
+            t = self._total[i]
+            u = self._used[i]
+            f: int | None = t - u
+            q: int | None = f + self._queue[i]
+            member: int | None = t
+        else:
+            t = u = 0
+            f = q = member = None
+        qv = self._qfree
+        old = qv.level[i]
+        if old != q:
+            self._capacity += _pos(q) - _pos(old)
+            qv.set(i, q)
+        self._free.set(i, f)
+        counted = self._counted[i]
+        if counted != member:
+            by_total = self._by_total
+            if counted is not None:
+                c = by_total[counted] - 1
+                if c:
+                    by_total[counted] = c
+                else:
+                    del by_total[counted]
+                self._members -= 1
+            if member is not None:
+                by_total[member] = by_total.get(member, 0) + 1
+                self._members += 1
+            self._counted[i] = member
+        if self._whole is not None:
+            self._whole.set(i, f if f is not None and u <= 0 < t else None)
+            self._busy.set(i, u if f is not None else None)  # type: ignore[union-attr]
 
 
 def schedule(tasks: Iterable[Runnable], nodes: Sequence[NodeSlots],
              policy: str = "pack") -> list[Assignment | Allocation]:
-    """Assign tasks to nodes.
+    """Assign tasks to a snapshot of nodes, in priority-then-submission order.
 
-    Tasks are considered in priority-then-submission order. An ordinary task
-    that does not fit now is skipped (later, smaller tasks may backfill).
-    ``pack`` fills the busiest node that still fits, ``spread`` the emptiest;
-    ties go to the node listed first. A multi-instance task gets all of its
-    nodes or none; the first one that cannot start reserves the nodes closest to
-    free, and nothing else is placed on them until it starts.
+    An ordinary task that does not fit now is skipped (later, smaller tasks may
+    backfill); see the module docstring for the placement rules.
     """
-    rnd = _Round(nodes, policy)
+    placer = Placer.from_nodes(nodes, policy)
     out: list[Assignment | Allocation] = []
     for task in sorted(tasks):
-        if rnd.capacity_left() <= 0:
+        if not placer.has_capacity:
             break
-        placed = rnd.place(task)
+        placed = placer.place(task)
         if placed is not None:
             out.append(placed)
     return out
 
 
 class RunQueue:
-    """Runnable tasks of one pool, kept in scheduling order (a heap)."""
+    """Runnable tasks of one pool in scheduling order: a heap with lazy deletion.
 
-    def __init__(self) -> None:
+    A seq is queued at most once: pushing a queued seq again replaces it. ``discard``
+    and ``in`` cost O(1); discarded entries leave the heap when they reach its top or
+    when stale entries outnumber live ones (an O(n) rebuild, amortised).
+    """
+
+    def __init__(self, tasks: Iterable[Runnable] = ()) -> None:
         self._heap: list[Runnable] = []
+        self._live: dict[int, Runnable] = {}
+        self.extend(tasks)
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return len(self._live)
+
+    def __contains__(self, seq: object) -> bool:
+        return seq in self._live
 
     def push(self, task: Runnable) -> None:
-        heapq.heappush(self._heap, task)
+        replaced = self._live.get(task.seq)
+        self._live[task.seq] = task
+        _heappush(self._heap, task)
+        if replaced is not None:
+            self._compact()
 
     def extend(self, tasks: Iterable[Runnable]) -> None:
-        self._heap.extend(tasks)
-        heapq.heapify(self._heap)
+        tasks = list(tasks)
+        live = self._live
+        for t in tasks:
+            live[t.seq] = t
+        heap = self._heap
+        if len(tasks) * 8 > len(heap):
+            heap.extend(tasks)
+            heapq.heapify(heap)
+        else:
+            for t in tasks:
+                _heappush(heap, t)
+        self._compact()
 
     def pop(self) -> Runnable:
-        return heapq.heappop(self._heap)
+        """Remove and return the first task (IndexError when empty)."""
+        heap, live = self._heap, self._live
+        while True:
+            t = _heappop(heap)
+            if live.get(t.seq) is t:
+                del live[t.seq]
+                return t
+
+    def peek(self) -> Runnable | None:
+        """The first task, left queued; None when empty."""
+        heap, live = self._heap, self._live
+        while heap and live.get(heap[0].seq) is not heap[0]:
+            _heappop(heap)
+        return heap[0] if heap else None
 
     def take(self, n: int) -> list[Runnable]:
         """Remove and return the first ``n`` tasks in order."""
-        return [heapq.heappop(self._heap) for _ in range(min(n, len(self._heap)))]
+        return [self.pop() for _ in range(min(n, len(self)))]
 
-    def discard(self, seqs: set[int]) -> None:
-        self._heap = [t for t in self._heap if t.seq not in seqs]
-        heapq.heapify(self._heap)
+    def discard(self, seqs: Iterable[int] | int) -> None:
+        """Drop these seqs if queued (others are ignored)."""
+        live = self._live
+        for s in (seqs,) if isinstance(seqs, int) else seqs:
+            live.pop(s, None)
+        self._compact()
+
+    def _compact(self) -> None:
+        if len(self._heap) > 2 * len(self._live) + 1024:
+            self._heap = list(self._live.values())
+            heapq.heapify(self._heap)
 
 
-def schedule_from_queue(queue: RunQueue, nodes: Sequence[NodeSlots], policy: str,
-                        lookahead: int = 64) -> list[Assignment | Allocation]:
-    """``schedule`` over a queue: pops tasks in order while any slot is free.
+def schedule_from_queue(queue: RunQueue, placer: Placer | Sequence[NodeSlots],
+                        policy: str | None = None, *, lookahead: int = 64,
+                        budget: int | None = None) -> list[Assignment | Allocation]:
+    """One round: place tasks from the queue in order while any unreserved slot is free.
 
     A task that cannot start yet is set aside and put back afterwards; at most
     ``lookahead`` are set aside, so smaller tasks behind it can backfill without
-    scanning the whole queue.
+    scanning the whole queue. At most ``budget`` tasks are placed (None: no limit),
+    so a round's work is bounded by ``budget + lookahead`` placements tried.
+    ``placer`` may also be a snapshot of NodeSlots (with ``policy``), the older form.
     """
-    rnd = _Round(nodes, policy)
+    if isinstance(placer, Placer):
+        if policy is not None:
+            raise TypeError("schedule_from_queue: the policy is the Placer's; pass "
+                            "Placer(policy) and no policy argument")
+    else:
+        placer = Placer.from_nodes(placer, policy or "pack")
+    placer.begin_round()
+    limit = float("inf") if budget is None else budget
     out: list[Assignment | Allocation] = []
     skipped: list[Runnable] = []
-    while len(queue) and len(skipped) < lookahead and rnd.capacity_left() > 0:
-        task = queue.pop()
-        placed = rnd.place(task)
+    place, pop = placer.place, queue.pop
+    while queue and len(skipped) < lookahead and len(out) < limit and placer.has_capacity:
+        task = pop()
+        placed = place(task)
         if placed is None:
             skipped.append(task)
         else:
