@@ -33,3 +33,8 @@ class Conflict(HpcBatchError):
 
 class CoordinatorBusy(HpcBatchError):
     """Another coordinator already owns this home directory."""
+
+
+class StorageFull(HpcBatchError):
+    """A write found no space left (the disk or the database's limit); nothing was written.
+    The message names the directory that is full."""
