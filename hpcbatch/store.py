@@ -5,27 +5,52 @@ batches its state changes into short transactions (one per scheduling round),
 so 10,000 task completions cost a handful of commits, not 10,000 fsyncs.
 
 Each thread opens its own :class:`Store` on the same file; SQLite's WAL lets
-readers (CLI ``list``/``show``) run while the coordinator writes.
+readers (CLI ``list``/``show``) run while the coordinator writes. This is the only
+module that issues SQL.
+
+The schema is built by versioned migration steps (:data:`MIGRATIONS`); a database
+made by an older hpcbatch is upgraded in place, in one transaction, the first time a
+newer one opens it, and a newer database than this code knows is refused.
+
+Every transaction that changes a row bumps a change counter (meta key ``change``);
+:meth:`Store.wait_for_change` blocks on it (woken at once by a commit through any
+Store of this process, polling cheaply for other processes).
+
+The home directory is kept 0700 and the database files 0600, whatever the umask. A
+write that finds the disk full raises :class:`StorageFull` naming the directory, and
+leaves the database as it was (the transaction is rolled back).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
+import os
+import shutil
 import sqlite3
+import stat
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from hpcbatch.errors import Conflict, NotFound
-from hpcbatch.models import JobSpec, JobState, PoolSpec, TaskSpec, TaskState
+from hpcbatch.errors import Conflict, NotFound, StorageFull
+from hpcbatch.models import (
+    FailureKind,
+    JobSpec,
+    JobState,
+    PoolSpec,
+    TaskSpec,
+    TaskState,
+    failure_text,
+)
 
-SCHEMA_VERSION = 1
+# ---- schema ------------------------------------------------------------------
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS pools (
     id TEXT PRIMARY KEY,
     spec TEXT NOT NULL,
@@ -75,15 +100,293 @@ CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (job_id, state);
 CREATE INDEX IF NOT EXISTS tasks_runnable ON tasks (state, seq);
 """
 
+# v2: what the coordinator needs to schedule a task without reading its spec JSON or
+# its job, a typed failure, every attempt's history, the agents to reap after a crash,
+# and the change counter.
+SCHEMA_V2 = """
+ALTER TABLE tasks ADD COLUMN pool_id TEXT;
+ALTER TABLE tasks ADD COLUMN neg_priority INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tasks ADD COLUMN max_retries INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tasks ADD COLUMN instances INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tasks ADD COLUMN slots_per_instance INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tasks ADD COLUMN flags INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tasks ADD COLUMN failure_kind TEXT;
+ALTER TABLE tasks ADD COLUMN failure_detail TEXT;
+CREATE TEMP TABLE _job_v2 AS
+    SELECT id, pool_id, -COALESCE(json_extract(spec, '$.priority'), 0) AS neg_priority,
+           COALESCE(json_extract(spec, '$.max_task_retry_count'), 0) AS max_retries
+    FROM jobs;
+CREATE UNIQUE INDEX temp._job_v2_id ON _job_v2 (id);
+UPDATE tasks SET
+    pool_id = (SELECT j.pool_id FROM _job_v2 j WHERE j.id = tasks.job_id),
+    neg_priority = COALESCE((SELECT j.neg_priority FROM _job_v2 j WHERE j.id = tasks.job_id), 0),
+    max_retries = COALESCE(json_extract(spec, '$.max_task_retry_count'),
+                           (SELECT j.max_retries FROM _job_v2 j WHERE j.id = tasks.job_id), 0),
+    instances = COALESCE(json_extract(spec, '$.multi_instance.instances'), 0),
+    slots_per_instance = COALESCE(json_extract(spec, '$.multi_instance.slots_per_instance'), 0),
+    flags = (COALESCE(json_array_length(spec, '$.resource_files'), 0) > 0)
+        | ((json_extract(spec, '$.multi_instance.coordination_command') IS NOT NULL) << 1)
+        | ((COALESCE(json_array_length(spec, '$.multi_instance.common_resource_files'), 0)
+            > 0) << 2),
+    failure_kind = CASE
+        WHEN failure IS NULL THEN NULL
+        WHEN failure = 'start_failed' OR substr(failure, 1, 14) = 'start_failed: '
+            THEN 'start_failed'
+        WHEN substr(failure, 1, 7) = 'killed:' THEN 'killed'
+        WHEN failure IN ('exit_code', 'signal', 'timeout', 'node_lost') THEN failure
+        END,
+    failure_detail = CASE
+        WHEN failure IS NULL THEN NULL
+        WHEN substr(failure, 1, 14) = 'start_failed: ' THEN substr(failure, 15)
+        WHEN substr(failure, 1, 7) = 'killed:' THEN substr(failure, 8)
+        WHEN failure IN ('start_failed', 'exit_code', 'signal', 'timeout', 'node_lost')
+            THEN NULL
+        ELSE failure
+        END;
+DROP TABLE temp._job_v2;
+CREATE INDEX tasks_window ON tasks (pool_id, state, neg_priority, seq);
+CREATE TABLE task_attempts (
+    seq INTEGER NOT NULL REFERENCES tasks(seq),
+    attempt INTEGER NOT NULL,
+    node_id TEXT,
+    started_at REAL,
+    ended_at REAL,
+    exit_code INTEGER,
+    signal INTEGER,
+    failure_kind TEXT,
+    failure_detail TEXT,
+    outcome TEXT NOT NULL,
+    usage TEXT,
+    PRIMARY KEY (seq, attempt)
+) WITHOUT ROWID;
+-- the one attempt a v1 database kept (its last ended one) becomes history; the
+-- attempts before it were never stored
+INSERT INTO task_attempts
+    SELECT seq, retry_count + requeue_count, node_id, started_at, ended_at, exit_code, signal,
+           failure_kind, failure_detail, result, usage
+    FROM tasks WHERE state = 'completed' AND result IS NOT NULL;
+INSERT INTO task_attempts
+    SELECT seq, retry_count + requeue_count - 1, node_id, started_at, ended_at, exit_code,
+           signal, failure_kind, failure_detail, 'retry', usage
+    FROM tasks WHERE state != 'completed' AND failure IS NOT NULL AND retry_count > 0;
+CREATE TABLE agents (
+    pool_id TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    token TEXT NOT NULL,
+    pid INTEGER,
+    host TEXT,
+    root TEXT,
+    started_at REAL NOT NULL,
+    PRIMARY KEY (pool_id, node_id, token)
+);
+INSERT OR IGNORE INTO meta VALUES ('change', '0');
+"""
+
+
+def _script(sql: str) -> Callable[[sqlite3.Connection], None]:
+    def step(db: sqlite3.Connection) -> None:
+        # statement by statement: executescript() would COMMIT the migration's transaction
+        for stmt in _statements(sql):
+            db.execute(stmt)
+    return step
+
+
+def _statements(sql: str) -> Iterator[str]:
+    """The statements of a script (a ';' in a comment or string does not end one)."""
+    buf = ""
+    for line in sql.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            yield buf
+            buf = ""
+    if buf.strip():
+        raise ValueError(f"incomplete SQL statement in a migration: {buf.strip()[:80]}")
+
+
+# (version, step): a database at version V runs every step above V, in order, in one
+# transaction. A new database starts at 0, so it is built by the same steps.
+MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], None]]] = [
+    (1, _script(SCHEMA_V1)),
+    (2, _script(SCHEMA_V2)),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
 TASK_COLUMNS = (
     "seq", "job_id", "id", "command_line", "spec", "required_slots", "state", "result",
     "failure", "exit_code", "signal", "retry_count", "requeue_count", "node_id", "task_dir",
-    "started_at", "ended_at", "usage",
+    "started_at", "ended_at", "usage", "pool_id", "neg_priority", "max_retries", "instances",
+    "slots_per_instance", "flags", "failure_kind", "failure_detail",
 )
+
+# TaskRow.flags bits
+FLAG_RESOURCE_FILES = 1
+FLAG_COORDINATION = 2
+FLAG_COMMON_FILES = 4
+
+OUTCOMES = ("success", "failure", "retry", "requeue")
+OPEN_STATES = ("active", "preparing", "running")
+
+# how often wait_for_change looks for a commit made by another process
+CHANGE_POLL_S = 0.05
+
+
+class TaskRow(NamedTuple):
+    """What scheduling needs of a runnable task (no spec JSON, no job lookup)."""
+
+    seq: int
+    job_id: str
+    id: str
+    pool_id: str
+    neg_priority: int
+    required_slots: int
+    instances: int  # 0: an ordinary task
+    slots_per_instance: int
+    max_retries: int  # -1: without limit
+    retry_count: int
+    requeue_count: int
+    flags: int  # FLAG_* bits
+
+
+class DispatchSpec(NamedTuple):
+    """What sending a task needs, read from its spec when it is dispatched."""
+
+    command_line: str
+    environment: dict[str, str]
+    max_wall_clock_time_s: float | None
+    resource_files: list[dict[str, str]]
+    coordination_command: str | None
+    common_resource_files: list[dict[str, str]]
+
+
+_TASKROW_SQL = ("t.seq, t.job_id, t.id, t.pool_id, t.neg_priority, t.required_slots, "
+                "t.instances, t.slots_per_instance, t.max_retries, t.retry_count, "
+                "t.requeue_count, t.flags")
+# the tasks first (CROSS JOIN fixes the order): an index range of tasks, each job by its id
+_NEW_TASKS_SQL = (f"SELECT {_TASKROW_SQL} FROM tasks t CROSS JOIN jobs j ON j.id = t.job_id "
+                  "WHERE t.state = 'active' AND t.seq > ? AND j.state = 'active' "
+                  "ORDER BY t.seq LIMIT ?")
+_WINDOW_SQL = (f"SELECT {_TASKROW_SQL} FROM tasks t CROSS JOIN jobs j ON j.id = t.job_id "
+               "WHERE t.pool_id = ? AND t.state = 'active' AND j.state = 'active' "
+               "ORDER BY t.neg_priority, t.seq LIMIT ?")
+# (neg_priority, seq) > (p, s) as two index ranges: the rest of priority p after seq s, then
+# the priorities after p (a row-value '>' seeks on neg_priority only, then scans priority p)
+_WINDOW_SAME_SQL = (f"SELECT {_TASKROW_SQL} FROM tasks t CROSS JOIN jobs j ON j.id = t.job_id "
+                    "WHERE t.pool_id = ? AND t.state = 'active' AND t.neg_priority = ? "
+                    "AND t.seq > ? AND j.state = 'active' ORDER BY t.seq LIMIT ?")
+_WINDOW_NEXT_SQL = (f"SELECT {_TASKROW_SQL} FROM tasks t CROSS JOIN jobs j ON j.id = t.job_id "
+                    "WHERE t.pool_id = ? AND t.state = 'active' AND t.neg_priority > ? "
+                    "AND j.state = 'active' ORDER BY t.neg_priority, t.seq LIMIT ?")
+# an attempt's number: after the task's last recorded attempt, and never below the
+# attempts its counters say have ended (a v1 database recorded only its last)
+_NEXT_ATTEMPT = ("MAX(t.retry_count + t.requeue_count, "
+                 "COALESCE((SELECT MAX(a.attempt) + 1 FROM task_attempts a "
+                 "WHERE a.seq = t.seq), 0))")
+_ATTEMPT_INSERT = ("INSERT INTO task_attempts (seq, attempt, node_id, started_at, ended_at, "
+                   "exit_code, signal, failure_kind, failure_detail, outcome, usage) ")
 
 
 def _row_dict(cur: sqlite3.Cursor, row: tuple) -> dict[str, Any]:
     return {d[0]: v for d, v in zip(cur.description, row)}
+
+
+def parse_failure(text: str | None) -> tuple[str | None, str | None]:
+    """(failure_kind, failure_detail) of a v1 one-string failure ('start_failed: WHY',
+    'killed:terminate', 'exit_code', ...); an unknown text is kept as the detail."""
+    if text is None:
+        return None, None
+    if text == "start_failed" or text.startswith("start_failed: "):
+        return FailureKind.START_FAILED.value, text[14:] or None
+    if text.startswith("killed:"):
+        return FailureKind.KILLED.value, text[7:]
+    if text in (FailureKind.EXIT_CODE, FailureKind.SIGNAL, FailureKind.TIMEOUT,
+                FailureKind.NODE_LOST):
+        return text, None
+    return None, text
+
+
+def _kind(value: FailureKind | str | None) -> str | None:
+    return None if value is None else FailureKind(value).value
+
+
+# ---- process-wide change notification -------------------------------------------
+
+class _Changes:
+    """Wakes the waiters of one database file in this process when a commit bumps it."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.generation = 0
+
+    def notify(self) -> None:
+        with self.cond:
+            self.generation += 1
+            self.cond.notify_all()
+
+
+_changes_lock = threading.Lock()
+_changes: dict[str, _Changes] = {}
+
+
+def _changes_for(path: Path) -> _Changes:
+    key = os.path.realpath(path)
+    with _changes_lock:
+        return _changes.setdefault(key, _Changes())
+
+
+# ---- files, modes and a full disk ----------------------------------------------
+
+def _secure_dir(path: Path) -> None:
+    """The home: created 0700 (whatever the umask); an existing one of ours tightened to
+    0700, unless it is a shared directory (sticky, like /tmp)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+    st = path.stat()
+    if (st.st_uid == os.geteuid() and not st.st_mode & stat.S_ISVTX
+            and stat.S_IMODE(st.st_mode) != 0o700):
+        os.chmod(path, 0o700)
+
+
+def _secure_file(path: Path, *, create: bool) -> None:
+    """A database file: 0600 whatever the umask (SQLite gives its -wal and -shm the main
+    file's mode); created empty when ``create``."""
+    if create:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if stat.S_IMODE(os.fstat(fd).st_mode) != 0o600:
+                os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+        return
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return
+    if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != 0o600:
+        os.chmod(path, 0o600)
+
+
+def storage_full(exc: BaseException, directory: str | Path) -> StorageFull | None:
+    """The StorageFull error for ``exc`` when it says there is no space left (SQLite's
+    SQLITE_FULL, an OSError ENOSPC/EDQUOT, or an I/O error while ``directory``'s disk
+    has no space), else None."""
+    if isinstance(exc, StorageFull):
+        return exc
+    full = False
+    if isinstance(exc, OSError):
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    elif isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        full = code == sqlite3.SQLITE_FULL or "database or disk is full" in str(exc)
+        if not full and code is not None and code & 0xFF == sqlite3.SQLITE_IOERR:
+            with contextlib.suppress(OSError):
+                full = shutil.disk_usage(directory).free < 64 * 1024
+    if not full:
+        return None
+    return StorageFull(f"{directory}: no space left to write hpcbatch's state ({exc}); "
+                       "free space there (or set HPCBATCH_HOME to another disk) and retry; "
+                       "nothing of this request was stored")
 
 
 class Store:
@@ -91,49 +394,133 @@ class Store:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.commits = 0  # transactions committed through this connection
+        self.db: sqlite3.Connection | None = None
+        self._changes = _changes_for(self.path)
+        try:
+            self._open()
+        except BaseException as exc:
+            if self.db is not None:
+                self.db.close()
+            full = storage_full(exc, self.path.parent)
+            if full is not None:
+                raise full from exc
+            raise
+
+    def _open(self) -> None:
+        _secure_dir(self.path.parent)
+        _secure_file(self.path, create=True)
         self.db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30,
                                   check_same_thread=False)
         self.db.row_factory = _row_dict
-        self.commits = 0  # transactions committed through this connection
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
+        for suffix in ("-wal", "-shm"):  # made 0644 by hpcbatch before schema 2
+            _secure_file(Path(f"{self.path}{suffix}"), create=False)
         self._migrate()
 
     def close(self) -> None:
-        self.db.close()
+        if self.db is not None:
+            self.db.close()
+
+    # ---- schema ------------------------------------------------------------
+
+    def schema_version(self) -> int:
+        """The database's schema version (0: nothing created yet)."""
+        has_meta = self.db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
+        if not has_meta:
+            return 0
+        row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        return 0 if row is None else int(row["value"])
+
+    def _check_not_newer(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise Conflict(f"{self.path}: state database has schema version {version}, "
+                           f"newer than this hpcbatch understands ({SCHEMA_VERSION}); "
+                           "upgrade hpcbatch")
 
     def _migrate(self) -> None:
-        with self.transaction():
-            for stmt in SCHEMA.split(";"):
-                if stmt.strip():
-                    self.db.execute(stmt)
-            row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if row is None:
-                self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)",
-                                (str(SCHEMA_VERSION),))
-            elif int(row["value"]) > SCHEMA_VERSION:
-                raise Conflict(f"{self.path}: state database has schema version {row['value']}, "
-                               f"newer than this hpcbatch understands ({SCHEMA_VERSION}); "
-                               "upgrade hpcbatch")
+        """Run the steps above the database's version, all in one transaction (a look
+        without the write lock first: an up-to-date database is not locked to open)."""
+        version = self.schema_version()
+        self._check_not_newer(version)
+        if version == SCHEMA_VERSION:
+            return
+        with self.transaction() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS meta "
+                       "(key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            version = self.schema_version()  # again, under the lock
+            self._check_not_newer(version)
+            for target, step in MIGRATIONS:
+                if target > version:
+                    step(db)
+            db.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) "
+                       "DO UPDATE SET value=excluded.value", (str(SCHEMA_VERSION),))
+
+    # ---- transactions and changes ----------------------------------------------
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT; rolls back on any error (nothing half-written)."""
-        if self.db.in_transaction:  # nested: join the outer transaction
-            yield self.db
+        """BEGIN IMMEDIATE ... COMMIT; rolls back on any error (nothing half-written).
+        A transaction that changed any row bumps the change counter. No space left:
+        StorageFull (rolled back)."""
+        db = self.db
+        if db.in_transaction:  # nested: join the outer transaction
+            yield db
             return
-        self.db.execute("BEGIN IMMEDIATE")
         try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            full = storage_full(exc, self.path.parent)
+            if full is not None:
+                raise full from exc
             raise
-        self.db.execute("COMMIT")
+        before = db.total_changes
+        changed = False
+        try:
+            yield db
+            if db.total_changes != before:
+                db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
+                           "WHERE key='change'")
+                changed = True
+            db.execute("COMMIT")
+        except BaseException as exc:
+            if db.in_transaction:  # SQLite may have rolled it back already (a full disk)
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            full = storage_full(exc, self.path.parent)
+            if full is not None:
+                raise full from exc
+            raise
         self.commits += 1
+        if changed:
+            self._changes.notify()
 
-    # ---- pools and nodes -------------------------------------------------
+    def change_counter(self) -> int:
+        """Bumped by every committed transaction that changed a row."""
+        row = self.db.execute("SELECT value FROM meta WHERE key='change'").fetchone()
+        return 0 if row is None else int(row["value"])
+
+    def wait_for_change(self, after: int, timeout_s: float) -> int:
+        """The change counter once it is above ``after``, or its value at the timeout.
+        A commit through any Store of this process wakes it at once; one by another
+        process is seen within CHANGE_POLL_S."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        changes = self._changes
+        while True:
+            with changes.cond:
+                generation = changes.generation
+            value = self.change_counter()
+            left = deadline - time.monotonic()
+            if value > after or left <= 0:
+                return value
+            with changes.cond:
+                if changes.generation == generation:
+                    changes.cond.wait(min(left, CHANGE_POLL_S))
+
+    # ---- pools and nodes ---------------------------------------------------
 
     def create_pool(self, spec: PoolSpec, *, exist_ok: bool = False) -> None:
         with self.transaction() as db:
@@ -143,6 +530,15 @@ class Store:
                 raise Conflict(f"pool {spec.id!r} already exists; pick another id or delete it")
             db.execute("INSERT INTO pools VALUES (?, ?, ?)",
                        (spec.id, json.dumps(spec_to_dict(spec)), time.time()))
+
+    def set_pool_spec(self, spec: PoolSpec) -> None:
+        """Replace a pool's stored spec (the automatic local pool's slots follow the
+        machine)."""
+        with self.transaction() as db:
+            cur = db.execute("UPDATE pools SET spec=? WHERE id=?",
+                             (json.dumps(spec_to_dict(spec)), spec.id))
+            if cur.rowcount == 0:
+                self.get_pool(spec.id)  # raises NotFound
 
     def get_pool(self, pool_id: str) -> PoolSpec:
         row = self.db.execute("SELECT spec FROM pools WHERE id=?", (pool_id,)).fetchone()
@@ -159,13 +555,14 @@ class Store:
     def upsert_node(self, pool_id: str, node_id: str, state: str, slots: int,
                     info: dict | None = None, reason: str | None = None) -> None:
         """Record a node's state; ``info`` None (or empty) keeps what is known of it."""
-        self.db.execute(
-            "INSERT INTO nodes VALUES (?, ?, ?, ?, COALESCE(?, '{}'), ?, ?) "
-            "ON CONFLICT (pool_id, id) DO UPDATE SET state=excluded.state, "
-            "slots=excluded.slots, info=COALESCE(?, nodes.info), reason=excluded.reason, "
-            "updated_at=excluded.updated_at",
-            (pool_id, node_id, state, slots, json.dumps(info) if info else None, reason,
-             time.time(), json.dumps(info) if info else None))
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO nodes VALUES (?, ?, ?, ?, COALESCE(?, '{}'), ?, ?) "
+                "ON CONFLICT (pool_id, id) DO UPDATE SET state=excluded.state, "
+                "slots=excluded.slots, info=COALESCE(?, nodes.info), reason=excluded.reason, "
+                "updated_at=excluded.updated_at",
+                (pool_id, node_id, state, slots, json.dumps(info) if info else None, reason,
+                 time.time(), json.dumps(info) if info else None))
 
     def check_pool_deletable(self, pool_id: str) -> None:
         """Raise unless the pool exists and no job (even a completed one) is bound to it."""
@@ -178,10 +575,11 @@ class Store:
                            f"delete them first ('hpcbatch job delete JOB')")
 
     def delete_pool(self, pool_id: str) -> None:
-        """Remove a pool and its nodes (see check_pool_deletable)."""
+        """Remove a pool, its nodes and its agents' records (see check_pool_deletable)."""
         with self.transaction() as db:
             self.check_pool_deletable(pool_id)
             db.execute("DELETE FROM nodes WHERE pool_id=?", (pool_id,))
+            db.execute("DELETE FROM agents WHERE pool_id=?", (pool_id,))
             db.execute("DELETE FROM pools WHERE id=?", (pool_id,))
 
     def list_nodes(self, pool_id: str | None = None) -> list[dict[str, Any]]:
@@ -190,7 +588,27 @@ class Store:
         return self.db.execute("SELECT * FROM nodes WHERE pool_id=? ORDER BY id",
                                (pool_id,)).fetchall()
 
-    # ---- jobs ------------------------------------------------------------
+    # ---- agents (to find and reap what earlier agents of this home left) ------
+
+    def record_agent(self, pool_id: str, node_id: str, token: str, pid: int | None,
+                     host: str | None, root: str | None) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?, ?) "
+                       "ON CONFLICT (pool_id, node_id, token) DO UPDATE SET pid=excluded.pid, "
+                       "host=excluded.host, root=excluded.root",
+                       (pool_id, node_id, token, pid, host, root, time.time()))
+
+    def forget_agent(self, pool_id: str, node_id: str, token: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM agents WHERE pool_id=? AND node_id=? AND token=?",
+                       (pool_id, node_id, token))
+
+    def agents(self) -> list[dict[str, Any]]:
+        """Every recorded agent: pool_id, node_id, token, pid, host, root, started_at."""
+        return self.db.execute("SELECT * FROM agents ORDER BY started_at, pool_id, node_id"
+                               ).fetchall()
+
+    # ---- jobs --------------------------------------------------------------
 
     def create_job(self, spec: JobSpec) -> None:
         with self.transaction() as db:
@@ -209,6 +627,11 @@ class Store:
         row["spec"] = JobSpec(**json.loads(row["spec"]))
         return row
 
+    def job_pool_id(self, job_id: str) -> str | None:
+        """The pool of a job, or None when there is no such job."""
+        row = self.db.execute("SELECT pool_id FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return None if row is None else row["pool_id"]
+
     def list_jobs(self) -> list[dict[str, Any]]:
         rows = self.db.execute("SELECT * FROM jobs ORDER BY seq").fetchall()
         for r in rows:
@@ -216,22 +639,26 @@ class Store:
         return rows
 
     def delete_job(self, job_id: str) -> None:
-        """Remove a completed job and its tasks; refused while a task is unfinished."""
+        """Remove a completed job, its tasks and their attempts; refused while a task is
+        unfinished."""
         with self.transaction() as db:
             self.get_job(job_id)
             left = self.unfinished(job_id)
             if left:
                 raise Conflict(f"job {job_id!r} has {left} unfinished task(s); wait for them "
                                f"('hpcbatch job wait {job_id}') or terminate them first")
+            db.execute("DELETE FROM task_attempts WHERE seq IN "
+                       "(SELECT seq FROM tasks WHERE job_id=?)", (job_id,))
             db.execute("DELETE FROM tasks WHERE job_id=?", (job_id,))
             db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
 
     def set_job_state(self, job_id: str, state: JobState) -> None:
         done = time.time() if state is JobState.COMPLETED else None
-        self.db.execute("UPDATE jobs SET state=?, completed_at=? WHERE id=?",
-                        (state.value, done, job_id))
+        with self.transaction() as db:
+            db.execute("UPDATE jobs SET state=?, completed_at=? WHERE id=?",
+                       (state.value, done, job_id))
 
-    # ---- tasks -----------------------------------------------------------
+    # ---- tasks -------------------------------------------------------------
 
     def add_tasks(self, job_id: str, specs: list[TaskSpec]) -> int:
         """Insert tasks in one transaction; a duplicate id rejects the whole batch."""
@@ -257,11 +684,14 @@ class Store:
                     raise Conflict(
                         f"task {t.id}: required_slots {t.required_slots} exceeds the "
                         f"{pool.task_slots_per_node} task slots per node of pool {pool.id!r}")
-            rows = ((job_id, t.id, t.command_line, json.dumps(spec_to_dict(t)),
-                     t.required_slots, TaskState.ACTIVE.value) for t in specs)
+            jspec: JobSpec = job["spec"]
+            rows = _task_rows(job_id, job["pool_id"], -jspec.priority,
+                              jspec.max_task_retry_count, specs)
             try:
-                db.executemany("INSERT INTO tasks (job_id, id, command_line, spec, "
-                               "required_slots, state) VALUES (?, ?, ?, ?, ?, ?)", rows)
+                db.executemany(
+                    "INSERT INTO tasks (job_id, id, command_line, spec, required_slots, state, "
+                    "pool_id, neg_priority, max_retries, instances, slots_per_instance, flags) "
+                    "VALUES (?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?)", rows)
             except sqlite3.IntegrityError:
                 dup = self._first_duplicate(job_id, specs)
                 raise Conflict(f"task id {dup!r} already exists in job {job_id!r}; "
@@ -277,6 +707,11 @@ class Store:
                 "LIMIT 1", (job_id, *chunk)).fetchone()
             if row:
                 return row["id"]
+        seen: set[str] = set()  # twice within the batch itself
+        for t in ids:
+            if t in seen:
+                return t
+            seen.add(t)
         return None
 
     def get_task(self, job_id: str, task_id: str) -> dict[str, Any]:
@@ -325,27 +760,263 @@ class Store:
             "SELECT COUNT(*) AS n FROM tasks WHERE job_id=? AND state IN "
             "('active', 'preparing', 'running')", (job_id,)).fetchone()["n"]
 
-    def runnable_tasks(self, after_seq: int = 0) -> Iterable[dict[str, Any]]:
-        """Active tasks of active jobs with seq > after_seq, oldest first."""
-        return self.db.execute(
-            "SELECT t.seq, t.job_id, t.id, t.command_line, t.spec, t.required_slots, "
-            "t.retry_count, t.requeue_count, j.pool_id, j.spec AS job_spec "
-            "FROM tasks t JOIN jobs j ON j.id = t.job_id "
-            "WHERE t.state='active' AND j.state='active' AND t.seq > ? ORDER BY t.seq",
-            (after_seq,)).fetchall()
+    def open_counts(self) -> dict[str, int]:
+        """Job id -> its tasks not completed, for the jobs that have any (one index range
+        count per job)."""
+        rows = self._tuples(
+            "SELECT j.id, (SELECT COUNT(*) FROM tasks t WHERE t.job_id = j.id AND t.state IN "
+            "('active', 'preparing', 'running')) AS n FROM jobs j ORDER BY j.seq")
+        return {job_id: n for job_id, n in rows if n}
+
+    def last_task_seq(self) -> int:
+        """The highest task seq stored (0: none): where new_tasks starts after loading."""
+        return self._tuples("SELECT COALESCE(MAX(seq), 0) FROM tasks")[0][0]
+
+    def new_tasks(self, after_seq: int, limit: int) -> list[TaskRow]:
+        """Active tasks of active jobs with seq > after_seq, oldest first, at most limit."""
+        return [TaskRow._make(r) for r in self._tuples(_NEW_TASKS_SQL, (after_seq, limit))]
+
+    def runnable_window(self, pool_id: str, after: tuple[int, int] | None,
+                        limit: int) -> list[TaskRow]:
+        """The pool's next ``limit`` active tasks of active jobs in (neg_priority, seq)
+        order after ``after`` (None: from the start), from the tasks_window index."""
+        if after is None:
+            rows = self._tuples(_WINDOW_SQL, (pool_id, limit))
+        else:
+            neg_priority, seq = after
+            rows = self._tuples(_WINDOW_SAME_SQL, (pool_id, neg_priority, seq, limit))
+            if len(rows) < limit:
+                rows += self._tuples(_WINDOW_NEXT_SQL, (pool_id, neg_priority, limit - len(rows)))
+        return [TaskRow._make(r) for r in rows]
+
+    def dispatch_specs(self, seqs: Iterable[int]) -> dict[int, DispatchSpec]:
+        """seq -> DispatchSpec for the given tasks (those that exist)."""
+        seqs = list(seqs)
+        out: dict[int, DispatchSpec] = {}
+        for i in range(0, len(seqs), 500):
+            chunk = seqs[i:i + 500]
+            for seq, spec in self._tuples(
+                    f"SELECT seq, spec FROM tasks WHERE seq IN ({','.join('?' * len(chunk))})",
+                    chunk):
+                s = json.loads(spec)
+                mi = s.get("multi_instance") or {}
+                out[seq] = DispatchSpec(
+                    command_line=s["command_line"], environment=s.get("environment") or {},
+                    max_wall_clock_time_s=s.get("max_wall_clock_time_s"),
+                    resource_files=list(s.get("resource_files") or ()),
+                    coordination_command=mi.get("coordination_command"),
+                    common_resource_files=list(mi.get("common_resource_files") or ()))
+        return out
+
+    def mark_preparing(self, rows: Iterable[tuple[int, str, str, float]]) -> None:
+        """(seq, node_id, task_dir, t): assigned to a node, not yet started."""
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE tasks SET state='preparing', node_id=?, task_dir=?, started_at=?, "
+                "ended_at=NULL WHERE seq=?",
+                ((node_id, task_dir, t, seq) for seq, node_id, task_dir, t in rows))
+
+    def mark_running(self, items: Iterable[tuple[int, float]]) -> None:
+        """(seq, t): its process started (only where the task is still preparing)."""
+        with self.transaction() as db:
+            db.executemany("UPDATE tasks SET state='running', started_at=? WHERE seq=? "
+                           "AND state='preparing'", ((t, seq) for seq, t in items))
+
+    def finish_attempt(self, seq: int, *, outcome: str, node_id: str | None,
+                       started_at: float | None, ended_at: float | None,
+                       exit_code: int | None, signal: int | None,
+                       failure_kind: FailureKind | str | None, failure_detail: str | None,
+                       usage: dict | None, retry_count: int) -> None:
+        """Append the attempt to the task's history and set the task: success/failure ->
+        completed with that result; retry -> active again with ``retry_count``; requeue ->
+        active again, requeue_count + 1 (a requeue is not the task's failure: its last
+        exit is left as it was)."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome {outcome!r} is not one of {', '.join(OUTCOMES)}")
+        kind = _kind(failure_kind)
+        usage_json = json.dumps(usage or {})
+        with self.transaction() as db:
+            db.execute(
+                f"{_ATTEMPT_INSERT} SELECT t.seq, {_NEXT_ATTEMPT}, ?, ?, ?, ?, ?, ?, ?, ?, ? "
+                "FROM tasks t WHERE t.seq = ?",
+                (node_id, started_at, ended_at, exit_code, signal, kind, failure_detail,
+                 outcome, usage_json, seq))
+            if outcome == "requeue":
+                db.execute("UPDATE tasks SET state='active', requeue_count=requeue_count+1, "
+                           "node_id=NULL WHERE seq=?", (seq,))
+                return
+            text = failure_text(kind, failure_detail)
+            if outcome == "retry":
+                db.execute(
+                    "UPDATE tasks SET state='active', node_id=NULL, retry_count=?, "
+                    "exit_code=?, signal=?, failure=?, failure_kind=?, failure_detail=?, "
+                    "started_at=COALESCE(?, started_at), ended_at=?, usage=? WHERE seq=?",
+                    (retry_count, exit_code, signal, text, kind, failure_detail, started_at,
+                     ended_at, usage_json, seq))
+                return
+            db.execute(
+                "UPDATE tasks SET state='completed', result=?, node_id=COALESCE(?, node_id), "
+                "retry_count=?, exit_code=?, signal=?, failure=?, failure_kind=?, "
+                "failure_detail=?, started_at=COALESCE(?, started_at), ended_at=?, usage=? "
+                "WHERE seq=?",
+                (outcome, node_id, retry_count, exit_code, signal, text, kind,
+                 failure_detail, started_at, ended_at, usage_json, seq))
+
+    def complete_unstarted(self, seq: int, failure_kind: FailureKind | str,
+                           failure_detail: str | None, t: float) -> None:
+        """A task that ends before it ran (terminated while queued): completed as a
+        failure, with an attempt row that never started."""
+        kind = _kind(failure_kind)
+        with self.transaction() as db:
+            db.execute(
+                f"{_ATTEMPT_INSERT} SELECT t.seq, {_NEXT_ATTEMPT}, NULL, NULL, ?, NULL, NULL, "
+                "?, ?, 'failure', NULL FROM tasks t WHERE t.seq = ?",
+                (t, kind, failure_detail, seq))
+            db.execute(
+                "UPDATE tasks SET state='completed', result='failure', failure=?, "
+                "failure_kind=?, failure_detail=?, ended_at=? WHERE seq=?",
+                (failure_text(kind, failure_detail), kind, failure_detail, t, seq))
+
+    def attempts(self, job_id: str, task_id: str) -> list[dict[str, Any]]:
+        """A task's attempts, oldest first: attempt (0-based), node_id, started_at,
+        ended_at, exit_code, signal, failure_kind, failure_detail, outcome, usage (dict)."""
+        seq = self.get_task(job_id, task_id)["seq"]
+        rows = self.db.execute("SELECT * FROM task_attempts WHERE seq=? ORDER BY attempt",
+                               (seq,)).fetchall()
+        for r in rows:
+            r["usage"] = json.loads(r["usage"]) if r["usage"] else {}
+        return rows
 
     def update_task(self, seq: int, **fields: Any) -> None:
-        """Set columns of one task (inside the caller's transaction)."""
+        """Set columns of one task (inside the caller's transaction). A v1-style
+        ``failure`` text also sets failure_kind/failure_detail."""
+        if "failure" in fields and "failure_kind" not in fields:
+            fields["failure_kind"], fields["failure_detail"] = parse_failure(fields["failure"])
+        bad = sorted(set(fields) - set(TASK_COLUMNS) | ({"seq"} & set(fields)))
+        if bad:
+            raise ValueError(f"update_task: no such task column(s) {', '.join(bad)}")
         cols = ", ".join(f"{k}=?" for k in fields)
-        self.db.execute(f"UPDATE tasks SET {cols} WHERE seq=?", (*fields.values(), seq))
+        with self.transaction() as db:
+            db.execute(f"UPDATE tasks SET {cols} WHERE seq=?", (*fields.values(), seq))
 
     def requeue_in_flight(self) -> int:
-        """Tasks recorded running/preparing go back to active (a requeue, not a retry)."""
-        cur = self.db.execute(
-            "UPDATE tasks SET state='active', requeue_count=requeue_count+1, node_id=NULL "
-            "WHERE state IN ('running', 'preparing')")
-        return cur.rowcount
+        """At start-up: tasks recorded running/preparing go back to active (a requeue, not
+        a retry), each with an attempt row (node_lost, 'coordinator restarted')."""
+        with self.transaction() as db:
+            db.execute(
+                f"{_ATTEMPT_INSERT} SELECT t.seq, {_NEXT_ATTEMPT}, t.node_id, t.started_at, "
+                "?, NULL, NULL, ?, 'coordinator restarted', 'requeue', NULL FROM tasks t "
+                "WHERE t.state IN ('running', 'preparing')",
+                (time.time(), FailureKind.NODE_LOST.value))
+            cur = db.execute(
+                "UPDATE tasks SET state='active', requeue_count=requeue_count+1, node_id=NULL "
+                "WHERE state IN ('running', 'preparing')")
+            return cur.rowcount
 
+    # ---- for tests and tools -------------------------------------------------
+
+    def dump_tables(self, names: Iterable[str] | None = None) -> dict[str, list[dict]]:
+        """Every row of the named tables (default: all), to compare a store before and
+        after a request that must change nothing."""
+        known = [r["name"] for r in self.db.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' "
+            "ORDER BY name").fetchall()]
+        names = known if names is None else list(names)
+        unknown = sorted(set(names) - set(known))
+        if unknown:
+            raise ValueError(f"dump_tables: no table(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(known)}")
+        return {n: self.db.execute(f'SELECT * FROM "{n}"').fetchall() for n in names}
+
+    def journal_settings(self) -> dict[str, Any]:
+        """{'journal_mode': 'wal', 'synchronous': 1} (NORMAL: commits do not fsync)."""
+        return {"journal_mode": self.db.execute("PRAGMA journal_mode").fetchone()
+                ["journal_mode"],
+                "synchronous": self.db.execute("PRAGMA synchronous").fetchone()["synchronous"]}
+
+    def explain(self, method: str) -> list[str]:
+        """The query plans of a scheduling query ('new_tasks', 'runnable_window' from the
+        start, 'runnable_window_after'), to check that they search an index, never scan."""
+        queries = {
+            "new_tasks": [(_NEW_TASKS_SQL, (0, 10))],
+            "runnable_window": [(_WINDOW_SQL, ("p", 10))],
+            "runnable_window_after": [(_WINDOW_SAME_SQL, ("p", 0, 0, 10)),
+                                      (_WINDOW_NEXT_SQL, ("p", 0, 10))],
+        }[method]
+        return [r[-1] for sql, args in queries
+                for r in self._tuples(f"EXPLAIN QUERY PLAN {sql}", args)]
+
+    def _tuples(self, sql: str, args: Iterable[Any] = ()) -> list[tuple]:
+        cur = self.db.cursor()
+        cur.row_factory = None
+        return cur.execute(sql, tuple(args)).fetchall()
+
+
+# ---- specs as JSON ----------------------------------------------------------------
 
 def spec_to_dict(spec: Any) -> dict[str, Any]:
+    if type(spec) is TaskSpec and _FAST_TASK_DICT:
+        return _task_dict(spec)
     return dataclasses.asdict(spec)
+
+
+_TASK_FIELDS = ("id", "command_line", "environment", "required_slots", "max_task_retry_count",
+                "max_wall_clock_time_s", "multi_instance", "resource_files")
+_MI_FIELDS = ("instances", "coordination_command", "slots_per_instance",
+              "common_resource_files")
+
+
+def _fields(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _fast_task_dict_ok() -> bool:
+    from hpcbatch.models import MultiInstanceSpec, ResourceFile
+    return (_fields(TaskSpec) == _TASK_FIELDS and _fields(MultiInstanceSpec) == _MI_FIELDS
+            and _fields(ResourceFile) == ("source", "file_path"))
+
+
+_FAST_TASK_DICT = _fast_task_dict_ok()  # else dataclasses.asdict (a new field: same JSON)
+
+
+def _task_dict(t: TaskSpec) -> dict[str, Any]:
+    """dataclasses.asdict(t) (same keys, same order: the same JSON) without its deep copy:
+    the 100,000-task add spends most of its time here otherwise."""
+    mi = t.multi_instance
+    return {
+        "id": t.id, "command_line": t.command_line, "environment": t.environment,
+        "required_slots": t.required_slots, "max_task_retry_count": t.max_task_retry_count,
+        "max_wall_clock_time_s": t.max_wall_clock_time_s,
+        "multi_instance": None if mi is None else {
+            "instances": mi.instances, "coordination_command": mi.coordination_command,
+            "slots_per_instance": mi.slots_per_instance,
+            "common_resource_files": [{"source": r.source, "file_path": r.file_path}
+                                      for r in mi.common_resource_files]},
+        "resource_files": [{"source": r.source, "file_path": r.file_path}
+                           for r in t.resource_files],
+    }
+
+
+def _task_rows(job_id: str, pool_id: str, neg_priority: int, job_retries: int,
+               specs: Iterable[TaskSpec]) -> Iterator[tuple]:
+    dumps = json.dumps
+    for t in specs:
+        mi = t.multi_instance
+        flags = FLAG_RESOURCE_FILES if t.resource_files else 0
+        if mi is not None:
+            if mi.coordination_command is not None:
+                flags |= FLAG_COORDINATION
+            if mi.common_resource_files:
+                flags |= FLAG_COMMON_FILES
+        retries = t.max_task_retry_count
+        yield (job_id, t.id, t.command_line, dumps(spec_to_dict(t)), t.required_slots,
+               pool_id, neg_priority, job_retries if retries is None else retries,
+               0 if mi is None else mi.instances, 0 if mi is None else mi.slots_per_instance,
+               flags)
+
+
+__all__ = [
+    "DispatchSpec", "FLAG_COMMON_FILES", "FLAG_COORDINATION", "FLAG_RESOURCE_FILES",
+    "MIGRATIONS", "SCHEMA_VERSION", "Store", "TaskRow", "parse_failure",
+    "spec_to_dict", "storage_full",
+]
