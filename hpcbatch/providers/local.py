@@ -16,13 +16,15 @@ import shutil
 import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hpcbatch.errors import HpcBatchError, ValidationError
 from hpcbatch.providers import reap as reaping
 from hpcbatch.providers.base import NodeDesc, Provider, check_relpath
 from hpcbatch.timings import Timings
-from hpcbatch.transport import AgentChannel, LocalTransport
+
+if TYPE_CHECKING:
+    from hpcbatch.transport import AgentChannel
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -103,6 +105,7 @@ class LocalProvider(Provider):
     def start_agent(self, node: NodeDesc, *, token: str, timings: Timings) -> AgentChannel:
         root = Path(self.node_root(node.node_id))
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        from hpcbatch.transport import LocalTransport
         transport = LocalTransport()
         # the transport is gaining token= and timings= (the agent's lease); until then
         # it is told the heartbeat only

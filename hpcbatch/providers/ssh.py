@@ -24,7 +24,7 @@ import stat
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hpcbatch import env as E
 from hpcbatch.errors import HpcBatchError, ValidationError
@@ -32,7 +32,9 @@ from hpcbatch.models import PoolSpec
 from hpcbatch.providers.base import NodeDesc, Provider, check_relpath, home_id
 from hpcbatch.ssh import GroupResult, SSHTarget, connect, parallel, run, targets_from_spec
 from hpcbatch.timings import Timings
-from hpcbatch.transport import AgentChannel
+
+if TYPE_CHECKING:
+    from hpcbatch.transport import AgentChannel
 
 DEFAULT_NODE_ROOT = "~/.hpcbatch-node"
 # what a pool spec (pool.json) may say; anything else is a typo worth naming
