@@ -335,8 +335,8 @@ def _changes_for(path: Path) -> _Changes:
 
 # ---- files, modes and a full disk ----------------------------------------------
 
-def _secure_dir(path: Path) -> None:
-    """The home: created 0700 (whatever the umask); an existing one of ours tightened to
+def secure_dir(path: Path) -> None:
+    """A home: created 0700 (whatever the umask); an existing one of ours tightened to
     0700, unless it is a shared directory (sticky, like /tmp)."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -350,15 +350,20 @@ def _secure_dir(path: Path) -> None:
 
 def _secure_file(path: Path, *, create: bool) -> None:
     """A database file: 0600 whatever the umask (SQLite gives its -wal and -shm the main
-    file's mode); created empty when ``create``."""
+    file's mode); created empty when ``create`` and missing; an existing one of ours
+    tightened."""
     if create:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            if stat.S_IMODE(os.fstat(fd).st_mode) != 0o600:
-                os.fchmod(fd, 0o600)
-        finally:
-            os.close(fd)
-        return
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            try:
+                if stat.S_IMODE(os.fstat(fd).st_mode) != 0o600:
+                    os.fchmod(fd, 0o600)
+            finally:
+                os.close(fd)
+            return
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -408,7 +413,7 @@ class Store:
             raise
 
     def _open(self) -> None:
-        _secure_dir(self.path.parent)
+        secure_dir(self.path.parent)
         _secure_file(self.path, create=True)
         self.db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30,
                                   check_same_thread=False)
@@ -772,6 +777,17 @@ class Store:
         """The highest task seq stored (0: none): where new_tasks starts after loading."""
         return self._tuples("SELECT COALESCE(MAX(seq), 0) FROM tasks")[0][0]
 
+    def runnable_tasks(self, after_seq: int = 0) -> list[dict[str, Any]]:
+        """Active tasks of active jobs with seq > after_seq, oldest first, with their
+        spec and their job's (the schema-1 coordinator's loader; new code: new_tasks and
+        runnable_window, which are bounded)."""
+        return self.db.execute(
+            "SELECT t.seq, t.job_id, t.id, t.command_line, t.spec, t.required_slots, "
+            "t.retry_count, t.requeue_count, j.pool_id, j.spec AS job_spec "
+            "FROM tasks t JOIN jobs j ON j.id = t.job_id "
+            "WHERE t.state='active' AND j.state='active' AND t.seq > ? ORDER BY t.seq",
+            (after_seq,)).fetchall()
+
     def new_tasks(self, after_seq: int, limit: int) -> list[TaskRow]:
         """Active tasks of active jobs with seq > after_seq, oldest first, at most limit."""
         return [TaskRow._make(r) for r in self._tuples(_NEW_TASKS_SQL, (after_seq, limit))]
@@ -1018,5 +1034,5 @@ def _task_rows(job_id: str, pool_id: str, neg_priority: int, job_retries: int,
 __all__ = [
     "DispatchSpec", "FLAG_COMMON_FILES", "FLAG_COORDINATION", "FLAG_RESOURCE_FILES",
     "MIGRATIONS", "SCHEMA_VERSION", "Store", "TaskRow", "parse_failure",
-    "spec_to_dict", "storage_full",
+    "secure_dir", "spec_to_dict", "storage_full",
 ]

@@ -524,3 +524,14 @@ def test_a_full_disk_raises_storage_full_and_keeps_the_store(tmp_path):
     out = json.loads(r.stdout)
     assert out["error"].startswith(f"{home}: no space left") and "\n" not in out["error"]
     assert out == {"error": out["error"], "unchanged": True, "integrity": "ok", "total": 101}
+
+
+def test_the_schema_1_loader_still_works(store):
+    """runnable_tasks: what coordinator.py reads until it moves to new_tasks/windows."""
+    store.add_tasks("j", [TaskSpec("a", "echo a"), TaskSpec("b", "true")])
+    store.mark_preparing([(_seq(store, "j", "b"), "n1", "/b", 1.0)])
+    [row] = store.runnable_tasks(0)
+    assert (row["id"], row["command_line"], row["pool_id"]) == ("a", "echo a", "p")
+    assert json.loads(row["spec"])["command_line"] == "echo a"
+    assert json.loads(row["job_spec"])["id"] == "j"
+    assert store.runnable_tasks(row["seq"]) == []
