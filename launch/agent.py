@@ -1,43 +1,55 @@
 #!/usr/bin/env python3
-"""The hpcbatch node agent. Standard library only: it is uploaded to nodes as one file.
+"""The hpcbatch node agent. Standard library only: uploaded to nodes with protocol.py.
 
-The coordinator starts one agent per node (a local subprocess, or over one SSH
-exec channel) and speaks newline-delimited JSON with it over stdin/stdout:
+The coordinator starts one agent per node (a local subprocess in its own session, or
+over one SSH exec channel) and speaks the protocol of ``protocol.py`` with it over
+stdin/stdout: newline-delimited JSON, ``{"op": ...}`` in, ``{"ev": ...}`` out. A line
+the agent cannot read is logged to stderr and answered with an ``Error`` item; it never
+stops the agent.
 
-coordinator -> agent  (one object per line, key "op")
-    {"op": "run", "id": K, "cmd": "...", "env": {...}, "dir": TASK_DIR, "timeout_s": S|null,
-     "slots": N, "files": {NAME: TEXT}, "dirs": [NAME], "log_prefix": P}
-    {"op": "kill", "id": K, "reason": "terminate"}
-    {"op": "reap", "match": {NAME: VALUE}}   kill every process whose environment
-                                          has all of these (ranks started over ssh)
-    {"op": "ping"}
-    {"op": "shutdown"}
+The agent runs tasks while their slots fit in its ``--slots``; the coordinator may send
+a few more than that (prefetch) and the agent queues them in order, starting the next
+the moment a slot frees, so no round trip to the coordinator sits between two tasks.
 
-agent -> coordinator  (key "ev")
-    {"ev": "hello", "node_id", "root", "pid", "hostname", "cores", "python", "protocol"}
-    {"ev": "events", "items": [...]}   started / exited events, batched per loop turn
-    {"ev": "heartbeat", "t", "running": [K, ...], "queued": [K, ...]}
-    {"ev": "bye"}
+A task runs as ``/bin/sh -c CMD`` (or a direct exec when the line has no shell syntax)
+in ``TASK_DIR/wd``, stdout and stderr in ``TASK_DIR/stdout.txt`` and ``stderr.txt``, in
+a session of its own, with ``TMPDIR`` (and the session directory bases of Open MPI and
+PRRTE) in ``TASK_DIR/tmp``, which is removed when the attempt ends. Nothing in a task
+directory is followed through a symbolic link: directories are opened with O_NOFOLLOW
+from the node root down (made 0700), and the logs and ``files`` are created afresh
+(an old file or link of that name is removed first, never written through). Anything
+that stops one task from starting (a NUL byte in its environment, a missing directory,
+a full disk) is that task's failure (``Exited.start_failed``), never the agent's.
 
-The agent runs tasks while their slots fit in its ``--slots``; the coordinator
-may send a few more than that (prefetch) and the agent queues them in order,
-starting the next the moment a slot frees, so no round trip to the coordinator
-sits between two tasks.
+On timeout or Kill the task's whole session (and processes under it in other
+sessions) gets SIGTERM, then SIGKILL after ``--kill-grace-s``; when a task's main
+process exits, whatever is left of its process group is killed.
 
-A task runs as ``/bin/sh -c CMD`` in ``TASK_DIR/wd`` with stdout and stderr in
-``TASK_DIR/stdout.txt`` and ``stderr.txt``, in its own session (process group).
-On timeout or kill the whole group gets SIGTERM, then SIGKILL after a grace
-period; when the task's main process exits, whatever is left of its group is
-killed so nothing outlives the task. If the coordinator goes away (stdin EOF)
-every task is killed and the agent exits.
+Fencing: with ``--lease-s`` > 0, every line from the coordinator (``Ping`` included)
+renews a lease; when none came for that long, the agent stops every task (SIGTERM,
+SIGKILL after the grace), reports, and exits, so a coordinator that lost the node can
+run its tasks elsewhere once the lease has surely run out. stdin EOF, ``Shutdown`` and
+SIGTERM stop the tasks the same way. SIGHUP and SIGINT are ignored: the coordinator
+decides when the agent stops.
+
+Orphan records: the agent keeps ``ROOT/agents/TOKEN.json`` (0600, replaced atomically)
+naming its pid and the pid, session and start time of each task it runs, and removes it
+on a clean exit. ``reap_stale_agents(root)`` (run at start with ``--reap-stale``) kills
+what agents that left a record behind still run: the agent itself, its tasks' sessions
+(checked by process start time, so a reused pid is never hit), and every process whose
+environment holds ``HPCBATCH_AGENT_TOKEN=<its token>``.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import errno
 import json
+import math
 import os
+import re
+import secrets
 import selectors
 import shutil
 import signal
@@ -45,17 +57,40 @@ import socket
 import sys
 import time
 
-PROTOCOL = 1
+
+def _load_protocol():
+    """protocol.py beside this file: ``hpcbatch.launch.protocol`` when imported from the
+    package, else (run as a script on a node) loaded from this file's own directory by
+    path, so neither a stale hpcbatch nor another ``protocol`` module on the node's
+    sys.path can stand in for the copy uploaded with this agent."""
+    if __package__:
+        from . import protocol
+        return protocol
+    import importlib.util
+    name = "_hpcbatch_agent_protocol"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "protocol.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}: upload protocol.py beside agent.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+P = _load_protocol()
+
 KILL_GRACE_S = 2.0
-
-
-def encode(msg: dict) -> bytes:
-    return json.dumps(msg, separators=(",", ":")).encode() + b"\n"
-
-
-def decode(line: bytes) -> dict:
-    return json.loads(line)
-
+OUT_LIMIT = 256 << 20  # bytes of unread output: past this the coordinator is gone
+TOKEN_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
+# where Open MPI / PRRTE put their session directories, for a task's mpiexec (the local
+# ones: a remote daemon has no such path; it follows its own node's TMPDIR)
+TMPDIR_VARS = ("TMPDIR", "PRTE_MCA_prte_local_tmpdir_base", "OMPI_MCA_orte_local_tmpdir_base")
+# ignored by the agent (or by Python) and inherited through exec unless reset
+RESET_SIGNALS = tuple(s for s in (signal.SIGHUP, signal.SIGINT, signal.SIGPIPE,
+                                  getattr(signal, "SIGXFSZ", None)) if s is not None)
 
 # A command line with none of these characters means the same thing with or
 # without a shell, so it is exec'd directly (saves a /bin/sh start per task).
@@ -85,29 +120,6 @@ def command_argv(cmd: str, path: str) -> list[str]:
     return [exe, *words[1:]]
 
 
-def reap_matching(match: dict) -> list[int]:
-    """SIGKILL every process (but us) whose environment holds all NAME=VALUE of ``match``."""
-    if not match:
-        return []
-    needles = [b"\0" + f"{k}={v}".encode() + b"\0" for k, v in match.items()]
-    killed = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                env = b"\0" + f.read()
-        except OSError:
-            continue
-        if all(n in env for n in needles):
-            try:
-                os.kill(int(entry), signal.SIGKILL)
-                killed.append(int(entry))
-            except OSError:
-                pass
-    return killed
-
-
 def safe_name(name: str) -> str:
     """A plain file name inside the task directory (no separators, no '..')."""
     if not name or "/" in name or name in (".", "..") or "\0" in name:
@@ -115,18 +127,94 @@ def safe_name(name: str) -> str:
     return name
 
 
-class Task:
-    __slots__ = ("id", "pid", "slots", "start", "deadline", "kill_at", "timed_out", "killed")
+def log(text: str) -> None:
+    try:
+        sys.stderr.write(f"hpcbatch-agent[{os.getpid()}]: {text}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
 
-    def __init__(self, tid, pid, slots, start, timeout_s):
-        self.id = tid
-        self.pid = pid
-        self.slots = slots
-        self.start = start
-        self.deadline = start + timeout_s if timeout_s else None
-        self.kill_at = None  # when SIGKILL follows a SIGTERM
-        self.timed_out = False
-        self.killed = None
+
+# ---- processes (/proc) ---------------------------------------------------------------
+
+def _stat(pid: int | str) -> list[bytes] | None:
+    """/proc/PID/stat fields from the state on (field 3): state ppid pgrp session ..."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return data[data.rindex(b")") + 2:].split()
+    except (OSError, ValueError):
+        return None
+
+
+def proc_start_time(pid: int) -> int | None:
+    """When the process started (clock ticks after boot); None when it is gone or a
+    zombie. A pid with another start time is another process (the pid was reused)."""
+    fields = _stat(pid)
+    if fields is None or fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+def boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _procs() -> list[tuple[int, int, int, int]]:
+    """(pid, ppid, session, start time) of every live (non-zombie) process."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            f = _stat(entry)
+            if f is not None and f[0] not in (b"Z", b"X"):
+                out.append((int(entry), int(f[1]), int(f[3]), int(f[19])))
+    return out
+
+
+def _protected() -> tuple[set[int], set[int]]:
+    """(pids, sessions) never signalled: this process, its ancestors, their sessions."""
+    pids, sessions = set(), set()
+    pid = os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        f = _stat(pid)
+        if f is None:
+            break
+        sessions.add(int(f[3]))
+        pid = int(f[1])
+    pids.add(1)
+    sessions.update((0, 1))
+    return pids, sessions
+
+
+def _with_descendants(procs, chosen: set[int]) -> set[int]:
+    """chosen plus every process under one of them (a task's child that made a session
+    of its own is still in its process tree)."""
+    children: dict[int, list[int]] = {}
+    for pid, ppid, _sid, _start in procs:
+        children.setdefault(ppid, []).append(pid)
+    out, todo = set(chosen), list(chosen)
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def _signal_all(pids, sig: int) -> list[int]:
+    hit = []
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+            hit.append(pid)
+        except OSError:
+            pass
+    return hit
 
 
 def _killpg(pgid: int, sig: int) -> None:
@@ -136,141 +224,522 @@ def _killpg(pgid: int, sig: int) -> None:
         pass
 
 
-def signal_session(sid: int, sig: int) -> None:
-    """Signal a task's whole session: its process group, and the other groups a launcher
-    made inside it (Open MPI puts each local rank in a group of its own)."""
+def session_members(sessions: set[int], procs=None) -> set[int]:
+    """Every process of these sessions and every process under one of them."""
+    procs = _procs() if procs is None else procs
+    bad_pids, bad_sessions = _protected()
+    sessions = sessions - bad_sessions
+    chosen = {pid for pid, _ppid, sid, _start in procs if sid in sessions}
+    return _with_descendants(procs, chosen) - bad_pids
+
+
+def signal_session(sid: int, sig: int) -> list[int]:
+    """Signal a task's whole session: its process group, the other groups a launcher
+    made inside it (Open MPI puts each local rank in a group of its own), and the
+    processes under them that started sessions of their own."""
+    if sid <= 1 or sid == os.getsid(0):
+        return []
     _killpg(sid, sig)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    return _signal_all(session_members({sid}), sig)
+
+
+def _env_matches(procs, needles: list[bytes]) -> set[int]:
+    found = set()
+    for pid, _ppid, _sid, _start in procs:
         try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = b"\0" + f.read()
         except OSError:
             continue
-        if int(fields[3]) == sid and int(fields[2]) != sid:  # session, not the main group
+        if all(n in env for n in needles):
+            found.add(pid)
+    return found
+
+
+def _needles(match: dict) -> list[bytes]:
+    return [b"\0" + f"{k}={v}".encode() + b"\0" for k, v in match.items()]
+
+
+def reap_matching(match: dict) -> list[int]:
+    """SIGKILL every process whose environment holds all NAME=VALUE of ``match`` (the
+    ranks Open MPI or Hydra started over ssh carry the task's HPCBATCH_* variables),
+    with the rest of their sessions and the processes under them: Open MPI's ``prted``
+    carries none of the variables but shares the session sshd made for it."""
+    if not match:
+        return []
+    procs = _procs()
+    found = _env_matches(procs, _needles(match))
+    sids = {sid for pid, _ppid, sid, _start in procs if pid in found}
+    bad_pids, _ = _protected()
+    targets = (found - bad_pids) | session_members(sids, procs)
+    return sorted(_signal_all(targets, signal.SIGKILL))
+
+
+def reap_sessions(sessions) -> list[int]:
+    """SIGKILL every process of these sessions (and under them)."""
+    sids = {int(s) for s in sessions if int(s) > 1}
+    if not sids:
+        return []
+    for sid in sids - _protected()[1]:
+        _killpg(sid, signal.SIGKILL)
+    return sorted(_signal_all(session_members(sids), signal.SIGKILL))
+
+
+# ---- files in the node root: no symbolic links followed ---------------------------------
+
+O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def mkdir_at(dir_fd: int, name: str, where: str, mode: int = 0o700) -> int:
+    """Open (making it, with exactly ``mode``) the directory ``name`` inside dir_fd; a
+    symbolic link (or anything not a directory) there is refused. Returns its fd."""
+    created = False
+    try:
+        os.mkdir(name, mode, dir_fd=dir_fd)
+        created = True
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(name, O_DIR | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise OSError(exc.errno, f"refusing {os.path.join(where, name)}: it is a "
+                          "symbolic link or not a directory (task directories must be "
+                          "real directories)") from None
+        raise
+    if created:
+        os.fchmod(fd, mode)  # not the umask's idea of it
+    return fd
+
+
+def create_at(dir_fd: int, name: str, mode: int = 0o644) -> int:
+    """A fresh file ``name`` in dir_fd, open for writing: whatever had the name (an old
+    file, a symbolic link planted there) is unlinked first, never written through."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        raise OSError(errno.EISDIR, f"refusing to replace the directory {name!r}") from None
+    return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                   mode, dir_fd=dir_fd)
+
+
+def open_dirs(root: str, path: str) -> int:
+    """fd of directory ``path``, made as needed. Below the node root every component is
+    made 0700 and opened without following links; a path outside the root (a test's)
+    gets its parents as they are and only its last component checked."""
+    path = os.path.normpath(os.path.join(root, path))
+    rel = os.path.relpath(path, root)
+    if rel == "." or rel == ".." or rel.startswith(".." + os.sep):
+        if rel == ".":
+            raise OSError(errno.EINVAL, f"refusing the node root {root} as a task directory")
+        base, parts = os.path.dirname(path), [os.path.basename(path)]
+        os.makedirs(base, mode=0o700, exist_ok=True)
+    else:
+        base, parts = root, rel.split(os.sep)
+    fd = os.open(base, O_DIR)
+    try:
+        where = base
+        for part in parts:
+            nfd = mkdir_at(fd, part, where)
+            os.close(fd)
+            fd, where = nfd, os.path.join(where, part)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def remove_tree(path: str) -> None:
+    """Remove a directory tree; a symbolic link in its place is unlinked, not followed."""
+    try:
+        os.rmdir(path)  # the common case: an empty TMPDIR
+        return
+    except FileNotFoundError:
+        return
+    except OSError:
+        pass
+    if os.path.islink(path):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- orphan records -------------------------------------------------------------------
+
+def record_dir(root: str) -> str:
+    return os.path.join(root, "agents")
+
+
+def write_record(root: str, token: str, record: dict) -> None:
+    """ROOT/agents/TOKEN.json, 0600, replaced atomically (no reader sees half of it)."""
+    d = record_dir(root)
+    path = os.path.join(d, token + ".json")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        os.write(fd, json.dumps(record, separators=(",", ":")).encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def remove_record(root: str, token: str) -> None:
+    try:
+        os.unlink(os.path.join(record_dir(root), token + ".json"))
+    except FileNotFoundError:
+        pass
+
+
+def _read_record(path: str) -> dict | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            rec = json.loads(f.read())
+        return rec if isinstance(rec, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _wait_gone(pids, timeout_s: float) -> None:
+    end = time.monotonic() + timeout_s
+    pids = list(pids)
+    while pids and time.monotonic() < end:
+        pids = [p for p in pids if proc_start_time(p) is not None]
+        if pids:
+            time.sleep(0.01)
+
+
+def _stale_targets(records: list[tuple[str, dict | None]], me: str) -> set[int]:
+    """Processes the agents of these records (token, record) left behind."""
+    procs = _procs()
+    live = {pid: start for pid, _ppid, _sid, start in procs}
+    sessions: dict[int, int] = {}  # task session -> the start time recorded for it
+    targets: set[int] = set()
+    needles = []
+    for token, rec in records:
+        needles.append(_needles({P.AGENT_TOKEN_ENV: token}))
+        if rec is None or rec.get("boot") != me:
+            continue  # unreadable, or written before the machine rebooted: nothing runs
+        tasks = rec.get("tasks")
+        for t in tasks if isinstance(tasks, list) else ():
             try:
-                os.kill(int(entry), sig)
+                sid, start = int(t["sid"]), int(t["start"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            if live.get(sid, start) == start:  # the leader, or no process with its pid
+                sessions[sid] = start
+    by_session = [(pid, sid, start) for pid, _ppid, sid, start in procs if sid in sessions]
+    # a session whose leader is gone: only processes started after the task did
+    chosen = {pid for pid, sid, start in by_session
+              if sid in live or start >= sessions[sid]}
+    targets |= _with_descendants(procs, chosen)
+    for n in needles:
+        targets |= _env_matches(procs, n)
+    bad_pids, _ = _protected()
+    return targets - bad_pids
+
+
+def reap_stale_agents(root: str, *, keep: str = "", only: str | None = None,
+                      deadline_s: float = 5.0) -> list[int]:
+    """Kill what agents of this node root left behind, going by their records in
+    ROOT/agents/: the agent (when its pid still has the recorded start time), the
+    sessions of its tasks (the same check), everything under them, and every process
+    whose environment holds its token. Then remove the records. ``keep``: the token of
+    a record to leave alone (the calling agent's own); ``only``: reap just that token.
+    Returns the pids killed. Scans again until nothing is found or ``deadline_s``."""
+    root = os.path.abspath(os.path.expanduser(root))
+    d = record_dir(root)
+    try:
+        names = os.listdir(d)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    me = boot_id()
+    records: list[tuple[str, str, dict | None]] = []
+    for name in sorted(names):
+        if not name.endswith(".json"):
+            continue
+        token = name[:-len(".json")]
+        if token == keep or (only is not None and token != only) or \
+                not TOKEN_RE.fullmatch(token):
+            continue
+        path = os.path.join(d, name)
+        records.append((token, path, _read_record(path)))
+    if not records:
+        return []
+    killed: list[int] = []
+    agents: list[int] = []
+    protected = _protected()[0]
+    for _token, _path, rec in records:  # the agents first, so they start nothing more
+        try:
+            pid, start = int(rec["pid"]), int(rec["start"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if rec.get("boot") == me and pid not in protected and proc_start_time(pid) == start:
+            agents += _signal_all([pid], signal.SIGKILL)
+    _wait_gone(agents, 2.0)
+    killed += agents
+    end = time.monotonic() + deadline_s
+    pairs = [(token, rec) for token, _path, rec in records]
+    while True:
+        found = _stale_targets(pairs, me)
+        if not found:
+            break
+        hit = _signal_all(found, signal.SIGKILL)
+        killed += hit
+        _wait_gone(hit, 0.5)
+        if time.monotonic() > end:
+            log(f"processes {sorted(found)} of stale agents outlived SIGKILL for "
+                f"{deadline_s:g} s; their records stay in {d}")
+            return sorted(set(killed))
+    for _token, path, _rec in records:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    for name in names:  # temporary files of writers that are gone
+        m = re.fullmatch(r".+\.json\.tmp-(\d+)", name)
+        if m and proc_start_time(int(m.group(1))) is None:
+            try:
+                os.unlink(os.path.join(d, name))
             except OSError:
                 pass
+    return sorted(set(killed))
+
+
+# ---- the agent ------------------------------------------------------------------------
+
+class Task:
+    __slots__ = ("id", "pid", "pstart", "slots", "start", "deadline", "kill_at", "timed_out",
+                 "killed", "tmp")
+
+    def __init__(self, tid, pid, slots, start, timeout_s, tmp):
+        self.id = tid
+        self.pid = pid  # also its session id and process group id
+        self.pstart = proc_start_time(pid) or 0
+        self.slots = slots
+        self.start = start  # wall clock, for the report
+        now = time.monotonic()
+        self.deadline = now + timeout_s if timeout_s else None
+        self.kill_at = None  # (monotonic) when SIGKILL follows a SIGTERM
+        self.timed_out = False
+        self.killed = None
+        self.tmp = tmp
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 class Agent:
-    def __init__(self, node_id: str, root: str, heartbeat_s: float, slots: int = 1, out=None):
+    def __init__(self, node_id: str, root: str, heartbeat_s: float = 1.0, slots: int = 1, *,
+                 token: str = "", lease_s: float = 0.0, kill_grace_s: float = KILL_GRACE_S,
+                 reap_stale: bool = False, out_fd: int = 1):
         self.node_id = node_id
         self.slots = slots
         self.used = 0
-        self.queued: collections.deque[dict] = collections.deque()
+        self.queued: collections.deque = collections.deque()
         self.root = os.path.abspath(os.path.expanduser(root))
         self.heartbeat_s = heartbeat_s
-        self.out = out or sys.stdout.buffer
+        self.token = token or secrets.token_hex(8)
+        if not TOKEN_RE.fullmatch(self.token):
+            raise ValueError(f"agent token {self.token!r}: use 1-64 of A-Z a-z 0-9 _ . -")
+        self.lease_s = lease_s
+        self.kill_grace_s = kill_grace_s
+        self.reap_stale = reap_stale
+        self.out_fd = out_fd
+        self.outbuf = bytearray()
         self.tasks: dict[int, Task] = {}  # by pid
         self.by_id: dict[object, Task] = {}
-        self.events: list[dict] = []
+        self.events: list = []
         self.inbuf = b""
         self.running = True
+        self.stopping = False
+        self.stop_reason = P.KILLED_SHUTDOWN
+        self.dirty = True  # the record needs writing
+        self.record_failed = False
         self.base_env = dict(os.environ)
+        self.base_env.pop(P.AGENT_TOKEN_ENV, None)
+        self.boot = boot_id()
+        self.root_fd = -1
 
     # ---- output ----------------------------------------------------------
 
-    def send(self, msg: dict) -> None:
-        try:
-            self.out.write(encode(msg))
-            self.out.flush()
-        except (BrokenPipeError, OSError):
-            self.running = False
+    def send(self, msg) -> None:
+        if self.out_fd < 0:
+            return
+        self.outbuf += P.encode(msg)
+        self.flush_out()
+        if len(self.outbuf) > OUT_LIMIT:
+            self.coordinator_gone(f"{len(self.outbuf)} bytes of output unread")
+
+    def flush_out(self) -> None:
+        while self.outbuf and self.out_fd >= 0:
+            try:
+                n = os.write(self.out_fd, self.outbuf)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # EPIPE: nobody reads us any more
+                self.outbuf.clear()
+                self.out_fd = -1
+                self.coordinator_gone(f"output closed ({exc.strerror})")
+                return
+            del self.outbuf[:n]
+
+    def drain_out(self, timeout_s: float) -> None:
+        """Last words: wait (bounded) for the coordinator to take what is buffered."""
+        end = time.monotonic() + timeout_s
+        while self.outbuf and self.out_fd >= 0 and time.monotonic() < end:
+            sel = selectors.DefaultSelector()
+            try:
+                sel.register(self.out_fd, selectors.EVENT_WRITE)
+                sel.select(max(end - time.monotonic(), 0))
+            except (OSError, ValueError):
+                return
+            finally:
+                sel.close()
+            self.flush_out()
+
+    def coordinator_gone(self, why: str) -> None:
+        if self.running:
+            log(f"node {self.node_id}: {why}; stopping every task")
+        self.running = False
 
     def flush_events(self) -> None:
         if self.events:
             items, self.events = self.events, []
-            self.send({"ev": "events", "items": items})
+            self.send(P.Events(tuple(items)))
 
     # ---- operations ------------------------------------------------------
 
-    def handle(self, msg: dict) -> None:
-        op = msg.get("op")
-        if op == "run":
+    def handle_line(self, line: bytes) -> None:
+        try:
+            msg = P.decode_op(line)
+        except P.ProtocolError as exc:
+            log(f"node {self.node_id}: skipped a line: {exc}")
+            self.events.append(P.Error(message=f"agent skipped a line: {exc}"))
+            return
+        self.handle(msg)
+
+    def handle(self, msg) -> None:
+        kind = type(msg)
+        if kind is P.Run:
             self.queued.append(msg)
             self.start_queued()
-        elif op == "kill":
-            tid = msg.get("id")
-            reason = msg.get("reason") or "terminate"
-            task = self.by_id.get(tid)
+        elif kind is P.Ping:
+            pass  # every line renews the lease
+        elif kind is P.Kill:
+            task = self.by_id.get(msg.id)
             if task is not None:
-                task.killed = reason
+                task.killed = msg.reason
                 self.terminate(task)
-            for queued in [q for q in self.queued if q["id"] == tid]:
+            for queued in [q for q in self.queued if q.id == msg.id]:
                 self.queued.remove(queued)
                 now = time.time()
-                self.events.append({"ev": "exited", "id": tid, "exit_code": None,
-                                    "signal": None, "timed_out": False, "killed": reason,
-                                    "start": now, "end": now, "usage": {}})
-        elif op == "reap":
-            killed = reap_matching(msg.get("match") or {})
-            self.events.append({"ev": "reaped", "match": msg.get("match"), "pids": killed})
-        elif op == "ping":
-            self.heartbeat()
-        elif op == "shutdown":
+                self.events.append(P.Exited(id=msg.id, exit_code=None, killed=msg.reason,
+                                            start=now, end=now))
+        elif kind is P.Reap:
+            pids = reap_matching(msg.match) + reap_sessions(msg.sessions)
+            self.events.append(P.Reaped(match=msg.match, pids=tuple(sorted(set(pids)))))
+        elif kind is P.Shutdown:
             self.running = False
-        else:
-            self.events.append({"ev": "error", "message": f"unknown op {op!r}"})
 
     def start_queued(self) -> None:
         """Start queued tasks, in order, while their slots fit."""
-        while self.queued and (self.used == 0 or
-                               self.used + self.queued[0].get("slots", 1) <= self.slots):
+        while self.queued and not self.stopping and \
+                (self.used == 0 or self.used + self.queued[0].slots <= self.slots):
             self.run(self.queued.popleft())
 
-    def run(self, msg: dict) -> None:
-        tid = msg["id"]
-        tdir = msg["dir"]
+    def run(self, msg) -> None:
         now = time.time()
         try:
-            wd = os.path.join(tdir, "wd")
-            try:
-                os.mkdir(tdir)
-                os.mkdir(wd)
-            except OSError:  # parents missing (first task of a job) or a retry's old dirs
-                os.makedirs(wd, exist_ok=True)
-            env = self.base_env
-            if msg.get("env"):
-                env = dict(env)
-                env.update(msg["env"])
-            for name in msg.get("dirs") or ():
-                os.makedirs(os.path.join(tdir, safe_name(name)), exist_ok=True)
-            for name, text in (msg.get("files") or {}).items():
-                with open(os.path.join(tdir, safe_name(name)), "w") as f:
-                    f.write(text)
-            argv = command_argv(msg["cmd"], env.get("PATH", os.defpath))
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-            prefix = safe_name(msg["log_prefix"]) if msg.get("log_prefix") else ""
-            out = os.path.join(tdir, prefix + "stdout.txt")
-            err = os.path.join(tdir, prefix + "stderr.txt")
-            actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                       (os.POSIX_SPAWN_OPEN, 1, out, flags, 0o644),
-                       (os.POSIX_SPAWN_OPEN, 2, err, flags, 0o644)]
-            # posix_spawn has no cwd argument; the agent is single-threaded, so a chdir
-            # around the spawn is safe. Every other fd of ours is close-on-exec.
-            os.chdir(wd)
-            try:
-                pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True)
-            finally:
-                os.chdir(self.root)
-        except OSError as exc:
-            self.events.append({"ev": "exited", "id": tid, "exit_code": None, "signal": None,
-                                "timed_out": False, "start_failed": str(exc),
-                                "start": now, "end": time.time(), "usage": {}})
+            pid, tmp = self.spawn(msg)
+        except Exception as exc:  # noqa: BLE001 - any start failure fails this task only
+            if not isinstance(exc, (OSError, ValueError)):
+                log(f"node {self.node_id}: run {msg.id!r} could not start: {_why(exc)}")
+            self.events.append(P.Exited(id=msg.id, exit_code=None, start_failed=_why(exc),
+                                        start=now, end=time.time()))
             return
-        task = Task(tid, pid, msg.get("slots", 1), now, msg.get("timeout_s"))
+        task = Task(msg.id, pid, msg.slots, now, msg.timeout_s, tmp)
         self.used += task.slots
         self.tasks[pid] = task
-        self.by_id[tid] = task
-        self.events.append({"ev": "started", "id": tid, "pid": pid, "t": now})
+        self.by_id[msg.id] = task
+        self.dirty = True
+        self.events.append(P.Started(id=msg.id, pid=pid, t=now))
+
+    def task_env(self, msg, tmp: str) -> dict:
+        env = dict(self.base_env)
+        env.update(msg.env)
+        for name in TMPDIR_VARS:
+            if name not in msg.env:  # a task that names its own keeps it
+                env[name] = tmp
+        env[P.AGENT_TOKEN_ENV] = self.token
+        for k, v in msg.env.items():  # (the agent's own environment cannot hold these)
+            if not k or "=" in k or "\0" in k:
+                raise ValueError(f"environment variable name {k!r} cannot be passed to a "
+                                 "process (empty, or holds '=' or a NUL byte)")
+            if "\0" in v:
+                raise ValueError(f"environment variable {k}: its value holds a NUL byte, "
+                                 "which cannot be passed to a process")
+        return env
+
+    def spawn(self, msg) -> tuple[int, str | None]:
+        """Make the task's directories and start it: (pid, its TMPDIR)."""
+        if "\0" in msg.cmd:
+            raise ValueError("the command line holds a NUL byte")
+        fds = []
+        tmp = None
+        try:
+            tfd = open_dirs(self.root, msg.dir)
+            fds.append(tfd)
+            tdir = os.path.normpath(os.path.join(self.root, msg.dir))
+            for name in msg.dirs:
+                fds.append(mkdir_at(tfd, safe_name(name), tdir))
+            for name, text in (msg.files or {}).items():
+                with os.fdopen(create_at(tfd, safe_name(name)), "w") as f:
+                    f.write(text)
+            wd = mkdir_at(tfd, "wd", tdir)
+            fds.append(wd)
+            tmp = os.path.join(tdir, "tmp")
+            remove_tree(tmp)  # what an earlier attempt left
+            fds.append(mkdir_at(tfd, "tmp", tdir))
+            env = self.task_env(msg, tmp)
+            argv = command_argv(msg.cmd, env.get("PATH", os.defpath))
+            prefix = safe_name(msg.log_prefix) if msg.log_prefix else ""
+            out = create_at(tfd, prefix + "stdout.txt")
+            fds.append(out)
+            err = create_at(tfd, prefix + "stderr.txt")
+            fds.append(err)
+            actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                       (os.POSIX_SPAWN_DUP2, out, 1), (os.POSIX_SPAWN_DUP2, err, 2)]
+            # posix_spawn has no cwd argument; the agent is single-threaded, so a chdir
+            # around the spawn is safe. Every other fd of ours is close-on-exec.
+            os.fchdir(wd)
+            try:
+                pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True,
+                                     setsigdef=RESET_SIGNALS)
+            finally:
+                os.fchdir(self.root_fd)
+            return pid, tmp
+        except BaseException:
+            if tmp:
+                remove_tree(tmp)
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def terminate(self, task: Task) -> None:
         if task.kill_at is None:
             signal_session(task.pid, signal.SIGTERM)
-            task.kill_at = time.time() + KILL_GRACE_S
+            task.kill_at = time.monotonic() + self.kill_grace_s
 
     def reap(self) -> None:
         while True:
@@ -285,25 +754,26 @@ class Agent:
                 continue
             self.by_id.pop(task.id, None)
             self.used -= task.slots
+            self.dirty = True
             # nothing of the task outlives it (a killed one: not even in other groups)
             if task.kill_at is not None:
                 signal_session(pid, signal.SIGKILL)
             else:
                 _killpg(pid, signal.SIGKILL)
+            if task.tmp:
+                remove_tree(task.tmp)
             code = os.waitstatus_to_exitcode(status)
-            self.events.append({
-                "ev": "exited", "id": task.id,
-                "exit_code": code if code >= 0 else None,
-                "signal": -code if code < 0 else None,
-                "timed_out": task.timed_out, "killed": task.killed,
-                "start": task.start, "end": time.time(),
-                "usage": {"utime_s": round(ru.ru_utime, 6), "stime_s": round(ru.ru_stime, 6),
-                          "maxrss_kb": ru.ru_maxrss},
-            })
+            self.events.append(P.Exited(
+                id=task.id, exit_code=code if code >= 0 else None,
+                signal=-code if code < 0 else None, timed_out=task.timed_out,
+                killed=task.killed, start=task.start, end=time.time(),
+                usage={"utime_s": round(ru.ru_utime, 6), "stime_s": round(ru.ru_stime, 6),
+                       "maxrss_kb": ru.ru_maxrss}))
             self.start_queued()
 
     def check_deadlines(self, now: float) -> float | None:
-        """Enforce wall-clock limits; return the next time something is due."""
+        """Enforce wall-clock limits and kill graces (monotonic ``now``); return the next
+        time something is due."""
         nxt = None
         for task in self.tasks.values():
             if task.deadline is not None and task.kill_at is None and now >= task.deadline:
@@ -311,7 +781,7 @@ class Agent:
                 self.terminate(task)
             if task.kill_at is not None and now >= task.kill_at:
                 signal_session(task.pid, signal.SIGKILL)
-                task.kill_at = now + KILL_GRACE_S
+                task.kill_at = now + self.kill_grace_s
             for t in (task.deadline if task.kill_at is None else None, task.kill_at):
                 if t is not None and (nxt is None or t < nxt):
                     nxt = t
@@ -319,83 +789,208 @@ class Agent:
 
     def heartbeat(self) -> None:
         self.flush_events()
-        self.send({"ev": "heartbeat", "t": time.time(),
-                   "running": [t.id for t in self.tasks.values()],
-                   "queued": [q["id"] for q in self.queued]})
+        self.send(P.Heartbeat(t=time.time(), running=tuple(t.id for t in self.tasks.values()),
+                              queued=tuple(q.id for q in self.queued)))
 
-    def kill_all(self) -> None:
-        self.queued.clear()
+    def stop_all(self, reason: str, wait) -> None:
+        """Every queued task reported as killed; every running one SIGTERMed (its whole
+        session), SIGKILLed after the grace, and waited for (bounded)."""
+        self.stopping = True
+        now = time.time()
+        while self.queued:
+            q = self.queued.popleft()
+            self.events.append(P.Exited(id=q.id, exit_code=None, killed=reason, start=now,
+                                        end=now))
         for task in list(self.tasks.values()):
-            task.kill_at = task.kill_at or time.time()
-            signal_session(task.pid, signal.SIGKILL)
-        deadline = time.time() + 5
-        while self.tasks and time.time() < deadline:
+            task.killed = task.killed or reason
+            self.terminate(task)
+        end = time.monotonic() + self.kill_grace_s + 5
+        while self.tasks and time.monotonic() < end:
+            due = self.check_deadlines(time.monotonic())
             self.reap()
-            if self.tasks:
-                time.sleep(0.01)
+            if self.tasks:  # (SIGCHLD wakes it early)
+                wait(0.05 if due is None else min(0.05, max(due - time.monotonic(), 0.001)))
+        self.reap()
+
+    # ---- the record of what this agent runs ----------------------------------
+
+    def record(self) -> dict:
+        return {"token": self.token, "pid": os.getpid(), "start": proc_start_time(os.getpid()),
+                "boot": self.boot, "node_id": self.node_id, "root": self.root,
+                "tasks": [{"id": t.id, "pid": t.pid, "sid": t.pid, "start": t.pstart}
+                          for t in self.tasks.values()]}
+
+    def save_record(self) -> None:
+        if self.dirty:
+            try:
+                write_record(self.root, self.token, self.record())
+                self.dirty = False
+                self.record_failed = False
+            except OSError as exc:  # tried again next turn, said once
+                if not self.record_failed:
+                    log(f"node {self.node_id}: cannot write the agent record: {exc}")
+                self.record_failed = True
 
     # ---- main loop -------------------------------------------------------
 
+    def setup(self) -> None:
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        self.root_fd = os.open(self.root, O_DIR)
+        for name in ("shared", "jobs", "agents"):
+            os.close(mkdir_at(self.root_fd, name, self.root))
+        if self.reap_stale:
+            killed = reap_stale_agents(self.root, keep=self.token)
+            if killed:
+                log(f"node {self.node_id}: killed {len(killed)} processes earlier agents "
+                    f"of {self.root} left: {killed}")
+                self.events.append(P.Reaped(match={}, pids=tuple(killed)))
+        self.save_record()
+        os.fchdir(self.root_fd)
+
     def serve(self, inp_fd: int) -> None:
-        os.makedirs(os.path.join(self.root, "shared"), exist_ok=True)
-        os.makedirs(os.path.join(self.root, "jobs"), exist_ok=True)
-        os.chdir(self.root)
+        self.setup()
         rfd, wfd = os.pipe()
-        os.set_blocking(rfd, False)
-        os.set_blocking(wfd, False)
+        for fd in (rfd, wfd):
+            os.set_blocking(fd, False)
+            os.set_inheritable(fd, False)
         signal.set_wakeup_fd(wfd)
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when we stop
+        for sig in (signal.SIGHUP, signal.SIGINT):  # the coordinator decides when we stop
+            signal.signal(sig, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "running", False))
+        for fd in (self.out_fd, 2):  # a stalled reader must not stall us (pipes only: a
+            if fd >= 0 and _is_pipe(fd):  # terminal's flags are its shell's too)
+                os.set_blocking(fd, False)
         sel = selectors.DefaultSelector()
         sel.register(inp_fd, selectors.EVENT_READ, "in")
         sel.register(rfd, selectors.EVENT_READ, "sig")
-        self.send({"ev": "hello", "node_id": self.node_id, "root": self.root,
-                   "pid": os.getpid(), "hostname": socket.gethostname(), "slots": self.slots,
-                   "cores": os.cpu_count(), "python": sys.executable, "protocol": PROTOCOL})
-        next_hb = time.time() + self.heartbeat_s
-        while self.running:
-            now = time.time()
-            due = self.check_deadlines(now)
-            wait = next_hb - now
-            if due is not None:
-                wait = min(wait, due - now)
-            for key, _ in sel.select(max(wait, 0)):
+        out_registered = False
+
+        def drain_signals() -> None:
+            try:
+                while os.read(rfd, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+
+        def wait(timeout_s: float) -> None:
+            for key, _ in sel.select(timeout_s):
                 if key.data == "sig":
-                    try:
-                        while os.read(rfd, 4096):
-                            pass
-                    except BlockingIOError:
-                        pass
-                    continue
-                chunk = os.read(inp_fd, 1 << 16)
-                if not chunk:
-                    self.running = False
-                    break
-                self.inbuf += chunk
-                *lines, self.inbuf = self.inbuf.split(b"\n")
-                for line in lines:
-                    if line.strip():
-                        self.handle(decode(line))
+                    drain_signals()
+
+        self.send(P.Hello(node_id=self.node_id, root=self.root, pid=os.getpid(),
+                          hostname=socket.gethostname(), slots=self.slots,
+                          cores=os.cpu_count(), python=sys.executable,
+                          protocol=P.PROTOCOL_VERSION, token=self.token))
+        now = time.monotonic()
+        next_hb = now + self.heartbeat_s
+        heard = now
+        while self.running:
+            now = time.monotonic()
+            due = self.check_deadlines(now)
+            wait_s = next_hb - now
+            if due is not None:
+                wait_s = min(wait_s, due - now)
+            if self.lease_s:
+                wait_s = min(wait_s, heard + self.lease_s - now)
+            ready = sel.select(max(wait_s, 0))
+            now = time.monotonic()
+            # before reading: lines that waited in a pipe while we were stopped are old news
+            if self.lease_s and now - heard > self.lease_s:
+                self.lease_expired(now - heard)
+                break
+            for key, _ in ready:
+                if key.data == "sig":
+                    drain_signals()
+                elif key.data == "out":
+                    self.flush_out()
+                else:
+                    chunk = os.read(inp_fd, 1 << 16)
+                    if not chunk:
+                        self.running = False
+                        break
+                    self.inbuf += chunk
+                    *lines, self.inbuf = self.inbuf.split(b"\n")
+                    if lines:
+                        heard = now
+                    for line in lines:
+                        if line.strip():
+                            self.handle_line(line)
             self.reap()
-            if time.time() >= next_hb:
+            self.save_record()  # before any Started goes out
+            if time.monotonic() >= next_hb:
                 self.heartbeat()
-                next_hb = time.time() + self.heartbeat_s
+                next_hb = time.monotonic() + self.heartbeat_s
             self.flush_events()
-        self.kill_all()
+            if bool(self.outbuf) != out_registered and self.out_fd >= 0:
+                if self.outbuf:
+                    sel.register(self.out_fd, selectors.EVENT_WRITE, "out")
+                else:
+                    sel.unregister(self.out_fd)
+                out_registered = bool(self.outbuf)
+        if out_registered and self.out_fd >= 0:
+            sel.unregister(self.out_fd)
+        sel.unregister(inp_fd)  # (at EOF it would wake every wait below at once)
+        self.stop_all(self.stop_reason, wait)
         self.flush_events()
-        self.send({"ev": "bye"})
+        self.send(P.Bye())
+        self.drain_out(2.0)
+        if self.tasks:  # could not kill them all: the record stays for a later reap
+            self.dirty = True
+            self.save_record()
+            log(f"node {self.node_id}: tasks {sorted(map(str, self.by_id))} outlived "
+                f"SIGKILL; their record stays in {record_dir(self.root)}")
+        else:
+            remove_record(self.root, self.token)
+
+    def lease_expired(self, silent_s: float) -> None:
+        text = (f"no word from the coordinator for {silent_s:.1f} s (lease {self.lease_s:g} s): "
+                "stopping every task and exiting")
+        log(f"node {self.node_id}: {text}")
+        self.events.append(P.Error(message=text))
+        self.stop_reason = P.KILLED_LEASE
+        self.running = False
+
+
+def _is_pipe(fd: int) -> bool:
+    import stat
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+def _seconds(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return v
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="hpcbatch node agent (speaks JSON lines on stdio)")
     ap.add_argument("--node-id", required=True)
     ap.add_argument("--root", required=True, help="node root directory (task dirs live here)")
-    ap.add_argument("--heartbeat-s", type=float, default=1.0)
+    ap.add_argument("--heartbeat-s", type=_seconds, default=1.0)
     ap.add_argument("--slots", type=int, default=os.cpu_count() or 1,
                     help="task slots: tasks beyond them wait in the agent's queue")
+    ap.add_argument("--token", default="",
+                    help="this agent's identity (its record file, HPCBATCH_AGENT_TOKEN of its "
+                         "tasks); default: a random one")
+    ap.add_argument("--lease-s", type=_seconds, default=0.0,
+                    help="stop every task and exit after this long without a line from the "
+                         "coordinator (0: never)")
+    ap.add_argument("--kill-grace-s", type=_seconds, default=KILL_GRACE_S,
+                    help="SIGKILL this long after SIGTERM")
+    ap.add_argument("--reap-stale", action="store_true",
+                    help="first kill what earlier agents of this root left running")
     args = ap.parse_args(argv)
-    Agent(args.node_id, args.root, args.heartbeat_s, args.slots).serve(sys.stdin.fileno())
+    if args.token and not TOKEN_RE.fullmatch(args.token):
+        ap.error(f"--token {args.token!r}: use 1-64 of A-Z a-z 0-9 _ . - (not starting with .)")
+    Agent(args.node_id, args.root, args.heartbeat_s, args.slots, token=args.token,
+          lease_s=args.lease_s, kill_grace_s=args.kill_grace_s,
+          reap_stale=args.reap_stale).serve(sys.stdin.fileno())
     return 0
 
 
