@@ -1,47 +1,232 @@
 """How bytes reach a node's agent: the transport seam.
 
-Every transport yields an :class:`AgentChannel`: a line-framed duplex stream to
-one agent. ``LocalTransport`` starts the agent as a subprocess with pipes; the
-SSH transport (hpcbatch.ssh) runs it over one paramiko exec channel. The
-coordinator does not know which one it talks to. Files move the same way:
-``AgentChannel.put_files`` copies on this machine's filesystem for a local agent
-and over SFTP (on the agent's own SSH connection) for a remote one.
+Every transport yields an :class:`AgentChannel`: a line-framed duplex stream to one
+agent carrying the messages of ``hpcbatch.launch.protocol``. ``LocalTransport`` starts
+the agent as a subprocess (in a session of its own) with pipes; ``SSHTransport`` runs
+it over one paramiko exec channel. The coordinator does not know which one it talks
+to. Files move the same way: ``AgentChannel.put_files`` copies on this machine's
+filesystem for a local agent and over SFTP (on the agent's own SSH connection) for a
+remote one.
+
+No call of a channel blocks its caller on the agent: ``send_many`` queues for a writer
+thread of the channel (a stopped agent that does not read its input marks the channel
+broken instead of stalling the coordinator), and ``close`` ends the agent on a thread.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import logging
 import os
+import secrets
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from hpcbatch.launch import agent as agent_module
+from hpcbatch.launch import protocol as P
+from hpcbatch.timings import Timings
+
+log = logging.getLogger("hpcbatch.transport")
 
 AGENT_PATH = Path(agent_module.__file__)
-encode = agent_module.encode
-decode = agent_module.decode
+PROTOCOL_PATH = Path(P.__file__)
+WRITE_CHUNK = 1 << 20
+
+
+def new_token() -> str:
+    """A fresh agent token (names its record file and marks its tasks' environment)."""
+    return secrets.token_hex(8)
+
+
+def agent_args(node_id: str, root: str | os.PathLike, *, token: str, timings: Timings,
+               slots: int, reap_stale: bool = True) -> list[str]:
+    """The agent's command-line arguments (after the python and the script)."""
+    args = ["--node-id", node_id, "--root", str(root), "--slots", str(slots),
+            "--token", token, "--heartbeat-s", repr(float(timings.heartbeat_s)),
+            "--lease-s", repr(float(timings.lease_s)),
+            "--kill-grace-s", repr(float(timings.kill_grace_s))]
+    return [*args, "--reap-stale"] if reap_stale else args
 
 
 class AgentChannel:
-    """A started agent: send messages, receive them on a reader thread."""
+    """A started agent: messages go out through a writer thread of the channel, come in
+    (decoded) on a reader thread.
+
+    ``write(data)`` may block (a full pipe, a closed SSH window): only the writer thread
+    calls it. ``end_input()`` runs on the writer thread after its last write (the agent
+    sees EOF). ``finish(abort)`` runs on a closer thread once writing stopped: it ends
+    the stream and waits (bounded) for the agent's end. ``unblock()`` makes a write that
+    does not return fail (kill the local agent, cut the SSH connection)."""
 
     def __init__(self, name: str, write: Callable[[bytes], Any], readline: Callable[[], bytes],
-                 close: Callable[[], None],
+                 *, end_input: Callable[[], None], finish: Callable[[bool], None],
+                 unblock: Callable[[], None] | None = None,
                  put_files: Callable[[Iterable[tuple[str, str]], str], None] | None = None,
-                 last_words: Callable[[], str] | None = None):
+                 last_words: Callable[[], str] | None = None, pid: int | None = None,
+                 token: str = "", stall_s: float = 30.0, close_timeout_s: float = 15.0,
+                 max_queued_bytes: int = 64 << 20):
         self.name = name
+        self.pid = pid  # the agent's pid on this machine (a local agent), else None
+        self.token = token
+        self.stall_s = stall_s
+        self.close_timeout_s = close_timeout_s
+        self.max_queued_bytes = max_queued_bytes
+        self.broken: str | None = None  # why the channel cannot carry messages any more
+        self.closed_event = threading.Event()  # set once close() has finished its work
         self._write = write
         self._readline = readline
-        self._close = close
+        self._end_input = end_input
+        self._finish = finish
+        self._unblock = unblock
         self._put_files = put_files or copy_local_files
         self._last_words = last_words
-        self._lock = threading.Lock()
-        self.closed = False
+        self._cv = threading.Condition()
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._queued = 0
+        self._busy_since: float | None = None
+        self._closing = False
+        self._abort = False
+        self._writer_done = threading.Event()
+        self._deliver = threading.Lock()
+        self._on_message: Callable[[Any], None] | None = None
+        self._ended = False
+        self._writer = threading.Thread(target=self._write_loop, name=f"agent-writer-{name}",
+                                        daemon=True)
+        self._writer.start()
+
+    @property
+    def closed(self) -> bool:
+        """True once the channel was closed or broke: nothing sent arrives any more."""
+        return self._closing or self.broken is not None
+
+    # ---- out -----------------------------------------------------------------
+
+    def send_many(self, msgs: Iterable[Any]) -> bool:
+        """Queue protocol messages for the agent and return at once; False when the
+        channel is closed or broken (then nothing was queued). A channel whose agent has
+        not taken its input for ``stall_s``, or with more than ``max_queued_bytes``
+        waiting, is marked broken."""
+        data = P.encode_many(msgs)
+        with self._cv:
+            if self.closed:
+                return False
+            now = time.monotonic()
+            if self._busy_since is not None and now - self._busy_since > self.stall_s:
+                why = (f"the agent has not read its input for {now - self._busy_since:.1f} s "
+                       f"(stopped, or its host stalls)")
+            elif self._queued + len(data) > self.max_queued_bytes:
+                why = (f"{self._queued + len(data)} bytes are waiting for the agent (more "
+                       f"than {self.max_queued_bytes})")
+            else:
+                if data:
+                    self._queue.append(data)
+                    self._queued += len(data)
+                    self._cv.notify()
+                return True
+        self._mark_broken(why)
+        return False
+
+    def send(self, msg: Any) -> bool:
+        return self.send_many([msg])
+
+    def _write_loop(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self._queue and not self._closing and self.broken is None:
+                        self._cv.wait()
+                    if self._abort or self.broken is not None or not self._queue:
+                        return
+                    parts, size = [], 0
+                    while self._queue and size < WRITE_CHUNK:
+                        parts.append(self._queue.popleft())
+                        size += len(parts[-1])
+                    self._queued -= size
+                    self._busy_since = time.monotonic()
+                self._write(b"".join(parts))
+                with self._cv:
+                    self._busy_since = None
+        except Exception as exc:  # noqa: BLE001 - whatever the stream raises ends it
+            if not self._closing:
+                self._mark_broken(f"cannot write to the agent: {exc}")
+        finally:
+            with self._cv:
+                self._busy_since = None
+            try:
+                self._end_input()
+            except Exception:  # noqa: BLE001, S110 - the stream is over either way
+                pass
+            self._writer_done.set()
+
+    def _mark_broken(self, why: str) -> None:
+        with self._cv:
+            if self.broken is not None:
+                return
+            self.broken = why
+            self._cv.notify_all()
+        log.warning("agent %s: channel broken: %s", self.name, why)
+        self._end()
+
+    # ---- in ------------------------------------------------------------------
+
+    def listen(self, on_message: Callable[[Any], None]) -> threading.Thread:
+        """Call ``on_message`` with each decoded agent message (protocol.Hello, Events,
+        Heartbeat, Bye) on a reader thread, and with ``None`` once, when the channel
+        ends or breaks. A line that is no valid message is logged and delivered as an
+        ``Events`` holding one ``Error`` that says so."""
+        with self._deliver:
+            self._on_message = on_message
+            ended = self._ended
+        if ended:
+            on_message(None)
+
+        def pump() -> None:
+            try:
+                while not self._ended:
+                    line = self._readline()
+                    if not line:
+                        break
+                    if not line.strip():
+                        continue
+                    try:
+                        msg = P.decode_ev(line)
+                    except P.ProtocolError as exc:
+                        log.warning("agent %s: %s", self.name, exc)
+                        msg = P.Events((P.Error(message=f"unreadable line from the agent: "
+                                                f"{exc}"),))
+                    with self._deliver:
+                        if self._ended:
+                            break
+                        on_message(msg)
+            except (OSError, ValueError, EOFError):
+                pass
+            finally:
+                self._end()
+
+        t = threading.Thread(target=pump, name=f"agent-reader-{self.name}", daemon=True)
+        if not ended:
+            t.start()
+        return t
+
+    def _end(self) -> None:
+        with self._deliver:
+            if self._ended:
+                return
+            self._ended = True
+            cb = self._on_message
+        if cb is not None:
+            cb(None)
+
+    # ---- files, last words, close -------------------------------------------------
 
     def last_words(self) -> str:
         """Once the channel has ended: what the agent's end said (exit status, the tail
@@ -56,113 +241,203 @@ class AgentChannel:
         keeping permission bits. Blocking: call it off the coordinator's loop."""
         self._put_files(files, dest_dir)
 
-    def send_many(self, msgs: list[dict]) -> bool:
-        """Write messages as one chunk; False when the channel is gone."""
-        if self.closed:
-            return False
-        data = b"".join(encode(m) for m in msgs)
+    def close(self, *, abort: bool = False) -> None:
+        """End the channel without blocking the caller. Graceful: what is queued is
+        written, then the agent's input ends (it stops its tasks: SIGTERM, SIGKILL after
+        the grace, and exits); after ``close_timeout_s`` it is cut off as with
+        ``abort``. ``abort=True`` (a lost node): nothing more is written and the agent
+        is cut off at once (a local one SIGKILLed and what it ran reaped; an SSH
+        connection reset). ``wait_closed`` tells when that is done."""
+        with self._cv:
+            if abort:
+                self._abort = True
+                self._queue.clear()
+                self._queued = 0
+            first = not self._closing
+            self._closing = True
+            self._cv.notify_all()
+        if first:
+            threading.Thread(target=self._close_run, name=f"agent-closer-{self.name}",
+                             daemon=True).start()
+
+    def wait_closed(self, timeout_s: float | None = None) -> bool:
+        """True once close() has done all it does (the local agent is gone)."""
+        return self.closed_event.wait(timeout_s)
+
+    def _close_run(self) -> None:
         try:
-            with self._lock:
-                self._write(data)
-        except (OSError, ValueError, EOFError):
-            self.closed = True
-            return False
-        return True
-
-    def send(self, msg: dict) -> bool:
-        return self.send_many([msg])
-
-    def listen(self, on_message: Callable[[dict | None], None]) -> threading.Thread:
-        """Call ``on_message`` for each message; ``None`` once the channel ends."""
-
-        def pump() -> None:
-            try:
-                while True:
-                    line = self._readline()
-                    if not line:
-                        break
-                    if line.strip():
-                        try:
-                            on_message(decode(line))
-                        except ValueError:
-                            on_message({"ev": "garbage", "line": line[:200].decode("replace")})
-            except (OSError, ValueError, EOFError):
-                pass
-            finally:
-                self.closed = True
-                on_message(None)
-
-        t = threading.Thread(target=pump, name=f"agent-reader-{self.name}", daemon=True)
-        t.start()
-        return t
-
-    def close(self) -> None:
-        self.closed = True
-        try:
-            self._close()
-        except OSError:
-            pass
+            end = time.monotonic() + self.close_timeout_s
+            while not self._writer_done.wait(0.05):
+                if self._abort or time.monotonic() > end:
+                    break
+            if not self._writer_done.is_set() and self._unblock is not None:
+                self._unblock()  # a write that does not return: a stopped agent
+            self._writer_done.wait(self.close_timeout_s)
+            self._finish(self._abort)
+        except Exception:  # noqa: BLE001 - a close must not raise on a thread
+            log.exception("agent %s: closing the channel failed", self.name)
+        finally:
+            self.closed_event.set()
 
 
-def copy_local_files(files: Iterable[tuple[str, str]], dest_dir: str) -> None:
+# ---- files ---------------------------------------------------------------------------
+
+def _open_dir(base: str, path: str) -> int:
+    base = os.path.normpath(base)
+    path = os.path.normpath(path)
+    if path == base:
+        return os.open(path, agent_module.O_DIR)
+    return agent_module.open_dirs(base, path)
+
+
+def copy_local_files(files: Iterable[tuple[str, str]], dest_dir: str,
+                     base: str | None = None) -> None:
+    """Copy (source, relative destination) pairs into dest_dir on this machine, keeping
+    permission bits (not setuid/setgid). Below ``base`` (the node root; default
+    dest_dir) no symbolic link is followed: missing folders are made 0700, a link where
+    a folder should be is refused, and a link in the file's place is replaced."""
+    base = base or dest_dir
     for source, rel in files:
-        dest = os.path.join(dest_dir, rel)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        tmp = f"{dest}.tmp-{os.getpid()}-{threading.get_ident()}"
-        shutil.copyfile(source, tmp)
-        os.chmod(tmp, os.stat(source).st_mode & 0o777)  # no setuid/setgid bits
-        os.replace(tmp, dest)
+        parts = [p for p in rel.replace(os.sep, "/").split("/") if p not in ("", ".")]
+        if not parts or ".." in parts or rel.startswith("/"):
+            raise OSError(f"refusing resource file path {rel!r}: it must stay inside "
+                          f"{dest_dir}")
+        fd = _open_dir(base, os.path.join(dest_dir, *parts[:-1]))
+        name = parts[-1]
+        tmp = f".{name}.tmp-{os.getpid()}-{threading.get_ident()}"
+        try:
+            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+                          os.O_CLOEXEC, 0o600, dir_fd=fd)
+            try:
+                with open(source, "rb") as src, os.fdopen(out, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                    os.fchmod(dst.fileno(), os.fstat(src.fileno()).st_mode & 0o777)
+                os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+                tmp = None
+            finally:
+                if tmp is not None:
+                    try:
+                        os.unlink(tmp, dir_fd=fd)
+                    except OSError:
+                        pass
+        finally:
+            os.close(fd)
 
+
+# ---- local agents --------------------------------------------------------------------
 
 class LocalTransport:
-    """Starts the agent as a child process of the coordinator."""
+    """Starts the agent as a child process of the coordinator, in a session of its own
+    (a signal to the coordinator's process group or terminal does not reach it; its
+    lease and the coordinator decide when it stops)."""
 
-    def start_agent(self, node_id: str, root: Path, heartbeat_s: float = 1.0,
-                    slots: int = 1) -> AgentChannel:
+    def start_agent(self, node_id: str, root: str | os.PathLike, *, token: str = "",
+                    timings: Timings | None = None, slots: int = 1,
+                    reap_stale: bool = True) -> AgentChannel:
+        timings = timings or Timings()
+        token = token or new_token()
+        root = str(root)
         proc = subprocess.Popen(
-            [sys.executable, str(AGENT_PATH), "--node-id", node_id, "--root", str(root),
-             "--heartbeat-s", str(heartbeat_s), "--slots", str(slots)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+            [sys.executable, str(AGENT_PATH),
+             *agent_args(node_id, root, token=token, timings=timings, slots=slots,
+                         reap_stale=reap_stale)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            close_fds=True, start_new_session=True)
+        stdin_fd = proc.stdin.fileno()
+        tail: collections.deque[str] = collections.deque(maxlen=20)
+
+        def pump_stderr() -> None:
+            for raw in iter(proc.stderr.readline, b""):
+                text = raw.decode(errors="replace").rstrip()
+                tail.append(text)
+                log.warning("agent %s: %s", node_id, text)
+
+        err_thread = threading.Thread(target=pump_stderr, name=f"agent-stderr-{node_id}",
+                                      daemon=True)
+        err_thread.start()
 
         def write(data: bytes) -> None:
-            proc.stdin.write(data)
-            proc.stdin.flush()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(stdin_fd, view):]
 
-        def close() -> None:
+        def end_input() -> None:
+            proc.stdin.close()
+
+        def unblock() -> None:
+            proc.kill()
+
+        def finish(abort: bool) -> None:
+            if abort:
+                proc.kill()
             try:
-                proc.stdin.close()
-            except OSError:
-                pass
-            try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=timings.kill_grace_s + 10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            # a clean exit removes the agent's record; one still there means it died
+            # with tasks running (SIGKILLed): kill what they left
+            record = Path(root, "agents", f"{token}.json")
+            if record.exists():
+                agent_module.reap_stale_agents(root, only=token)
+            err_thread.join(2)
+            proc.stdout.close()
+            proc.stderr.close()
 
-        chan = AgentChannel(node_id, write, proc.stdout.readline, close)
-        chan.pid = proc.pid
-        return chan
+        def last_words() -> str:
+            try:
+                code = proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                code = None
+            err_thread.join(0.5)
+            said = [f"exit status {code}"] if code is not None else []
+            text = " | ".join(list(tail)[-3:])
+            return "; ".join(said + ([f"stderr: {text[-300:]}"] if text else []))
+
+        def put_files(files: Iterable[tuple[str, str]], dest_dir: str) -> None:
+            copy_local_files(files, dest_dir, base=root)
+
+        return AgentChannel(node_id, write, proc.stdout.readline, end_input=end_input,
+                            finish=finish, unblock=unblock, put_files=put_files,
+                            last_words=last_words, pid=proc.pid, token=token,
+                            stall_s=timings.node_timeout_s,
+                            close_timeout_s=timings.kill_grace_s + 10)
+
+
+# ---- agents over SSH -----------------------------------------------------------------
+
+def agent_digest() -> str:
+    """Names the uploaded agent's directory: covers both files it consists of."""
+    h = hashlib.sha256()
+    for path in (AGENT_PATH, PROTOCOL_PATH):
+        data = path.read_bytes()
+        h.update(f"{path.name}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()[:12]
 
 
 class SSHTransport:
     """Starts the agent on a remote node over one SSH exec channel.
 
-    The agent (one stdlib-only file) is uploaded over SFTP to
-    ``~/.hpcbatch/agent-<version>-<hash>.py`` and runs with the node's python3.
-    ``setup(client, root)`` (if given) runs on the same connection first, with the
-    node root resolved to an absolute path (bootstrap's inter-node trust uses it).
+    The agent (agent.py and protocol.py, stdlib only) is uploaded over SFTP to
+    ``~/.hpcbatch/agent-<version>-<hash>/`` (the hash covers both files, so an agent
+    never runs beside another version's protocol) and runs with the node's python3.
+    ``setup(client, root)`` (if given) runs on the same connection first, with the node
+    root resolved to an absolute path (bootstrap's inter-node trust uses it).
     """
 
     def __init__(self, python: str = "python3"):
         self.python = python
 
-    def start_agent(self, target, node_id: str, root: str, heartbeat_s: float = 1.0,
-                    slots: int = 1,
-                    setup: Callable[[Any, str], None] | None = None) -> AgentChannel:
-        from hpcbatch._version import __version__
+    def start_agent(self, target, node_id: str, root: str, *, token: str = "",
+                    timings: Timings | None = None, slots: int = 1,
+                    setup: Callable[[Any, str], None] | None = None,
+                    reap_stale: bool = True) -> AgentChannel:
         from hpcbatch.bootstrap import resolve_root
-        from hpcbatch.ssh import connect, exec_channel, upload
+        from hpcbatch.ssh import connect, exec_channel
 
+        timings = timings or Timings()
+        token = token or new_token()
         client = connect(target)
         try:
             sftp = client.open_sftp()
@@ -172,19 +447,41 @@ class SSHTransport:
                 sftp.close()
             if setup is not None:
                 setup(client, root)
-            digest = hashlib.sha256(AGENT_PATH.read_bytes()).hexdigest()[:12]
-            remote = upload(client, AGENT_PATH, f".hpcbatch/agent-{__version__}-{digest}.py")
-            chan = exec_channel(client, [self.python, remote, "--node-id", node_id, "--root",
-                                         root, "--heartbeat-s", str(heartbeat_s), "--slots",
-                                         str(slots)])
+            remote = upload_agent(client, target.label)
+            chan = exec_channel(client, [self.python, f"{remote}/agent.py",
+                                         *agent_args(node_id, root, token=token,
+                                                     timings=timings, slots=slots,
+                                                     reap_stale=reap_stale)])
         except BaseException:
             client.close()
             raise
         reader = chan.makefile("rb")
 
-        def close() -> None:
+        def cut() -> None:
+            # The node is lost: reset the connection rather than close it. With
+            # SO_LINGER 0 the kernel drops what is still unsent (pings queued while the
+            # link was cut) instead of delivering it when the link comes back, which
+            # would renew the agent's lease after the coordinator already counted it
+            # expired and ran its tasks elsewhere.
+            transport = client.get_transport()
+            sock = getattr(transport, "sock", None)
+            if isinstance(sock, socket.socket):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    struct.pack("ii", 1, 0))
+                except OSError:
+                    pass
+            client.close()
+
+        def finish(abort: bool) -> None:
+            if abort:
+                cut()
+                return
+            # the agent stops its tasks on EOF and exits: wait (bounded) for its status
+            if not chan.status_event.wait(timings.kill_grace_s + 10):
+                cut()
+                return
             try:
-                chan.shutdown_write()
                 chan.close()
             finally:
                 client.close()
@@ -210,5 +507,36 @@ class SSHTransport:
             said = [f"exit status {status}"] if status not in (None, -1) else []
             return "; ".join(said + ([f"stderr: {tail[-300:]}"] if tail else []))
 
-        return AgentChannel(node_id, chan.sendall, reader.readline, close, put_files,
-                            last_words)
+        return AgentChannel(node_id, chan.sendall, reader.readline,
+                            end_input=chan.shutdown_write, finish=finish, unblock=cut,
+                            put_files=put_files, last_words=last_words, token=token,
+                            stall_s=timings.node_timeout_s,
+                            close_timeout_s=timings.kill_grace_s + 10)
+
+
+def upload_agent(client, label: str) -> str:
+    """agent.py and protocol.py into ``~/.hpcbatch/agent-<version>-<hash>/`` on the node
+    (skipped when that directory already holds them); returns its absolute path."""
+    from hpcbatch._version import __version__
+    from hpcbatch.ssh import SSHError, sftp_put
+
+    rel = f".hpcbatch/agent-{__version__}-{agent_digest()}"
+    try:
+        sftp = client.open_sftp()
+    except Exception as exc:  # noqa: BLE001 - paramiko raises several kinds
+        raise SSHError(label, f"cannot start SFTP ({exc}); the host's sshd_config needs a "
+                       "'Subsystem sftp' line") from None
+    try:
+        remote = f"{sftp.normalize('.').rstrip('/')}/{rel}"
+        # protocol.py first: an agent.py that is there always has its protocol beside it
+        for path, mode in ((PROTOCOL_PATH, 0o644), (AGENT_PATH, 0o755)):
+            dest = f"{remote}/{path.name}"
+            try:
+                if sftp.stat(dest).st_size == path.stat().st_size:
+                    continue
+            except OSError:
+                pass
+            sftp_put(sftp, path, dest, mode, label)
+        return remote
+    finally:
+        sftp.close()
