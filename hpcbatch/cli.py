@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import re
 import secrets
@@ -23,8 +24,8 @@ from rich.table import Table
 
 from hpcbatch import env as E
 from hpcbatch._version import __version__
-from hpcbatch.errors import HpcBatchError, NotFound, ValidationError
-from hpcbatch.models import TaskSpec, check_id
+from hpcbatch.errors import HpcBatchError, ValidationError
+from hpcbatch.models import JobSpec, TaskSpec, check_id
 
 # piped output is not folded at 80 columns: ids and paths stay whole for grep and copy
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 240)
@@ -48,56 +49,61 @@ def table(columns: list[str], rows: list[list[Any]], *, keep: tuple[str, ...] = 
     return t
 
 
-def exit_text(r: dict[str, Any]) -> str:
+def exit_text(t) -> str:
     """How a task's process ended: its exit code, or the signal that killed it."""
-    if r["exit_code"] is not None:
-        return str(r["exit_code"])
-    return f"signal {r['signal']}" if r["signal"] else ""
+    if t["exit_code"] is not None:
+        return str(t["exit_code"])
+    return f"signal {t['signal']}" if t["signal"] else ""
 
 
-def join_command(argv: tuple[str, ...] | list[str]) -> str:
-    """argv as one /bin/sh command line: every argument quoted, except that $NAME and
-    ${NAME} references in it still expand in the task (so '$HPCBATCH_TASK_INDEX' given
-    to submit --array works); a '$' not starting a variable name stays a literal '$'."""
-    parts = []
-    for a in argv:
-        if re.search(r"\$(\{?)[A-Za-z_]", a):
-            body = re.sub(r'(["\\`])', r"\\\1", a)
-            body = re.sub(r"\$(?!\{?[A-Za-z_])", r"\\$", body)
-            parts.append(f'"{body}"')
-        else:
-            parts.append(shlex.quote(a))
-    return " ".join(parts)
+# the names a task's command may use in argv form, replaced when the task is created
+# (their values are ids and numbers: safe in any word, even one an inner shell runs)
+SUBSTITUTED = (E.TASK_INDEX, E.TASK_ID, E.JOB_ID, E.POOL_ID)
+_REF = re.compile(r"\$(?:\{(" + "|".join(SUBSTITUTED) + r")\}|(" + "|".join(SUBSTITUTED)
+                  + r")(?![A-Za-z0-9_]))")
+
+
+def command_line(argv: tuple[str, ...] | list[str], values: dict[str, str] | None = None
+                 ) -> str:
+    """The one quoting rule of 'submit' and 'task add'.
+
+    One argument is a shell command line, stored as given. Several are an argv: every
+    argument is quoted (shlex), so nothing in it is evaluated by the task's shell (a
+    '$V', '$(...)' or quote reaches the program as written, and an inner 'sh -c' sees
+    its script unchanged); only $HPCBATCH_TASK_INDEX, $HPCBATCH_TASK_ID,
+    $HPCBATCH_JOB_ID and $HPCBATCH_POOL_ID (or ${...}) are replaced by the task's
+    value when the task is created."""
+    if len(argv) == 1:
+        return argv[0]
+    if values:
+        def sub(m: re.Match) -> str:
+            name = m.group(1) or m.group(2)
+            return values.get(name, m.group(0))
+        argv = [_REF.sub(sub, a) for a in argv]
+    return shlex.join(argv)
+
+
+def check_seconds(field: str, value: float | None) -> float | None:
+    """A wall-clock limit: a finite number of seconds > 0 (click lets 'nan' through)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ValidationError(field, f"{value!r} is not a number of seconds > 0")
+    return value
 
 
 def _home() -> Path:
-    from hpcbatch.coordinator import default_home
+    from hpcbatch.service import default_home
     return default_home()
 
 
-def _store():
-    from hpcbatch.store import Store
-    path = _home() / "state.db"
-    if not path.exists():
-        raise NotFound(f"no hpcbatch state in {_home()}; nothing has been submitted there yet "
-                       f"(set {E.HOME} or --home to the right directory)")
-    return Store(path)
+def _service(create: bool = False):
+    """The service on the home, without a coordinator (store and read)."""
+    from hpcbatch.service import LocalService
+    return LocalService(_home(), create=create)
 
 
-def _exclusive(fn, *args):
-    """Run fn(store, *args) with no coordinator on the home (its lock held meanwhile);
-    print the clean-up problems it returns, one line each."""
-    from hpcbatch.coordinator import HomeLock
-    store = _store()
-    lock = HomeLock(_home())
-    try:
-        problems = fn(store, *args)
-    finally:
-        lock.release()
-        store.close()
+def _warn(problems: list[str]) -> None:
     for line in problems:
         err.print(f"warning: {line}", markup=False, soft_wrap=True)
-    return problems
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -113,9 +119,13 @@ def cli(home: str | None, debug: bool) -> None:
 
 # ---------------------------------------------------------------- submit
 
+MAX_ARRAY = 1_000_000
+
+
 def parse_array(text: str) -> list[int]:
-    """'1-100', '1-100:5', '1,3,7-9' -> indices (Slurm --array syntax)."""
-    out_idx: list[int] = []
+    """'1-100', '1-100:5', '1,3,7-9' -> indices (Slurm --array syntax); more than
+    MAX_ARRAY is refused before anything is expanded."""
+    parts: list[range] = []
     for part in text.split(","):
         m = re.fullmatch(r"\s*(\d+)(?:-(\d+)(?::(\d+))?)?\s*", part)
         if not m:
@@ -127,10 +137,18 @@ def parse_array(text: str) -> list[int]:
         if hi < lo or step < 1:
             raise ValidationError("--array", f"{part!r}: the range must be ascending with "
                                   "a step >= 1")
-        out_idx.extend(range(lo, hi + 1, step))
-    if len(out_idx) > 1_000_000:
-        raise ValidationError("--array", "more than 1,000,000 tasks")
-    return sorted(set(out_idx))
+        r = range(lo, hi + 1, step)
+        if len(r) > MAX_ARRAY:  # counted, not expanded
+            raise ValidationError("--array", f"{part!r} is {len(r):,} tasks, more than "
+                                  f"{MAX_ARRAY:,}; split it into several jobs")
+        parts.append(r)
+    out_idx: set[int] = set()
+    for r in parts:
+        out_idx.update(r)
+        if len(out_idx) > MAX_ARRAY:
+            raise ValidationError("--array", f"more than {MAX_ARRAY:,} tasks; split it into "
+                                  "several jobs")
+    return sorted(out_idx)
 
 
 def _tasks_from_lines(path: str, common: dict[str, Any]) -> list[TaskSpec]:
@@ -181,57 +199,45 @@ def submit(each_line, array, job_id, pool_id, slots, retries, timeout_s, priorit
         raise ValidationError("submit", "give either --each-line FILE or a command after --")
     if array and not command:
         raise ValidationError("--array", "needs a command after --")
-    common: dict[str, Any] = {"required_slots": slots, "max_task_retry_count": retries,
-                              "max_wall_clock_time_s": timeout_s}
-    if each_line:
-        specs = _tasks_from_lines(each_line, common)
-    else:
-        cmd = command[0] if len(command) == 1 else join_command(command)
-        if array:
-            specs = [TaskSpec(f"task-{i}", cmd, environment={E.TASK_INDEX: str(i)}, **common)
-                     for i in parse_array(array)]
-        else:
-            specs = [TaskSpec("task-1", cmd, **common)]
+    check_seconds("--timeout", timeout_s)
     if job_id is None:
         job_id = f"submit-{dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
     check_id("--job", job_id)
     check_id("--pool", pool_id)
-
-    from hpcbatch.client import Batch, open_store
+    common: dict[str, Any] = {"required_slots": slots, "max_task_retry_count": retries,
+                              "max_wall_clock_time_s": timeout_s}
+    values = {E.JOB_ID: job_id, E.POOL_ID: pool_id}
+    if each_line:
+        specs = _tasks_from_lines(each_line, common)
+    elif array:
+        indices = parse_array(array)
+        fixed = None if any(_REF.search(a) for a in command) else command_line(command)
+        specs = [TaskSpec(f"task-{i}", fixed or command_line(
+            command, {**values, E.TASK_INDEX: str(i), E.TASK_ID: f"task-{i}"}),
+            environment={E.TASK_INDEX: str(i)}, **common) for i in indices]
+    else:
+        specs = [TaskSpec("task-1", command_line(command, {**values, E.TASK_ID: "task-1"}),
+                          **common)]
+    job = JobSpec(job_id, pool_id, priority=priority, on_all_tasks_complete="terminate_job",
+                  max_task_retry_count=retries)
 
     if no_wait:  # store only: no coordinator needed
-        _store_job_and_tasks(open_store(_home()), job_id, pool_id, priority, retries,
-                             specs)
+        with _service(create=True) as service:
+            service.submit(job, specs)
         out.print(f"job {job_id}: {len(specs)} tasks stored; run them with "
                   f"'hpcbatch job wait {job_id}'")
         return
+    from hpcbatch.client import Batch
     with Batch() as batch:
-        _store_job_and_tasks(batch.store, job_id, pool_id, priority, retries, specs)
-        batch.coordinator.notify()
-        job = batch.jobs.get(job_id)
+        batch.service.submit(job, specs)
         err.print(f"job [bold]{job_id}[/]: {len(specs)} tasks on pool {pool_id}")
-        _wait_and_report(job, progress)
+        _wait_and_report(batch, job_id, progress)
 
 
-def _store_job_and_tasks(store, job_id: str, pool_id: str, priority: int, retries: int,
-                         specs: list[TaskSpec]) -> None:
-    """Create the job (unless it exists) and add the tasks: all in one transaction."""
-    from hpcbatch.models import JobSpec
-    spec = JobSpec(job_id, pool_id, priority=priority, on_all_tasks_complete="terminate_job",
-                   max_task_retry_count=retries)
-    with store.transaction():
-        exists = store.db.execute("SELECT pool_id FROM jobs WHERE id=?", (job_id,)).fetchone()
-        if exists is None:
-            store.create_job(spec)
-        elif exists["pool_id"] != pool_id:
-            raise ValidationError("--pool", f"job {job_id!r} exists on pool "
-                                  f"{exists['pool_id']!r}, not {pool_id!r}")
-        store.add_tasks(job_id, specs)
-
-
-def _wait_and_report(job, progress: bool | None) -> None:
+def _wait_and_report(batch, job_id: str, progress: bool | None) -> None:
     if progress is None:
         progress = sys.stderr.isatty()
+    job = batch.jobs.get(job_id)
     try:
         counts = job.wait(progress=progress)
     except KeyboardInterrupt:
@@ -239,44 +245,43 @@ def _wait_and_report(job, progress: bool | None) -> None:
         err.print(f"interrupted: {c['completed']}/{c['total']} tasks completed; resume with "
                   f"'hpcbatch job wait {job.id}'")
         raise SystemExit(130) from None
-    _summary(job, counts)
+    _summary(batch.service, job_id, counts)
     if counts["failed"]:
         raise SystemExit(1)
 
 
-def _duration(t: dict[str, Any]) -> float | None:
+def _duration(t) -> float | None:
     if t["started_at"] and t["ended_at"]:
         return t["ended_at"] - t["started_at"]
     return None
 
 
-def _summary(job, counts: dict[str, int]) -> None:
-    store = job._batch.store if hasattr(job, "_batch") else job
-    rows = store.list_tasks(job.id, "completed")
-    retried = sum(1 for r in rows if r["retry_count"])
-    timed_out = sum(1 for r in rows if r["failure"] == "timeout" and r["result"] == "failure")
+def _summary(service, job_id: str, counts: dict[str, int]) -> None:
+    rows = service.list_tasks(job_id, "completed")
+    retried = sum(1 for r in rows if r.retry_count)
+    timed_out = sum(1 for r in rows if r.failure == "timeout" and r.result == "failure")
     cols = ["tasks", "succeeded", "failed", "timed out", "retried", "requeued"]
     out.print(table(cols, [[counts["total"], f"[green]{counts['succeeded']}",
                             f"[red]{counts['failed']}" if counts["failed"] else "0", timed_out,
-                            retried, sum(1 for r in rows if r["requeue_count"])]],
-                    title=f"job {job.id}", right=tuple(cols)))
+                            retried, sum(1 for r in rows if r.requeue_count)]],
+                    title=f"job {job_id}", right=tuple(cols)))
     slow = sorted((r for r in rows if _duration(r) is not None), key=_duration, reverse=True)[:5]
     if slow and len(rows) > 1:
         out.print(table(["task", "seconds", "exit", "node"],
-                        [[r["id"], f"{_duration(r):.3f}", exit_text(r), r["node_id"] or ""]
+                        [[r.id, f"{_duration(r):.3f}", exit_text(r), r.node_id or ""]
                          for r in slow], keep=("task", "node"), title="slowest tasks"))
-    failed = [r for r in rows if r["result"] == "failure"]
+    failed = [r for r in rows if r.result == "failure"]
     if failed:
         out.print(table(["task", "failure", "exit", "retries"],
-                        [[r["id"], r["failure"] or "", exit_text(r), r["retry_count"]]
+                        [[r.id, r.failure or "", exit_text(r), r.retry_count]
                          for r in failed[:20]], keep=("task",),
                         title=f"failed tasks ({len(failed)})"))
         for r in failed[:20]:  # unwrapped, so the paths can be copied
-            stderr_path = os.path.join(r["task_dir"], "stderr.txt") if r["task_dir"] else "-"
-            out.print(f"{r['id']} stderr: {stderr_path}", soft_wrap=True, markup=False)
-        more = f" ({len(failed) - 20} more: 'hpcbatch task list {job.id} --failed')" \
+            stderr_path = os.path.join(r.task_dir, "stderr.txt") if r.task_dir else "-"
+            out.print(f"{r.id} stderr: {stderr_path}", soft_wrap=True, markup=False)
+        more = f" ({len(failed) - 20} more: 'hpcbatch task list {job_id} --failed')" \
             if len(failed) > 20 else ""
-        out.print(f"read one with 'hpcbatch task logs {job.id} TASK --stderr'{more}",
+        out.print(f"read one with 'hpcbatch task logs {job_id} TASK --stderr'{more}",
                   soft_wrap=True, markup=False)
 
 
@@ -290,16 +295,10 @@ def pool() -> None:
 @pool.command("list")
 def pool_list() -> None:
     """The pools, with how many nodes are in each state."""
-    store = _store()
-    nodes = store.list_nodes()
-    rows = []
-    for p in store.list_pools():
-        states: dict[str, int] = {}
-        for n in nodes:
-            if n["pool_id"] == p.id:
-                states[n["state"]] = states.get(n["state"], 0) + 1
-        rows.append([p.id, p.provider, p.task_slots_per_node, p.scheduling_policy,
-                     sum(states.values()), ", ".join(f"{k} {v}" for k, v in states.items())])
+    with _service() as service:
+        rows = [[p.id, p.provider, p.task_slots_per_node, p.scheduling_policy, p.nodes,
+                 ", ".join(f"{k} {v}" for k, v in p.node_states.items())]
+                for p in service.list_pools()]
     out.print(table(["pool", "provider", "slots/node", "policy", "nodes", "states"], rows,
                     keep=("pool",)))
 
@@ -308,18 +307,17 @@ def pool_list() -> None:
 @click.argument("pool_id")
 def pool_show(pool_id: str) -> None:
     """A pool's settings and each node's state (with the reason when it is unusable)."""
-    store = _store()
-    p = store.get_pool(pool_id)
+    with _service() as service:
+        p = service.get_pool(pool_id)
+        nodes = service.list_nodes(pool_id)
     out.print(f"pool [bold]{p.id}[/]  provider {p.provider}  {p.task_slots_per_node} slots/node"
               f"  policy {p.scheduling_policy}  target nodes {p.target_nodes}")
     if p.start_task:
         out.print(f"start task: {p.start_task}", markup=False)
-    if p.provider == "ssh":
-        trust = ("on: pool key + ssh_config on every node (HPCBATCH_SSH_CONFIG)"
-                 if p.inter_node_communication else "off: the nodes' own SSH set-up")
-        out.print(f"inter-node SSH: {trust}", markup=False)
-    rows = [[n["id"], n["state"], n["slots"], json.loads(n["info"]).get("hostname") or "",
-             n["reason"] or ""] for n in store.list_nodes(pool_id)]
+    for line in p.notes:
+        out.print(line, markup=False)
+    rows = [[n.id, n.state + (" (reconnecting)" if n.reconnecting else ""), n.slots,
+             n.hostname or "", n.reason or ""] for n in nodes]
     out.print(table(["node", "state", "slots", "host", "reason"], rows, keep=("node",)))
 
 
@@ -328,8 +326,9 @@ def pool_show(pool_id: str) -> None:
 def pool_delete(pool_id: str) -> None:
     """Delete a pool that has no jobs left. An SSH pool's inter-node key is taken out
     of every node's authorized_keys (a node that cannot be reached is named)."""
-    from hpcbatch.client import delete_pool
-    problems = _exclusive(delete_pool, pool_id)
+    with _service() as service:
+        problems = service.delete_pool(pool_id)
+    _warn(problems)
     out.print(f"pool {pool_id} deleted", markup=False)
     if problems:
         raise SystemExit(1)
@@ -372,22 +371,19 @@ def pool_create(pool_id, slots, policy, start_task, nodes, spec, hostlist, user,
     An SSH pool's hosts are all contacted first (host keys checked strictly); nothing
     is stored unless every one answers. Its nodes are bootstrapped by the next
     coordinator that runs (submit, run, job wait)."""
-    from hpcbatch.client import make_pool_spec, open_store
     ssh_options = {k: v for k, v in dict(
         spec=spec, hostlist=hostlist, user=user, key=key, known_hosts=known_hosts,
         ssh_config=ssh_config, port=port, python=python, node_root=node_root,
         authorized_keys=authorized_keys).items() if v is not None}
-    store = open_store(_home())
-    pspec = make_pool_spec(
-        store, pool_id, "ssh" if spec or hostlist else "local", task_slots_per_node=slots,
-        scheduling_policy=policy, target_nodes=nodes, start_task=start_task,
-        inter_node_communication=inter_node, trust_on_first_use=trust_on_first_use,
-        **ssh_options)
-    store.create_pool(pspec)
-    where = ", ".join(h["name"] for h in pspec.provider_config.get("hosts", [])) or \
-        f"{pspec.target_nodes} local node(s)"
-    trust = "; inter-node SSH on" if pspec.inter_node_communication else ""
-    out.print(f"pool {pool_id} created: {where}; {slots} slot(s) per node, {policy}{trust}",
+    from hpcbatch.providers import provider_of_options
+    with _service(create=True) as service:
+        p = service.create_pool(
+            pool_id, provider_of_options(ssh_options), task_slots_per_node=slots,
+            scheduling_policy=policy, target_nodes=nodes, start_task=start_task,
+            inter_node_communication=inter_node, trust_on_first_use=trust_on_first_use,
+            **ssh_options)
+    trust = "; inter-node SSH on" if p.inter_node_communication else ""
+    out.print(f"pool {pool_id} created: {p.where}; {slots} slot(s) per node, {policy}{trust}",
               soft_wrap=True, markup=False)
 
 
@@ -401,13 +397,12 @@ def job() -> None:
 @job.command("list")
 def job_list() -> None:
     """The jobs, newest last, with their task counts."""
-    store = _store()
-    rows = []
-    for j in store.list_jobs():
-        c = store.task_counts(j["id"])
-        rows.append([j["id"], j["pool_id"], j["state"], j["spec"].priority, c["total"],
-                     c["completed"], c["failed"],
-                     dt.datetime.fromtimestamp(j["created_at"]).strftime("%Y-%m-%d %H:%M:%S")])
+    with _service() as service:
+        jobs = service.list_jobs(counts=True)
+    rows = [[j.id, j.pool_id, j.state, j.priority, j.counts["total"], j.counts["completed"],
+             j.counts["failed"],
+             dt.datetime.fromtimestamp(j.created_at).strftime("%Y-%m-%d %H:%M:%S")]
+            for j in jobs]
     out.print(table(["job", "pool", "state", "priority", "tasks", "completed", "failed",
                      "created"], rows, keep=("job", "pool", "completed", "created")))
 
@@ -416,12 +411,11 @@ def job_list() -> None:
 @click.argument("job_id")
 def job_show(job_id: str) -> None:
     """A job's settings and task counts."""
-    store = _store()
-    j = store.get_job(job_id)
-    c = store.task_counts(job_id)
-    spec = j["spec"]
-    out.print(f"job [bold]{job_id}[/]  pool {j['pool_id']}  state {j['state']}  priority "
-              f"{spec.priority}  on_all_tasks_complete {spec.on_all_tasks_complete}")
+    with _service() as service:
+        j = service.get_job(job_id)
+        c = service.job_counts(job_id)
+    out.print(f"job [bold]{job_id}[/]  pool {j.pool_id}  state {j.state}  priority "
+              f"{j.priority}  on_all_tasks_complete {j.on_all_tasks_complete}")
     out.print(f"tasks {c['total']}: active {c['active']}, preparing {c['preparing']}, "
               f"running {c['running']}, completed "
               f"{c['completed']} (succeeded {c['succeeded']}, failed {c['failed']}); "
@@ -432,8 +426,9 @@ def job_show(job_id: str) -> None:
 @click.argument("job_id")
 def job_delete(job_id: str) -> None:
     """Delete a finished job, its tasks' records and their directories on the nodes."""
-    from hpcbatch.client import delete_job
-    problems = _exclusive(delete_job, job_id)
+    with _service() as service:
+        problems = service.delete_job(job_id)
+    _warn(problems)
     out.print(f"job {job_id} deleted", markup=False)
     if problems:
         raise SystemExit(1)
@@ -446,10 +441,8 @@ def job_delete(job_id: str) -> None:
 @click.option("--retries", type=click.IntRange(min=-1), default=0, show_default=True)
 def job_create(job_id, pool_id, priority, retries) -> None:
     """Create an empty job (add tasks with 'hpcbatch task add')."""
-    from hpcbatch.client import open_store
-    from hpcbatch.models import JobSpec
-    open_store(_home()).create_job(JobSpec(job_id, pool_id, priority=priority,
-                                                   max_task_retry_count=retries))
+    with _service(create=True) as service:
+        service.create_job(job_id, pool_id, priority=priority, max_task_retry_count=retries)
     out.print(f"job {job_id} created on pool {pool_id}")
 
 
@@ -459,13 +452,13 @@ def job_create(job_id, pool_id, priority, retries) -> None:
 def job_wait(job_id: str, progress) -> None:
     """Drive JOB to completion with an embedded coordinator (resumes after a crash)."""
     from hpcbatch.client import Batch
-    _store().get_job(job_id)
+    with _service() as service:
+        service.get_job(job_id)
     with Batch() as batch:
-        job = batch.jobs.get(job_id)
-        if batch.coordinator.requeued_at_start:
-            err.print(f"requeued {batch.coordinator.requeued_at_start} task(s) that were "
+        if batch.requeued_at_start:
+            err.print(f"requeued {batch.requeued_at_start} task(s) that were "
                       "running when the previous coordinator stopped")
-        _wait_and_report(job, progress)
+        _wait_and_report(batch, job_id, progress)
 
 
 # ---------------------------------------------------------------- tasks
@@ -482,37 +475,55 @@ def task() -> None:
 @click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True)
 def task_list(job_id, state, failed, limit) -> None:
     """A job's tasks (at most --limit of them), in submission order."""
-    store = _store()
-    store.get_job(job_id)
-    rows = store.list_tasks(job_id, "completed" if failed else state)
-    if failed:
-        rows = [r for r in rows if r["result"] == "failure"]
-    shown = [[r["id"], r["state"], r["result"] or "", exit_text(r), r["retry_count"],
-              r["node_id"] or "", f"{d:.3f}" if (d := _duration(r)) is not None else ""]
-             for r in rows[:limit]]
+    with _service() as service:
+        rows = service.list_tasks(job_id, state, failed=failed, limit=limit)
+        counts = service.job_counts(job_id) if len(rows) == limit else None
+    shown = [[r.id, r.state, r.result or "", exit_text(r), r.retry_count, r.node_id or "",
+              f"{d:.3f}" if (d := _duration(r)) is not None else ""] for r in rows]
     out.print(table(["task", "state", "result", "exit", "retries", "node", "seconds"], shown,
                     keep=("task", "node")))
-    if len(rows) > limit:
-        err.print(f"showing {limit} of {len(rows)} tasks; use --limit to see more",
-                  markup=False)
+    if counts is not None:
+        total = counts["failed"] if failed else counts[state] if state else counts["total"]
+        if total > limit:
+            err.print(f"showing {limit} of {total} tasks; use --limit to see more",
+                      markup=False)
+
+
+def _iso(t: float | None) -> str | None:
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat() if t else None
 
 
 @task.command("show")
 @click.argument("job_id")
 @click.argument("task_id")
 def task_show(job_id, task_id) -> None:
-    """Everything stored about one task, as JSON."""
-    r = _store().get_task(job_id, task_id)
-    r = dict(r)
-    r["spec"] = json.loads(r["spec"])
-    r["usage"] = json.loads(r["usage"]) if r["usage"] else None
-    for k in ("started_at", "ended_at"):
-        if r[k]:
-            r[k] = dt.datetime.fromtimestamp(r[k], dt.UTC).isoformat()
+    """Everything stored about one task, with its attempts, as JSON."""
+    with _service() as service:
+        r = service.get_task(job_id, task_id).to_dict()
+        attempts = [a.to_dict() for a in service.task_attempts(job_id, task_id)]
+    for item in (r, *attempts):
+        for k in ("started_at", "ended_at"):
+            item[k] = _iso(item[k])
     if r["task_dir"]:
         r["stdout"] = os.path.join(r["task_dir"], "stdout.txt")
         r["stderr"] = os.path.join(r["task_dir"], "stderr.txt")
+    r["attempts"] = attempts
     out.print_json(json.dumps(r))
+
+
+@task.command("attempts")
+@click.argument("job_id")
+@click.argument("task_id")
+def task_attempts(job_id, task_id) -> None:
+    """A task's attempts: where each ran, how long, how it ended."""
+    with _service() as service:
+        attempts = service.task_attempts(job_id, task_id)
+    rows = [[a.attempt, a.node_id or "", a.outcome, exit_text(a),
+             a.failure_kind or "", a.failure_detail or "",
+             f"{a.ended_at - a.started_at:.3f}" if a.started_at and a.ended_at else ""]
+            for a in attempts]
+    out.print(table(["attempt", "node", "outcome", "exit", "failure", "detail", "seconds"],
+                    rows, keep=("node",)))
 
 
 @task.command("add")
@@ -524,10 +535,13 @@ def task_show(job_id, task_id) -> None:
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True))
 def task_add(job_id, task_id, command, slots, retries, timeout_s) -> None:
     """Add one task to JOB: hpcbatch task add JOB TASK -- CMD ARGS..."""
-    cmd = command[0] if len(command) == 1 else shlex.join(command)
-    spec = TaskSpec(task_id, cmd, required_slots=slots, max_task_retry_count=retries,
-                    max_wall_clock_time_s=timeout_s)
-    _store().add_tasks(job_id, [spec])
+    check_seconds("--timeout", timeout_s)
+    with _service() as service:
+        values = {E.JOB_ID: job_id, E.TASK_ID: task_id, E.POOL_ID: service.get_job(job_id)
+                  .pool_id}
+        spec = TaskSpec(task_id, command_line(command, values), required_slots=slots,
+                        max_task_retry_count=retries, max_wall_clock_time_s=timeout_s)
+        service.add_tasks(job_id, [spec])
     out.print(f"task {task_id} added to job {job_id}")
 
 
@@ -538,9 +552,9 @@ def task_add(job_id, task_id, command, slots, retries, timeout_s) -> None:
 @click.option("--stdout", "which", flag_value="stdout.txt", default=True, help="Show stdout.")
 def task_logs(job_id, task_id, which) -> None:
     """Print a task's stdout (or --stderr); SSH nodes' files are fetched over SFTP."""
-    from hpcbatch.client import read_task_file
-    store = _store()
-    sys.stdout.buffer.write(read_task_file(store, store.get_task(job_id, task_id), which))
+    with _service() as service:
+        data = service.read_task_file(job_id, task_id, which)
+    sys.stdout.buffer.write(data)
 
 
 def _register_optional() -> None:
@@ -558,7 +572,13 @@ def _register_optional() -> None:
 _register_optional()
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; every error is one line 'error: ...' on stderr and exit status 2
+    (a run whose tasks failed: 1; interrupted: 130). --debug shows the traceback."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("HPCBATCH_DEBUG") == "1"
     try:
@@ -571,19 +591,42 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         if debug:
             raise
-        err.print(f"error: {exc.format_message()}", markup=False, soft_wrap=True)
+        err.print(f"error: {_one_line(exc.format_message())}", markup=False, soft_wrap=True)
         return 2 if exc.exit_code in (1, 2) else exc.exit_code
     except HpcBatchError as exc:
         if debug:
             raise
-        err.print(f"error: {exc}", markup=False, soft_wrap=True)
+        err.print(f"error: {_one_line(exc)}", markup=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback (but --debug)
+        if debug:
+            raise
+        err.print(f"error: {_unexpected(exc)}", markup=False, soft_wrap=True)
+        return 2
     return 0
+
+
+def _unexpected(exc: BaseException) -> str:
+    """An error no part of hpcbatch turned into a message: a full disk or another OS
+    error (naming the file), a database problem, or a bug."""
+    import sqlite3
+
+    from hpcbatch.store import storage_full
+    full = storage_full(exc, _home())
+    if full is not None:
+        return _one_line(full)
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return _one_line(f"{exc.strerror or exc}{where}")
+    if isinstance(exc, sqlite3.Error):
+        return _one_line(f"the state database in {_home()} failed: {exc}")
+    return _one_line(f"{type(exc).__name__}: {exc} (a bug in hpcbatch; run again with "
+                     "--debug for the traceback and report it)")
 
 
 if __name__ == "__main__":

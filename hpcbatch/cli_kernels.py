@@ -73,11 +73,13 @@ def print_result(res) -> None:
               "pool (a multi-instance task).")
 @click.option("--ranks-per-node", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True))
+@click.option("--retries", type=click.IntRange(min=-1), default=0, show_default=True,
+              help="Run again after a failed attempt, a lost node included (-1: no limit).")
 @click.option("--compress", is_flag=True, help="gzip large datasets in the result file.")
 @click.option("--list-params", is_flag=True, help="Show the kernel's parameters and exit.")
 @click.option("--progress/--no-progress", default=None)
 def run(kernel, ranks, params, output, oversubscribe, pool, nodes, ranks_per_node, timeout_s,
-        compress, list_params, progress) -> None:
+        retries, compress, list_params, progress) -> None:
     """Run an MPI KERNEL with its final reduce; results go to an HDF5 file.
 
     \b
@@ -85,8 +87,11 @@ def run(kernel, ranks, params, output, oversubscribe, pool, nodes, ranks_per_nod
       hpcbatch run heat --ranks 2 -p nx=256 -p steps=500
       hpcbatch run ./my_kernel.py --ranks 2
     """
+    from hpcbatch.cli import check_seconds
     from hpcbatch.client import Batch
     from hpcbatch.kernelrun import KernelRunError, resolve_kernel
+
+    check_seconds("--timeout", timeout_s)
 
     k, _ = resolve_kernel(kernel, list(params))  # exit 2 here, before any MPI
     if list_params:
@@ -104,7 +109,7 @@ def run(kernel, ranks, params, output, oversubscribe, pool, nodes, ranks_per_nod
             res = batch.run_kernel(kernel, ranks=ranks, params=list(params), output=output,
                                    pool=pool, nodes=nodes, ranks_per_node=ranks_per_node,
                                    oversubscribe=oversubscribe, progress=progress,
-                                   timeout_s=timeout_s, compress=compress)
+                                   timeout_s=timeout_s, compress=compress, retries=retries)
         except KernelRunError as exc:
             if exc.stderr:
                 sys.stderr.write(exc.stderr if exc.stderr.endswith("\n") else exc.stderr + "\n")

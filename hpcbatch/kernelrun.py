@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
 import os
 import re
 import secrets
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcbatch.errors import HpcBatchError, ValidationError
+from hpcbatch.models import JobSpec
 
 
 class KernelRunError(HpcBatchError):
@@ -59,15 +61,17 @@ def resolve_kernel(kernel: str, params: dict[str, Any] | list[str] | None):
 
 def kernel_command(kernel: str, params: dict[str, Any], output: Path, ranks: int, *,
                    oversubscribe: bool = False, multi_node: bool = False,
-                   ranks_per_node: int | None = None,
-                   compress: bool = False) -> tuple[str, dict[str, str]]:
-    """The task's command line and the environment it needs."""
-    harness = [sys.executable, "-m", "hpcbatch.kernels", kernel, "--output", str(output),
+                   ranks_per_node: int | None = None, compress: bool = False,
+                   python: str | None = None) -> tuple[str, dict[str, str]]:
+    """The task's command line and the environment it needs. ``python``: the one that
+    runs hpcbatch on the pool's nodes (default: this one)."""
+    python = python or sys.executable
+    harness = [python, "-m", "hpcbatch.kernels", kernel, "--output", str(output),
                "--json"] + (["--compress"] if compress else [])
     for key, val in params.items():
         harness += ["--param", f"{key}={val}"]
     if multi_node:
-        argv = [sys.executable, "-m", "hpcbatch.launch.mpi", "--ranks-per-node",
+        argv = [python, "-m", "hpcbatch.launch.mpi", "--ranks-per-node",
                 str(ranks_per_node or 1), "--", *harness]
         return shlex.join(argv), {}
     from hpcbatch.launch.mpi import mpiexec_command
@@ -103,19 +107,55 @@ def _import_root(k) -> str | None:
     return str(Path(path).resolve().parents[depth])
 
 
+def _check_count(field: str, value: Any, minimum: int) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < minimum):
+        raise ValidationError(field, f"{value!r} must be a whole number >= {minimum}")
+
+
+def _failure_text(t, attempts: list, nodes: dict[str, Any]) -> str:
+    """Why the kernel's last attempt failed, in words (naming a lost node and why)."""
+    kind = t.failure_kind or (t.failure or "").split(":", 1)[0]
+    detail = t.failure_detail
+    if kind == "timeout":
+        return "timed out"
+    if kind == "start_failed":
+        return f"failed to start ({detail or (t.failure or '').split(': ', 1)[-1]})"
+    if kind == "node_lost":
+        node = (attempts[-1].node_id if attempts else None) or t.node_id
+        why = detail or (nodes[node].reason if node in nodes else None) or "no reason known"
+        return f"lost node {node or '?'} ({why})"
+    if kind == "killed":
+        return f"was killed ({detail or 'terminate'})"
+    if t.exit_code is None and t.signal:
+        return f"was killed by signal {t.signal}"
+    return f"exited with {t.exit_code}"
+
+
 def run_kernel(batch, kernel: str, *, ranks: int | None = None,
                params: dict[str, Any] | list[str] | None = None,
                output: str | os.PathLike | None = None, pool: str = "local",
                nodes: int | None = None, ranks_per_node: int = 1,
                oversubscribe: bool = False, progress: bool = False,
-               timeout_s: float | None = None, compress: bool = False) -> KernelResult:
+               timeout_s: float | None = None, compress: bool = False,
+               retries: int = 0) -> KernelResult:
     """Run ``kernel`` (a built-in name, a module or a .py path) as one task; see
-    :meth:`hpcbatch.Batch.run_kernel`."""
+    :meth:`hpcbatch.Batch.run_kernel`. ``retries``: attempts after a failed one (a
+    lost node included; -1: without limit)."""
+    _check_count("ranks", ranks, 1)
+    _check_count("nodes", nodes, 1)
+    _check_count("ranks_per_node", ranks_per_node, 1)
+    _check_count("retries", retries, -1)
+    if timeout_s is not None and (isinstance(timeout_s, bool)
+                                  or not isinstance(timeout_s, int | float)
+                                  or not math.isfinite(timeout_s) or timeout_s <= 0):
+        raise ValidationError("timeout_s", f"{timeout_s!r} must be a number of seconds > 0")
     k, values = resolve_kernel(kernel, params)
     name = k.name
     short = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(name).stem if name.endswith(".py")
                    else name).strip("-")[:30] or "kernel"
-    pool_spec = batch.store.get_pool(pool)
+    pool_view = batch.pools.get(pool)
+    python = pool_view.node_python or None
     stamp = f"{dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
     out = Path(output) if output else Path(f"{short}-{stamp}.h5")
     out = out.expanduser().resolve()
@@ -127,20 +167,21 @@ def run_kernel(batch, kernel: str, *, ranks: int | None = None,
             raise ValidationError("ranks", f"{ranks} != nodes {nodes} x ranks_per_node "
                                   f"{ranks_per_node}; give one or the other")
         ranks = nodes * ranks_per_node
-        per = min(ranks_per_node, pool_spec.task_slots_per_node)
+        per = min(ranks_per_node, pool_view.task_slots_per_node)
         cmd, env = kernel_command(name, values, out, ranks, multi_node=True,
-                                  ranks_per_node=ranks_per_node, compress=compress)
+                                  ranks_per_node=ranks_per_node, compress=compress,
+                                  python=python)
         task["multi_instance"] = {"instances": nodes, "slots_per_instance": per}
     else:
         ranks = ranks or 1
-        slots = pool_spec.task_slots_per_node
+        slots = pool_view.task_slots_per_node
         if ranks > slots and not oversubscribe:
             raise ValidationError(
                 "ranks", f"{ranks} ranks need {ranks} task slots but pool {pool!r} has "
                 f"{slots} per node; use fewer ranks, --oversubscribe, or --nodes")
         task["required_slots"] = min(ranks, slots)
         cmd, env = kernel_command(name, values, out, ranks, oversubscribe=oversubscribe,
-                                  compress=compress)
+                                  compress=compress, python=python)
     root = _import_root(k)
     if root:  # the ranks start with their own sys.path: let them import it from here too
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH"))
@@ -149,8 +190,11 @@ def run_kernel(batch, kernel: str, *, ranks: int | None = None,
     task["environment"] = env
     task["max_wall_clock_time_s"] = timeout_s
     job_id = f"run-{short}-{stamp}"
-    job = batch.jobs.create(job_id, pool=pool, on_all_tasks_complete="terminate_job")
-    job.add_tasks([task])
+    # the job and its task in one transaction: a task the pool cannot take (too many
+    # nodes) leaves no empty job behind
+    batch.service.submit(JobSpec(job_id, pool, on_all_tasks_complete="terminate_job",
+                                 max_task_retry_count=retries), [task], existing_ok=False)
+    job = batch.jobs.get(job_id)
     try:
         job.wait(progress=progress)
     except KeyboardInterrupt:  # the user gave up on this run: stop its ranks, keep nothing
@@ -166,12 +210,11 @@ def run_kernel(batch, kernel: str, *, ranks: int | None = None,
             stderr = t.stderr()
         except HpcBatchError:
             stderr = ""
-        why = ("timed out" if t.failure == "timeout" else
-               f"failed to start ({t.failure.split(': ', 1)[-1]})"
-               if (t.failure or "").startswith("start_failed") else
-               f"exited with {t.exit_code}")
+        attempts = t.attempts()
+        why = _failure_text(t, attempts, {n.id: n for n in batch.pools.nodes(pool)})
+        tries = f" after {len(attempts)} attempts" if len(attempts) > 1 else ""
         last = _cause(stderr)
-        raise KernelRunError(f"kernel {name} on {ranks} ranks {why}"
+        raise KernelRunError(f"kernel {name} on {ranks} ranks {why}{tries}"
                              + (f": {last[:200]}" if last else "")
                              + f" (stderr: {t.stderr_path})", stderr, t)
     from hpcbatch.kernels.results import read_result

@@ -160,12 +160,12 @@ def pool_view(spec: PoolSpec, nodes: Iterable[Mapping[str, Any]], home: Path) ->
         states[n["state"]] = states.get(n["state"], 0) + 1
     try:
         provider = provider_for(spec, home)
-        where, notes = provider.where(), tuple(provider.notes())
+        where, notes, python = provider.where(), tuple(provider.notes()), provider.node_python
     except HpcBatchError as exc:  # a stored config this version cannot read: say so
-        where, notes = "?", (f"provider config: {exc}",)
+        where, notes, python = "?", (f"provider config: {exc}",), ""
     return PoolView(spec.id, spec.provider, spec.task_slots_per_node, spec.scheduling_policy,
                     spec.target_nodes, spec.start_task, spec.inter_node_communication,
-                    dict(spec.provider_config), states, where, notes)
+                    dict(spec.provider_config), states, where, notes, python)
 
 
 class LocalService(Service):

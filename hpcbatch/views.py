@@ -116,6 +116,7 @@ class PoolView(_View):
     node_states: Mapping[str, int] = dataclasses.field(default_factory=dict)
     where: str = ""  # where its nodes are, in words ("node1, node2", "2 local node(s)")
     notes: tuple[str, ...] = ()  # what 'pool show' says about the provider's set-up
+    node_python: str = ""  # the python that runs hpcbatch on its nodes
 
     @property
     def nodes(self) -> int:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from helpers import pid_alive, snapshot
+from helpers import pid_alive, run_cli, snapshot
 
 from hpcbatch.store import Store
 
@@ -120,7 +123,13 @@ def test_task_environment(cli, home):
     (["submit", "--array", "5-1", "--", "true"], "--array"),
     (["submit"], "give either --each-line FILE or a command"),
     (["task", "logs", "nojob", "t"], "job 'nojob' does not exist"),
-    (["submit", "--slots", "64", "--", "true"], "exceeds the"),
+    (["submit", "--slots", "100000", "--", "true"], "required_slots"),
+    (["submit", "--slots", "1024", "--", "true"], "exceeds the"),
+    (["submit", "--timeout", "nan", "--", "true"], "--timeout: nan is not a number"),
+    (["submit", "--array", "0-99999999", "--", "true"], "100,000,000 tasks, more than"),
+    (["submit", "--array", "0-600000,1-600001", "--", "true"], "more than 1,000,000"),
+    (["task", "add", "nojob", "t", "--", "true"], "job 'nojob' does not exist"),
+    (["run", "pi", "--nodes", "2"], "more than the 1 nodes of pool 'local'"),
 ])
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(cli, home, args, needle):
     cli("submit", "--job", "keep", "--", "true")  # some accepted state to protect
@@ -131,7 +140,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(cli, home, args, needl
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert needle in lines[0]
     assert "Traceback" not in r.stderr
-    assert snapshot(home) == before
+    assert snapshot(home) == before  # 'run --nodes 2' leaves no empty job behind
 
 
 def test_duplicate_task_id_is_rejected(cli, home, tmp_path):
@@ -195,3 +204,60 @@ def test_job_delete_refuses_unfinished_work_and_pool_delete_refuses_jobs(cli, ho
     assert cli("job", "delete", "pending").returncode == 0
     assert cli("pool", "delete", "side").returncode == 0
     assert "side" not in cli("pool", "list").stdout
+
+
+def cli_env(home: Path, extra: dict[str, str], *args: str, **kw):
+    """The CLI with more variables in its environment (the tasks inherit them)."""
+    env = dict(os.environ, HPCBATCH_HOME=str(home), COLUMNS="200", **extra)
+    return subprocess.run([sys.executable, "-m", "hpcbatch.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL, **kw)
+
+
+HOSTILE = ["$(touch pwned)", "`touch pwned`", "it's \"quoted\"", "a; touch pwned", "two\nlines",
+           "$HOME", "${V}", "\\$(x)"]
+
+
+def test_argv_commands_run_their_words_as_written(cli, home, tmp_path):
+    """submit and task add quote an argv the same way: nothing in a word, nor in a
+    variable's value that an inner 'sh -c' expands, is evaluated as shell code."""
+    value = "$(touch pwned) `touch pwned` ; touch pwned \" ' \n$HOME"
+    r = cli_env(home, {"V": value}, "submit", "--job", "hostile", "--", "sh", "-c",
+                'printf "%s|" "$V"; echo', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert cli("task", "logs", "hostile", "task-1").stdout == value + "|\n"
+    r = cli("submit", "--job", "words", "--", "printf", "%s|", *HOSTILE, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert cli("task", "logs", "words", "task-1").stdout == "|".join(HOSTILE) + "|"
+    assert not list(tmp_path.rglob("pwned")) and not list(home.rglob("pwned"))
+    # task add stores the same command line for the same argv
+    assert cli("job", "create", "added").returncode == 0
+    assert cli("task", "add", "added", "task-1", "--", "printf", "%s|", *HOSTILE
+               ).returncode == 0
+    s = Store(home / "state.db")
+    try:
+        assert s.get_task("added", "task-1")["command_line"] == \
+            s.get_task("words", "task-1")["command_line"]
+    finally:
+        s.close()
+
+
+def test_task_logs_do_not_follow_a_link_the_task_made(cli, home, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not the task's\n")
+    r = cli("submit", "--job", "sly", "--",
+            f'echo hi; ln -sf "{secret}" "$HPCBATCH_TASK_DIR/stderr.txt"')
+    assert r.returncode == 0, r.stderr
+    assert cli("task", "logs", "sly", "task-1").stdout == "hi\n"
+    r = cli("task", "logs", "sly", "task-1", "--stderr")
+    assert r.returncode == 2 and "not the task's" not in r.stdout
+    assert r.stderr.count("\n") == 1 and "symbolic link" in r.stderr, r.stderr
+
+
+def test_an_unwritable_home_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = run_cli(blocker / "home", "submit", "--no-wait", "--", "true")
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(blocker) in lines[0]

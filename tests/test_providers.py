@@ -132,11 +132,12 @@ def local(tmp_path):
                         tmp_path / "home")
 
 
-def _hello(chan, timeout_s: float = 15.0) -> dict:
+def _hello(chan, timeout_s: float = 15.0):
+    """The agent's first message (a protocol.Hello)."""
     got: list = []
     chan.listen(got.append)
     poll(lambda: got, timeout_s=timeout_s, what="the agent's hello")
-    assert got[0] is not None, "the agent's channel closed before it said hello"
+    assert got[0] is not None, f"the agent's channel closed first: {chan.last_words()}"
     return got[0]
 
 
@@ -145,11 +146,12 @@ def test_a_local_agent_starts_in_the_node_root_and_says_hello(local):
     chan = local.start_agent(node, token="t0k3n", timings=Timings())
     try:
         hello = _hello(chan)
-        assert hello["node_id"] == "local-1"
-        assert Path(hello["root"]) == Path(local.node_root("local-1"))
+        assert (hello.node_id, hello.token, hello.slots) == ("local-1", "t0k3n", 2)
+        assert Path(hello.root) == Path(local.node_root("local-1"))
         assert Path(local.node_root("local-1")).is_dir()
     finally:
         chan.close()
+        assert chan.wait_closed(15), "the agent did not stop"
 
 
 def _spawn_in_session(token: str) -> subprocess.Popen:
@@ -260,13 +262,15 @@ def test_ssh_preflight_and_an_agent_over_ssh(ssh_provider, tmp_path):
     chan = ssh_provider.start_agent(node, token="ssh-token", timings=Timings())
     try:
         hello = _hello(chan, 30)
-        assert hello["root"] == ssh_provider.node_root("node1")
-        assert hello["root"].startswith(str(tmp_path / "node roots" / home_id(
+        assert (hello.node_id, hello.token) == ("node1", "ssh-token")
+        assert hello.root == ssh_provider.node_root("node1")
+        assert hello.root.startswith(str(tmp_path / "node roots" / home_id(
             tmp_path / "home") / "far"))
         # inter-node trust was installed under the node root
-        assert (Path(hello["root"]) / "ssh" / "config").is_file()
+        assert (Path(hello.root) / "ssh" / "config").is_file()
     finally:
         chan.close()
+        assert chan.wait_closed(15), "the agent did not stop"
     assert ssh_provider.cleanup_pool() == []
     assert not ssh_provider.key_dir.exists()
 
@@ -317,3 +321,11 @@ def test_an_unknown_node_is_named(tmp_path):
     with pytest.raises(ValidationError, match="'n9' is not a node of pool 'p'"):
         provider.read_node_file("n9", "/x")
     assert isinstance(provider.fixed_nodes()[0], NodeDesc)
+
+
+def test_the_provider_of_a_set_of_options():
+    from hpcbatch.providers import provider_of_options
+    assert provider_of_options([]) == "local"
+    assert provider_of_options(["spec", "user", "node_root"]) == "ssh"
+    with pytest.raises(ValidationError, match="do not belong to one provider"):
+        provider_of_options(["hostlist", "colour"])

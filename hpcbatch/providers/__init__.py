@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from hpcbatch.errors import ValidationError
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     ProviderConfig = LocalConfig | SSHConfig
 
 __all__ = ["NodeDesc", "Provider", "home_id", "provider_class", "provider_for",
+           "provider_of_options",
            "validate_config", "ssh_pool_config", "targets", "SPEC_FIELDS"]
 
 
@@ -45,6 +46,19 @@ def provider_for(spec: PoolSpec, home: str | os.PathLike) -> Provider:
     return provider_class(spec.provider)(spec, home)
 
 
+def provider_of_options(options: Iterable[str], default: str = "local") -> str:
+    """The provider whose own options these are (the CLI's --spec / --ssh mean 'ssh');
+    ``default`` when none is given."""
+    given = {o for o in options}
+    if not given:
+        return default
+    for name in PROVIDERS:
+        if given <= provider_class(name).options:
+            return name
+    raise ValidationError("pool", f"options {', '.join(sorted(given))} do not belong to one "
+                          f"provider ({', '.join(PROVIDERS)})")
+
+
 def validate_config(provider_name: str, raw: Mapping[str, Any]) -> ProviderConfig:
     """A stored provider_config (a JSON dict) as the provider's typed config."""
     return provider_class(provider_name).parse_config(raw)
@@ -56,24 +70,4 @@ _SSH_NAMES = ("ssh_pool_config", "targets", "SPEC_FIELDS", "SSHConfig")
 def __getattr__(name: str) -> Any:
     if name in _SSH_NAMES:  # not imported up front: paramiko costs 0.1 s per CLI call
         return getattr(importlib.import_module("hpcbatch.providers.ssh"), name)
-    if name in ("preflight", "read_node_file"):
-        return globals()[f"_compat_{name}"]
     raise AttributeError(f"module 'hpcbatch.providers' has no attribute {name!r}")
-
-
-def _compat_preflight(cfg: Mapping[str, Any], trust_on_first_use: bool = False,
-                      timeout_s: float = 30):
-    """Connect to every host of an SSH provider_config once (the old function form)."""
-    from hpcbatch.ssh import connect, parallel
-
-    def probe(t) -> str:
-        connect(t, trust_on_first_use=trust_on_first_use).close()
-        return "ok"
-    return parallel(__getattr__("targets")(cfg), probe, timeout_s)
-
-
-def _compat_read_node_file(cfg: Mapping[str, Any], node_id: str, path: str) -> bytes:
-    """A file of an SSH pool's node over SFTP (the old function form)."""
-    from hpcbatch.providers.ssh import SSHProvider
-    spec = PoolSpec("compat", "ssh", target_nodes=len(cfg["hosts"]), provider_config=dict(cfg))
-    return SSHProvider(spec, os.environ.get("HPCBATCH_HOME", ".")).read_node_file(node_id, path)

@@ -93,6 +93,7 @@ class Provider(abc.ABC):
     """The nodes of one pool and the ways to reach them."""
 
     name: ClassVar[str]
+    options: ClassVar[frozenset[str]] = frozenset()  # make_spec's provider options
 
     def __init__(self, spec: PoolSpec, home: str | os.PathLike):
         self.spec = spec

@@ -196,6 +196,8 @@ def _reap_program() -> str:
 
 class SSHProvider(Provider):
     name = "ssh"
+    options = frozenset({"spec", "hostlist", "user", "key", "known_hosts", "ssh_config", "port",
+                         "python", "node_root", "authorized_keys"})
     config: SSHConfig
 
     def __init__(self, spec: PoolSpec, home):
