@@ -10,7 +10,6 @@ machine, what it and its tasks left can always be found and killed from here, so
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 import shutil
 import stat
@@ -106,34 +105,35 @@ class LocalProvider(Provider):
         root = Path(self.node_root(node.node_id))
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         from hpcbatch.transport import LocalTransport
-        transport = LocalTransport()
-        # the transport is gaining token= and timings= (the agent's lease); until then
-        # it is told the heartbeat only
-        params = inspect.signature(transport.start_agent).parameters
-        extra: dict[str, Any] = {}
-        if "token" in params:
-            extra["token"] = token
-        if "timings" in params:
-            extra["timings"] = timings
-        else:
-            extra["heartbeat_s"] = timings.heartbeat_s
-        return transport.start_agent(node.node_id, root, slots=node.slots, **extra)
+        return LocalTransport().start_agent(node.node_id, root, token=token, timings=timings,
+                                            slots=node.slots)
 
     def fence(self, node: NodeDesc, token: str, pids: Iterable[int]) -> bool:
         _, left = reaping.reap([token], [int(p) for p in pids], [], deadline_s=5.0)
         return left == 0
 
     def reap_orphans(self, agent_records: Iterable[Mapping[str, Any]]) -> list[str]:
+        """What the records name (by token, and recorded agent pids still running
+        with their node root), then whatever the agents' own records under each node
+        root name (hpcbatch.launch.agent.reap_stale_agents)."""
+        from hpcbatch.launch.agent import reap_stale_agents
         mine = [r for r in agent_records if r.get("pool_id") == self.pool_id]
-        if not mine:
-            return []
-        _, left = reaping.reap([r["token"] for r in mine if r.get("token")], [],
-                               [[r["pid"], r["root"]] for r in mine
-                                if r.get("pid") and r.get("root")], deadline_s=5.0)
+        left = 0
+        if mine:
+            _, left = reaping.reap([r["token"] for r in mine if r.get("token")], [],
+                                   [[r["pid"], r["root"]] for r in mine
+                                    if r.get("pid") and r.get("root")], deadline_s=5.0)
+        problems = []
+        for node in self.fixed_nodes():
+            try:
+                reap_stale_agents(self.node_root(node.node_id))
+            except OSError as exc:
+                problems.append(f"{node.node_id}: earlier agents' records could not be read "
+                                f"({exc.strerror or exc})")
         if left:
-            return [f"{self.pool_id}: {left} process(es) of earlier agents could not be "
-                    "killed"]
-        return []
+            problems.append(f"{self.pool_id}: {left} process(es) of earlier agents could not "
+                            "be killed")
+        return problems
 
     def read_node_file(self, node_id: str, path: str) -> bytes:
         return read_inside(self.node_root(node_id), path)

@@ -16,7 +16,6 @@ login apart even when both have a pool of the same name.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import posixpath
 import shutil
@@ -181,12 +180,6 @@ def targets(cfg: Mapping[str, Any]) -> list[SSHTarget]:
     return SSHConfig.from_dict(cfg).targets()
 
 
-def _with_supported(fn, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The keywords fn accepts (the transports are gaining token= and timings=)."""
-    params = inspect.signature(fn).parameters
-    return {k: v for k, v in kwargs.items() if k in params}
-
-
 def _reap_program() -> str:
     from hpcbatch.providers import reap
     return Path(reap.__file__).read_text()
@@ -288,12 +281,9 @@ class SSHProvider(Provider):
         if trust is not None:
             def setup(client, abs_root: str) -> None:
                 trust.install(client, abs_root, self.config.authorized_keys, node.node_id)
-        transport = SSHTransport(self.config.python)
-        extra = _with_supported(transport.start_agent, {
-            "token": token, "timings": timings, "heartbeat_s": timings.heartbeat_s,
-            "slots": node.slots, "setup": setup})
-        return transport.start_agent(target, node.node_id, self.node_root(node.node_id),
-                                     **extra)
+        return SSHTransport(self.config.python).start_agent(
+            target, node.node_id, self.node_root(node.node_id), token=token, timings=timings,
+            slots=node.slots, setup=setup)
 
     def _reap_on(self, node_id: str, request: dict[str, Any], timeout_s: float) -> int:
         """Run the reaper on the node; how many processes it left (its exit status 3)."""
