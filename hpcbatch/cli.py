@@ -354,8 +354,8 @@ def pool_delete(pool_id: str) -> None:
               help="ssh_config with per-host HostName/Port/User.")
 @click.option("--port", type=click.IntRange(1, 65535))
 @click.option("--python", "python", help="python3 on the nodes (default: python3).")
-@click.option("--node-root", help="Where nodes keep task directories "
-              "(default: ~/.hpcbatch-node/POOL/NODE).")
+@click.option("--node-root", help="Where nodes keep task directories: NODE_ROOT/HOME_ID/"
+              "POOL/NODE, HOME_ID a random id of this home (default ~/.hpcbatch-node).")
 @click.option("--authorized-keys", help="The nodes' authorized_keys file, where the pool's "
               "inter-node key is added (default: ~/.ssh/authorized_keys).")
 @click.option("--inter-node-communication/--no-inter-node-communication", "inter_node",
