@@ -282,14 +282,6 @@ class AgentChannel:
 
 # ---- files ---------------------------------------------------------------------------
 
-def _open_dir(base: str, path: str) -> int:
-    base = os.path.normpath(base)
-    path = os.path.normpath(path)
-    if path == base:
-        return os.open(path, agent_module.O_DIR)
-    return agent_module.open_dirs(base, path)
-
-
 def copy_local_files(files: Iterable[tuple[str, str]], dest_dir: str,
                      base: str | None = None) -> None:
     """Copy (source, relative destination) pairs into dest_dir on this machine, keeping
@@ -302,7 +294,7 @@ def copy_local_files(files: Iterable[tuple[str, str]], dest_dir: str,
         if not parts or ".." in parts or rel.startswith("/"):
             raise OSError(f"refusing resource file path {rel!r}: it must stay inside "
                           f"{dest_dir}")
-        fd = _open_dir(base, os.path.join(dest_dir, *parts[:-1]))
+        fd = agent_module.open_dir_below(base, os.path.join(dest_dir, *parts[:-1]))
         name = parts[-1]
         tmp = f".{name}.tmp-{os.getpid()}-{threading.get_ident()}"
         try:

@@ -83,6 +83,11 @@ def _load_protocol():
 P = _load_protocol()
 
 KILL_GRACE_S = 2.0
+RECORD_EVERY_S = 0.2  # the agent's record is rewritten at most this often
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# a task's leader started within this of when the agent spawned it (the record keeps
+# the spawn time, read from CLOCK_BOOTTIME: /proc's start times count from boot too)
+START_SLACK_S = 1.0
 OUT_LIMIT = 256 << 20  # bytes of unread output: past this the coordinator is gone
 TOKEN_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 # where Open MPI / PRRTE put their session directories, for a task's mpiexec (the local
@@ -239,8 +244,10 @@ def signal_session(sid: int, sig: int) -> list[int]:
     processes under them that started sessions of their own."""
     if sid <= 1 or sid == os.getsid(0):
         return []
-    _killpg(sid, sig)
-    return _signal_all(session_members({sid}), sig)
+    members = session_members({sid})
+    _killpg(sid, sig)  # the main group at once (its shell must not see its child die first)
+    _signal_all(members, sig)
+    return sorted(members)
 
 
 def _env_matches(procs, needles: list[bytes]) -> set[int]:
@@ -280,9 +287,11 @@ def reap_sessions(sessions) -> list[int]:
     sids = {int(s) for s in sessions if int(s) > 1}
     if not sids:
         return []
+    members = session_members(sids)
     for sid in sids - _protected()[1]:
         _killpg(sid, signal.SIGKILL)
-    return sorted(_signal_all(session_members(sids), signal.SIGKILL))
+    _signal_all(members, signal.SIGKILL)
+    return sorted(members)
 
 
 # ---- files in the node root: no symbolic links followed ---------------------------------
@@ -290,9 +299,26 @@ def reap_sessions(sessions) -> list[int]:
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
-def mkdir_at(dir_fd: int, name: str, where: str, mode: int = 0o700) -> int:
+_umask: list[int] = []
+
+
+def _umask_strips(mode: int) -> bool:
+    """Whether the umask takes bits off ``mode`` (then a made directory is chmod-ed).
+    Read from /proc (setting the umask to read it would race other threads)."""
+    if not _umask:
+        try:
+            with open("/proc/self/status") as f:
+                _umask.append(next(int(line.split()[1], 8) for line in f
+                                   if line.startswith("Umask:")))
+        except (OSError, StopIteration, ValueError, IndexError):
+            _umask.append(0o777)  # unknown: always chmod
+    return bool(mode & _umask[0])
+
+
+def make_dir_at(dir_fd: int, name: str, where: str, mode: int = 0o700) -> tuple[int, bool]:
     """Open (making it, with exactly ``mode``) the directory ``name`` inside dir_fd; a
-    symbolic link (or anything not a directory) there is refused. Returns its fd."""
+    symbolic link (or anything not a directory) there is refused. Returns (its fd,
+    whether it was made just now)."""
     created = False
     try:
         os.mkdir(name, mode, dir_fd=dir_fd)
@@ -307,20 +333,34 @@ def mkdir_at(dir_fd: int, name: str, where: str, mode: int = 0o700) -> int:
                           "symbolic link or not a directory (task directories must be "
                           "real directories)") from None
         raise
-    if created:
+    if created and _umask_strips(mode):
         os.fchmod(fd, mode)  # not the umask's idea of it
-    return fd
+    return fd, created
 
 
-def create_at(dir_fd: int, name: str, mode: int = 0o644) -> int:
+def mkdir_at(dir_fd: int, name: str, where: str, mode: int = 0o700) -> int:
+    return make_dir_at(dir_fd, name, where, mode)[0]
+
+
+def new_dir_at(dir_fd: int, name: str, mode: int = 0o700) -> None:
+    """Make the directory ``name`` (FileExistsError when something has the name)."""
+    os.mkdir(name, mode, dir_fd=dir_fd)
+    if _umask_strips(mode):
+        os.chmod(name, mode, dir_fd=dir_fd)
+
+
+def create_at(dir_fd: int, name: str, mode: int = 0o644, fresh: bool = False) -> int:
     """A fresh file ``name`` in dir_fd, open for writing: whatever had the name (an old
-    file, a symbolic link planted there) is unlinked first, never written through."""
-    try:
-        os.unlink(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        pass
-    except IsADirectoryError:
-        raise OSError(errno.EISDIR, f"refusing to replace the directory {name!r}") from None
+    file, a symbolic link planted there) is unlinked first, never written through.
+    ``fresh``: the directory was just made, nothing can be there."""
+    if not fresh:
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+        except IsADirectoryError:
+            raise OSError(errno.EISDIR, f"refusing to replace the directory {name!r}") \
+                from None
     return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                    mode, dir_fd=dir_fd)
 
@@ -349,6 +389,13 @@ def open_dirs(root: str, path: str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def open_dir_below(base: str, path: str) -> int:
+    """open_dirs, where ``path`` may be ``base`` itself."""
+    if os.path.normpath(path) == os.path.normpath(base):
+        return os.open(base, O_DIR)
+    return open_dirs(base, path)
 
 
 def remove_tree(path: str) -> None:
@@ -418,8 +465,8 @@ def _wait_gone(pids, timeout_s: float) -> None:
 def _stale_targets(records: list[tuple[str, dict | None]], me: str) -> set[int]:
     """Processes the agents of these records (token, record) left behind."""
     procs = _procs()
-    live = {pid: start for pid, _ppid, _sid, start in procs}
-    sessions: dict[int, int] = {}  # task session -> the start time recorded for it
+    live = {pid: start / CLK_TCK for pid, _ppid, _sid, start in procs}  # s after boot
+    sessions: dict[int, float] = {}  # task session -> when its leader was spawned
     targets: set[int] = set()
     needles = []
     for token, rec in records:
@@ -429,15 +476,18 @@ def _stale_targets(records: list[tuple[str, dict | None]], me: str) -> set[int]:
         tasks = rec.get("tasks")
         for t in tasks if isinstance(tasks, list) else ():
             try:
-                sid, start = int(t["sid"]), int(t["start"])
+                sid, spawned = int(t["sid"]), float(t["spawned"])
             except (KeyError, TypeError, ValueError):
                 continue
-            if live.get(sid, start) == start:  # the leader, or no process with its pid
-                sessions[sid] = start
-    by_session = [(pid, sid, start) for pid, _ppid, sid, start in procs if sid in sessions]
-    # a session whose leader is gone: only processes started after the task did
-    chosen = {pid for pid, sid, start in by_session
-              if sid in live or start >= sessions[sid]}
+            lead = live.get(sid)
+            # the leader itself (it started when it was spawned), or no process has its
+            # pid (then none can have taken its session id either)
+            if lead is None or abs(lead - spawned) <= START_SLACK_S:
+                sessions[sid] = spawned
+    # a session whose leader is gone: only processes started after the task was
+    chosen = {pid for pid, _ppid, sid, start in procs
+              if sid in sessions and (sid in live or
+                                      start / CLK_TCK >= sessions[sid] - START_SLACK_S)}
     targets |= _with_descendants(procs, chosen)
     for n in needles:
         targets |= _env_matches(procs, n)
@@ -515,13 +565,13 @@ def reap_stale_agents(root: str, *, keep: str = "", only: str | None = None,
 # ---- the agent ------------------------------------------------------------------------
 
 class Task:
-    __slots__ = ("id", "pid", "pstart", "slots", "start", "deadline", "kill_at", "timed_out",
-                 "killed", "tmp")
+    __slots__ = ("id", "pid", "spawned", "slots", "start", "deadline", "kill_at",
+                 "timed_out", "killed", "tmp")
 
-    def __init__(self, tid, pid, slots, start, timeout_s, tmp):
+    def __init__(self, tid, pid, slots, start, timeout_s, tmp, spawned):
         self.id = tid
         self.pid = pid  # also its session id and process group id
-        self.pstart = proc_start_time(pid) or 0
+        self.spawned = spawned  # CLOCK_BOOTTIME at the spawn (reading /proc then is slow)
         self.slots = slots
         self.start = start  # wall clock, for the report
         now = time.monotonic()
@@ -564,11 +614,13 @@ class Agent:
         self.stopping = False
         self.stop_reason = P.KILLED_SHUTDOWN
         self.dirty = True  # the record needs writing
+        self.record_due = 0.0
         self.record_failed = False
         self.base_env = dict(os.environ)
         self.base_env.pop(P.AGENT_TOKEN_ENV, None)
         self.boot = boot_id()
         self.root_fd = -1
+        self.dir_fds: dict[str, int] = {}  # kept parents of task directories
 
     # ---- output ----------------------------------------------------------
 
@@ -660,14 +712,14 @@ class Agent:
     def run(self, msg) -> None:
         now = time.time()
         try:
-            pid, tmp = self.spawn(msg)
+            pid, tmp, spawned = self.spawn(msg)
         except Exception as exc:  # noqa: BLE001 - any start failure fails this task only
             if not isinstance(exc, (OSError, ValueError)):
                 log(f"node {self.node_id}: run {msg.id!r} could not start: {_why(exc)}")
             self.events.append(P.Exited(id=msg.id, exit_code=None, start_failed=_why(exc),
                                         start=now, end=time.time()))
             return
-        task = Task(msg.id, pid, msg.slots, now, msg.timeout_s, tmp)
+        task = Task(msg.id, pid, msg.slots, now, msg.timeout_s, tmp, spawned)
         self.used += task.slots
         self.tasks[pid] = task
         self.by_id[msg.id] = task
@@ -690,32 +742,58 @@ class Agent:
                                  "which cannot be passed to a process")
         return env
 
-    def spawn(self, msg) -> tuple[int, str | None]:
-        """Make the task's directories and start it: (pid, its TMPDIR)."""
+    def parent_fd(self, path: str) -> int:
+        """fd of a task directory's parent (a job's folder), checked link by link from
+        the root once and then kept (a few): its tasks' directories are made inside
+        that very directory, whatever is done to its path meanwhile."""
+        fd = self.dir_fds.pop(path, None)
+        if fd is None:
+            fd = open_dir_below(self.root, path)
+            while len(self.dir_fds) >= 32:
+                os.close(self.dir_fds.pop(next(iter(self.dir_fds))))
+        self.dir_fds[path] = fd  # (most recently used last)
+        return fd
+
+    def task_dir(self, tdir: str) -> tuple[int, bool]:
+        parent, leaf = os.path.split(tdir)
+        if not leaf or tdir == self.root:
+            raise OSError(errno.EINVAL, f"refusing the node root {self.root} as a task "
+                          "directory")
+        try:
+            return make_dir_at(self.parent_fd(parent), leaf, parent)
+        except FileNotFoundError:  # the kept folder was removed (a job deleted): again
+            os.close(self.dir_fds.pop(parent))
+            return make_dir_at(self.parent_fd(parent), leaf, parent)
+
+    def spawn(self, msg) -> tuple[int, str, float]:
+        """Make the task's directories and start it: (pid, its TMPDIR, CLOCK_BOOTTIME)."""
         if "\0" in msg.cmd:
             raise ValueError("the command line holds a NUL byte")
         fds = []
         tmp = None
         try:
-            tfd = open_dirs(self.root, msg.dir)
-            fds.append(tfd)
             tdir = os.path.normpath(os.path.join(self.root, msg.dir))
+            tfd, fresh = self.task_dir(tdir)
+            fds.append(tfd)
             for name in msg.dirs:
                 fds.append(mkdir_at(tfd, safe_name(name), tdir))
             for name, text in (msg.files or {}).items():
-                with os.fdopen(create_at(tfd, safe_name(name)), "w") as f:
+                with os.fdopen(create_at(tfd, safe_name(name), fresh=fresh), "w") as f:
                     f.write(text)
             wd = mkdir_at(tfd, "wd", tdir)
             fds.append(wd)
             tmp = os.path.join(tdir, "tmp")
-            remove_tree(tmp)  # what an earlier attempt left
-            fds.append(mkdir_at(tfd, "tmp", tdir))
+            try:
+                new_dir_at(tfd, "tmp")
+            except FileExistsError:  # what an earlier attempt left
+                remove_tree(tmp)
+                new_dir_at(tfd, "tmp")
             env = self.task_env(msg, tmp)
             argv = command_argv(msg.cmd, env.get("PATH", os.defpath))
             prefix = safe_name(msg.log_prefix) if msg.log_prefix else ""
-            out = create_at(tfd, prefix + "stdout.txt")
+            out = create_at(tfd, prefix + "stdout.txt", fresh=fresh)
             fds.append(out)
-            err = create_at(tfd, prefix + "stderr.txt")
+            err = create_at(tfd, prefix + "stderr.txt", fresh=fresh)
             fds.append(err)
             actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                        (os.POSIX_SPAWN_DUP2, out, 1), (os.POSIX_SPAWN_DUP2, err, 2)]
@@ -723,11 +801,12 @@ class Agent:
             # around the spawn is safe. Every other fd of ours is close-on-exec.
             os.fchdir(wd)
             try:
+                spawned = time.clock_gettime(time.CLOCK_BOOTTIME)
                 pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True,
                                      setsigdef=RESET_SIGNALS)
             finally:
                 os.fchdir(self.root_fd)
-            return pid, tmp
+            return pid, tmp, spawned
         except BaseException:
             if tmp:
                 remove_tree(tmp)
@@ -817,16 +896,20 @@ class Agent:
     def record(self) -> dict:
         return {"token": self.token, "pid": os.getpid(), "start": proc_start_time(os.getpid()),
                 "boot": self.boot, "node_id": self.node_id, "root": self.root,
-                "tasks": [{"id": t.id, "pid": t.pid, "sid": t.pid, "start": t.pstart}
+                "tasks": [{"id": t.id, "pid": t.pid, "sid": t.pid, "spawned": t.spawned}
                           for t in self.tasks.values()]}
 
-    def save_record(self) -> None:
-        if self.dirty:
+    def save_record(self, now: float) -> None:
+        """Rewrite the record, at most every RECORD_EVERY_S (ext4 journals each rename:
+        up to a millisecond that would sit between tasks). A task that starts in between
+        and outlives a SIGKILLed agent is still found, by the token in its environment."""
+        if self.dirty and now >= self.record_due:
+            self.record_due = now + RECORD_EVERY_S
             try:
                 write_record(self.root, self.token, self.record())
                 self.dirty = False
                 self.record_failed = False
-            except OSError as exc:  # tried again next turn, said once
+            except OSError as exc:  # tried again next time, said once
                 if not self.record_failed:
                     log(f"node {self.node_id}: cannot write the agent record: {exc}")
                 self.record_failed = True
@@ -844,7 +927,8 @@ class Agent:
                 log(f"node {self.node_id}: killed {len(killed)} processes earlier agents "
                     f"of {self.root} left: {killed}")
                 self.events.append(P.Reaped(match={}, pids=tuple(killed)))
-        self.save_record()
+        write_record(self.root, self.token, self.record())
+        self.dirty = False
         os.fchdir(self.root_fd)
 
     def serve(self, inp_fd: int) -> None:
@@ -893,6 +977,8 @@ class Agent:
                 wait_s = min(wait_s, due - now)
             if self.lease_s:
                 wait_s = min(wait_s, heard + self.lease_s - now)
+            if self.dirty:
+                wait_s = min(wait_s, self.record_due - now)
             ready = sel.select(max(wait_s, 0))
             now = time.monotonic()
             # before reading: lines that waited in a pipe while we were stopped are old news
@@ -917,7 +1003,7 @@ class Agent:
                         if line.strip():
                             self.handle_line(line)
             self.reap()
-            self.save_record()  # before any Started goes out
+            self.save_record(now)
             if time.monotonic() >= next_hb:
                 self.heartbeat()
                 next_hb = time.monotonic() + self.heartbeat_s
@@ -936,8 +1022,7 @@ class Agent:
         self.send(P.Bye())
         self.drain_out(2.0)
         if self.tasks:  # could not kill them all: the record stays for a later reap
-            self.dirty = True
-            self.save_record()
+            write_record(self.root, self.token, self.record())
             log(f"node {self.node_id}: tasks {sorted(map(str, self.by_id))} outlived "
                 f"SIGKILL; their record stays in {record_dir(self.root)}")
         else:

@@ -366,11 +366,10 @@ def test_each_task_has_its_own_tmpdir_inside_its_task_dir_removed_after(agent, t
     tdir = agent.run(1, 'printf "%s\\n" "$TMPDIR" "$PRTE_MCA_prte_local_tmpdir_base" '
                         '"$OMPI_MCA_orte_local_tmpdir_base" "$HPCBATCH_AGENT_TOKEN" > vars; '
                         'stat -c %a "$TMPDIR" >> vars; mkdir -p "$TMPDIR/ompi.1/x"; '
-                        f'touch "$TMPDIR/ompi.1/x/f"; while [ ! -e {gate} ]; do sleep 0.01; done',
-                     tmp_path)
-    lines = poll(lambda: (lambda t: t if len(t) == 5 else None)(
-        (tdir / "wd" / "vars").read_text().split("\n")[:-1]
-        if (tdir / "wd" / "vars").exists() else []), 10, what="the task's variables")
+                        f'touch "$TMPDIR/ompi.1/x/f" ready; while [ ! -e {gate} ]; do sleep 0.01; '
+                        'done', tmp_path)
+    poll((tdir / "wd" / "ready").exists, 10, what="the task's files")
+    lines = (tdir / "wd" / "vars").read_text().split("\n")[:-1]
     tmp = str(tdir / "tmp")
     assert lines == [tmp, tmp, tmp, agent.chan.token, "700"]
     assert (tdir / "tmp" / "ompi.1" / "x" / "f").exists()
@@ -552,7 +551,7 @@ def test_a_record_whose_pids_were_reused_kills_nothing(tmp_path):
             "token": "old", "pid": bystander.pid, "start": start - 1,
             "boot": agent_module.boot_id(),
             "tasks": [{"id": 1, "pid": bystander.pid, "sid": bystander.pid,
-                       "start": start - 1}]})
+                       "spawned": start / agent_module.CLK_TCK - 5}]})
         assert agent_module.reap_stale_agents(str(root)) == []
         assert pid_alive(bystander.pid)
         assert not (root / "agents" / "old.json").exists()
