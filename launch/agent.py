@@ -620,6 +620,7 @@ class Agent:
         self.base_env.pop(P.AGENT_TOKEN_ENV, None)
         self.boot = boot_id()
         self.root_fd = -1
+        self.pstart = proc_start_time(os.getpid())
         self.dir_fds: dict[str, int] = {}  # kept parents of task directories
 
     # ---- output ----------------------------------------------------------
@@ -894,7 +895,7 @@ class Agent:
     # ---- the record of what this agent runs ----------------------------------
 
     def record(self) -> dict:
-        return {"token": self.token, "pid": os.getpid(), "start": proc_start_time(os.getpid()),
+        return {"token": self.token, "pid": os.getpid(), "start": self.pstart,
                 "boot": self.boot, "node_id": self.node_id, "root": self.root,
                 "tasks": [{"id": t.id, "pid": t.pid, "sid": t.pid, "spawned": t.spawned}
                           for t in self.tasks.values()]}

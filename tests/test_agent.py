@@ -27,10 +27,11 @@ FAST = Timings(heartbeat_s=0.2, node_timeout_s=5, lease_s=600, kill_grace_s=1)
 
 
 class AgentUnderTest:
-    def __init__(self, root, timings: Timings = FAST, token: str = "", slots: int = 1):
+    def __init__(self, root, timings: Timings = FAST, token: str = "", slots: int = 1,
+                 chan=None):
         self.root = root
-        self.chan = LocalTransport().start_agent("n1", root, token=token, timings=timings,
-                                                 slots=slots)
+        self.chan = chan or LocalTransport().start_agent("n1", root, token=token,
+                                                         timings=timings, slots=slots)
         self.msgs: queue.Queue = queue.Queue()
         self.pending: list = []
         self.chan.listen(self.msgs.put)
@@ -61,7 +62,7 @@ class AgentUnderTest:
     def close(self) -> None:
         self.chan.close()
         assert self.chan.wait_closed(30), "the agent did not end"
-        assert not pid_alive(self.chan.pid)
+        assert not pid_alive(self.chan.pid or self.hello.pid)
 
 
 @pytest.fixture
@@ -493,14 +494,17 @@ def test_the_record_lists_running_tasks_and_goes_with_a_clean_exit(tmp_path):
 
 def _leave_orphans(tmp_path):
     """An agent SIGKILLed under a task that has a child in a session of its own: both
-    live on. Returns (the dead agent's channel, task pid, escaped child pid)."""
+    live on. The task cleared its environment (no token there): only the record leads
+    to it. Returns (the dead agent's channel, task pid, escaped child pid)."""
     a = AgentUnderTest(tmp_path / "node")
     tpid, cpid = tmp_path / "task.pid", tmp_path / "child.pid"
     a.run(1, f"echo $$ > {tpid}; setsid sh -c 'echo $$ > {cpid}; exec sleep 300' & "
-             "exec sleep 300", tmp_path)
+             "exec env -i sleep 300", tmp_path)
     task, child = int(wait_file(tpid)), int(wait_file(cpid))
     a.expect(P.Started, id=1)
     poll(lambda: read_record(a.root, a.chan.token)["tasks"], 5, what="the task recorded")
+    environ = Path(f"/proc/{task}/environ")
+    poll(lambda: P.AGENT_TOKEN_ENV.encode() not in environ.read_bytes(), 5, what="env -i")
     os.kill(a.chan.pid, signal.SIGKILL)
     poll(lambda: not pid_alive(a.chan.pid), 10, what="the agent's death")
     assert pid_alive(task) and pid_alive(child)
@@ -629,3 +633,38 @@ def drain(q: queue.Queue) -> list:
             out.append(q.get_nowait())
         except queue.Empty:
             return out
+
+
+# ---- over SSH: the same agent, uploaded with its protocol ---------------------------------
+
+@pytest.mark.ssh
+def test_an_agent_over_ssh_is_uploaded_with_its_protocol_and_fenced_on_abort(ssh_targets,
+                                                                              tmp_path):
+    from hpcbatch._version import __version__
+    from hpcbatch.transport import SSHTransport, agent_digest
+
+    root = tmp_path / "ssh node"
+    a = AgentUnderTest(root, chan=SSHTransport().start_agent(
+        ssh_targets[0], "node1", str(root), timings=FAST))
+    assert a.hello.protocol == P.PROTOCOL_VERSION and a.hello.token == a.chan.token
+    assert a.chan.pid is None  # (a remote agent's pid is in its hello)
+    up = Path.home() / ".hpcbatch" / f"agent-{__version__}-{agent_digest()}"
+    assert (up / "agent.py").read_bytes() == AGENT_PATH.read_bytes()
+    assert (up / "protocol.py").read_bytes() == PROTOCOL_PATH.read_bytes()
+    tdir = a.run(1, "echo over ssh", tmp_path)
+    assert a.expect(P.Exited, id=1).exit_code == 0
+    assert (tdir / "stdout.txt").read_text() == "over ssh\n"
+    a.close()  # graceful: EOF, the agent exits, its record goes
+    assert not (root / "agents" / f"{a.hello.token}.json").exists()
+
+    b = AgentUnderTest(root, chan=SSHTransport().start_agent(
+        ssh_targets[0], "node1", str(root), timings=FAST))
+    tpid = tmp_path / "task.pid"
+    b.run(2, f"echo $$ > {tpid}; exec sleep 300", tmp_path)
+    task = int(wait_file(tpid))
+    t0 = time.monotonic()
+    b.chan.close(abort=True)  # a lost node: the connection is reset, nothing more sent
+    assert time.monotonic() - t0 < 0.5
+    assert b.chan.wait_closed(10)
+    wait_gone(task, 15)  # sshd ends the session: the agent sees EOF and stops its task
+    poll(lambda: not pid_alive(b.hello.pid), 15, what="the remote agent's exit")
