@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
+import os
 import posixpath
 import re
 from collections.abc import Iterable, Mapping
@@ -17,13 +19,13 @@ from typing import Any
 
 from hpcbatch.errors import ValidationError
 
-ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 ID_RULE = "use 1 to 64 letters, digits, '-' or '_'"
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def check_id(field: str, value: Any) -> str:
-    if not isinstance(value, str) or not ID_RE.match(value):
+    if not isinstance(value, str) or not ID_RE.fullmatch(value):
         raise ValidationError(field, f"{value!r} is not a valid id; {ID_RULE}")
     return value
 
@@ -51,9 +53,13 @@ def _check_env(field: str, env: Any) -> dict[str, str]:
         raise ValidationError(field, "must be a mapping of NAME -> value")
     out = {}
     for key, val in env.items():
-        if not isinstance(key, str) or not ENV_NAME_RE.match(key):
+        if not isinstance(key, str) or not ENV_NAME_RE.fullmatch(key):
             raise ValidationError(field, f"{key!r} is not a valid environment variable name")
-        out[key] = str(val)
+        val = str(val)
+        if "\0" in val:
+            raise ValidationError(f"{field}.{key}", "the value holds a NUL byte, which no "
+                                  "process environment can carry; remove it")
+        out[key] = val
     return out
 
 
@@ -210,6 +216,13 @@ TRANSITIONS: dict[type, dict[Any, frozenset]] = {
 }
 
 PROVIDERS = ("local", "ssh")
+# a command line, with its environment, must fit the system's limit on what one exec takes
+# (ARG_MAX; Linux also caps one argument at 128 KiB): refused at input, not with E2BIG later
+try:
+    _ARG_MAX = os.sysconf("SC_ARG_MAX")
+except (ValueError, OSError):  # pragma: no cover - every POSIX system has it
+    _ARG_MAX = 2 * 1024 * 1024
+MAX_COMMAND_BYTES = min(_ARG_MAX // 2, 128 * 1024 - 1)
 POLICIES = ("pack", "spread")
 ON_ALL_TASKS_COMPLETE = ("no_action", "terminate_job")
 
@@ -405,6 +418,11 @@ class TaskSpec:
             raise ValidationError(f"task {self.id}: command_line", "is empty")
         if "\0" in self.command_line:
             raise ValidationError(f"task {self.id}: command_line", "contains a NUL byte")
+        if len(self.command_line.encode(errors="replace")) > MAX_COMMAND_BYTES:
+            raise ValidationError(f"task {self.id}: command_line",
+                                  f"is {len(self.command_line.encode(errors='replace')):,} bytes, "
+                                  f"more than the {MAX_COMMAND_BYTES:,} a process can be given "
+                                  "here; put the data in a resource file instead")
         object.__setattr__(self, "environment",
                            _check_env(f"task {self.id}: environment", self.environment))
         _check_int(f"task {self.id}: required_slots", self.required_slots, 1, 1024)
@@ -412,7 +430,7 @@ class TaskSpec:
             _check_int(f"task {self.id}: max_task_retry_count", self.max_task_retry_count, -1)
         wall = self.max_wall_clock_time_s
         if wall is not None and (isinstance(wall, bool) or not isinstance(wall, int | float)
-                                 or wall <= 0):
+                                 or not math.isfinite(wall) or wall <= 0):
             raise ValidationError(f"task {self.id}: max_wall_clock_time_s",
                                   f"{wall!r} must be a number of seconds > 0")
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import abc
 import concurrent.futures
 import contextlib
-import inspect
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -241,15 +240,12 @@ class LocalService(Service):
         if error is not None:
             raise HpcBatchError(f"the coordinator stopped: {error!r}")
 
-    def _command(self, what: str, name: str, *args: Any, old: str | None = None) -> None:
+    def _command(self, what: str, name: str, *args: Any) -> None:
         """Run a coordinator command and wait for its result (a Future), at most
         command_timeout_s; its error is raised here."""
         if self.coordinator is None:
             return
-        fn = getattr(self.coordinator, name, None) or getattr(self.coordinator, old or name)
-        result = fn(*args)
-        if not isinstance(result, concurrent.futures.Future):
-            return  # the coordinator before the reshape answered nothing
+        result = getattr(self.coordinator, name)(*args)
         try:
             result.result(timeout=self.command_timeout_s)
         except concurrent.futures.TimeoutError:
@@ -467,7 +463,7 @@ class LocalService(Service):
         if self.coordinator is None:
             raise HpcBatchError(f"no coordinator runs here to terminate {job_id}/{task_id}")
         self._command(f"terminate of task {job_id}/{task_id}", "terminate_task", job_id,
-                      task_id, old="kill_task")
+                      task_id)
 
     def read_task_file(self, job_id: str, task_id: str, name: str) -> bytes:
         if not name or "/" in name or "\0" in name or name in (".", ".."):
@@ -497,16 +493,10 @@ class LocalService(Service):
 
 
 def _start_coordinator(home: Path, timings: Timings, prefetch: int | None):
-    """Start the embedded coordinator (its constructor takes timings= since the
-    reshape; the one before took heartbeat_s and node_timeout_s)."""
+    """Start the embedded coordinator."""
     from hpcbatch.coordinator import Coordinator
-    params = inspect.signature(Coordinator).parameters
     kw: dict[str, Any] = {} if prefetch is None else {"prefetch": prefetch}
-    if "timings" in params:
-        kw["timings"] = timings
-    else:
-        kw.update(heartbeat_s=timings.heartbeat_s, node_timeout_s=timings.node_timeout_s)
-    coordinator = Coordinator(home, **kw)
+    coordinator = Coordinator(home, timings=timings, **kw)
     coordinator.start()
     return coordinator
 

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from hpcbatch import env as E
+from hpcbatch.launch.protocol import KILLED_LEASE, KILLED_SHUTDOWN
 from hpcbatch.models import (
     FailureKind,
     MIPhase,
@@ -52,6 +53,7 @@ NEW_WORK_SLICE = 5000  # new tasks read per query (a 1M-task submit is read in s
 FLAG_RESOURCE_FILES, FLAG_COORDINATION, FLAG_COMMON_FILES = 1, 2, 4
 
 usable = frozenset({NodeState.IDLE, NodeState.RUNNING})
+AGENT_STOPPED = frozenset({KILLED_LEASE, KILLED_SHUTDOWN})  # an agent's own reasons to kill
 
 
 def _ev(cls):
@@ -327,7 +329,7 @@ class RunTask:
     seq: int
     run: RunId
     task_dir: str
-    env: tuple[tuple[str, str], ...]
+    env: dict[str, str]
     slots: int
     files: tuple[tuple[str, str], ...] = ()
     dirs: tuple[str, ...] = ()
@@ -541,6 +543,7 @@ class PoolState:
     loading: bool = False
     avg_run_s: float | None = None
     per_slot: int = -1  # the prefetch depth the placer's nodes were last given
+    total_slots: int = 0
     dirty: bool = True
 
 
@@ -639,6 +642,11 @@ class CoordinatorState:
         node = Node(pool.info.pool_id, info.node_id, info.host, info.slots,
                     retry_s=self.timings.reconnect_min_s)
         pool.nodes[info.node_id] = node
+        pool.total_slots += node.slots
+        # the placer breaks ties by the order nodes were first given: the pool's order,
+        # not the order their agents happen to say hello in
+        pool.placer.set_node(info.node_id, info.slots, info.slots, 0)
+        pool.placer.remove_node(info.node_id)
         self._persist_node(node)
         self._start_agent(node)
 
@@ -668,6 +676,7 @@ class CoordinatorState:
         pool = self.pools[node.pool_id]
         pool.placer.remove_node(node.node_id)
         del pool.nodes[node.node_id]
+        pool.total_slots -= node.slots
 
     def _on_PoolRemoved(self, ev: PoolRemoved) -> None:
         pool = self.pools.pop(ev.pool_id, None)
@@ -714,8 +723,7 @@ class CoordinatorState:
         pool.dirty = True
 
     def _window_size(self, pool: PoolState) -> int:
-        slots = sum(n.slots for n in pool.nodes.values())
-        return max(WINDOW_MIN, min(WINDOW_MAX, 4 * slots))
+        return max(WINDOW_MIN, min(WINDOW_MAX, 4 * pool.total_slots))
 
     def _want_window(self, pool: PoolState) -> None:
         """Ask for more runnable work of the pool when its queue runs low."""
@@ -825,6 +833,7 @@ class CoordinatorState:
             return
         node.root = ev.root
         node.info = dict(ev.info)
+        node.info["root"] = ev.root
         pool = self.pools[node.pool_id]
         start_task = pool.info.start_task
         if start_task:
@@ -1044,9 +1053,9 @@ class CoordinatorState:
         return {
             E.POOL_ID: row.pool_id, E.NODE_ID: node.node_id, E.JOB_ID: row.job_id,
             E.TASK_ID: row.task_id, E.TASK_DIR: tdir,
-            E.TASK_WORKING_DIR: posixpath.join(tdir, "wd"),
-            E.NODE_SHARED_DIR: posixpath.join(root, "shared"),
-            E.JOB_PREP_DIR: posixpath.join(root, "jobs", row.job_id, "jobpreparation"),
+            E.TASK_WORKING_DIR: f"{tdir}/wd",
+            E.NODE_SHARED_DIR: f"{root}/shared",
+            E.JOB_PREP_DIR: f"{root}/jobs/{row.job_id}/jobpreparation",
             E.TASK_ATTEMPT: str(attempt),
         }
 
@@ -1056,14 +1065,13 @@ class CoordinatorState:
 
     def _assign(self, pool: PoolState, row: TaskRow, node: Node, slots: int) -> None:
         run = RunId(row.seq)
-        tdir = posixpath.join(node.root or "", "jobs", row.job_id, row.task_id)
+        tdir = f"{node.root or ''}/jobs/{row.job_id}/{row.task_id}"
         att = Attempt(row, node.key, tdir)
         self.attempts[row.seq] = att
         self._occupy(node, run, slots)
         self._emit(MarkPreparing(row.seq, node.node_id, tdir, self.now))
         msg = RunTask(node.pool_id, node.node_id, row.seq, run, tdir,
-                      tuple(sorted(self._task_env(row, node, tdir, row.retry_count).items())),
-                      slots)
+                      self._task_env(row, node, tdir, row.retry_count), slots)
         if row.flags & FLAG_RESOURCE_FILES:
             att.pending_run = msg
             token = self._next_token()
@@ -1118,6 +1126,12 @@ class CoordinatorState:
             self._vacate(node, run)
             return
         self._vacate(node, run)
+        if ev.killed in AGENT_STOPPED and not att.terminated:
+            # the agent stopped it on its own (its lease ran out, or it was shut down):
+            # not the task's failure, so a requeue
+            node.lost_reason = f"its agent stopped the task ({ev.killed})"
+            self._end_lost(att, node)
+            return
         if ev.start is not None and ev.end is not None:
             pool = self.pools[node.pool_id]
             took = ev.end - ev.start
@@ -1281,8 +1295,7 @@ class CoordinatorState:
             E.NUM_INSTANCES: str(len(alloc.nodes)),
         })
         hostfile = "".join(f"{h} slots={s}\n" for h, s in zip(alloc.hosts, alloc.slots))
-        return RunTask(node.pool_id, node.node_id, row.seq, run, tdir,
-                       tuple(sorted(env.items())), alloc.slots[index],
+        return RunTask(node.pool_id, node.node_id, row.seq, run, tdir, env, alloc.slots[index],
                        files=(("hostfile", hostfile),), dirs=("shared",), log_prefix=prefix,
                        instance=True)
 
@@ -1313,6 +1326,8 @@ class CoordinatorState:
             return
         alloc.pending.discard(ev.run)
         ex = _exit_of(ev)
+        if ev.killed in AGENT_STOPPED:
+            ex = Exit(None, node_lost=True)
         if alloc.failed is not None or failure_of(ex) is not None:
             self._fail_alloc(att, alloc.failed or ex, ev.killed)
         elif alloc.phase is MIPhase.COORDINATION:

@@ -140,21 +140,6 @@ def test_a_closed_batch_says_so(home):
         job.counts()
 
 
-def test_prefetch_holds_short_work_only(home):
-    from hpcbatch.coordinator import DEFAULT_PREFETCH, Coordinator
-    c = Coordinator(home)
-    try:
-        assert c._prefetch_per_slot("p") == 1  # not timed yet
-        c.run_s["p"] = 0.001  # 1 ms tasks: a round trip per task would leave slots idle
-        assert c._prefetch_per_slot("p") == DEFAULT_PREFETCH
-        c.run_s["p"] = 0.008
-        assert c._prefetch_per_slot("p") == 2
-        c.run_s["p"] = 5.0  # long tasks: queued work could not move to a node that frees up
-        assert c._prefetch_per_slot("p") == 0
-    finally:
-        c.stop()
-
-
 def test_tasks_queued_on_a_node_are_preparing_until_they_start(home):
     with hpcbatch.Batch(local_slots=1) as batch:
         job = batch.jobs.create("q")

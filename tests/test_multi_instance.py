@@ -99,9 +99,9 @@ def test_a_lost_node_fails_the_task_which_retries_elsewhere(batch, tmp_path):
     first = poll(lambda: (pids / "0").exists() and (pids / "0").read_text().strip(),
                  what="first attempt running")
     primary = job.task("t").node_id
-    victim = batch.coordinator.nodes[("trio", primary)]
+    victim = {n.id: n for n in batch.pools.nodes("trio")}[primary].info["pid"]
     killed_at = time.monotonic()
-    os.kill(victim.channel.pid, signal.SIGKILL)  # the node's agent dies
+    os.kill(victim, signal.SIGKILL)  # the node's agent dies
     poll(lambda: (pids / "1").exists() and (pids / "1").read_text().strip(), timeout_s=15,
          what="retry running")
     assert time.monotonic() - killed_at < 10
@@ -210,8 +210,8 @@ def test_losing_a_node_whose_start_task_failed_keeps_the_coordinator_up(home, mo
         def states():
             return [n["state"] for n in batch.pools.nodes("bad")]
         poll(lambda: states() == ["start_task_failed"], what="start task failed")
-        node = batch.coordinator.nodes[("bad", "local-1")]
-        os.kill(node.channel.pid, signal.SIGKILL)  # its agent dies too
+        agent = batch.pools.nodes("bad")[0].info["pid"]
+        os.kill(agent, signal.SIGKILL)  # its agent dies too
         poll(lambda: states()[0] in ("unusable", "starting"), what="node lost")
         job = batch.jobs.create("never", pool="bad")
         job.add_task("t", "true")

@@ -21,6 +21,7 @@ from hpcbatch.launch.cluster import (
     kill_node,
     start_node,
 )
+from hpcbatch.providers import home_id
 
 pytestmark = pytest.mark.skipif(not Path("/usr/sbin/sshd").exists(),
                                 reason="needs openssh-server (scripts/test.sh installs it)")
@@ -280,7 +281,7 @@ def test_inter_node_trust_is_a_pool_key_and_ssh_config_on_every_node(batch, clus
     assert authorized.count(pub[1]) == 1  # both nodes read this file: added once
     host_keys = {nd["name"]: nd["host_key"] for nd in cluster_status(cluster)["nodes"]}
     for node in ("node1", "node2"):
-        ssh_dir = tmp_path / "node roots" / "trusted" / node / "ssh"
+        ssh_dir = tmp_path / "node roots" / home_id(home) / "trusted" / node / "ssh"
         assert (ssh_dir / "id_ed25519").stat().st_mode & 0o777 == 0o600
         assert (ssh_dir / "id_ed25519").read_text() == \
             (home / "pools" / "trusted" / "id_ed25519").read_text()
@@ -308,7 +309,7 @@ def test_without_inter_node_communication_no_pool_key_is_installed(batch, cluste
     job.wait(timeout_s=60)
     assert job.task("t").stdout() == "[unset]\n"
     assert not (home / "pools" / "plain").exists()
-    assert not (tmp_path / "node roots" / "plain" / "node3" / "ssh").exists()
+    assert not (tmp_path / "node roots" / home_id(home) / "plain" / "node3" / "ssh").exists()
 
 
 def test_resource_files_go_over_sftp_and_logs_come_back_over_it(batch, cluster, tmp_path,
@@ -417,7 +418,7 @@ def test_deleting_a_pool_stops_its_agents_and_revokes_its_key(batch, tmp_path, h
             batch.pools.delete("gone")
         assert batch.jobs.delete("j") == []
         assert not any(p.exists() for p in dirs)  # removed over SSH
-        roots = tmp_path / "node roots" / "gone"
+        roots = tmp_path / "node roots" / home_id(home) / "gone"
         assert agents_of(roots)
         kill_node(d, "node3")  # one node cannot be reached to revoke the key
         problems = batch.pools.delete("gone")

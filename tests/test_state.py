@@ -60,7 +60,7 @@ def run_of(seq, node="n1", attempt=0, slots=1, job="j", task=None):
            E.TASK_WORKING_DIR: f"{tdir}/wd", E.NODE_SHARED_DIR: f"{ROOT}/{node}/shared",
            E.JOB_PREP_DIR: f"{ROOT}/{node}/jobs/{job}/jobpreparation",
            E.TASK_ATTEMPT: str(attempt)}
-    return S.RunTask("p", node, seq, RunId(seq), tdir, tuple(sorted(env.items())), slots)
+    return S.RunTask("p", node, seq, RunId(seq), tdir, env, slots)
 
 
 def exited(seq, code=0, t=2.0, node="n1", gen=1, run=None, **kw):
@@ -402,3 +402,10 @@ def test_policy_picks_the_node(policy, expect):
     assert runs[0].node_id == "n1"
     second = only(st.handle(S.WorkAdded(1.1, (row(2),))), S.RunTask)  # the window is exhausted:
     assert [r.node_id for r in second] == [expect]  # new work joins it
+
+
+@pytest.mark.parametrize("avg_s,per_slot", [(None, 1), (0.001, 4), (0.008, 2), (5.0, 0)])
+def test_prefetch_depth_follows_the_pools_task_durations(avg_s, per_slot):
+    st = pool_up(prefetch=4)
+    st.pools["p"].avg_run_s = avg_s
+    assert st._per_slot(st.pools["p"]) == per_slot
