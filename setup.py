@@ -24,7 +24,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.11",
-    packages=["hpcbatch", "hpcbatch.launch", "hpcbatch.kernels"],
+    packages=["hpcbatch", "hpcbatch.providers", "hpcbatch.launch", "hpcbatch.kernels"],
     package_dir={
         "hpcbatch": "hpcbatch",
         "hpcbatch.launch": "launch",
