@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpcbatch.errors import HpcBatchError, ValidationError
+from hpcbatch.models import PoolSpec
 from hpcbatch.providers import reap as reaping
 from hpcbatch.providers.base import NodeDesc, Provider, check_relpath
 from hpcbatch.timings import Timings
@@ -87,9 +88,19 @@ def _open_nofollow(name: str, flags: int, dir_fd: int, path: str) -> int:
 class LocalProvider(Provider):
     name = "local"
 
+    MAX_NODES = 64
+
     @classmethod
     def parse_config(cls, raw: Mapping[str, Any]) -> LocalConfig:
         return LocalConfig.from_dict(raw)
+
+    @classmethod
+    def make_spec(cls, pool_id: str, **kw: Any) -> PoolSpec:
+        spec = super().make_spec(pool_id, **kw)
+        if spec.target_nodes > cls.MAX_NODES:
+            raise ValidationError("pool.target_nodes", f"a local pool simulates at most "
+                                  f"{cls.MAX_NODES} nodes on this machine")
+        return spec
 
     def fixed_nodes(self) -> list[NodeDesc]:
         return [NodeDesc(f"local-{i}", "localhost", self.spec.task_slots_per_node)
