@@ -587,15 +587,22 @@ class CoordinatorState:
         self._token = 0
         self._out: list[Instruction] = []
         self._dirty_nodes: dict[tuple[str, str], Node] = {}
+        self._handlers: dict[type, Any] = {}
         self.now = 0.0
 
     # ---- entry point ---------------------------------------------------------------
 
     def handle(self, *events: Any) -> list[Instruction]:
         out = self._out = []
+        handlers = self._handlers
         for ev in events:
-            self.now = max(self.now, ev.t)
-            getattr(self, "_on_" + type(ev).__name__)(ev)
+            if ev.t > self.now:
+                self.now = ev.t
+            kind = type(ev)
+            fn = handlers.get(kind)
+            if fn is None:
+                fn = handlers[kind] = getattr(self, "_on_" + kind.__name__)
+            fn(ev)
         self._dispatch()
         self._flush_nodes()
         self._out = []

@@ -30,7 +30,10 @@ def only(out, *types):
 
 
 def node_rec(node="n1", state=NodeState.IDLE, reason=None, slots=1, pool="p", reconnecting=False,
-             **info):
+             hello=True, **info):
+    """The node record the state writes (once the agent said hello, its root is in it)."""
+    if hello:
+        info["root"] = f"{ROOT}/{node}"
     return S.PersistNode(pool, node, state, slots, reason,
                          tuple(sorted({**info, "reconnecting": reconnecting}.items())))
 
@@ -75,8 +78,8 @@ def test_a_pool_starts_its_agents_and_asks_for_a_window_of_work():
                                                           S.NodeInfo("n2", "h2", 2))))
     assert out == [S.StartAgent("p", "n1", 1), S.StartAgent("p", "n2", 1),
                    S.LoadWindow("p", None, S.WINDOW_MIN),
-                   node_rec("n1", NodeState.STARTING, slots=2),
-                   node_rec("n2", NodeState.STARTING, slots=2)]
+                   node_rec("n1", NodeState.STARTING, slots=2, hello=False),
+                   node_rec("n2", NodeState.STARTING, slots=2, hello=False)]
 
 
 def test_hello_makes_a_node_idle_and_a_queued_task_runs_there():
