@@ -93,6 +93,7 @@ class Coordinator:
         self.replies: dict[int, concurrent.futures.Future] = {}
         self._reply_n = 0
         self._after_commit: list[concurrent.futures.Future] = []
+        self._io_running: set[concurrent.futures.Future] = set()
         self.io = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="hpcbatch-io")
         self.progress = threading.Condition()  # notified when a job drains
         self.error: BaseException | None = None
@@ -174,7 +175,7 @@ class Coordinator:
                 if now - self._last_poll >= self.timings.work_poll_s:
                     self._last_poll = now
                     events.append(S.WorkNoticed(now))
-                if now - self._last_tick >= TICK_S or events:
+                if now - self._last_tick >= TICK_S:
                     self._last_tick = now
                     events.append(S.Tick(now))
                 if events:
@@ -201,22 +202,25 @@ class Coordinator:
         """One turn: the state decides; persistence and queries run in one transaction
         (opened only when something is written), everything else after the commit."""
         after: list[Any] = []
+        writes: list[Any] = []
         with contextlib.ExitStack() as txn:
-            opened = False
             work = self.state.handle(*events)
             while work:
                 ins = work.pop(0)
                 if isinstance(ins, S.PERSIST):
-                    if not opened:
-                        txn.enter_context(self.store.transaction())
-                        opened = True
-                    self._persist(ins)
-                elif isinstance(ins, S.LoadWindow):
+                    writes.append(ins)
+                    continue
+                if writes and isinstance(ins, S.LoadWindow | S.LoadNewWork):
+                    self._write(txn, writes)  # a query sees what this turn wrote
+                    writes = []
+                if isinstance(ins, S.LoadWindow):
                     work += self._answer_window(ins)
                 elif isinstance(ins, S.LoadNewWork):
                     work += self._answer_new_work(ins)
                 else:
                     after.append(ins)
+            if writes:
+                self._write(txn, writes)
         self._perform(after)
 
     # ---- events from what arrived --------------------------------------------------
@@ -365,25 +369,37 @@ class Coordinator:
 
     # ---- performing instructions -----------------------------------------------------
 
-    def _persist(self, ins: Any) -> None:
+    def _write(self, txn: contextlib.ExitStack, writes: list[Any]) -> None:
+        """The turn's persistence instructions, one statement per kind where it can:
+        attempts that ended, then tasks placed (a retried task is placed again in the
+        same turn), then node records and job completion."""
         st = self.store
-        if isinstance(ins, S.PersistNode):
-            st.upsert_node(ins.pool_id, ins.node_id, ins.state.value, ins.slots,
-                           dict(ins.info) or None, ins.reason)
-        elif isinstance(ins, S.MarkPreparing):
-            st.mark_preparing([(ins.seq, ins.node_id, ins.task_dir, ins.t)])
-        elif isinstance(ins, S.MarkRunning):
-            st.mark_running([(ins.seq, ins.t)])
-        elif isinstance(ins, S.FinishAttempt):
-            st.finish_attempt(ins.seq, outcome=ins.outcome, node_id=ins.node_id,
-                              started_at=ins.started_at, ended_at=ins.ended_at,
-                              exit_code=ins.exit_code, signal=ins.signal,
-                              failure_kind=ins.failure_kind, failure_detail=ins.failure_detail,
-                              usage=dict(ins.usage), retry_count=ins.retry_count)
-        elif isinstance(ins, S.CompleteUnstarted):
-            st.complete_unstarted(ins.seq, ins.failure_kind, ins.failure_detail, ins.t)
-        elif isinstance(ins, S.CompleteJobIfDone) and st.unfinished(ins.job_id) == 0:
-            st.set_job_state(ins.job_id, JobState.COMPLETED)
+        if not st.db.in_transaction:
+            txn.enter_context(st.transaction())
+        by: dict[type, list[Any]] = {}
+        for w in writes:
+            by.setdefault(type(w), []).append(w)
+        if S.MarkRunning in by:
+            st.mark_running([(w.seq, w.t) for w in by[S.MarkRunning]])
+        if S.FinishAttempt in by:
+            st.finish_attempts([dict(seq=w.seq, outcome=w.outcome, node_id=w.node_id,
+                                     started_at=w.started_at, ended_at=w.ended_at,
+                                     exit_code=w.exit_code, signal=w.signal,
+                                     failure_kind=w.failure_kind,
+                                     failure_detail=w.failure_detail, usage=dict(w.usage),
+                                     retry_count=w.retry_count)
+                                for w in by[S.FinishAttempt]])
+        for w in by.get(S.CompleteUnstarted, ()):
+            st.complete_unstarted(w.seq, w.failure_kind, w.failure_detail, w.t)
+        if S.MarkPreparing in by:
+            st.mark_preparing([(w.seq, w.node_id, w.task_dir, w.t)
+                               for w in by[S.MarkPreparing]])
+        for w in by.get(S.PersistNode, ()):
+            st.upsert_node(w.pool_id, w.node_id, w.state.value, w.slots, dict(w.info) or None,
+                           w.reason)
+        for w in by.get(S.CompleteJobIfDone, ()):
+            if st.unfinished(w.job_id) == 0:
+                st.set_job_state(w.job_id, JobState.COMPLETED)
 
     def _perform(self, after: list[Any]) -> None:
         sends: dict[tuple[str, str], list[Any]] = {}
@@ -407,11 +423,11 @@ class Coordinator:
             elif isinstance(ins, S.StageFiles):
                 self._stage(ins, specs[ins.seq])
             elif isinstance(ins, S.StartAgent):
-                self.io.submit(self._start_agent, ins)
+                self._io(self._start_agent, ins)
             elif isinstance(ins, S.StopAgent):
                 self._stop_agent(key, ins.gen, sends.pop(key, []), abort=ins.lost)
             elif isinstance(ins, S.FenceNode):
-                self.io.submit(self._fence, ins, self.channels.get(key, (0, None, ""))[2])
+                self._io(self._fence, ins, self.channels.get(key, (0, None, ""))[2])
             elif isinstance(ins, S.Reply):
                 fut = self.replies.pop(ins.reply, None)
                 if fut is not None and not fut.done():
@@ -472,7 +488,13 @@ class Coordinator:
             except Exception as exc:  # noqa: BLE001 - reported as the task's failure
                 error = f"copying resource files to node {ins.node_id} failed: {exc}"
             self.inbox.put(("staged", ins.seq, ins.run, ins.token, error))
-        self.io.submit(work)
+        self._io(work)
+
+    def _io(self, fn: Any, *args: Any) -> None:
+        """Run fn on a worker thread; stop() waits for what is still running."""
+        fut = self.io.submit(fn, *args)
+        self._io_running.add(fut)
+        fut.add_done_callback(self._io_running.discard)
 
     def _start_agent(self, ins: S.StartAgent) -> None:
         """On a worker thread: reap what earlier agents of this home left on the node,
@@ -527,6 +549,16 @@ class Coordinator:
 
     def _release(self) -> None:
         """Shut every agent down, record the nodes offline, close the store, unlock."""
+        self._stop.set()
+        # agents being started right now: wait for them, so none is left running
+        concurrent.futures.wait(list(self._io_running), timeout=30)
+        while True:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item[0] == "up":
+                self.channels[(item[1], item[2])] = (item[3], item[4], item[5])
         chans = list(self.channels.values())
         self.channels.clear()
         for _, chan, _ in chans:

@@ -33,7 +33,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -837,6 +837,46 @@ class Store:
         with self.transaction() as db:
             db.executemany("UPDATE tasks SET state='running', started_at=? WHERE seq=? "
                            "AND state='preparing'", ((t, seq) for seq, t in items))
+
+    def finish_attempts(self, items: Iterable[Mapping[str, Any]]) -> None:
+        """Many ``finish_attempt`` calls (keyword dicts, seq included) in one go: a turn's
+        completions cost one statement per kind, not per task."""
+        items = list(items)
+        for it in items:
+            if it["outcome"] not in OUTCOMES:
+                raise ValueError(f"outcome {it['outcome']!r} is not one of "
+                                 f"{', '.join(OUTCOMES)}")
+        rows = [(it["seq"], _kind(it["failure_kind"]), json.dumps(it["usage"] or {}), it)
+                for it in items]
+        with self.transaction() as db:
+            db.executemany(
+                f"{_ATTEMPT_INSERT} SELECT t.seq, {_NEXT_ATTEMPT}, ?, ?, ?, ?, ?, ?, ?, ?, ? "
+                "FROM tasks t WHERE t.seq = ?",
+                ((it["node_id"], it["started_at"], it["ended_at"], it["exit_code"],
+                  it["signal"], kind, it["failure_detail"], it["outcome"], usage, seq)
+                 for seq, kind, usage, it in rows))
+            db.executemany(
+                "UPDATE tasks SET state='active', requeue_count=requeue_count+1, "
+                "node_id=NULL WHERE seq=?",
+                ((seq,) for seq, _, _, it in rows if it["outcome"] == "requeue"))
+            db.executemany(
+                "UPDATE tasks SET state='active', node_id=NULL, retry_count=?, "
+                "exit_code=?, signal=?, failure=?, failure_kind=?, failure_detail=?, "
+                "started_at=COALESCE(?, started_at), ended_at=?, usage=? WHERE seq=?",
+                ((it["retry_count"], it["exit_code"], it["signal"],
+                  failure_text(kind, it["failure_detail"]), kind, it["failure_detail"],
+                  it["started_at"], it["ended_at"], usage, seq)
+                 for seq, kind, usage, it in rows if it["outcome"] == "retry"))
+            db.executemany(
+                "UPDATE tasks SET state='completed', result=?, node_id=COALESCE(?, node_id), "
+                "retry_count=?, exit_code=?, signal=?, failure=?, failure_kind=?, "
+                "failure_detail=?, started_at=COALESCE(?, started_at), ended_at=?, usage=? "
+                "WHERE seq=?",
+                ((it["outcome"], it["node_id"], it["retry_count"], it["exit_code"],
+                  it["signal"], failure_text(kind, it["failure_detail"]), kind,
+                  it["failure_detail"], it["started_at"], it["ended_at"], usage, seq)
+                 for seq, kind, usage, it in rows
+                 if it["outcome"] in ("success", "failure")))
 
     def finish_attempt(self, seq: int, *, outcome: str, node_id: str | None,
                        started_at: float | None, ended_at: float | None,
