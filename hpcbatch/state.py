@@ -31,6 +31,7 @@ from hpcbatch.models import (
     RunId,
     RunKind,
     TaskResult,
+    TaskState,
 )
 from hpcbatch.scheduler import (
     Allocation,
@@ -530,6 +531,9 @@ class Attempt:
     staging: dict[RunId, int] = dataclasses.field(default_factory=dict)  # run -> token
     pending_run: RunTask | None = None  # sent once its files are staged
     alloc: Alloc | None = None
+    # placed: preparing (files, agent queue, coordination) until its process starts
+    task_state: TaskState = dataclasses.field(
+        default_factory=lambda: TaskState.ACTIVE.check_move(TaskState.PREPARING))
 
 
 @dataclasses.dataclass(slots=True)
@@ -946,6 +950,7 @@ class CoordinatorState:
             self._finish(att, Exit(None, node_lost=True), killed="terminate")
             return
         del self.attempts[att.row.seq]
+        att.task_state.check_move(TaskState.ACTIVE)
         self._emit(FinishAttempt(att.row.seq, "requeue", node.node_id, att.started_at, self.now,
                                  None, None, FailureKind.NODE_LOST, node.lost_reason, (),
                                  att.row.retry_count))
@@ -1102,6 +1107,9 @@ class CoordinatorState:
             return
         if ev.run.kind is RunKind.TASK and att.node_key != node.key:
             return
+        if att.task_state is TaskState.RUNNING:
+            return
+        att.task_state = att.task_state.check_move(TaskState.RUNNING)
         att.started_at = ev.t
         self._emit(MarkRunning(ev.run.seq, ev.t))
 
@@ -1155,11 +1163,13 @@ class CoordinatorState:
         if att.terminated:
             killed = "terminate"
         outcome = decide_exit(ex, row.retry_count, row.max_retries)
+        again = outcome.retry and not att.terminated
+        att.task_state.check_move(TaskState.ACTIVE if again else TaskState.COMPLETED)
         failed = outcome.failure is not None
         kind, detail = _failure(ex, killed, att.terminated, failed)
         node_id = att.node_key[1] if att.node_key else None
         started = start if start is not None else att.started_at
-        if outcome.retry and not att.terminated:
+        if again:
             retried = dataclasses.replace(row, retry_count=row.retry_count + 1)
             self._emit(FinishAttempt(row.seq, "retry", node_id, started, end or self.now,
                                      ex.exit_code, ex.signal, kind, detail, usage,

@@ -658,8 +658,10 @@ class Store:
             db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
 
     def set_job_state(self, job_id: str, state: JobState) -> None:
+        """Move a job to ``state`` (through the transitions table: an illegal move raises)."""
         done = time.time() if state is JobState.COMPLETED else None
         with self.transaction() as db:
+            JobState(self.get_job(job_id)["state"]).check_move(state)
             db.execute("UPDATE jobs SET state=?, completed_at=? WHERE id=?",
                        (state.value, done, job_id))
 
