@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -34,16 +35,39 @@ def run_cli(home: Path, *args: str, timeout_s: float = 120, columns: str | None 
                           stdin=subprocess.DEVNULL, **kw)
 
 
-def snapshot(home: Path) -> tuple:
-    """Everything the store holds, to prove a rejected request changed nothing."""
+def snapshot(home: Path) -> dict:
+    """Every row of every table of the home's store, to prove a rejected request changed
+    nothing ({} before anything was stored)."""
     if not (home / "state.db").exists():
-        return ()
+        return {}
     s = Store(home / "state.db")
     try:
-        return tuple(tuple(sorted(map(repr, s.db.execute(f"SELECT * FROM {t}").fetchall())))
-                     for t in ("pools", "jobs", "tasks"))
+        return s.dump_tables()
     finally:
         s.close()
+
+
+def gate(path: str | os.PathLike) -> str:
+    """Shell text that waits until ``path`` exists: a task holds there until the test
+    opens the gate (``path.touch()``), however fast or busy the machine is."""
+    return f"while [ ! -e {shlex.quote(str(path))} ]; do sleep 0.01; done"
+
+
+def barrier(directory: str | os.PathLike, n: int) -> str:
+    """Shell text for a task to check in at ``directory`` (a file per task attempt) and
+    wait until ``n`` tasks have: they all run at once, on as many slots, before any
+    goes on."""
+    d = shlex.quote(str(directory))
+    return (f'mkdir -p {d}; touch {d}/"$HPCBATCH_JOB_ID.$HPCBATCH_TASK_ID.'
+            f'$HPCBATCH_TASK_ATTEMPT"; while [ "$(ls {d} | wc -l)" -lt {n} ]; do sleep 0.01; '
+            "done")
+
+
+def processes_with(env: dict[str, str]) -> list[int]:
+    """Live processes whose environment holds every NAME=VALUE of ``env``: the rule the
+    agent's reap_matching kills by (its own matcher, without the kill)."""
+    from hpcbatch.launch import agent
+    return sorted(agent._env_matches(agent._procs(), agent._needles(env)))
 
 
 def poll(predicate, timeout_s: float = 30.0, interval_s: float = 0.02, what: str = "condition"):
