@@ -7,16 +7,9 @@ import signal
 import time
 
 import pytest
-from helpers import pid_alive, poll
+from helpers import gate, pid_alive, poll
 
-import hpcbatch
 from hpcbatch.errors import Conflict
-
-
-@pytest.fixture
-def batch(home):
-    with hpcbatch.Batch() as b:
-        yield b
 
 
 def mi(instances, coordination=None, per=0):
@@ -73,13 +66,24 @@ def test_a_failing_instance_fails_the_task_and_it_is_retried(batch, tmp_path):
     assert not marker.exists(), "the application ran although a coordination command failed"
 
 
-def test_a_wide_task_waits_for_running_ones_and_is_not_overtaken(batch):
+def test_a_wide_task_waits_for_running_ones_and_is_not_overtaken(batch, tmp_path):
+    """Both nodes busy; the wide task and small ones after it queued. The first node to
+    free up must wait for the wide task (not take a small one), so the small ones all
+    start after it ends. Gates, not sleeps, decide when each node frees up."""
     batch.pools.create("duo", target_nodes=2)
+    poll(lambda: [n.state for n in batch.pools.nodes("duo")] == ["idle"] * 2,
+         what="both nodes up")  # (else both first tasks could go to the first one up)
     job = batch.jobs.create("mix", pool="duo")
-    job.add_tasks([{"id": "first-a", "command_line": "sleep 0.6"},
-                   {"id": "first-b", "command_line": "sleep 0.6"},
-                   {"id": "wide", "command_line": "sleep 0.2", "multi_instance": mi(2)}]
-                  + [{"id": f"later-{i}", "command_line": "sleep 0.05"} for i in range(10)])
+    job.add_tasks([{"id": f"first-{x}", "command_line": gate(tmp_path / x)} for x in "ab"])
+    poll(lambda: len(job.tasks("running")) == 2, what="both nodes busy")
+    job.add_task("wide", gate(tmp_path / "wide"), multi_instance=mi(2))
+    job.add_tasks({"id": f"later-{i}", "command_line": "true"} for i in range(10))
+    (tmp_path / "a").touch()  # one node free: the wide task does not fit yet
+    poll(lambda: job.task("first-a").state == "completed", what="first-a done")
+    (tmp_path / "b").touch()
+    poll(lambda: job.task("wide").state == "running", what="the wide task running")
+    assert all(job.task(f"later-{i}").state != "completed" for i in range(10))
+    (tmp_path / "wide").touch()
     job.wait(timeout_s=60)
     tasks = {t.id: t for t in job.tasks()}
     assert all(t.succeeded for t in tasks.values())
@@ -150,10 +154,12 @@ def test_resource_files_of_an_ordinary_task_land_in_its_working_directory(batch,
 def test_a_resource_file_gone_before_dispatch_fails_the_task_naming_it(batch, tmp_path):
     src = tmp_path / "vanishing.txt"
     src.write_text("x")
-    batch.pools.create("slow", start_task="sleep 1")  # no dispatch before the unlink
+    # its node takes no task before the gate opens, after the unlink
+    batch.pools.create("slow", start_task=gate(tmp_path / "go"))
     job = batch.jobs.create("gone", pool="slow", max_task_retry_count=1)
     job.add_task("t", "cat vanishing.txt", resource_files=[str(src)])
     src.unlink()  # accepted while it existed; read when the task is dispatched
+    (tmp_path / "go").touch()
     job.wait(timeout_s=30)
     t = job.task("t")
     assert t.result == "failure" and t.retry_count == 1
@@ -201,24 +207,23 @@ def test_terminate_during_coordination_never_starts_the_application(batch, tmp_p
     assert not marker.exists(), "the application ran although the task was terminated"
 
 
-def test_losing_a_node_whose_start_task_failed_keeps_the_coordinator_up(home, monkeypatch):
-    from hpcbatch import client
+def test_losing_a_node_whose_start_task_failed_keeps_the_coordinator_up(make_batch):
     from hpcbatch.errors import HpcBatchError
-    monkeypatch.setattr(client, "POOL_DEAD_GRACE_S", 1.0)
-    with hpcbatch.Batch() as batch:
-        batch.pools.create("bad", start_task="exit 3")
-        def states():
-            return [n["state"] for n in batch.pools.nodes("bad")]
-        poll(lambda: states() == ["start_task_failed"], what="start task failed")
-        agent = batch.pools.nodes("bad")[0].info["pid"]
-        os.kill(agent, signal.SIGKILL)  # its agent dies too
-        poll(lambda: states()[0] in ("unusable", "starting"), what="node lost")
-        job = batch.jobs.create("never", pool="bad")
-        job.add_task("t", "true")
-        with pytest.raises(HpcBatchError, match="pool 'bad' has had no usable node"):
-            job.wait(timeout_s=30)
-        assert batch.coordinator.error is None  # the loop is alive
-        assert job.task("t").state == "active"  # nothing lost
+    batch = make_batch(pool_grace_s=1.0)
+    batch.pools.create("bad", start_task="exit 3")
+
+    def states():
+        return [n["state"] for n in batch.pools.nodes("bad")]
+    poll(lambda: states() == ["start_task_failed"], what="start task failed")
+    agent = batch.pools.nodes("bad")[0].info["pid"]
+    os.kill(agent, signal.SIGKILL)  # its agent dies too
+    poll(lambda: states()[0] in ("unusable", "starting"), what="node lost")
+    job = batch.jobs.create("never", pool="bad")
+    job.add_task("t", "true")
+    with pytest.raises(HpcBatchError, match="pool 'bad' has had no usable node"):
+        job.wait(timeout_s=30)
+    assert batch.coordinator.error is None  # the loop is alive
+    assert job.task("t").state == "active"  # nothing lost
 
 
 def test_deleting_a_job_removes_its_directories_on_every_node(batch, home):
