@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import poll
 
 from hpcbatch.errors import ValidationError
 from hpcbatch.launch import cluster as ct
@@ -200,7 +201,8 @@ def test_unknown_host_key_is_refused_with_its_fingerprint(ssh_cluster, ssh_targe
     fp = ssh_keygen_fingerprint(Path(ssh_cluster.nodes[0].directory,
                                      "ssh_host_ed25519_key.pub"))
     msg = str(info.value)
-    assert msg.startswith(f"node1 (root@127.0.0.1:{target.port}): host key ssh-ed25519 {fp} "
+    assert msg.startswith(f"node1 ({target.user}@127.0.0.1:{target.port}): host key "
+                          f"ssh-ed25519 {fp} "
                           f"is not in known_hosts file {empty}")
     assert "--trust-on-first-use" in msg and "\n" not in msg
     assert empty.read_text() == ""  # nothing recorded
@@ -238,7 +240,8 @@ def test_a_changed_host_key_is_a_mismatch_even_with_trust_on_first_use(ssh_clust
         msg = str(info.value)
         offered = ssh_keygen_fingerprint(Path(n1.directory, "ssh_host_ed25519_key.pub"))
         recorded = ssh_keygen_fingerprint(Path(n2.directory, "ssh_host_ed25519_key.pub"))
-        assert msg.startswith(f"node1 (root@127.0.0.1:{n1.port}): HOST KEY MISMATCH: the host "
+        assert msg.startswith(f"node1 ({n1.user}@127.0.0.1:{n1.port}): HOST KEY MISMATCH: "
+                              "the host "
                               f"offered ssh-ed25519 {offered} but known_hosts file {kh} "
                               f"records ssh-ed25519 {recorded}")
         assert f"ssh-keygen -R '[127.0.0.1]:{n1.port}' -f {kh}" in msg
@@ -304,25 +307,18 @@ def test_a_name_that_does_not_resolve_is_unreachable(ssh_targets):
         connect(target)
 
 
-def test_kill_node_makes_connect_fail(tmp_path):
-    d = tmp_path / "c"
-    info = ct.cluster_up(2, d)
-    try:
-        t1, t2 = targets_from_spec(json.loads(info.pool_json.read_text()))
-        held = connect(t2)
-        assert run(held, ["printenv", "HPCBATCH_NODE"])[1] == "node2\n"
-        assert ct.kill_node(d, "node2")
-        with pytest.raises(Unreachable, match=f"^{re.escape(t2.label)}: cannot connect .*refused"):
-            connect(t2)
-        with pytest.raises(SSHError):  # the connection that was open is gone too
-            run(held, ["true"], timeout_s=5)
-        held.close()
-        c1 = connect(t1)
-        assert run(c1, ["printenv", "HPCBATCH_NODE"])[1] == "node1\n"
-        c1.close()
-    finally:
-        ct.cluster_down(d)
-    assert not ct.sshd_pids_under(d)
+def test_kill_node_makes_connect_fail(make_cluster, ssh_connect):
+    info = make_cluster(2)
+    t1, t2 = targets_from_spec(json.loads(info.pool_json.read_text()))
+    held = ssh_connect(t2)
+    assert run(held, ["printenv", "HPCBATCH_NODE"])[1] == "node2\n"
+    assert ct.kill_node(info.directory, "node2")
+    with pytest.raises(Unreachable, match=f"^{re.escape(t2.label)}: cannot connect .*refused"):
+        connect(t2)
+    with pytest.raises(SSHError):  # the connection that was open is gone too
+        run(held, ["true"], timeout_s=5)
+    c1 = ssh_connect(t1)
+    assert run(c1, ["printenv", "HPCBATCH_NODE"])[1] == "node1\n"
 
 
 # ---------------------------------------------------------------- many hosts
@@ -384,10 +380,8 @@ def test_parallel_reports_any_error_per_host_and_closes_late_clients(ssh_targets
     assert isinstance(res["node2"].error, HostTimeout)
     assert res["node3"].value == "node3"
     release.set()
-    deadline = time.monotonic() + 10
-    while not (late and late[0].get_transport() is None) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert late and late[0].get_transport() is None  # closed: nobody can use it any more
+    # closed: nobody can use it any more
+    poll(lambda: late and late[0].get_transport() is None, 10, what="the late client closed")
     assert len(parallel([], fn, timeout_s=1)) == 0
 
 
