@@ -21,27 +21,15 @@ from hpcbatch.cli_cluster import cluster as cluster_cli
 from hpcbatch.launch import cluster as ct
 from hpcbatch.ssh import Unreachable, connect, exec_channel, run, targets_from_spec
 
-NO_SSHD = unavailable(ct.check_sshd)
-pytestmark = pytest.mark.skipif(NO_SSHD is not None, reason=NO_SSHD or "")
+# sshd and ssh-keygen (skipped with the reason where they are missing: tests/conftest.py)
+pytestmark = pytest.mark.ssh
 
 
 @pytest.fixture
-def up(tmp_path):
-    """cluster_up(n, dir) that is always torn down after the test."""
-    made: list[Path] = []
-
-    def _up(n: int, name: str = "c", **kw) -> ct.ClusterInfo:
-        d = tmp_path / name
-        made.append(d)
-        return ct.cluster_up(n, d, **kw)
-
-    yield _up
-    for d in made:
-        if (d / ct.STATE_FILE).exists():
-            info = ct.cluster_status(d)
-            ct.cluster_down(d)
-            assert not ct.network_leftovers(info)
-        assert not ct.sshd_pids_under(d)
+def up(make_cluster):
+    """up(n, name="c", **kw): cluster_up in tmp_path/name, always taken down after the
+    test, checking that no sshd, session or network object of it survived."""
+    return make_cluster
 
 
 def home_ssh_state() -> tuple:

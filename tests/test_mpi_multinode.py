@@ -19,6 +19,7 @@ from pathlib import Path
 
 import h5py
 import pytest
+from conftest_ssh import sshd_cluster
 from helpers import run_cli, unavailable
 
 from hpcbatch.launch import cluster as ct
@@ -28,7 +29,8 @@ FLAVOUR = mpi.detect_flavour(mpi.default_mpiexec())
 LIBRARY = {"openmpi": "Open MPI", "mpich": "MPICH"}.get(FLAVOUR)
 MODES = {"openmpi": ["netns"], "mpich": ["loopback", "netns"]}.get(FLAVOUR, [])
 pytestmark = [
-    pytest.mark.skipif(not Path(ct.SSHD).exists(), reason="needs openssh-server"),
+    pytest.mark.ssh,
+    pytest.mark.slow,
     pytest.mark.skipif(not MODES, reason=f"the MPI beside {sys.executable} is {FLAVOUR}; "
                        "multi-node tests run with Open MPI or MPICH"),
 ]
@@ -65,17 +67,12 @@ def cluster(request, tmp_path_factory):
     if reason:
         pytest.skip(f"{LIBRARY} across sshd nodes here needs a --netns cluster: {reason}")
     d = tmp_path_factory.mktemp(f"mpi-{request.param}")
-    info = ct.cluster_up(3, d, netns=netns)
-    try:
+    with sshd_cluster(3, d, netns=netns) as info:  # checks that nothing of it is left
         spec = json.loads(info.pool_json.read_text())
         spec["python"] = sys.executable
         spec["node_root"] = str(d / "nodes")  # not ~/.hpcbatch-node; Open MPI needs no spaces
         (d / "pool-mpi.json").write_text(json.dumps(spec))
         yield info
-    finally:
-        ct.cluster_down(d)
-    assert not ct.sshd_pids_under(d)
-    assert not ct.network_leftovers(info)
 
 
 def _pool(home: Path, info: ct.ClusterInfo) -> None:
