@@ -14,6 +14,22 @@ from helpers import pid_alive, run_cli, snapshot
 from hpcbatch.store import Store
 
 
+def task_row(home: Path, job_id: str, task_id: str) -> dict:
+    s = Store(home / "state.db")
+    try:
+        return s.get_task(job_id, task_id)
+    finally:
+        s.close()
+
+
+def task_rows(home: Path, job_id: str) -> list[dict]:
+    s = Store(home / "state.db")
+    try:
+        return s.list_tasks(job_id)
+    finally:
+        s.close()
+
+
 def job_of(result) -> str:
     m = re.search(r"job (submit-[\w-]+)", result.stdout + result.stderr)
     assert m, result.stdout + result.stderr
@@ -39,7 +55,7 @@ def test_a_failing_line_fails_the_run_and_names_its_stderr(cli, tmp_path, home):
         assert f.read() == "oops\n"
     logs = cli("task", "logs", "mixed", "line-00021", "--stderr")
     assert logs.returncode == 0 and logs.stdout == "oops\n"
-    row = Store(home / "state.db").get_task("mixed", "line-00021")
+    row = task_row(home, "mixed", "line-00021")
     assert (row["state"], row["result"], row["exit_code"]) == ("completed", "failure", 3)
 
 
@@ -51,7 +67,7 @@ def test_timeout_kills_the_task_and_its_children(cli, tmp_path, home):
     assert re.search(r"task-1\s+│ timeout", r.stdout), r.stdout
     child = int(pidfile.read_text())
     assert not pid_alive(child)
-    row = Store(home / "state.db").get_task("slow", "task-1")
+    row = task_row(home, "slow", "task-1")
     assert row["failure"] == "timeout" and row["result"] == "failure"
 
 
@@ -61,7 +77,7 @@ def test_retries_until_success(cli, tmp_path, home):
               f"echo $n > '{counter}'; [ $n -ge 3 ]")
     r = cli("submit", "--retries", "2", "--job", "flaky", "--", script)
     assert r.returncode == 0, r.stdout + r.stderr
-    row = Store(home / "state.db").get_task("flaky", "task-1")
+    row = task_row(home, "flaky", "task-1")
     assert (row["result"], row["retry_count"]) == ("success", 2)
     assert counter.read_text().strip() == "3"
 
@@ -70,8 +86,7 @@ def test_array_sets_the_task_index(cli, home):
     r = cli("submit", "--array", "1-5,9", "--job", "arr", "--",
             'echo "index=$HPCBATCH_TASK_INDEX task=$HPCBATCH_TASK_ID"')
     assert r.returncode == 0, r.stderr
-    s = Store(home / "state.db")
-    outs = sorted(Path(t["task_dir"], "stdout.txt").read_text() for t in s.list_tasks("arr"))
+    outs = sorted(Path(t["task_dir"], "stdout.txt").read_text() for t in task_rows(home, "arr"))
     assert outs == sorted(f"index={i} task=task-{i}\n" for i in (1, 2, 3, 4, 5, 9))
 
 
@@ -80,8 +95,8 @@ def test_array_in_argv_form_expands_variables_but_nothing_else(cli, home):
     r = cli("submit", "--array", "1-3", "--job", "argv", "--", "echo", "--seed",
             "$HPCBATCH_TASK_INDEX", "a b;", "$(id)", "`id`", "5$")
     assert r.returncode == 0, r.stderr
-    s = Store(home / "state.db")
-    outs = sorted(Path(t["task_dir"], "stdout.txt").read_text() for t in s.list_tasks("argv"))
+    outs = sorted(Path(t["task_dir"], "stdout.txt").read_text()
+                  for t in task_rows(home, "argv"))
     assert outs == [f"--seed {i} a b; $(id) `id` 5$\n" for i in (1, 2, 3)]
 
 
@@ -124,7 +139,8 @@ def test_task_environment(cli, home):
     (["submit"], "give either --each-line FILE or a command"),
     (["task", "logs", "nojob", "t"], "job 'nojob' does not exist"),
     (["submit", "--slots", "100000", "--", "true"], "required_slots"),
-    (["submit", "--slots", "1024", "--", "true"], "exceeds the"),
+    # one more slot than the local pool has (a slot per core)
+    (["submit", "--slots", str((os.cpu_count() or 1) + 1), "--", "true"], "exceeds the"),
     (["submit", "--timeout", "nan", "--", "true"], "--timeout: nan is not a number"),
     (["submit", "--array", "0-99999999", "--", "true"], "100,000,000 tasks, more than"),
     (["submit", "--array", "0-600000,700000-1300000", "--", "true"], "more than 1,000,000"),
@@ -175,9 +191,7 @@ def test_read_commands(cli, home, tmp_path):
 
 def test_job_delete_removes_a_finished_job_and_its_directories(cli, home):
     assert cli("submit", "--job", "old", "--array", "1-3", "--", "true").returncode == 0
-    s = Store(home / "state.db")
-    dirs = {Path(t["task_dir"]).parent for t in s.list_tasks("old")}
-    s.close()
+    dirs = {Path(t["task_dir"]).parent for t in task_rows(home, "old")}
     assert dirs and all(d.is_dir() and d.name == "old" for d in dirs)
     r = cli("job", "delete", "old")
     assert r.returncode == 0 and "job old deleted" in r.stdout, r.stderr
@@ -234,12 +248,8 @@ def test_argv_commands_run_their_words_as_written(cli, home, tmp_path):
     assert cli("job", "create", "added").returncode == 0
     assert cli("task", "add", "added", "task-1", "--", "printf", "%s|", *HOSTILE
                ).returncode == 0
-    s = Store(home / "state.db")
-    try:
-        assert s.get_task("added", "task-1")["command_line"] == \
-            s.get_task("words", "task-1")["command_line"]
-    finally:
-        s.close()
+    assert task_row(home, "added", "task-1")["command_line"] == \
+        task_row(home, "words", "task-1")["command_line"]
 
 
 def test_task_logs_do_not_follow_a_link_the_task_made(cli, home, tmp_path):
