@@ -102,6 +102,7 @@ class Coordinator:
         self._stop = threading.Event()
         self._last_tick = 0.0
         self._last_poll = 0.0
+        self._deferred: list[Any] = []  # a query left to the next turn (see _turn)
 
     # ---- life cycle and commands (any thread) ------------------------------------
 
@@ -178,7 +179,7 @@ class Coordinator:
                 if now - self._last_tick >= TICK_S:
                     self._last_tick = now
                     events.append(S.Tick(now))
-                if events:
+                if events or self._deferred:
                     self._turn(events)
         except BaseException as exc:  # surface to waiters instead of dying silently
             log.exception("coordinator loop failed")
@@ -203,12 +204,20 @@ class Coordinator:
         (opened only when something is written), everything else after the commit."""
         after: list[Any] = []
         writes: list[Any] = []
+        new_work_read = False
         with contextlib.ExitStack() as txn:
-            work = self.state.handle(*events)
+            work = self.state.handle(*events) + self._deferred
+            self._deferred = []
             while work:
                 ins = work.pop(0)
                 if isinstance(ins, S.PERSIST):
                     writes.append(ins)
+                    continue
+                if isinstance(ins, S.LoadNewWork) and new_work_read:
+                    # one slice of new work a turn: a 1M-task submit is read over many
+                    # short turns (pings and heartbeats in between), not in one that
+                    # outlasts the agents' lease with the write lock held
+                    self._deferred.append(ins)
                     continue
                 if writes and isinstance(ins, S.LoadWindow | S.LoadNewWork):
                     self._write(txn, writes)  # a query sees what this turn wrote
@@ -216,12 +225,15 @@ class Coordinator:
                 if isinstance(ins, S.LoadWindow):
                     work += self._answer_window(ins)
                 elif isinstance(ins, S.LoadNewWork):
+                    new_work_read = True
                     work += self._answer_new_work(ins)
                 else:
                     after.append(ins)
             if writes:
                 self._write(txn, writes)
         self._perform(after)
+        if self._deferred:
+            self.inbox.put(("wake",))  # the next turn at once
 
     # ---- events from what arrived --------------------------------------------------
 
