@@ -992,6 +992,13 @@ class Store:
                 ["journal_mode"],
                 "synchronous": self.db.execute("PRAGMA synchronous").fetchone()["synchronous"]}
 
+    def integrity_problems(self) -> list[str]:
+        """What SQLite's integrity and foreign-key checks find: [] for a sound database."""
+        found = [r["integrity_check"] for r in self.db.execute("PRAGMA integrity_check")]
+        problems = [] if found == ["ok"] else found
+        problems += [f"foreign key: {r}" for r in self.db.execute("PRAGMA foreign_key_check")]
+        return problems
+
     def explain(self, method: str) -> list[str]:
         """The query plans of a scheduling query ('new_tasks', 'runnable_window' from the
         start, 'runnable_window_after'), to check that they search an index, never scan."""

@@ -7,6 +7,9 @@ A real coordinator runs the finished tasks (success, a retried failure, a succes
 retry, a signal, a timeout, a start failure, a terminate, a multi-instance task); then,
 with the coordinator gone, tasks are left active (never dispatched) and in flight
 (preparing / running) and retried exactly as that coordinator writes them.
+
+A fixture generator for the schema-1 code, not a test: it keeps its raw SQL (VACUUM and
+PRAGMAs that make the file small), which the tests themselves leave to Store methods.
 """
 
 import os
