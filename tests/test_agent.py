@@ -451,6 +451,7 @@ def test_an_agent_that_hears_nothing_for_its_lease_kills_its_tasks_and_exits(tmp
     a.close()
 
 
+@pytest.mark.slow
 def test_pings_keep_the_lease(tmp_path):
     a = AgentUnderTest(tmp_path / "node", timings=FAST.replace(lease_s=1))
     try:

@@ -44,6 +44,7 @@ def test_bad_specs_store_nothing(batch):
         batch.jobs.create("k", pool="missing")
 
 
+@pytest.mark.slow
 def test_hundred_thousand_tasks_in_one_call(batch):
     pool = batch.pools.create("stalled", start_task="exit 1")  # its node never takes tasks
     job = batch.jobs.create("bulk", pool=pool.id)
@@ -74,6 +75,7 @@ def test_priority_then_submission_order(make_batch, tmp_path):
     assert [t.id for t in order] == ["h0", "h1", "h2", "l0", "l1", "l2"]
 
 
+@pytest.mark.slow
 def test_completions_are_committed_in_batches(make_batch, home, tmp_path):
     """Completions that arrive together are written in one transaction (per loop turn),
     none of them an fsync.

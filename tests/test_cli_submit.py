@@ -36,6 +36,7 @@ def job_of(result) -> str:
     return m.group(1)
 
 
+@pytest.mark.slow
 def test_two_thousand_true_lines_all_succeed(cli, tmp_path):
     tasks = tmp_path / "tasks.txt"
     tasks.write_text("true\n" * 2000)
@@ -202,6 +203,7 @@ def test_job_delete_removes_a_finished_job_and_its_directories(cli, home):
     assert cli("submit", "--job", "old", "--", "true").returncode == 0
 
 
+@pytest.mark.slow
 def test_job_delete_refuses_unfinished_work_and_pool_delete_refuses_jobs(cli, home):
     assert cli("pool", "create", "side", "--nodes", "2").returncode == 0
     assert cli("submit", "--no-wait", "--job", "pending", "--pool", "side", "--",

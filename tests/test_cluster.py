@@ -330,6 +330,7 @@ def assert_gone(info: ct.ClusterInfo, inodes: set[int]) -> None:
     assert not processes_in(inodes), "a process survived in a deleted namespace"
 
 
+@pytest.mark.slow
 @needs_netns
 def test_netns_nodes_are_hosts_of_their_own_and_down_leaves_nothing(up, tmp_path):
     before = home_ssh_state()

@@ -93,6 +93,7 @@ def test_a_wide_task_waits_for_running_ones_and_is_not_overtaken(batch, tmp_path
     assert min(t.started_at for t in later) >= wide.ended_at - 0.01
 
 
+@pytest.mark.slow
 def test_a_lost_node_fails_the_task_which_retries_elsewhere(batch, tmp_path):
     batch.pools.create("trio", target_nodes=3)
     job = batch.jobs.create("lossy", pool="trio", max_task_retry_count=1)
@@ -207,6 +208,7 @@ def test_terminate_during_coordination_never_starts_the_application(batch, tmp_p
     assert not marker.exists(), "the application ran although the task was terminated"
 
 
+@pytest.mark.slow
 def test_losing_a_node_whose_start_task_failed_keeps_the_coordinator_up(make_batch):
     from hpcbatch.errors import HpcBatchError
     batch = make_batch(pool_grace_s=1.0)

@@ -7,11 +7,13 @@ import signal
 import subprocess
 import sys
 
+import pytest
 from helpers import gate, poll, run_cli
 
 from hpcbatch.store import Store
 
 
+@pytest.mark.slow
 def test_sigkill_mid_job_then_job_wait(home, tmp_path):
     """The last 300 tasks hold on a gate opened only after the kill, so the coordinator
     dies mid-job however fast the machine runs the first 200."""

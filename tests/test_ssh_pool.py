@@ -126,6 +126,7 @@ def test_trust_on_first_use_records_host_keys(cluster, tmp_path, home):
     assert kh.read_text().startswith(f"[127.0.0.1]:{port} ssh-ed25519 ")
 
 
+@pytest.mark.slow
 def test_multi_instance_task_reaches_every_node_over_the_pool_ssh_config(batch, cluster,
                                                                          tmp_path):
     ssh_pool(batch, cluster, tmp_path, "mi", ["node1", "node2", "node3"])
@@ -142,6 +143,7 @@ def test_multi_instance_task_reaches_every_node_over_the_pool_ssh_config(batch, 
     assert hostfile == "node1 slots=1\nnode2 slots=1\nnode3 slots=1\n"
 
 
+@pytest.mark.slow
 def test_a_dead_node_is_unusable_and_its_tasks_are_requeued(make_cluster, batch, tmp_path):
     d = make_cluster(2).directory
     ssh_pool(batch, d, tmp_path, "fragile", ["node1", "node2"], scheduling_policy="spread")
@@ -194,6 +196,7 @@ def test_missing_sshd_is_named(monkeypatch, tmp_path):
     assert shutil.which("ssh-keygen")
 
 
+@pytest.mark.slow
 def test_a_node_dying_under_a_multi_node_task_retries_it_on_a_spare(make_cluster, batch,
                                                                      tmp_path):
     """Kill one node's sshd (and everything under it) while a 3-node task runs: the task
@@ -306,6 +309,7 @@ def test_resource_files_go_over_sftp_and_logs_come_back_over_it(batch, cluster, 
     assert r.returncode == 0 and r.stdout == "mesh v1\n", r.stderr
 
 
+@pytest.mark.slow
 def test_an_unusable_node_comes_back_when_it_answers_again(ssh_cluster, make_cluster, batch,
                                                            tmp_path, home):
     d = make_cluster(2, "c2").directory
@@ -411,6 +415,7 @@ def test_deleting_a_pool_stops_its_agents_and_revokes_its_key(make_cluster, batc
     assert "gone" not in [p.id for p in batch.pools.list()]
 
 
+@pytest.mark.slow
 def test_an_agent_that_cannot_start_is_named_and_its_node_retried(batch, cluster,
                                                                   tmp_path):
     spec = spec_for(cluster, ["node1"], tmp_path, python="/nonexistent/python3")

@@ -52,6 +52,7 @@ def test_bad_input_to_run_starts_no_mpi(home, args, needle):
     assert not (home / "state.db").exists(), "nothing may be stored for a rejected run"
 
 
+@pytest.mark.slow
 def test_run_pi_main_job(home, tmp_path):
     out = tmp_path / "pi.h5"
     r = run_cli(home, "run", "pi", "--ranks", "4", "--oversubscribe", "-o", str(out))
@@ -177,6 +178,7 @@ USER_KERNEL = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_a_user_kernel_file_with_every_reduce(home, tmp_path):
     kfile = tmp_path / "mine.py"
     kfile.write_text(USER_KERNEL)
