@@ -387,7 +387,8 @@ class Coordinator:
         same turn), then node records and job completion."""
         st = self.store
         if not st.db.in_transaction:
-            txn.enter_context(st.transaction())
+            txn.enter_context(st.transaction(while_waiting=self._keep_leases,
+                                             wait_slice_s=self.timings.heartbeat_s / 2))
         by: dict[type, list[Any]] = {}
         for w in writes:
             by.setdefault(type(w), []).append(w)
@@ -412,6 +413,17 @@ class Coordinator:
         for w in by.get(S.CompleteJobIfDone, ()):
             if st.unfinished(w.job_id) == 0:
                 st.set_job_state(w.job_id, JobState.COMPLETED)
+
+    def _keep_leases(self) -> None:
+        """While the turn waits for the store's write lock (another process's long
+        transaction): a Ping to each live agent, so their leases do not run out and stop
+        every task. Not to a node being fenced: its lease must run out."""
+        now = time.time()
+        for key, (gen, chan, _) in list(self.channels.items()):
+            node = self.state.node(*key)
+            if node is not None and node.gen == gen and node.connected and \
+                    node.fence_until is None:
+                chan.send_many([P.Ping(now)])
 
     def _perform(self, after: list[Any]) -> None:
         sends: dict[tuple[str, str], list[Any]] = {}

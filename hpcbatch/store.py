@@ -228,6 +228,8 @@ OPEN_STATES = ("active", "preparing", "running")
 
 # how often wait_for_change looks for a commit made by another process
 CHANGE_POLL_S = 0.05
+# how long a write waits for another connection's write lock before it fails
+BUSY_TIMEOUT_S = 30.0
 
 
 class TaskRow(NamedTuple):
@@ -415,7 +417,7 @@ class Store:
     def _open(self) -> None:
         secure_dir(self.path.parent)
         _secure_file(self.path, create=True)
-        self.db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30,
+        self.db = sqlite3.connect(str(self.path), isolation_level=None, timeout=BUSY_TIMEOUT_S,
                                   check_same_thread=False)
         self.db.row_factory = _row_dict
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -467,16 +469,19 @@ class Store:
     # ---- transactions and changes ----------------------------------------------
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self, *, while_waiting: Callable[[], None] | None = None,
+                    wait_slice_s: float = 0.5) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... COMMIT; rolls back on any error (nothing half-written).
         A transaction that changed any row bumps the change counter. No space left:
-        StorageFull (rolled back)."""
+        StorageFull (rolled back). While another connection holds the write lock (a
+        1M-task submit holds it for seconds), ``while_waiting`` is called every
+        ``wait_slice_s``, up to the usual BUSY_TIMEOUT_S."""
         db = self.db
         if db.in_transaction:  # nested: join the outer transaction
             yield db
             return
         try:
-            db.execute("BEGIN IMMEDIATE")
+            self._begin(while_waiting, wait_slice_s)
         except sqlite3.Error as exc:
             full = storage_full(exc, self.path.parent)
             if full is not None:
@@ -502,6 +507,26 @@ class Store:
         self.commits += 1
         if changed:
             self._changes.notify()
+
+    def _begin(self, while_waiting: Callable[[], None] | None, slice_s: float) -> None:
+        db = self.db
+        if while_waiting is None:
+            db.execute("BEGIN IMMEDIATE")
+            return
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        db.execute(f"PRAGMA busy_timeout = {max(1, int(slice_s * 1000))}")
+        try:
+            while True:
+                try:
+                    db.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as exc:
+                    if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_BUSY or \
+                            time.monotonic() >= deadline:
+                        raise
+                while_waiting()
+        finally:
+            db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
 
     def change_counter(self) -> int:
         """Bumped by every committed transaction that changed a row."""
