@@ -371,7 +371,7 @@ class LocalTransport:
             # with tasks running (SIGKILLed): kill what they left
             record = Path(root, "agents", f"{token}.json")
             if record.exists():
-                agent_module.reap_stale_agents(root, only=token)
+                agent_module.reap_stale_agents(root, only=token, grace_s=timings.kill_grace_s)
             err_thread.join(2)
             proc.stdout.close()
             proc.stderr.close()

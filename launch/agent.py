@@ -37,7 +37,9 @@ naming its pid and the pid, session and start time of each task it runs, and rem
 on a clean exit. ``reap_stale_agents(root)`` (run at start with ``--reap-stale``) kills
 what agents that left a record behind still run: the agent itself, its tasks' sessions
 (checked by process start time, so a reused pid is never hit), and every process whose
-environment holds ``HPCBATCH_AGENT_TOKEN=<its token>``.
+environment holds ``HPCBATCH_AGENT_TOKEN=<its token>``; the tasks get SIGTERM and the
+kill grace first, so an mpiexec among them removes its session directory and /dev/shm
+segments.
 """
 
 from __future__ import annotations
@@ -462,6 +464,19 @@ def _wait_gone(pids, timeout_s: float) -> None:
             time.sleep(0.01)
 
 
+def _terminate(find, grace_s: float) -> list[int]:
+    """SIGTERM what ``find()`` returns (and what appears meanwhile); wait up to
+    ``grace_s`` for it to go. Returns the pids signalled."""
+    signalled: set[int] = set()
+    end = time.monotonic() + grace_s
+    while True:
+        found = find()
+        if not found or time.monotonic() > end:
+            return sorted(signalled)
+        signalled.update(_signal_all(found - signalled, signal.SIGTERM))
+        time.sleep(0.02)
+
+
 def _stale_targets(records: list[tuple[str, dict | None]], me: str) -> set[int]:
     """Processes the agents of these records (token, record) left behind."""
     procs = _procs()
@@ -496,13 +511,16 @@ def _stale_targets(records: list[tuple[str, dict | None]], me: str) -> set[int]:
 
 
 def reap_stale_agents(root: str, *, keep: str = "", only: str | None = None,
-                      deadline_s: float = 5.0) -> list[int]:
+                      deadline_s: float = 5.0, grace_s: float = 0.0) -> list[int]:
     """Kill what agents of this node root left behind, going by their records in
     ROOT/agents/: the agent (when its pid still has the recorded start time), the
     sessions of its tasks (the same check), everything under them, and every process
     whose environment holds its token. Then remove the records. ``keep``: the token of
     a record to leave alone (the calling agent's own); ``only``: reap just that token.
-    Returns the pids killed. Scans again until nothing is found or ``deadline_s``."""
+    The agents get SIGKILL at once (they start nothing more); their tasks SIGTERM first
+    and ``grace_s`` to end (mpiexec then removes its session directory and /dev/shm
+    segments), then SIGKILL. Returns the pids signalled. Scans again until nothing is
+    found or ``deadline_s``."""
     root = os.path.abspath(os.path.expanduser(root))
     d = record_dir(root)
     try:
@@ -534,8 +552,10 @@ def reap_stale_agents(root: str, *, keep: str = "", only: str | None = None,
             agents += _signal_all([pid], signal.SIGKILL)
     _wait_gone(agents, 2.0)
     killed += agents
-    end = time.monotonic() + deadline_s
     pairs = [(token, rec) for token, _path, rec in records]
+    if grace_s > 0:
+        killed += _terminate(lambda: _stale_targets(pairs, me), grace_s)
+    end = time.monotonic() + deadline_s
     while True:
         found = _stale_targets(pairs, me)
         if not found:
@@ -923,7 +943,7 @@ class Agent:
         for name in ("shared", "jobs", "agents"):
             os.close(mkdir_at(self.root_fd, name, self.root))
         if self.reap_stale:
-            killed = reap_stale_agents(self.root, keep=self.token)
+            killed = reap_stale_agents(self.root, keep=self.token, grace_s=self.kill_grace_s)
             if killed:
                 log(f"node {self.node_id}: killed {len(killed)} processes earlier agents "
                     f"of {self.root} left: {killed}")

@@ -27,6 +27,11 @@ if TYPE_CHECKING:
     from hpcbatch.transport import AgentChannel
 
 
+# what a fence or an orphan reap gives a task between SIGTERM and SIGKILL (an mpiexec
+# cleans up its session directory and /dev/shm segments on SIGTERM)
+REAP_GRACE_S = Timings.kill_grace_s
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class LocalConfig:
     """A local pool has nothing to configure beyond its PoolSpec."""
@@ -120,7 +125,8 @@ class LocalProvider(Provider):
                                             slots=node.slots)
 
     def fence(self, node: NodeDesc, token: str, pids: Iterable[int]) -> bool:
-        _, left = reaping.reap([token], [int(p) for p in pids], [], deadline_s=5.0)
+        _, left = reaping.reap([token], [int(p) for p in pids], [], deadline_s=5.0,
+                               grace_s=REAP_GRACE_S)
         return left == 0
 
     def reap_orphans(self, agent_records: Iterable[Mapping[str, Any]]) -> list[str]:
@@ -133,11 +139,12 @@ class LocalProvider(Provider):
         if mine:
             _, left = reaping.reap([r["token"] for r in mine if r.get("token")], [],
                                    [[r["pid"], r["root"]] for r in mine
-                                    if r.get("pid") and r.get("root")], deadline_s=5.0)
+                                    if r.get("pid") and r.get("root")], deadline_s=5.0,
+                                   grace_s=REAP_GRACE_S)
         problems = []
         for node in self.fixed_nodes():
             try:
-                reap_stale_agents(self.node_root(node.node_id))
+                reap_stale_agents(self.node_root(node.node_id), grace_s=REAP_GRACE_S)
             except OSError as exc:
                 problems.append(f"{node.node_id}: earlier agents' records could not be read "
                                 f"({exc.strerror or exc})")

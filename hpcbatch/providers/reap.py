@@ -11,8 +11,9 @@ installed beyond its python. A process is the agent's when
   environment are found too), or
 * it is a recorded agent pid whose argv still names the recorded node root.
 
-Everything found is SIGKILLed, and the scan repeats until nothing is left or the
-deadline passes. The result: how many were killed and how many are still there.
+Everything found gets SIGTERM and a grace to end (so mpiexec cleans up), then
+SIGKILL, and the scan repeats until nothing is left or the deadline passes. The
+result: how many were killed and how many are still there.
 """
 
 from __future__ import annotations
@@ -73,11 +74,37 @@ def scan(tokens: list[str], sessions: list[int], agents: list[list]) -> set[int]
     return found
 
 
+def terminate(find, grace_s: float) -> set[int]:
+    """SIGTERM what ``find()`` returns (again for what appears meanwhile) and wait up to
+    ``grace_s`` for it to go: a launcher such as Open MPI's mpiexec removes its session
+    directory and its /dev/shm segments on SIGTERM, never after a SIGKILL. Returns the
+    pids signalled."""
+    signalled: set[int] = set()
+    end = time.monotonic() + grace_s
+    while True:
+        found = find()
+        if not found:
+            return signalled
+        for pid in found - signalled:
+            try:
+                os.kill(pid, signal.SIGTERM)
+                signalled.add(pid)
+            except OSError:
+                pass
+        if time.monotonic() > end:
+            return signalled
+        time.sleep(0.02)
+
+
 def reap(tokens: list[str], sessions: list[int] = (), agents: list[list] = (),
-         deadline_s: float = 5.0) -> tuple[int, int]:
-    """(killed, still there) after SIGKILLing everything found, scanning again until
-    nothing is found or ``deadline_s`` has passed."""
+         deadline_s: float = 5.0, grace_s: float = 0.0) -> tuple[int, int]:
+    """(killed, still there) after SIGKILLing everything found (first SIGTERM and up to
+    ``grace_s`` to go on its own), scanning again until nothing is found or
+    ``deadline_s`` has passed."""
     killed: set[int] = set()
+    if grace_s > 0:
+        killed |= terminate(lambda: scan(list(tokens), list(sessions), list(agents)),
+                            grace_s)
     end = time.monotonic() + deadline_s
     while True:
         found = scan(list(tokens), list(sessions), list(agents))
@@ -108,7 +135,8 @@ def _zombie(pid: str) -> bool:
 def main(argv: list[str]) -> int:
     req = json.loads(argv[1])
     killed, left = reap(req.get("tokens", []), req.get("sessions", []),
-                        req.get("agents", []), float(req.get("deadline_s", 5.0)))
+                        req.get("agents", []), float(req.get("deadline_s", 5.0)),
+                        float(req.get("grace_s", 0.0)))
     print(json.dumps({"killed": killed, "left": left}))
     return 0 if left == 0 else 3
 

@@ -300,7 +300,8 @@ class SSHProvider(Provider):
                                 f"{err.strip()[-200:]}") from None
 
     def fence(self, node: NodeDesc, token: str, pids: Iterable[int]) -> bool:
-        request = {"tokens": [token], "sessions": [int(p) for p in pids], "deadline_s": 5.0}
+        request = {"tokens": [token], "sessions": [int(p) for p in pids], "deadline_s": 5.0,
+                   "grace_s": Timings.kill_grace_s}
         try:
             return self._reap_on(node.node_id, request, self.config.connect_timeout_s + 15) == 0
         except Exception:  # noqa: BLE001 - unreachable, or no python: not sure
@@ -319,7 +320,8 @@ class SSHProvider(Provider):
             return self._reap_on(t.name, {
                 "tokens": [r["token"] for r in recs if r.get("token")],
                 "agents": [[r["pid"], r["root"]] for r in recs
-                           if r.get("pid") and r.get("root")], "deadline_s": 5.0}, 60)
+                           if r.get("pid") and r.get("root")], "deadline_s": 5.0,
+                "grace_s": Timings.kill_grace_s}, 60)
         result = parallel([self._targets[n] for n in by_node], reap_one, 90)
         problems = [f"{r.name}: what an earlier agent left could not be reaped ({r.error})"
                     for r in result.failed]
