@@ -286,7 +286,7 @@ def test_a_closed_port_is_unreachable_at_once(ssh_targets):
     with pytest.raises(Unreachable) as info:
         connect(target)
     assert time.monotonic() - t0 < 1
-    assert str(info.value) == (f"node1 (root@127.0.0.1:{port}): cannot connect to "
+    assert str(info.value) == (f"node1 ({target.user}@127.0.0.1:{port}): cannot connect to "
                                f"127.0.0.1:{port}: connection refused; check that sshd runs "
                                f"there and listens on port {port}")
 
