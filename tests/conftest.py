@@ -21,17 +21,12 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import run_cli, unavailable
+from helpers import FAST_TIMINGS, run_cli, unavailable
 
 import hpcbatch
 from hpcbatch.launch import cluster as cluster_tool
 
 pytest_plugins = ["conftest_ssh"]  # real sshd node fixtures
-
-# Clocks for tests: nothing waits out the production constants (a 4 s node timeout, a
-# 30 s pool grace), yet nothing is so tight that a busy 2-core machine loses a node.
-FAST_TIMINGS = dict(heartbeat_s=0.25, node_timeout_s=2.0, lease_s=3.0, reconnect_min_s=0.25,
-                    reconnect_max_s=1.0, kill_grace_s=0.5, pool_grace_s=5.0, work_poll_s=0.25)
 
 # fixtures whose use means the test needs sshd nodes (tests/conftest_ssh.py)
 SSH_FIXTURES = {"ssh_cluster", "ssh_targets", "ssh_connect", "make_cluster", "ssh_provider"}

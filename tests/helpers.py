@@ -12,6 +12,12 @@ from pathlib import Path
 from hpcbatch.launch.cluster import pid_alive  # noqa: F401 - re-exported for tests
 from hpcbatch.store import Store
 
+# Clocks for tests (the batch fixture's): nothing waits out the production constants (a
+# 4 s node timeout, a 30 s pool grace), yet nothing is so tight that a busy 2-core machine
+# loses a node.
+FAST_TIMINGS = dict(heartbeat_s=0.25, node_timeout_s=2.0, lease_s=3.0, reconnect_min_s=0.25,
+                    reconnect_max_s=1.0, kill_grace_s=0.5, pool_grace_s=5.0, work_poll_s=0.25)
+
 
 def unavailable(check) -> str | None:
     """Why a test-cluster feature cannot run here (check_sshd, check_netns), or None."""

@@ -174,6 +174,8 @@ def test_tasks_queued_on_a_node_are_preparing_until_they_start(make_batch, tmp_p
 
 
 def test_timings_by_keyword_or_whole(home):
+    """Batch's own clocks and keywords: the production defaults on purpose, not the
+    fixture's FAST_TIMINGS."""
     with hpcbatch.Batch(heartbeat_s=0.25, node_timeout_s=1.5, pool_grace_s=2) as b:
         t = b.timings
         assert (t.heartbeat_s, t.node_timeout_s, t.pool_grace_s) == (0.25, 1.5, 2)

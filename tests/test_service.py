@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import poll
+from helpers import FAST_TIMINGS, poll
 
 from hpcbatch.errors import Conflict, CoordinatorBusy, HpcBatchError, NotFound, ValidationError
 from hpcbatch.models import JobSpec, TaskSpec
@@ -227,8 +227,7 @@ def test_coordinator_commands_raise_rather_than_time_out_silently(home):
 
 # ---------------------------------------------------------------- with a coordinator
 
-FAST = Timings(heartbeat_s=0.2, node_timeout_s=1.0, lease_s=1.0, pool_grace_s=1.0,
-               reconnect_min_s=0.2, reconnect_max_s=0.5, kill_grace_s=0.5, work_poll_s=0.2)
+FAST = Timings(**dict(FAST_TIMINGS, pool_grace_s=1.0))  # the batch fixture's clocks
 
 
 @pytest.fixture

@@ -201,21 +201,18 @@ def test_a_user_kernel_file_with_every_reduce(home, tmp_path):
     assert (tmp_path / "mine.rank1.h5").exists()
 
 
-def test_api_run_kernel(home, tmp_path):
-    import hpcbatch
-    with hpcbatch.Batch() as batch:
-        res = batch.run_kernel("pi", ranks=2, params={"samples": 100_000},
-                               output=tmp_path / "p.h5")
+def test_api_run_kernel(batch, tmp_path):
+    res = batch.run_kernel("pi", ranks=2, params={"samples": 100_000},
+                           output=tmp_path / "p.h5")
     assert res.path == tmp_path / "p.h5"
     assert abs(float(res.reduced["pi"]) - math.pi) < 0.05
     assert res.timings["compute"] >= 0 and res.attrs["kernel"] == "pi"
 
 
-def test_a_kernel_module_importable_only_here_runs_on_the_ranks(home, tmp_path,
+def test_a_kernel_module_importable_only_here_runs_on_the_ranks(batch, tmp_path,
                                                                 monkeypatch):
     import sys
 
-    import hpcbatch
     pkg = tmp_path / "labkernels"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
@@ -229,8 +226,7 @@ def test_a_kernel_module_importable_only_here_runs_on_the_ranks(home, tmp_path,
     monkeypatch.syspath_prepend(str(tmp_path))  # on this process's path, not the ranks'
     monkeypatch.delenv("PYTHONPATH", raising=False)
     assert str(tmp_path) in sys.path
-    with hpcbatch.Batch() as batch:
-        res = batch.run_kernel("labkernels.double", ranks=2, output=tmp_path / "d.h5")
+    res = batch.run_kernel("labkernels.double", ranks=2, output=tmp_path / "d.h5")
     assert float(res.reduced["x"]) == 4.0
 
 
