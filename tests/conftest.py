@@ -89,16 +89,16 @@ def pytest_collection_modifyitems(config, items):
 # ---------------------------------------------------------------- no process left behind
 #
 # At the end of each test, the processes the test started and left running: those that
-# started after the test began and either descend from this pytest process or name the
+# were not there when the test began and either descend from this pytest process or name the
 # test's tmp_path (in an environment value, e.g. HPCBATCH_HOME, HPCBATCH_TASK_DIR or
 # TMPDIR, or in an argument: an agent's --root, an sshd's -f), with whatever shares
 # their sessions or runs under them (mpiexec, prted, hydra, a task's children) and every
 # holder of their agent tokens. They get LEAK_GRACE_S to end on their own (agents and
 # sshd sessions end a moment after their channel closes); then they are killed and the
-# test fails naming them. /proc is read once per test (stat of every process; environ
-# and cmdline only of those that started during the test). Session- and module-scoped
-# clusters started before the test began, so they are not the test's; their fixtures
-# check them when they end.
+# test fails naming them. /proc is read once per test (a listdir when it starts; at the
+# end the stat of every process, environ and cmdline only of the new ones). Session-
+# and module-scoped clusters were started before the test began, so they are not the
+# test's; their fixtures check them when they end, and the session's end checks all.
 
 LEAK_GRACE_S = 3.0
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -143,14 +143,22 @@ def _protected() -> tuple[set[int], set[int]]:
     return pids | {1}, sids
 
 
-def processes_left(since_ticks: float, needles: list[bytes]) -> dict[int, int]:
-    """{pid: start time} of the live processes that started after ``since_ticks`` and
-    belong to this test (see above); ``needles``: the test's tmp paths, as bytes."""
+def _pids() -> set[int]:
+    return {int(name) for name in os.listdir("/proc") if name.isdigit()}
+
+
+def processes_left(before: tuple[set[int], float], needles: list[bytes]) -> dict[int, int]:
+    """{pid: start time} of the live processes that started since ``before`` (the pids
+    then and the time in clock ticks, from ``_now()``) and belong to this test (see
+    above); ``needles``: the test's tmp paths, as bytes."""
+    old_pids, since_ticks = before
     procs: dict[int, tuple[int, int, int, str]] = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             st = _stat(int(entry.name))
-            if st is not None and st[2] > since_ticks and st[3] not in "ZX":
+            # new: a pid not there before (or reused: started a whole tick later)
+            if st is not None and st[3] not in "ZX" and (
+                    int(entry.name) not in old_pids or st[2] > since_ticks + 1):
                 procs[int(entry.name)] = st
     protected, protected_sids = _protected()
     for pid in protected:
@@ -211,15 +219,22 @@ def _kill(pids: dict[int, int]) -> None:
         time.sleep(0.01)
 
 
-def check_no_process_left(since_ticks: float, needles: list[bytes], what: str) -> None:
+def _now() -> tuple[set[int], float]:
+    """What processes_left counts from: the pids there now (a listdir, no reads) and
+    the time in clock ticks (a process's start time has only that resolution)."""
+    return _pids(), _uptime_ticks()
+
+
+def check_no_process_left(before: tuple[set[int], float], needles: list[bytes],
+                          what: str) -> None:
     """Give the test's leftovers LEAK_GRACE_S to end, then kill them and fail."""
-    left = processes_left(since_ticks, needles)
+    left = processes_left(before, needles)
     deadline = time.monotonic() + LEAK_GRACE_S
     while left and time.monotonic() < deadline:
         time.sleep(0.02)
         left = _still_there(left)
     if left:  # once more in full: whatever they started meanwhile goes too
-        left = processes_left(since_ticks, needles)
+        left = processes_left(before, needles)
     if not left:
         return
     described = [_describe(pid) for pid in sorted(left)]
@@ -233,16 +248,16 @@ def _no_process_left(tmp_path, request):
     """Fail a test that leaves an agent, task, sshd or MPI process behind (see above).
     Autouse and set up before the test's other fixtures, so it checks after their
     teardown (a Batch closed, a cluster taken down)."""
-    since = _uptime_ticks()
+    before = _now()
     yield
-    check_no_process_left(since, [os.fsencode(tmp_path) + b"/", os.fsencode(tmp_path) + b"\0"],
+    check_no_process_left(before, [os.fsencode(tmp_path) + b"/", os.fsencode(tmp_path) + b"\0"],
                           f"test {request.node.nodeid}")
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_process_left_at_session_end(tmp_path_factory):
     """What session- and module-scoped fixtures started must be gone at the end too."""
-    since = _uptime_ticks()
+    before = _now()
     yield
     base = os.fsencode(tmp_path_factory.getbasetemp())
-    check_no_process_left(since, [base + b"/", base + b"\0"], "the test session")
+    check_no_process_left(before, [base + b"/", base + b"\0"], "the test session")
