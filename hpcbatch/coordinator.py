@@ -89,6 +89,9 @@ class Coordinator:
         self.providers: dict[str, Any] = {}
         self.descs: dict[tuple[str, str], NodeDesc] = {}
         self.channels: dict[tuple[str, str], tuple[int, Any, str]] = {}  # gen, chan, token
+        # each node's latest agent (gen, token), kept once its channel is dropped: a lost
+        # node's fence (in the same turn as the StopAgent that drops it) needs the token
+        self.tokens: dict[tuple[str, str], tuple[int, str]] = {}
         self.jobs: set[str] = set()
         self.replies: dict[int, concurrent.futures.Future] = {}
         self._reply_n = 0
@@ -248,6 +251,7 @@ class Coordinator:
                 chan.close()
                 return []
             self.channels[(pool_id, node_id)] = (gen, chan, token)
+            self.tokens[(pool_id, node_id)] = (gen, token)
             with self.store.transaction():
                 self.store.record_agent(pool_id, node_id, token, getattr(chan, "pid", None),
                                         self.descs[(pool_id, node_id)].host,
@@ -451,7 +455,8 @@ class Coordinator:
             elif isinstance(ins, S.StopAgent):
                 self._stop_agent(key, ins.gen, sends.pop(key, []), abort=ins.lost)
             elif isinstance(ins, S.FenceNode):
-                self._io(self._fence, ins, self.channels.get(key, (0, None, ""))[2])
+                gen, token = self.tokens.get(key, (None, ""))
+                self._io(self._fence, ins, token if gen == ins.gen else "")
             elif isinstance(ins, S.Reply):
                 fut = self.replies.pop(ins.reply, None)
                 if fut is not None and not fut.done():
