@@ -425,20 +425,35 @@ def test_a_partitioned_nodes_task_is_requeued_only_after_its_lease(netns_cluster
 
 
 @pytest.mark.slow
+def test_a_killed_local_agent_is_fenced_before_its_task_runs_elsewhere(home, bench, tmp_path):
+    _a_killed_agent_is_fenced(home, bench, tmp_path, None)
+
+
+@pytest.mark.slow
 @pytest.mark.ssh
-def test_an_ssh_nodes_killed_agent_is_fenced_before_its_task_runs_elsewhere(ssh_cluster, home,
-                                                                           bench, tmp_path):
-    """SIGKILL of a remote agent leaves its task running with no agent (and no lease) to
-    stop it: the coordinator's fence (over SSH, the node answers) kills it, and only
+def test_a_killed_ssh_agent_is_fenced_before_its_task_runs_elsewhere(ssh_cluster, home, bench,
+                                                                     tmp_path):
+    _a_killed_agent_is_fenced(home, bench, tmp_path, ssh_cluster)
+
+
+def _a_killed_agent_is_fenced(home: Path, bench: Bench, tmp_path: Path, cluster) -> None:
+    """SIGKILL of an agent leaves its task running with no agent (and no lease) to stop
+    it: the coordinator's fence (here, or over SSH: the node answers) kills it, and only
     then is the task requeued; being sure, it does not wait out the lease."""
     with hpcbatch.Batch(home, **PARTITION) as batch:
-        _ssh_pool(batch, ssh_cluster, tmp_path, ["node1", "node2"])
+        if cluster is not None:
+            _ssh_pool(batch, cluster, tmp_path, ["node1", "node2"])
+            roots = tmp_path / "node-roots"
+        else:
+            batch.pools.create("part", "local", target_nodes=2, task_slots_per_node=1)
+            roots = home / "nodes" / "part"
+        provider = "local" if cluster is None else "ssh"
         job = batch.jobs.create("k", pool="part")
         gate = tmp_path / "gate"
         job.add_task("t", bench.command("t", 0, gate))
         poll(lambda: bench.started("t"), timeout_s=60, what="the task running")
         node = job.task("t").node_id
-        agent = [p for p, c in processes_of(str(tmp_path / "node-roots")).items()
+        agent = [p for p, c in processes_of(str(roots)).items()
                  if "agent.py" in c and f"--node-id {node} " in c]
         assert len(agent) == 1, agent
         killed = time.time()
@@ -452,7 +467,7 @@ def test_an_ssh_nodes_killed_agent_is_fenced_before_its_task_runs_elsewhere(ssh_
         assert marks.overlap_count() == 0, (marks.overlaps(), marks.locked_out)
         runs = marks.of("t")
         waited = runs[1].start - killed
-        print(f"killed ssh agent: the task ran again {waited:.2f} s later")
+        print(f"killed {provider} agent: the task ran again {waited:.2f} s later")
         fence_wait = hpcbatch.client.Timings(**PARTITION).fence_wait_s
         assert waited < fence_wait, "the fence was sure: no need to wait out the lease"
         assert [a.outcome for a in job.task("t").attempts()] == ["requeue", "success"]
