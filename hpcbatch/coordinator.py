@@ -112,6 +112,10 @@ class Coordinator:
     def start(self) -> None:
         try:
             with self.store.transaction():
+                # nodes whose earlier agents may still run what is requeued now
+                suspects: dict[str, set[str]] = {}
+                for a in self.store.agents():
+                    suspects.setdefault(a["pool_id"], set()).add(a["node_id"])
                 self.requeued_at_start = self.store.requeue_in_flight()
                 for n in self.store.list_nodes():
                     if n["state"] != NodeState.OFFLINE.value:
@@ -121,6 +125,10 @@ class Coordinator:
                                     self.store.last_task_seq())
                 events: list[Any] = [started, self._jobs_known(self.store.list_jobs())]
                 events += [self._pool_added(p) for p in self.store.list_pools()]
+                if self.requeued_at_start:  # a cut-off agent runs on until its lease ends
+                    until = started.t + self.timings.fence_wait_s
+                    events += [S.PoolHeld(started.t, pool_id, until, tuple(sorted(nodes)))
+                               for pool_id, nodes in sorted(suspects.items())]
                 self._turn(events)
         except BaseException:
             self._release()
@@ -263,6 +271,8 @@ class Coordinator:
             return [S.AgentStartFailed(now, *item[1:])]
         if kind == "fenced":
             return [S.NodeFenced(now, *item[1:])]
+        if kind == "reaped":
+            return [S.NodeReaped(now, *item[1:])]
         if kind == "staged":
             return [S.FilesStaged(now, *item[1:])]
         if kind == "work":
@@ -538,13 +548,16 @@ class Coordinator:
             try:
                 records = [a for a in store.agents()
                            if (a["pool_id"], a["node_id"]) == key]
-                for problem in provider.reap_orphans(records):
+                problems = provider.reap_orphans(records)
+                for problem in problems:
                     log.warning("%s", problem)
-                with store.transaction():
-                    for a in records:
-                        store.forget_agent(a["pool_id"], a["node_id"], a["token"])
+                if not problems:  # (else kept: the next start of the node tries again)
+                    with store.transaction():
+                        for a in records:
+                            store.forget_agent(a["pool_id"], a["node_id"], a["token"])
             finally:
                 store.close()
+            self.inbox.put(("reaped", ins.pool_id, ins.node_id, not problems))
             chan = provider.start_agent(self.descs[key], token=token, timings=self.timings)
         except Exception as exc:  # noqa: BLE001 - reported on the node
             self.inbox.put(("startfail", ins.pool_id, ins.node_id, ins.gen, str(exc)))

@@ -275,6 +275,26 @@ class NodeFenced:
 
 
 @_ev
+class PoolHeld:
+    """The coordinator (re)started with tasks requeued from these nodes, whose earlier
+    agents may still run them (a cut-off agent runs until its lease ends): place nothing
+    in the pool until each node is reaped (NodeReaped, sure) or ``until``."""
+    t: float
+    pool_id: str
+    until: float
+    nodes: tuple[str, ...]
+
+
+@_ev
+class NodeReaped:
+    """What earlier agents left on the node was killed (``sure``), or could not be."""
+    t: float
+    pool_id: str
+    node_id: str
+    sure: bool
+
+
+@_ev
 class FilesStaged:
     t: float
     seq: int
@@ -549,6 +569,8 @@ class PoolState:
     per_slot: int = -1  # the prefetch depth the placer's nodes were last given
     total_slots: int = 0
     dirty: bool = True
+    hold_until: float | None = None  # PoolHeld: nothing placed before this ..
+    suspects: set[str] = dataclasses.field(default_factory=set)  # .. or these are reaped
 
 
 def _exit_of(ev: RunExited) -> Exit:
@@ -631,6 +653,28 @@ class CoordinatorState:
     def _on_Started(self, ev: Started) -> None:
         self.open.update(dict(ev.open_counts))
         self.last_seq = max(self.last_seq, ev.last_seq)
+
+    def _on_PoolHeld(self, ev: PoolHeld) -> None:
+        pool = self.pools.get(ev.pool_id)
+        if pool is not None and ev.nodes:
+            pool.hold_until = max(pool.hold_until or 0.0, ev.until)
+            pool.suspects.update(ev.nodes)
+
+    def _on_NodeReaped(self, ev: NodeReaped) -> None:
+        pool = self.pools.get(ev.pool_id)
+        if pool is not None and ev.sure:
+            pool.suspects.discard(ev.node_id)
+
+    def _held(self, pool: PoolState) -> bool:
+        """Whether the pool still waits for what earlier agents ran (see PoolHeld)."""
+        if pool.hold_until is None:
+            return False
+        if pool.suspects and self.now < pool.hold_until:
+            return True
+        pool.hold_until = None
+        pool.suspects.clear()
+        pool.dirty = True
+        return False
 
     def _on_JobsKnown(self, ev: JobsKnown) -> None:
         for job in ev.jobs:
@@ -835,6 +879,9 @@ class CoordinatorState:
             return
         node.last_heard = ev.t
         node.connected = True
+        pool = self.pools.get(node.pool_id)
+        if pool is not None:  # an agent reaps what earlier ones left before its hello
+            pool.suspects.discard(node.node_id)
         if ev.protocol != self.protocol:
             self._emit(StopAgent(node.pool_id, node.node_id, node.gen))
             node.connected = False
@@ -1015,7 +1062,7 @@ class CoordinatorState:
                 pool.per_slot = per_slot
                 for node in pool.nodes.values():
                     self._place_node(pool, node)
-            if not pool.dirty:
+            if not pool.dirty or self._held(pool):
                 continue
             pool.dirty = False
             if len(pool.queue) and budget > 0:
