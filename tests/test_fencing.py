@@ -425,6 +425,93 @@ def test_a_partitioned_nodes_task_is_requeued_only_after_its_lease(netns_cluster
 
 
 @pytest.mark.slow
+@pytest.mark.ssh
+def test_a_coordinator_restarted_while_a_node_is_cut_off_waits_for_its_lease(
+        netns_cluster, home, bench, tmp_path, nothing_left):
+    """The coordinator dies (SIGKILL) just after a node's link went down, and a new one
+    starts at once: the cut-off agent heard of neither, so its task runs on until its
+    lease ends. The new coordinator must not run that task elsewhere before then
+    (production timings, as `hpcbatch job wait` has them)."""
+    info = netns_cluster
+    spec = json.loads(info.pool_json.read_text())
+    spec["hosts"] = [h for h in spec["hosts"] if h["name"] in ("node1", "node2")]
+    spec["python"] = sys.executable
+    spec["node_root"] = str(tmp_path / "node-roots")
+    (tmp_path / "pool.json").write_text(json.dumps(spec))
+    r = run_cli(home, "pool", "create", "part", "--spec", str(tmp_path / "pool.json"),
+                "--no-inter-node-communication")
+    assert r.returncode == 0, r.stdout + r.stderr
+    gate = tmp_path / "gate"
+    (tmp_path / "t.txt").write_text(bench.command("t", 0, gate) + "\n")
+    r = run_cli(home, "submit", "--each-line", str(tmp_path / "t.txt"), "--job", "c",
+                "--pool", "part", "--no-wait")
+    assert r.returncode == 0, r.stdout + r.stderr
+    proc = popen_cli(home, "job", "wait", "c", "--no-progress")
+    nothing_left.append(proc)
+    poll(lambda: bench.started("t"), timeout_s=60, what="the task running")
+    node = bench.read().of("t")[0].node
+    cut = time.time()
+    ct.set_link(info.directory, node, up=False)
+    try:
+        proc.kill()
+        proc.wait(30)
+        proc = popen_cli(home, "job", "wait", "c", "--no-progress")
+        nothing_left.append(proc)
+        poll(lambda: bench.started("t", 2), timeout_s=60, interval_s=0.05,
+             what="the task run again")
+        rest = LINK_DOWN_S - (time.time() - cut)
+        if rest > 0:
+            time.sleep(rest)  # the fault's duration, not a wait for a state
+    finally:
+        ct.set_link(info.directory, node, up=True)
+        gate.touch()
+    t_gate = time.time()
+    assert proc.wait(120) == 0
+    print(f"job wait ended {time.time() - t_gate:.1f} s after the gate opened")
+    marks = bench.read()
+    runs = marks.of("t")
+    print(f"restart during a cut: the cut-off run stopped {runs[0].last - cut:.2f} s after "
+          f"the cut, the task ran again after {runs[1].start - cut:.2f} s")
+    assert marks.overlap_count() == 0, (marks.overlaps(), marks.locked_out)
+    assert runs[1].node != node
+
+
+def _held_pool(tm):
+    """A pool of n1 (its earlier agent may still run task 1) and n2 (up), held."""
+    from hpcbatch import state as S
+    st = S.CoordinatorState(tm, prefetch=0)
+    st.handle(S.Started(0.0, (("j", 1),), 1))
+    st.handle(S.PoolAdded(0.0, S.PoolInfo("p", 1), (S.NodeInfo("n1", "h1", 1),
+                                                    S.NodeInfo("n2", "h2", 1))))
+    st.handle(S.PoolHeld(0.0, "p", tm.fence_wait_s, ("n1",)))
+    st.handle(S.WindowLoaded(0.0, "p", (S.TaskRow(1, "j", "t1", "p", 0),), True))
+    st.handle(S.AgentUp(0.5, "p", "n2", 1))
+    return st, st.handle(S.AgentHello(1.0, "p", "n2", 1, "/r/n2", 2))
+
+
+@pytest.mark.parametrize("release", ["n1 reaped", "n1's new agent said hello", "the lease"])
+def test_a_restarted_coordinator_places_nothing_while_an_earlier_agent_may_run(release):
+    """The pure state: a pool held at start (PoolHeld) places nothing until every
+    suspect node is reaped (sure), its new agent said hello, or the wait is over."""
+    from hpcbatch import state as S
+    from hpcbatch.timings import Timings
+    tm = Timings(node_timeout_s=100.0)  # (no heartbeats in this test)
+    st, out = _held_pool(tm)
+    runs = lambda out: [i for i in out if isinstance(i, S.RunTask)]  # noqa: E731
+    assert runs(out) == []
+    assert runs(st.handle(S.NodeReaped(1.5, "p", "n1", False))) == []  # unreachable
+    assert runs(st.handle(S.Tick(tm.fence_wait_s - 0.01))) == []
+    if release == "n1 reaped":
+        out = st.handle(S.NodeReaped(2.0, "p", "n1", True))
+    elif release == "the lease":
+        out = st.handle(S.Tick(tm.fence_wait_s))
+    else:
+        st.handle(S.AgentUp(2.0, "p", "n1", 1))
+        out = st.handle(S.AgentHello(2.0, "p", "n1", 1, "/r/n1", 2))
+    assert [(r.node_id, r.seq) for r in runs(out)] in ([("n2", 1)], [("n1", 1)])
+
+
+@pytest.mark.slow
 def test_a_killed_local_agent_is_fenced_before_its_task_runs_elsewhere(home, bench, tmp_path):
     _a_killed_agent_is_fenced(home, bench, tmp_path, None)
 
