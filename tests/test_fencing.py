@@ -150,6 +150,9 @@ class Bench:
 
 @pytest.fixture
 def bench(tmp_path) -> Bench:
+    import shutil
+    if not shutil.which("flock"):
+        pytest.skip("the runs' overlap check needs flock (util-linux)")
     return Bench(tmp_path / "bench")
 
 
@@ -794,6 +797,84 @@ def test_a_stopped_open_mpi_run_leaves_no_session_directory_shm_file_or_daemon(
     with contextlib.suppress(AssertionError):  # (the attempt's end removes them)
         poll(lambda: not _mpi_leftovers(held, tmpdirs, before), timeout_s=15, interval_s=0.1)
     assert not _mpi_leftovers(held, tmpdirs, before)
+
+
+WHERE_KERNEL = textwrap.dedent("""
+    import os, time
+    import numpy as np
+    from hpcbatch.kernels.api import Output
+    PARAMS = {}
+    OUTPUTS = {"n": Output("sum")}
+
+    def run(comm):
+        comm.Barrier()
+        node = os.environ.get("HPCBATCH_NODE", "?")
+        with open(os.path.join(GATE, f"rank{comm.rank}"), "w") as f:
+            f.write(f"{os.getpid()} {os.getppid()} {node}")
+        time.sleep(600)
+        return {"n": np.int64(1)}
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.ssh
+def test_a_cut_off_primary_leaves_no_open_mpi_daemon_or_rank_on_the_other_node(
+        netns_cluster, home, tmp_path, nothing_left):
+    """`hpcbatch run` across two nodes; the primary's link goes down: the cut-off
+    primary stops its own mpiexec when its lease ends, and Open MPI's prted on the other
+    node (it carries no HPCBATCH variable: found by its rank's session) and its rank are
+    reaped when the attempt ends, once the primary is fenced: seconds, not minutes. The
+    run fails naming the lost node."""
+    reason = _mpi_ready()
+    if reason:
+        pytest.skip(reason)
+    info = netns_cluster
+    spec = json.loads(info.pool_json.read_text())
+    spec["hosts"] = [h for h in spec["hosts"] if h["name"] in ("node1", "node2")]
+    spec["python"] = sys.executable
+    spec["node_root"] = str(tmp_path / "mpi-roots")  # (Open MPI: no spaces)
+    (tmp_path / "mpi.json").write_text(json.dumps(spec))
+    r = run_cli(home, "pool", "create", "mpi2", "--spec", str(tmp_path / "mpi.json"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    kernel = tmp_path / "where.py"
+    kernel.write_text(f"GATE = {str(gate)!r}\n" + WHERE_KERNEL)
+    proc = popen_cli(home, "run", str(kernel), "--pool", "mpi2", "--nodes", "2",
+                     "--ranks-per-node", "1", "-o", str(tmp_path / "out.h5"), "--no-progress",
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    nothing_left.append(proc)
+    poll(lambda: len(os.listdir(gate)) == 2, timeout_s=90, interval_s=0.05,
+         what="both ranks up")
+    ranks = [(gate / f"rank{i}").read_text().split() for i in (0, 1)]
+    by_node = {node: (int(pid), int(ppid)) for pid, ppid, node in ranks}
+    launcher = {n: _read(f"/proc/{pp}/cmdline").split(b"\0")[0].decode()
+                for n, (_, pp) in by_node.items()}
+    primary = next(n for n, exe in launcher.items() if "prted" not in exe)
+    other = next(n for n in by_node if n != primary)
+    assert "prted" in launcher[other], launcher
+    cut = time.time()
+    ct.set_link(info.directory, primary, up=False)
+    try:
+        gone: dict[str, float] = {}
+
+        def both_gone() -> bool:
+            for n, pids in by_node.items():
+                if n not in gone and not any(map(_alive, pids)):
+                    gone[n] = time.time() - cut
+            return len(gone) == 2
+        poll(both_gone, timeout_s=60, interval_s=0.05, what="every rank and launcher gone")
+        reaped, stopped = gone[other], gone[primary]
+        out = proc.communicate(timeout=120)[0].decode(errors="replace")
+    finally:
+        ct.set_link(info.directory, primary, up=True)
+    print(f"cut-off primary: {other}'s prted and rank reaped {reaped:.2f} s after the cut, "
+          f"{primary}'s mpiexec stopped by its lease after {stopped:.2f} s")
+    assert proc.returncode != 0 and primary in out and "lost" in out, out
+    # production timings: lost after the node timeout (4 s), fenced 7 s later (lease 4 s,
+    # kill grace 2 s, heartbeat 1 s); the cut-off agent stops at its lease (4 s + grace)
+    assert reaped < 4.0 + 7.0 + 6, reaped
+    assert stopped < 4.0 + 7.0 + 6, stopped
 
 
 # ---- symbolic links out of a task directory ------------------------------------------
