@@ -9,11 +9,17 @@ line): the lock catches what the marks could miss (a run killed between two tick
 * the coordinator and agent killed together: ``kill -KILL -- -PGID`` of a ``hpcbatch
   submit`` (and SIGKILL of its agent too), SIGHUP from a closing terminal or ``kill
   -HUP``; then ``hpcbatch job wait``
-* a partitioned SSH node (``--netns`` cluster, root only): link down for ~10 s
+* a partitioned SSH node (``--netns`` cluster, root only): link down for ~10 s; the
+  same with the coordinator SIGKILLed and restarted right after the cut; a multi-node
+  Open MPI run whose primary is cut off (prted on the other node)
+* a SIGKILLed agent (local and SSH): fenced before its task runs elsewhere
 * ten SIGKILLs of the coordinator at random points of a 500-task job
 * a 200,000-task submit from a second process beside a running task
 * Open MPI leftovers of a timed-out / killed multi-rank run
 * symbolic links out of a task directory
+
+benchmarks/fence_faults.py runs 20 random faults of these kinds and reports overlaps
+and requeue waits.
 """
 
 from __future__ import annotations
