@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import fcntl
 import logging
-import os
 import queue
 import secrets
 import threading
@@ -22,11 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hpcbatch import env as E
+from hpcbatch import agentlink as link
 from hpcbatch import state as S
-from hpcbatch.errors import CoordinatorBusy, HpcBatchError
+from hpcbatch.errors import HpcBatchError
+from hpcbatch.home import HomeLock, default_home
 from hpcbatch.launch import protocol as P
-from hpcbatch.models import JobState, NodeState, PoolSpec, RunId, RunKind
+from hpcbatch.models import JobState, NodeState, PoolSpec
 from hpcbatch.providers import NodeDesc, provider_for
 from hpcbatch.store import Store
 from hpcbatch.timings import Timings
@@ -35,39 +34,6 @@ log = logging.getLogger("hpcbatch.coordinator")
 DEFAULT_PREFETCH = S.DEFAULT_PREFETCH
 TICK_S = 0.25
 MAX_ITEMS_PER_TURN = 5000
-
-
-def default_home() -> Path:
-    return Path(os.environ.get(E.HOME) or Path.home() / ".hpcbatch").expanduser()
-
-
-class HomeLock:
-    """One coordinator per home directory (an flock; released by the kernel on death)."""
-
-    def __init__(self, home: Path):
-        self.path = home / "coordinator.lock"
-        home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(self.fd)
-            raise CoordinatorBusy(
-                f"another coordinator (pid {other}) is running on {home}; wait for it to "
-                f"finish, stop it, or set {E.HOME} to another directory") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-def _task_row(r: Any) -> S.TaskRow:
-    return S.TaskRow(r.seq, r.job_id, r.id, r.pool_id, r.neg_priority, r.required_slots,
-                     r.instances, r.slots_per_instance, r.max_retries, r.retry_count, r.flags)
 
 
 class Coordinator:
@@ -251,7 +217,7 @@ class Coordinator:
     def _events(self, item: tuple, now: float) -> list[Any]:
         kind = item[0]
         if kind == "msg":
-            return self._agent_events(*item[1:])
+            return link.events_of(*item[1:])
         if kind == "up":
             _, pool_id, node_id, gen, chan, token = item
             node = self.state.node(pool_id, node_id)
@@ -319,40 +285,6 @@ class Coordinator:
         self._after_commit.append(fut)
         return []
 
-    def _agent_events(self, pool_id: str, node_id: str, gen: int, msg: Any, words: str,
-                      t: float) -> list[Any]:
-        if msg is None:
-            return [S.AgentClosed(t, pool_id, node_id, gen, words)]
-        if isinstance(msg, P.Heartbeat):
-            return [S.Heartbeat(t, pool_id, node_id, gen)]
-        if isinstance(msg, P.Events):
-            out: list[Any] = []
-            for it in msg.items:
-                try:
-                    run = RunId.parse(it.id) if getattr(it, "id", None) is not None else None
-                except ValueError:
-                    run = None
-                if isinstance(it, P.Started) and run is not None:
-                    out.append(S.RunStarted(t, pool_id, node_id, gen, run, it.pid))
-                elif isinstance(it, P.Exited) and run is not None:
-                    out.append(S.RunExited(t, pool_id, node_id, gen, run, it.exit_code,
-                                           it.signal, it.timed_out, it.killed, it.start_failed,
-                                           it.start, it.end, tuple(sorted(it.usage.items()))))
-                elif isinstance(it, P.Error):
-                    out.append(S.AgentError(t, pool_id, node_id, gen, it.message, run))
-                elif isinstance(it, P.Reaped) and it.pids:
-                    log.info("node %s: reaped %d leftover process(es)", node_id, len(it.pids))
-            return out
-        if isinstance(msg, P.Hello):
-            info = (("hostname", msg.hostname), ("pid", msg.pid), ("cores", msg.cores),
-                    ("python", msg.python))
-            return [S.AgentHello(t, pool_id, node_id, gen, msg.root, msg.protocol, info)]
-        if isinstance(msg, P.Error):
-            return [S.AgentError(t, pool_id, node_id, gen, msg.message)]
-        if isinstance(msg, P.Bye):
-            return []
-        return [S.AgentError(t, pool_id, node_id, gen, f"unreadable message: {msg!r}"[:300])]
-
     # ---- pools, jobs -----------------------------------------------------------------
 
     def _pool_added(self, spec: PoolSpec) -> S.PoolAdded:
@@ -374,13 +306,13 @@ class Coordinator:
 
     def _answer_window(self, ins: S.LoadWindow) -> list[Any]:
         rows = self.store.runnable_window(ins.pool_id, ins.after, ins.limit)
-        ev = S.WindowLoaded(time.time(), ins.pool_id, tuple(map(_task_row, rows)),
+        ev = S.WindowLoaded(time.time(), ins.pool_id, tuple(map(link.task_row, rows)),
                             exhausted=len(rows) < ins.limit)
         return self.state.handle(*self._unknown(rows), ev)
 
     def _answer_new_work(self, ins: S.LoadNewWork) -> list[Any]:
         rows = self.store.new_tasks(ins.after_seq, ins.limit)
-        ev = S.WorkAdded(time.time(), tuple(map(_task_row, rows)), more=len(rows) >= ins.limit)
+        ev = S.WorkAdded(time.time(), tuple(map(link.task_row, rows)), more=len(rows) >= ins.limit)
         return self.state.handle(*self._unknown(rows), ev)
 
     def _unknown(self, rows: list) -> list[Any]:
@@ -446,18 +378,16 @@ class Coordinator:
         drained = False
         for ins in after:
             key = (ins.pool_id, ins.node_id) if hasattr(ins, "node_id") else None
+            token = self.channels[key][2] if key in self.channels else None
             if isinstance(ins, S.RunTask):
-                sends.setdefault(key, []).append(self._run_message(ins, specs[ins.seq]))
-            elif isinstance(ins, S.RunStartTask):
-                sends.setdefault(key, []).append(P.Run(
-                    RunId.START_WIRE, ins.command, ins.task_dir,
-                    self._with_token(key, dict(ins.env))))
-            elif isinstance(ins, S.KillRun):
-                sends.setdefault(key, []).append(P.Kill(ins.run.wire, ins.reason))
-            elif isinstance(ins, S.Reap):
-                sends.setdefault(key, []).append(P.Reap(dict(ins.match), ins.sessions))
-            elif isinstance(ins, S.Ping):
-                sends.setdefault(key, []).append(P.Ping(ins.t))
+                inter = None
+                if ins.instance:
+                    inter = self.providers[ins.pool_id].inter_node_env(
+                        ins.node_id, self.state.node(*key).root or "")
+                sends.setdefault(key, []).append(
+                    link.run_message(ins, specs[ins.seq], token, inter))
+            elif isinstance(ins, S.RunStartTask | S.KillRun | S.Reap | S.Ping):
+                sends.setdefault(key, []).append(link.message_of(ins, token))
             elif isinstance(ins, S.StageFiles):
                 self._stage(ins, specs[ins.seq])
             elif isinstance(ins, S.StartAgent):
@@ -489,26 +419,6 @@ class Coordinator:
         if drained:
             with self.progress:
                 self.progress.notify_all()
-
-    def _with_token(self, key: tuple[str, str], env: dict[str, str]) -> dict[str, str]:
-        entry = self.channels.get(key)
-        if entry is not None:
-            env[E.AGENT_TOKEN] = entry[2]
-        return env
-
-    def _run_message(self, ins: S.RunTask, spec: Any) -> Any:
-        cmd = spec.command_line
-        if ins.run.kind is RunKind.COORDINATION:
-            cmd = spec.coordination_command
-        env = dict(spec.environment)
-        env.update(ins.env)
-        key = (ins.pool_id, ins.node_id)
-        if ins.instance:
-            node = self.state.node(*key)
-            env.update(self.providers[ins.pool_id].inter_node_env(ins.node_id, node.root or ""))
-        return P.Run(ins.run.wire, cmd, ins.task_dir, self._with_token(key, env),
-                     spec.max_wall_clock_time_s, ins.slots, dict(ins.files) or None,
-                     tuple(ins.dirs), ins.log_prefix)
 
     def _stage(self, ins: S.StageFiles, spec: Any) -> None:
         entry = self.channels.get((ins.pool_id, ins.node_id))

@@ -26,6 +26,7 @@ from typing import Any
 
 from hpcbatch import env as E
 from hpcbatch.errors import Conflict, HpcBatchError, NotFound, ValidationError
+from hpcbatch.home import default_home
 from hpcbatch.models import JobSpec, PoolSpec, TaskSpec, check_id, check_unique_ids
 from hpcbatch.timings import Timings
 from hpcbatch.views import AttemptView, JobView, NodeView, PoolView, TaskView
@@ -36,10 +37,6 @@ POOL_CHECK_S = 2.0  # how often wait_job looks at the pool's nodes
 PROGRESS_EVERY_S = 0.2  # wait_job reports progress at most this often
 MIN_GAP_S, MAX_GAP_S = 0.002, 0.05  # wait_job looks at a job at most this often
 TASK_FILES = ("stdout.txt", "stderr.txt")
-
-
-def default_home() -> Path:
-    return Path(os.environ.get(E.HOME) or Path.home() / ".hpcbatch").expanduser()
 
 
 class Service(abc.ABC):
@@ -260,7 +257,7 @@ class LocalService(Service):
         if self.coordinator is not None:
             yield
             return
-        from hpcbatch.coordinator import HomeLock
+        from hpcbatch.home import HomeLock
         lock = HomeLock(self.home)
         try:
             yield

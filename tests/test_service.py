@@ -156,7 +156,7 @@ def test_task_files_come_from_the_node_and_never_through_a_link(service, tmp_pat
 
 
 def test_deletes_without_a_coordinator_hold_the_home_lock(service):
-    from hpcbatch.coordinator import HomeLock
+    from hpcbatch.home import HomeLock
     service.create_pool("duo", target_nodes=2)
     service.create_job("done", "duo")
     dirs = [Path(service.home) / "nodes" / "duo" / f"local-{i}" / "jobs" / "done"
