@@ -511,17 +511,21 @@ class Coordinator:
                 break
             if item[0] == "up":
                 self.channels[(item[1], item[2])] = (item[3], item[4], item[5])
-        chans = list(self.channels.values())
+        chans = list(self.channels.items())
         self.channels.clear()
-        for _, chan, _ in chans:
+        for _, (_, chan, _) in chans:
             chan.send_many([P.Shutdown()])
-        for _, chan, _ in chans:
+        for _, (_, chan, _) in chans:
             chan.close()
         deadline = time.monotonic() + self.timings.kill_grace_s + 5
-        for _, chan, _ in chans:
-            chan.wait_closed(max(0.0, deadline - time.monotonic()))
+        # an agent that shut down cleanly left nothing to reap: forget its record (one
+        # that did not stays recorded, and the next coordinator reaps what it left)
+        gone = [(key, token) for key, (_, chan, token) in chans
+                if chan.wait_closed(max(0.0, deadline - time.monotonic()))]
         try:
             with self.store.transaction():
+                for (pool_id, node_id), token in gone:
+                    self.store.forget_agent(pool_id, node_id, token)
                 for pool in self.state.pools.values():
                     for node in pool.nodes.values():
                         self.store.upsert_node(node.pool_id, node.node_id,

@@ -106,3 +106,20 @@ def test_a_nul_in_an_environment_value_is_refused_and_nothing_is_stored(home, va
         with pytest.raises(ValidationError, match="NUL byte"):
             job.add_task("t1", "echo $X", environment={"X": value})
         assert job.counts()["total"] == 0
+
+
+def test_a_clean_stop_leaves_no_agent_record_to_reap(home):
+    with hpcbatch.Batch(home) as batch:
+        job = batch.jobs.create("j")
+        job.add_task("t", "true")
+        job.wait(timeout_s=60)
+        store = Store(home / "state.db")
+        try:
+            assert [a["node_id"] for a in store.agents()] == ["local-1"]  # while it runs
+        finally:
+            store.close()
+    store = Store(home / "state.db")
+    try:
+        assert store.agents() == []  # it shut down cleanly: nothing left to reap
+    finally:
+        store.close()
