@@ -252,6 +252,38 @@ def signal_session(sid: int, sig: int) -> list[int]:
     return sorted(members)
 
 
+SHM_DIR = "/dev/shm"
+
+
+def shm_files_of(pids) -> set[str]:
+    """The files under /dev/shm these processes have mapped (Open MPI's sm segments,
+    MPICH's shm): a killed rank never unlinks them, so the agent does once they are gone."""
+    found = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    path = line.rstrip("\n").split(None, 5)[-1]
+                    if path.startswith(SHM_DIR + "/"):
+                        found.add(path.removesuffix(" (deleted)"))
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+def remove_shm_files(paths) -> None:
+    """Unlink those of ``paths`` still there and ours (nothing outside /dev/shm)."""
+    uid = os.getuid()
+    for path in paths:
+        if os.path.dirname(path) != SHM_DIR:
+            continue
+        try:
+            if os.lstat(path).st_uid == uid:
+                os.unlink(path)
+        except OSError:
+            pass
+
+
 def _env_matches(procs, needles: list[bytes]) -> set[int]:
     found = set()
     for pid, _ppid, _sid, _start in procs:
@@ -586,7 +618,7 @@ def reap_stale_agents(root: str, *, keep: str = "", only: str | None = None,
 
 class Task:
     __slots__ = ("id", "pid", "spawned", "slots", "start", "deadline", "kill_at",
-                 "timed_out", "killed", "tmp")
+                 "timed_out", "killed", "tmp", "shm")
 
     def __init__(self, tid, pid, slots, start, timeout_s, tmp, spawned):
         self.id = tid
@@ -600,6 +632,7 @@ class Task:
         self.timed_out = False
         self.killed = None
         self.tmp = tmp
+        self.shm: set[str] = set()  # /dev/shm files its processes had mapped when killed
 
 
 def _why(exc: BaseException) -> str:
@@ -838,6 +871,7 @@ class Agent:
 
     def terminate(self, task: Task) -> None:
         if task.kill_at is None:
+            task.shm = shm_files_of(session_members({task.pid}) | {task.pid})
             signal_session(task.pid, signal.SIGTERM)
             task.kill_at = time.monotonic() + self.kill_grace_s
 
@@ -862,6 +896,8 @@ class Agent:
                 _killpg(pid, signal.SIGKILL)
             if task.tmp:
                 remove_tree(task.tmp)
+            if task.shm:  # killed ranks leave their shared-memory segments behind
+                remove_shm_files(task.shm)
             code = os.waitstatus_to_exitcode(status)
             self.events.append(P.Exited(
                 id=task.id, exit_code=code if code >= 0 else None,
