@@ -182,8 +182,9 @@ def _procs() -> list[tuple[int, int, int, int]]:
     return out
 
 
-def _protected() -> tuple[set[int], set[int]]:
-    """(pids, sessions) never signalled: this process, its ancestors, their sessions."""
+def protected_processes() -> tuple[set[int], set[int]]:
+    """(pids, sessions) never signalled: this process, its ancestors, their sessions
+    (the tests' leak check uses the same rule)."""
     pids, sessions = set(), set()
     pid = os.getpid()
     while pid > 1 and pid not in pids:
@@ -234,7 +235,7 @@ def _killpg(pgid: int, sig: int) -> None:
 def session_members(sessions: set[int], procs=None) -> set[int]:
     """Every process of these sessions and every process under one of them."""
     procs = _procs() if procs is None else procs
-    bad_pids, bad_sessions = _protected()
+    bad_pids, bad_sessions = protected_processes()
     sessions = sessions - bad_sessions
     chosen = {pid for pid, _ppid, sid, _start in procs if sid in sessions}
     return _with_descendants(procs, chosen) - bad_pids
@@ -311,7 +312,7 @@ def reap_matching(match: dict) -> list[int]:
     procs = _procs()
     found = _env_matches(procs, _needles(match))
     sids = {sid for pid, _ppid, sid, _start in procs if pid in found}
-    bad_pids, _ = _protected()
+    bad_pids, _ = protected_processes()
     targets = (found - bad_pids) | session_members(sids, procs)
     return sorted(_signal_all(targets, signal.SIGKILL))
 
@@ -322,7 +323,7 @@ def reap_sessions(sessions) -> list[int]:
     if not sids:
         return []
     members = session_members(sids)
-    for sid in sids - _protected()[1]:
+    for sid in sids - protected_processes()[1]:
         _killpg(sid, signal.SIGKILL)
     _signal_all(members, signal.SIGKILL)
     return sorted(members)
@@ -538,7 +539,7 @@ def _stale_targets(records: list[tuple[str, dict | None]], me: str) -> set[int]:
     targets |= _with_descendants(procs, chosen)
     for n in needles:
         targets |= _env_matches(procs, n)
-    bad_pids, _ = _protected()
+    bad_pids, _ = protected_processes()
     return targets - bad_pids
 
 
@@ -574,7 +575,7 @@ def reap_stale_agents(root: str, *, keep: str = "", only: str | None = None,
         return []
     killed: list[int] = []
     agents: list[int] = []
-    protected = _protected()[0]
+    protected = protected_processes()[0]
     for _token, _path, rec in records:  # the agents first, so they start nothing more
         try:
             pid, start = int(rec["pid"]), int(rec["start"])

@@ -25,6 +25,7 @@ from helpers import FAST_TIMINGS, run_cli, unavailable
 
 import hpcbatch
 from hpcbatch.launch import cluster as cluster_tool
+from hpcbatch.launch.agent import protected_processes as agent_protected
 
 pytest_plugins = ["conftest_ssh"]  # real sshd node fixtures
 
@@ -129,20 +130,6 @@ def _read(pid: int, name: str) -> bytes:
         return b""
 
 
-def _protected() -> tuple[set[int], set[int]]:
-    """This process and its ancestors, and their sessions: never ours to kill."""
-    pids, sids = set(), {0, 1}
-    pid = os.getpid()
-    while pid > 1 and pid not in pids:
-        pids.add(pid)
-        st = _stat(pid)
-        if st is None:
-            break
-        sids.add(st[1])
-        pid = st[0]
-    return pids | {1}, sids
-
-
 def _pids() -> set[int]:
     return {int(name) for name in os.listdir("/proc") if name.isdigit()}
 
@@ -160,7 +147,7 @@ def processes_left(before: tuple[set[int], float], needles: list[bytes]) -> dict
             if st is not None and st[3] not in "ZX" and (
                     int(entry.name) not in old_pids or st[2] > since_ticks + 1):
                 procs[int(entry.name)] = st
-    protected, protected_sids = _protected()
+    protected, protected_sids = agent_protected()
     for pid in protected:
         procs.pop(pid, None)
     if not procs:
