@@ -11,17 +11,31 @@ core::
         print(job.task("t7").stdout())
 
 Everything goes through a :class:`hpcbatch.service.Service` (``batch.service``): the
-local one on a home directory today, an HTTP one later with the same methods.
+local one on a home directory, or :class:`hpcbatch.remote.RemoteService` over HTTP with
+the same methods, when ``Batch(url=..., key=...)`` names a running ``hpcbatch serve``
+(or ``HPCBATCH_URL``/``HPCBATCH_KEY`` do, or the home holds the ``service.json`` of a live
+one): a script moves from laptop to service by changing that one line.
+
+The embedded coordinator starts at the first operation that needs one (adding tasks,
+submitting, waiting, terminating, creating or deleting a pool ...), so a ``Batch()``
+that only reads (lists, counts, logs) opens at once, even beside a running
+``hpcbatch job wait``. When another coordinator owns the home, tasks and jobs are
+stored for it to run (it looks for new work every ``work_poll_s``) and waits follow
+the store; what needs this process's own coordinator (pools, deletes, terminate)
+raises ``CoordinatorBusy``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from hpcbatch.errors import HpcBatchError, NotFound, ValidationError
+from hpcbatch.errors import CoordinatorBusy, HpcBatchError, NotFound, ValidationError
 from hpcbatch.models import JobSpec, PoolSpec, TaskSpec, check_id
 from hpcbatch.service import LOCAL_POOL, LocalService, Service
 from hpcbatch.state import DEFAULT_PREFETCH
@@ -235,6 +249,108 @@ class Pools:
         return self._batch.service.list_nodes(pool_id)
 
 
+RETRY_COORDINATOR_S = 1.0  # a lazy service beside another coordinator tries again this often
+
+
+class _Elsewhere:
+    """Stands in for the coordinator of a lazy embedded service while another process's
+    coordinator owns the home: new work is left to that one (it looks for work stored by
+    others), and commands that need this process's own coordinator raise."""
+
+    error = None
+    requeued_at_start = 0
+
+    def __init__(self, why: str):
+        self.why = why
+
+    def notify(self) -> None:
+        pass  # the other coordinator finds the new work on its own
+
+    def stop(self, *_: Any) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        import concurrent.futures
+
+        def refused(*_: Any) -> concurrent.futures.Future:
+            fut: concurrent.futures.Future = concurrent.futures.Future()
+            fut.set_exception(CoordinatorBusy(self.why))
+            return fut
+        return refused
+
+
+class _EmbeddedService(LocalService):
+    """The service of an embedded ``Batch``: a LocalService whose coordinator starts at
+    the first use of ``coordinator`` (a write, a wait, a command: reads never ask for
+    it). When another coordinator owns the home it is an :class:`_Elsewhere`, and
+    starting our own is tried again at most every RETRY_COORDINATOR_S (that one may
+    finish first, and then ours runs what is left)."""
+
+    def __init__(self, home: str | os.PathLike | None, *, local_slots: int | None,
+                 prefetch: int | None, timings: Timings):
+        self._coordinator: Any = None
+        self._elsewhere: _Elsewhere | None = None
+        self._next_try = 0.0
+        self._start_lock = threading.Lock()
+        self._closing = False
+        self._prefetch = prefetch
+        super().__init__(home, timings=timings)
+        try:
+            if local_slots is not None:
+                self._ensure_local_pool(local_slots)
+        except BaseException:
+            self.store.close()
+            raise
+
+    @property
+    def coordinator(self) -> Any:
+        c = self._coordinator
+        if c is not None or self._closing:
+            return c
+        if self._elsewhere is not None and time.monotonic() < self._next_try:
+            return self._elsewhere
+        from hpcbatch.service import _start_coordinator
+        with self._start_lock:
+            if self._coordinator is None and not self._closing:
+                try:
+                    self._coordinator = _start_coordinator(self.home, self.timings,
+                                                           self._prefetch)
+                    self._elsewhere = None
+                except CoordinatorBusy as exc:
+                    self._elsewhere = _Elsewhere(str(exc))
+                    self._next_try = time.monotonic() + RETRY_COORDINATOR_S
+            return self._coordinator or self._elsewhere
+
+    @coordinator.setter
+    def coordinator(self, value: Any) -> None:
+        self._coordinator = value
+
+    @property
+    def own_coordinator(self) -> Any:
+        """This process's coordinator (started if it can be), or None."""
+        c = self.coordinator
+        return None if isinstance(c, _Elsewhere) else c
+
+    def _need_own(self) -> None:
+        c = self.coordinator
+        if isinstance(c, _Elsewhere):
+            raise CoordinatorBusy(c.why)
+
+    @contextlib.contextmanager
+    def _exclusive(self):
+        self._need_own()
+        with super()._exclusive():
+            yield
+
+    def create_pool(self, pool_id: str, provider: str = "local", **kw: Any) -> PoolView:
+        self._need_own()  # before anything is stored: the other would not start it
+        return super().create_pool(pool_id, provider, **kw)
+
+    def close(self) -> None:
+        self._closing = True
+        super().close()
+
+
 class _ClosedService:
     """Stands in for the service of a closed Batch: any use says so in one line."""
 
@@ -254,9 +370,11 @@ _TIMING_FIELDS = ("heartbeat_s", "node_timeout_s", "lease_s", "reconnect_min_s",
 
 
 class Batch:
-    """An embedded coordinator plus the API to drive it."""
+    """The API to drive a coordinator: embedded in this process (started when first
+    needed), or a running ``hpcbatch serve`` at ``url``."""
 
-    def __init__(self, home: str | os.PathLike | None = None, *,
+    def __init__(self, home: str | os.PathLike | None = None, *, url: str | None = None,
+                 key: str | None = None,
                  local_slots: int | None = None, prefetch: int = DEFAULT_PREFETCH,
                  timings: Timings | None = None, heartbeat_s: float | None = None,
                  node_timeout_s: float | None = None, lease_s: float | None = None,
@@ -272,7 +390,15 @@ class Batch:
         ``timings`` (or the keywords ``heartbeat_s=`` ... ``work_poll_s=``, which
         replace single fields of it) sets the coordinator's and agents' clocks; see
         :class:`hpcbatch.timings.Timings`. ``service``: talk to that service instead of
-        starting a coordinator here."""
+        starting a coordinator here.
+
+        ``url`` and ``key``: use the ``hpcbatch serve`` there (``https://`` with TLS; a
+        self-signed certificate is trusted through ``HPCBATCH_CAFILE`` or the home's
+        ``service.json``). Without a url, ``HPCBATCH_URL``/``HPCBATCH_KEY`` or the
+        ``service.json`` of a live service in the home are used; only without any of
+        them does the coordinator run here. With a service, ``local_slots``,
+        ``prefetch`` and the timings are the service's own (only ``pool_grace_s`` is
+        used here: how long ``Job.wait`` bears a pool with no usable node)."""
         given = {k: v for k, v in (
             ("heartbeat_s", heartbeat_s), ("node_timeout_s", node_timeout_s),
             ("lease_s", lease_s), ("reconnect_min_s", reconnect_min_s),
@@ -284,13 +410,19 @@ class Batch:
             raise ValidationError("timings", f"must be a hpcbatch.timings.Timings, not "
                                   f"{type(timings).__name__}")
         self.timings = timings.replace(**given) if given else timings
+        if service is None:
+            from hpcbatch.remote import connect
+            service = connect(url, key, home=home, pool_grace_s=self.timings.pool_grace_s)
+            if service is None and key is not None:
+                raise ValidationError("key", "was given without a url, and no running "
+                                      "service was found (give url=..., or set "
+                                      "HPCBATCH_URL)")
         if service is not None:
             self.home = None
             self._service = service
         else:
-            self.home = Path(home).expanduser() if home else None
-            self._service = LocalService.embedded(self.home, local_slots=local_slots,
-                                                  prefetch=prefetch, timings=self.timings)
+            self._service = _EmbeddedService(home, local_slots=local_slots,
+                                             prefetch=prefetch, timings=self.timings)
             self.home = self._service.home
         self.pools = Pools(self)
         self.jobs = Jobs(self)
@@ -301,8 +433,16 @@ class Batch:
 
     @property
     def coordinator(self) -> Any:
-        """The embedded coordinator (None for a remote service)."""
+        """The embedded coordinator, started if it was not yet (None for a remote
+        service, or while another process's coordinator owns the home)."""
+        if isinstance(self._service, _EmbeddedService):
+            return self._service.own_coordinator
         return getattr(self._service, "coordinator", None)
+
+    @property
+    def url(self) -> str | None:
+        """The service's URL (None: embedded)."""
+        return getattr(self._service, "url", None)
 
     @property
     def requeued_at_start(self) -> int:
