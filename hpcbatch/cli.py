@@ -96,7 +96,13 @@ def _home() -> Path:
 
 
 def _service(create: bool = False):
-    """The service on the home, without a coordinator (store and read)."""
+    """The running service the home's clients use (HPCBATCH_URL, or the home's live
+    service.json: see hpcbatch.remote.discover); else the service on the home, without
+    a coordinator (store and read)."""
+    from hpcbatch.remote import connect
+    remote = connect(home=_home())
+    if remote is not None:
+        return remote
     from hpcbatch.service import LocalService
     return LocalService(_home(), create=create)
 
@@ -450,7 +456,8 @@ def job_create(job_id, pool_id, priority, retries) -> None:
 @click.argument("job_id")
 @click.option("--progress/--no-progress", default=None)
 def job_wait(job_id: str, progress) -> None:
-    """Drive JOB to completion with an embedded coordinator (resumes after a crash)."""
+    """Drive JOB to completion with an embedded coordinator (resumes after a crash);
+    with a running service (hpcbatch serve), follow JOB there."""
     from hpcbatch.client import Batch
     with _service() as service:
         service.get_job(job_id)
@@ -550,11 +557,49 @@ def task_add(job_id, task_id, command, slots, retries, timeout_s) -> None:
 @click.argument("task_id")
 @click.option("--stderr", "which", flag_value="stderr.txt", help="Show stderr.")
 @click.option("--stdout", "which", flag_value="stdout.txt", default=True, help="Show stdout.")
-def task_logs(job_id, task_id, which) -> None:
-    """Print a task's stdout (or --stderr); SSH nodes' files are fetched over SFTP."""
+@click.option("-f", "--follow", is_flag=True, help="Keep printing what the task writes until "
+              "it completes (waits for one that has not started).")
+def task_logs(job_id, task_id, which, follow) -> None:
+    """Print a task's stdout (or --stderr); SSH nodes' files are fetched over SFTP.
+    With -f, tail a running task to its end."""
     with _service() as service:
-        data = service.read_task_file(job_id, task_id, which)
-    sys.stdout.buffer.write(data)
+        if not follow:
+            sys.stdout.buffer.write(service.read_task_file(job_id, task_id, which))
+            return
+        service.get_task(job_id, task_id)  # a task that does not exist: say so at once
+        for chunk in service.follow_task_file(job_id, task_id, which):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+
+
+@click.command("get")
+@click.argument("run_id")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
+              help="Where the HDF5 result file goes.")
+def results_get(run_id: str, output: str) -> None:
+    """Download kernel run RUN_ID's result file (from the running service, or this
+    home's runs) to OUTPUT."""
+    import shutil
+    dest = Path(output).expanduser().resolve()
+    if not dest.parent.is_dir():
+        raise ValidationError("--output", f"directory {dest.parent} does not exist")
+    with _service() as service:
+        if hasattr(service, "save_run_result"):
+            service.save_run_result(run_id, dest)
+        else:
+            run = service.get_run(run_id)
+            if run.state != "succeeded":
+                from hpcbatch.errors import Conflict
+                raise Conflict(f"kernel run {run_id!r} is {run.state}; its result file comes "
+                               "once it succeeded" + (f" ({run.error})" if run.error else ""))
+            tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+            try:
+                shutil.copyfile(service.run_output(run_id), tmp)
+                os.replace(tmp, dest)
+            finally:
+                tmp.unlink(missing_ok=True)
+    out.print(f"kernel run {run_id}: result file {dest} ({dest.stat().st_size:,} bytes)",
+              soft_wrap=True, markup=False)
 
 
 def _register_optional() -> None:
@@ -570,6 +615,8 @@ def _register_optional() -> None:
 
 
 _register_optional()
+if isinstance(cli.commands.get("results"), click.Group):
+    cli.commands["results"].add_command(results_get)
 
 
 def _one_line(text: str) -> str:
