@@ -194,24 +194,27 @@ _J = JobState
 _T = TaskState
 TRANSITIONS: dict[type, dict[Any, frozenset]] = {
     NodeState: {
-        _N.STARTING: frozenset({_N.IDLE, _N.START_TASK_FAILED, _N.UNUSABLE, _N.OFFLINE}),
+        _N.STARTING: frozenset({_N.IDLE, _N.START_TASK_FAILED, _N.UNUSABLE, _N.OFFLINE,
+                                _N.LEAVING}),
         _N.START_TASK_FAILED: frozenset({_N.STARTING, _N.UNUSABLE, _N.OFFLINE, _N.LEAVING}),
         _N.IDLE: frozenset({_N.RUNNING, _N.UNUSABLE, _N.OFFLINE, _N.LEAVING}),
         _N.RUNNING: frozenset({_N.IDLE, _N.UNUSABLE, _N.OFFLINE, _N.LEAVING}),
         _N.UNUSABLE: frozenset({_N.STARTING, _N.IDLE, _N.OFFLINE, _N.LEAVING}),
         _N.OFFLINE: frozenset({_N.STARTING, _N.LEAVING}),
-        _N.LEAVING: frozenset({_N.OFFLINE}),
+        # leaving (removed, or the pool shrinks): its tasks end or are requeued first; its
+        # agent may be lost meanwhile (then fenced before it goes)
+        _N.LEAVING: frozenset({_N.OFFLINE, _N.UNUSABLE}),
     },
     JobState: {
         _J.ACTIVE: frozenset({_J.TERMINATING, _J.COMPLETED}),
         _J.TERMINATING: frozenset({_J.COMPLETED}),
-        _J.COMPLETED: frozenset(),
+        _J.COMPLETED: frozenset({_J.ACTIVE}),  # a failed task of it reactivated
     },
     TaskState: {
         _T.ACTIVE: frozenset({_T.PREPARING, _T.RUNNING, _T.COMPLETED}),
         _T.PREPARING: frozenset({_T.RUNNING, _T.ACTIVE, _T.COMPLETED}),
         _T.RUNNING: frozenset({_T.ACTIVE, _T.COMPLETED}),
-        _T.COMPLETED: frozenset(),
+        _T.COMPLETED: frozenset({_T.ACTIVE}),  # reactivated (a failed task runs again)
     },
 }
 

@@ -52,6 +52,12 @@ WINDOW_MAX = 50_000  # .. at most this many (memory stays bounded whatever is st
 PLACE_BUDGET = 20_000  # placements per turn (bounded turns)
 NEW_WORK_SLICE = 5000  # new tasks read per query (a 1M-task submit is read in slices)
 FLAG_RESOURCE_FILES, FLAG_COORDINATION, FLAG_COMMON_FILES = 1, 2, 4
+# what happens to the tasks on a node whose scheduling is disabled or that leaves the pool
+# (Azure Batch's nodeDisableSchedulingOption / nodeDeallocationOption): killed and
+# requeued (not a retry), killed and completed as failed (killed:terminate), or left to
+# finish (what is queued on its agent and has not started is requeued)
+REQUEUE, TERMINATE, TASK_COMPLETION = "requeue", "terminate", "taskcompletion"
+RUNNING_OPTIONS = (REQUEUE, TERMINATE, TASK_COMPLETION)
 
 usable = frozenset({NodeState.IDLE, NodeState.RUNNING})
 AGENT_STOPPED = frozenset({KILLED_LEASE, KILLED_SHUTDOWN})  # an agent's own reasons to kill
@@ -68,6 +74,7 @@ class NodeInfo:
     node_id: str
     host: str
     slots: int
+    disabled: bool = False  # its scheduling was disabled (kept across restarts)
 
 
 @_ev
@@ -138,10 +145,38 @@ class NodeGranted:
 
 @_ev
 class NodeLeaving:
-    """An elastic pool gives a node back: drain it, then stop its agent."""
+    """A node leaves the pool (removed, or an elastic pool gives it back): what runs
+    there is handled as ``running`` says (see RUNNING_OPTIONS), then its agent is stopped
+    and the node forgotten (DropNode)."""
     t: float
     pool_id: str
     node_id: str
+    running: str = TASK_COMPLETION
+    reply: int = 0
+
+
+@_ev
+class PoolResized:
+    """The pool's target size changed: nodes are added from ``nodes`` (the provider's
+    nodes for the new size, in order; those the pool has are skipped) or, to shrink,
+    the idle ones leave first, then the least busy (their tasks requeued)."""
+    t: float
+    pool_id: str
+    target: int
+    nodes: tuple[NodeInfo, ...] = ()
+    reply: int = 0
+
+
+@_ev
+class NodeSchedulingSet:
+    """Disable (``enabled`` False: nothing new is placed there; what runs is handled as
+    ``running`` says) or enable scheduling on a node."""
+    t: float
+    pool_id: str
+    node_id: str
+    enabled: bool
+    running: str = TASK_COMPLETION
+    reply: int = 0
 
 
 @_ev
@@ -312,6 +347,23 @@ class TerminateAsked:
 
 
 @_ev
+class JobTerminateAsked:
+    """Terminate a job: its unstarted tasks complete as killed:terminate (in the store,
+    all at once), its running ones are killed; the job completes once they have ended."""
+    t: float
+    job_id: str
+    reply: int = 0
+
+
+@_ev
+class ReactivateAsked:
+    """A failed completed task (the shell checked) runs again: active, retry count 0."""
+    t: float
+    row: TaskRow
+    reply: int = 0
+
+
+@_ev
 class Tick:
     t: float
 
@@ -468,6 +520,30 @@ class CompleteJobIfDone:
 
 
 @_ev
+class TerminateJobTasks:
+    """The job is terminating: every task of it still active in the store completes as
+    failed (killed:terminate) with an attempt that never started."""
+    job_id: str
+    t: float
+
+
+@_ev
+class ReactivateTask:
+    """The completed task becomes active again (retry count 0, its attempts kept); its
+    job, when completed, is active again."""
+    seq: int
+    job_id: str
+    t: float
+
+
+@_ev
+class DropNode:
+    """The node left the pool: forget its record."""
+    pool_id: str
+    node_id: str
+
+
+@_ev
 class JobDrained:
     job_id: str
 
@@ -486,7 +562,7 @@ class Log:
 
 Instruction = Any  # one of the instruction classes above
 PERSIST = (PersistNode, MarkPreparing, MarkRunning, FinishAttempt, CompleteUnstarted,
-           CompleteJobIfDone)
+           CompleteJobIfDone, TerminateJobTasks, ReactivateTask, DropNode)
 
 
 # ---- what the state keeps ----------------------------------------------------------
@@ -515,6 +591,7 @@ class Node:
     fenced_runs: dict[RunId, int] = dataclasses.field(default_factory=dict)
     lost_reason: str = ""
     leaving: bool = False
+    disabled: bool = False  # scheduling disabled: nothing new is placed here
     reconnecting: bool = False
     persisted: Any = None  # the PersistNode last emitted
 
@@ -548,6 +625,7 @@ class Attempt:
     task_dir: str = ""
     started_at: float | None = None
     terminated: bool = False
+    requeue: bool = False  # its node is disabled or leaves: however it ends, requeued
     staging: dict[RunId, int] = dataclasses.field(default_factory=dict)  # run -> token
     pending_run: RunTask | None = None  # sent once its files are staged
     alloc: Alloc | None = None
@@ -607,6 +685,7 @@ class CoordinatorState:
         self.rows: dict[int, TaskRow] = {}  # queued in a window
         self.attempts: dict[int, Attempt] = {}  # in flight
         self.open: dict[str, int] = {}  # job -> tasks not completed
+        self.terminating: set[str] = set()  # jobs terminated: completed once drained
         self.last_seq = 0
         self.loading_new = False
         self.want_new = False
@@ -683,6 +762,7 @@ class CoordinatorState:
     def _on_JobForgotten(self, ev: JobForgotten) -> None:
         self.jobs.pop(ev.job_id, None)
         self.open.pop(ev.job_id, None)
+        self.terminating.discard(ev.job_id)
 
     def _on_PoolAdded(self, ev: PoolAdded) -> None:
         if ev.pool.pool_id in self.pools:
@@ -695,7 +775,7 @@ class CoordinatorState:
 
     def _add_node(self, pool: PoolState, info: NodeInfo) -> None:
         node = Node(pool.info.pool_id, info.node_id, info.host, info.slots,
-                    retry_s=self.timings.reconnect_min_s)
+                    retry_s=self.timings.reconnect_min_s, disabled=info.disabled)
         pool.nodes[info.node_id] = node
         pool.total_slots += node.slots
         # the placer breaks ties by the order nodes were first given: the pool's order,
@@ -712,26 +792,119 @@ class CoordinatorState:
 
     def _on_NodeLeaving(self, ev: NodeLeaving) -> None:
         node = self.node(ev.pool_id, ev.node_id)
-        if node is None or node.leaving:
+        if node is None:
+            self._reply(ev.reply, f"node {ev.node_id!r} is not in pool {ev.pool_id!r}")
             return
+        if not node.leaving:
+            self._leave(node, ev.running)
+        self._reply(ev.reply)
+
+    def _leave(self, node: Node, running: str) -> None:
         node.leaving = True
         self._unplace(node)
+        if node.runs and NodeState.LEAVING in _moves(node.state):
+            self._set_node(node, NodeState.LEAVING,
+                           f"leaving the pool once its tasks {_WHEN_LEFT[running]}")
+        self._handle_running(node, running)
         self._maybe_gone(node)
 
     def _maybe_gone(self, node: Node) -> None:
         """A leaving node with nothing left on it is stopped and forgotten."""
         if not node.leaving or node.runs or node.fenced_runs:
             return
-        if node.state not in (NodeState.LEAVING, NodeState.OFFLINE) and \
-                NodeState.LEAVING in _moves(node.state):
-            self._set_node(node, NodeState.LEAVING, "leaving the pool")
+        pool = self.pools.get(node.pool_id)
+        if pool is None or pool.nodes.get(node.node_id) is not node:
+            return
         self._emit(StopAgent(node.pool_id, node.node_id, node.gen))
-        if node.state is NodeState.LEAVING:
-            self._set_node(node, NodeState.OFFLINE, "left the pool")
-        pool = self.pools[node.pool_id]
         pool.placer.remove_node(node.node_id)
         del pool.nodes[node.node_id]
         pool.total_slots -= node.slots
+        pool.suspects.discard(node.node_id)
+        self._dirty_nodes.pop(node.key, None)
+        self._emit(DropNode(node.pool_id, node.node_id))
+
+    def _on_PoolResized(self, ev: PoolResized) -> None:
+        pool = self.pools.get(ev.pool_id)
+        if pool is None:
+            self._reply(ev.reply)
+            return
+        staying = [n for n in pool.nodes.values() if not n.leaving]
+        if len(staying) < ev.target:
+            more = ev.target - len(staying)
+            for info in ev.nodes:
+                if more <= 0:
+                    break
+                if info.node_id not in pool.nodes:
+                    self._add_node(pool, info)
+                    more -= 1
+            if more > 0:
+                self._emit(Log(logging.WARNING, f"pool {ev.pool_id}: {more} node(s) short of "
+                                                f"its target of {ev.target}"))
+        elif len(staying) > ev.target:
+            order = {nid: i for i, nid in enumerate(pool.nodes)}
+            # idle first (those that cannot take work before those that can), then the
+            # least busy; among equals the newest goes
+            staying.sort(key=lambda n: (bool(n.runs or n.fenced_runs),
+                                        n.state in usable and not n.disabled,
+                                        len(n.runs), -order[n.node_id]))
+            for node in staying[:len(staying) - ev.target]:
+                self._leave(node, REQUEUE)
+        self._reply(ev.reply)
+
+    def _on_NodeSchedulingSet(self, ev: NodeSchedulingSet) -> None:
+        node = self.node(ev.pool_id, ev.node_id)
+        if node is None or node.leaving:
+            why = "is leaving" if node is not None else "is not in"
+            self._reply(ev.reply, f"node {ev.node_id!r} {why} pool {ev.pool_id!r}")
+            return
+        if node.disabled != (not ev.enabled):
+            node.disabled = not ev.enabled
+            self._persist_node(node)
+            self._place_node(self.pools[node.pool_id], node)
+        if not ev.enabled:
+            self._handle_running(node, ev.running)
+        self._reply(ev.reply)
+
+    def _handle_running(self, node: Node, running: str) -> None:
+        """What runs on a node that takes no new work: requeued, terminated, or left to
+        finish (then only what has not started yet, queued on its agent, is requeued)."""
+        seqs = sorted({run.seq for run in node.runs if run.kind is not RunKind.START_TASK})
+        for seq in seqs:
+            att = self.attempts.get(seq)
+            if att is None:
+                continue
+            unstarted = att.alloc is None and att.task_state is TaskState.PREPARING
+            if running == TERMINATE:
+                self._terminate_attempt(att)
+            elif running == REQUEUE or unstarted:
+                self._requeue_attempt(att)
+
+    def _requeue_attempt(self, att: Attempt) -> None:
+        """Stop the attempt; however it then ends (unless it succeeded first, or was
+        terminated), the task is requeued: not counted as a retry."""
+        alloc = att.alloc
+        if att.terminated or att.requeue or (alloc is not None and alloc.failed is not None):
+            return  # (a failed multi-instance attempt is ending on its own)
+        att.requeue = True
+        seq = att.row.seq
+        if alloc is not None:
+            if alloc.phase is MIPhase.STAGING:
+                self._fail_alloc(att, Exit(None, start_failed="requeued"), REQUEUE)
+                return
+            for run in sorted(alloc.pending, key=lambda r: (r.kind.value, r.index)):
+                key = alloc.nodes[run.index]
+                self._emit(KillRun(key[0], key[1], run, REQUEUE))
+            return
+        node = self.node(*att.node_key) if att.node_key else None
+        if att.pending_run is not None:  # still copying its files: never started
+            att.pending_run = None
+            att.staging.clear()
+            if node is not None:
+                self._vacate(node, RunId(seq))
+            self._finish(att, Exit(None, start_failed="requeued"), killed=REQUEUE)
+            return
+        if node is not None and node.fence_until is None:
+            self._emit(KillRun(node.pool_id, node.node_id, RunId(seq), REQUEUE))
 
     def _on_PoolRemoved(self, ev: PoolRemoved) -> None:
         pool = self.pools.pop(ev.pool_id, None)
@@ -830,6 +1003,8 @@ class CoordinatorState:
         for node in dirty.values():
             info = dict(node.info)
             info["reconnecting"] = node.reconnecting
+            if node.disabled:
+                info["scheduling"] = "disabled"
             rec = PersistNode(node.pool_id, node.node_id, node.state, node.slots, node.reason,
                               tuple(sorted(info.items())))
             if rec != node.persisted:
@@ -863,6 +1038,9 @@ class CoordinatorState:
         if node is None:
             return
         node.connected = False
+        if node.leaving:
+            self._maybe_gone(node)
+            return
         self._unusable(node, f"bootstrap failed: {ev.reason}")
 
     def _unusable(self, node: Node, reason: str) -> None:
@@ -1013,6 +1191,9 @@ class CoordinatorState:
                         self._fenced(node)
                     continue
                 if node.state is NodeState.UNUSABLE:
+                    if node.leaving:
+                        self._maybe_gone(node)
+                        continue
                     if node.retry_at is not None and now >= node.retry_at:
                         node.retry_at = None
                         node.reconnecting = True
@@ -1039,7 +1220,8 @@ class CoordinatorState:
 
     def _place_node(self, pool: PoolState, node: Node) -> None:
         """Tell the placer what the node can take now."""
-        if node.state in usable and not node.leaving and node.fence_until is None:
+        if node.state in usable and not node.leaving and not node.disabled and \
+                node.fence_until is None:
             queue = 0 if node.held else node.slots * max(pool.per_slot, 0)
             pool.placer.set_node(node.node_id, node.slots, node.used, queue)
         else:
@@ -1210,12 +1392,20 @@ class CoordinatorState:
         if att.terminated:
             killed = "terminate"
         outcome = decide_exit(ex, row.retry_count, row.max_retries)
+        node_id = att.node_key[1] if att.node_key else None
+        started = start if start is not None else att.started_at
+        if att.requeue and not att.terminated and outcome.result is not TaskResult.SUCCESS:
+            # its node was disabled or left: back to the queue, not a retry
+            att.task_state.check_move(TaskState.ACTIVE)
+            self._emit(FinishAttempt(row.seq, "requeue", node_id, started, end or self.now,
+                                     ex.exit_code, ex.signal, FailureKind.KILLED, REQUEUE,
+                                     usage, row.retry_count))
+            self._requeue_row(row)
+            return
         again = outcome.retry and not att.terminated
         att.task_state.check_move(TaskState.ACTIVE if again else TaskState.COMPLETED)
         failed = outcome.failure is not None
         kind, detail = _failure(ex, killed, att.terminated, failed)
-        node_id = att.node_key[1] if att.node_key else None
-        started = start if start is not None else att.started_at
         if again:
             retried = dataclasses.replace(row, retry_count=row.retry_count + 1)
             self._emit(FinishAttempt(row.seq, "retry", node_id, started, end or self.now,
@@ -1236,8 +1426,12 @@ class CoordinatorState:
         if left <= 0:
             self._emit(JobDrained(job_id))
             job = self.jobs.get(job_id)
-            if job is not None and job.terminate_when_done:
+            if job_id in self.terminating or (job is not None and job.terminate_when_done):
                 self._emit(CompleteJobIfDone(job_id))
+
+    def _reply(self, reply: int, error: str | None = None) -> None:
+        if reply:
+            self._emit(Reply(reply, error))
 
     def _on_TerminateAsked(self, ev: TerminateAsked) -> None:
         seq = ev.seq
@@ -1258,8 +1452,14 @@ class CoordinatorState:
             return
         if ev.reply:
             self._emit(Reply(ev.reply))
+        self._terminate_attempt(att)
+
+    def _terminate_attempt(self, att: Attempt) -> None:
+        """Its current attempt is its last: killed, and completed as killed:terminate
+        however it ends (never retried or requeued)."""
         if att.terminated:
             return
+        seq = att.row.seq
         att.terminated = True
         alloc = att.alloc
         if alloc is not None:
@@ -1280,6 +1480,44 @@ class CoordinatorState:
             return
         if node is not None and node.fence_until is None:
             self._emit(KillRun(node.pool_id, node.node_id, RunId(seq), "terminate"))
+
+    def _on_JobTerminateAsked(self, ev: JobTerminateAsked) -> None:
+        job_id = ev.job_id
+        queued = {s for s, r in self.rows.items() if r.job_id == job_id}
+        for seq in queued:
+            pool = self.pools.get(self.rows.pop(seq).pool_id)
+            if pool is not None:
+                pool.queue.discard({seq})
+        # every task of the job that is not in flight is completed in the store (those
+        # beyond the windows and those not read yet too): only the ones in flight stay open
+        self._emit(TerminateJobTasks(job_id, ev.t))
+        in_flight = sorted(s for s, a in self.attempts.items() if a.row.job_id == job_id)
+        self.open[job_id] = len(in_flight)
+        self.terminating.add(job_id)
+        self._reply(ev.reply)
+        for seq in in_flight:
+            att = self.attempts.get(seq)
+            if att is not None:
+                self._terminate_attempt(att)
+        if not in_flight:
+            self.open[job_id] = 1
+            self._completed_job(job_id)
+
+    def _on_ReactivateAsked(self, ev: ReactivateAsked) -> None:
+        row = ev.row
+        seq = row.seq
+        if seq in self.rows or seq in self.attempts:  # not completed after all
+            self._reply(ev.reply, f"task {row.job_id}/{row.task_id} is not completed; only "
+                                  "a failed completed task can be reactivated")
+            return
+        self._emit(ReactivateTask(seq, row.job_id, ev.t))
+        self.terminating.discard(row.job_id)
+        if seq > self.last_seq:  # not read yet: the next slice of new work reads it
+            self.want_new = True
+        else:
+            self.open[row.job_id] = max(self.open.get(row.job_id, 0), 0) + 1
+            self._requeue_row(dataclasses.replace(row, retry_count=0))
+        self._reply(ev.reply)
 
     def terminate_unknown(self, seq: int) -> bool:
         """Whether the state holds nothing of this task (queued or in flight)."""
@@ -1467,6 +1705,10 @@ class CoordinatorState:
     def in_flight_on(self, pool_id: str, node_id: str) -> Iterable[RunId]:
         node = self.node(pool_id, node_id)
         return list(node.runs) if node else []
+
+
+_WHEN_LEFT = {REQUEUE: "are requeued", TERMINATE: "are terminated",
+              TASK_COMPLETION: "complete"}
 
 
 def _moves(state: NodeState) -> frozenset:

@@ -412,3 +412,197 @@ def test_prefetch_depth_follows_the_pools_task_durations(avg_s, per_slot):
     st = pool_up(prefetch=4)
     st.pools["p"].avg_run_s = avg_s
     assert st._per_slot(st.pools["p"]) == per_slot
+
+
+# ---- node scheduling, leaving, resizing (service operations) -----------------------
+
+def test_disabling_a_node_places_nothing_new_there_and_lets_its_task_finish():
+    st = pool_up((("n1", 1), ("n2", 1)), rows=[row(1), row(2), row(3)])
+    st.handle(S.RunStarted(1.1, "p", "n1", 1, RunId(1), 11))
+    out = st.handle(S.NodeSchedulingSet(1.5, "p", "n1", enabled=False, reply=4))
+    assert out == [S.Reply(4),
+                   node_rec(state=NodeState.RUNNING, scheduling="disabled")]
+    out = st.handle(exited(1))  # t1 finishes there; t3 waits for a node that takes work
+    assert without(out, S.JobDrained) == [
+        S.FinishAttempt(1, "success", "n1", 1.5, 2.0, 0, None, None, None, (), 0),
+        node_rec(state=NodeState.IDLE, scheduling="disabled")]
+    out = st.handle(S.NodeSchedulingSet(2.5, "p", "n1", enabled=True))
+    assert out == [S.MarkPreparing(3, "n1", f"{ROOT}/n1/jobs/j/t3", 2.5), run_of(3),
+                   node_rec(state=NodeState.RUNNING)]
+
+
+def test_disable_with_requeue_kills_and_requeues_without_counting_a_retry():
+    st = pool_up((("n1", 1), ("n2", 1)), rows=[row(1, max_retries=0), row(2)])
+    st.handle(exited(2, node="n2"))  # n2 is free
+    out = st.handle(S.NodeSchedulingSet(2.1, "p", "n1", enabled=False, running=S.REQUEUE))
+    assert out == [S.KillRun("p", "n1", RunId(1), "requeue"),
+                   node_rec(state=NodeState.RUNNING, scheduling="disabled")]
+    out = st.handle(exited(1, code=None, signal=15, t=2.5, killed="requeue"))
+    assert out == [
+        S.FinishAttempt(1, "requeue", "n1", 2.0, 2.5, None, 15, FailureKind.KILLED, "requeue",
+                        (), 0),
+        S.MarkPreparing(1, "n2", f"{ROOT}/n2/jobs/j/t1", 2.5), run_of(1, node="n2"),
+        node_rec(state=NodeState.IDLE, scheduling="disabled"),
+        node_rec("n2", state=NodeState.RUNNING)]
+
+
+def test_disable_with_terminate_completes_its_tasks_as_killed():
+    st = pool_up(rows=[row(1, max_retries=3)])
+    out = st.handle(S.NodeSchedulingSet(1.5, "p", "n1", enabled=False, running=S.TERMINATE))
+    assert only(out, S.KillRun) == [S.KillRun("p", "n1", RunId(1), "terminate")]
+    out = st.handle(exited(1, code=None, signal=15, killed="terminate"))
+    assert only(out, S.FinishAttempt) == [
+        S.FinishAttempt(1, "failure", "n1", 1.5, 2.0, None, 15, FailureKind.KILLED, "terminate",
+                        (), 0)]
+
+
+def test_disable_requeues_a_task_queued_on_its_agent_that_has_not_started():
+    st = pool_up(prefetch=4, rows=[row(1), row(2)])  # t2 queued behind t1 on the agent
+    st.handle(S.RunStarted(1.1, "p", "n1", 1, RunId(1), 11))
+    out = st.handle(S.NodeSchedulingSet(1.5, "p", "n1", enabled=False))
+    assert only(out, S.KillRun) == [S.KillRun("p", "n1", RunId(2), "requeue")]
+    out = st.handle(exited(2, code=None, t=1.6, killed="requeue"))
+    assert only(out, S.FinishAttempt)[0].outcome == "requeue"
+    assert 2 in st.rows and only(out, S.RunTask) == []
+
+
+def test_disabled_is_kept_when_the_pool_is_added_again_and_unknown_nodes_are_refused():
+    st = S.CoordinatorState(TM)
+    out = st.handle(S.PoolAdded(0.0, S.PoolInfo("p", 1),
+                                (S.NodeInfo("n1", "h1", 1, disabled=True),)))
+    assert out[-1] == node_rec(state=NodeState.STARTING, hello=False, scheduling="disabled")
+    out = st.handle(S.NodeSchedulingSet(0.1, "p", "n9", enabled=True, reply=3))
+    assert out == [S.Reply(3, "node 'n9' is not in pool 'p'")]
+
+
+def test_a_leaving_node_requeues_its_task_then_stops_and_is_dropped():
+    st = pool_up((("n1", 1), ("n2", 1)), rows=[row(1), row(2), row(3)])
+    out = st.handle(S.NodeLeaving(1.5, "p", "n1", running=S.REQUEUE, reply=2))
+    assert out == [S.KillRun("p", "n1", RunId(1), "requeue"), S.Reply(2),
+                   node_rec(state=NodeState.LEAVING,
+                            reason="leaving the pool once its tasks are requeued")]
+    out = st.handle(exited(1, code=None, signal=15, t=2.5, killed="requeue"))
+    assert out == [
+        S.StopAgent("p", "n1", 1), S.DropNode("p", "n1"),
+        S.FinishAttempt(1, "requeue", "n1", 2.0, 2.5, None, 15, FailureKind.KILLED, "requeue",
+                        (), 0)]
+    assert st.node("p", "n1") is None
+    out = st.handle(exited(2, node="n2", t=3.0))  # t1 and t3 run on n2 now
+    assert only(out, S.RunTask) == [run_of(1, node="n2")]
+
+
+def test_an_idle_node_leaves_at_once():
+    st = pool_up((("n1", 1), ("n2", 1)))
+    assert st.handle(S.NodeLeaving(1.5, "p", "n2")) == [S.StopAgent("p", "n2", 1),
+                                                      S.DropNode("p", "n2")]
+    assert st.handle(S.NodeLeaving(1.6, "p", "n2", reply=1)) == [
+        S.Reply(1, "node 'n2' is not in pool 'p'")]
+
+
+def test_a_leaving_node_that_is_lost_goes_once_fenced():
+    st = pool_up((("n1", 1), ("n2", 1)), rows=[row(1)])
+    st.handle(S.NodeLeaving(1.5, "p", "n1", running=S.TASK_COMPLETION))
+    out = st.handle(S.AgentClosed(2.0, "p", "n1", 1))
+    assert only(out, S.FinishAttempt, S.DropNode) == []
+    out = st.handle(S.NodeFenced(2.1, "p", "n1", 1, sure=True))
+    assert [type(i) for i in without(out, S.Log)] == [
+        S.StopAgent, S.DropNode, S.FinishAttempt, S.MarkPreparing, S.RunTask, S.PersistNode]
+    assert only(out, S.FinishAttempt)[0].outcome == "requeue"
+    assert only(out, S.RunTask) == [run_of(1, node="n2")]
+
+
+def test_resize_grows_with_the_providers_next_nodes_and_shrinks_idle_nodes_first():
+    st = pool_up((("n1", 1), ("n2", 1), ("n3", 1)), rows=[row(1)])  # t1 on n1
+    nodes = tuple(S.NodeInfo(f"n{i}", f"h-n{i}", 1) for i in range(1, 6))
+    out = st.handle(S.PoolResized(1.5, "p", 5, nodes, reply=7))
+    assert out == [S.StartAgent("p", "n4", 1), S.StartAgent("p", "n5", 1), S.Reply(7),
+                   node_rec("n4", NodeState.STARTING, hello=False),
+                   node_rec("n5", NodeState.STARTING, hello=False)]
+    # to 1: the idle ones go first (the newest first), the busy n1 stays
+    out = st.handle(S.PoolResized(1.6, "p", 1, nodes))
+    assert without(out, S.Reply) == [
+        S.StopAgent("p", "n5", 1), S.DropNode("p", "n5"),
+        S.StopAgent("p", "n4", 1), S.DropNode("p", "n4"),
+        S.StopAgent("p", "n3", 1), S.DropNode("p", "n3"),
+        S.StopAgent("p", "n2", 1), S.DropNode("p", "n2")]
+    assert list(st.pools["p"].nodes) == ["n1"]
+
+
+def test_shrinking_below_the_busy_nodes_requeues_their_work():
+    st = pool_up((("n1", 1), ("n2", 1)), rows=[row(1), row(2)])
+    out = st.handle(S.PoolResized(1.5, "p", 1))
+    assert only(out, S.KillRun) == [S.KillRun("p", "n2", RunId(2), "requeue")]
+    out = st.handle(exited(2, node="n2", code=None, signal=15, killed="requeue"))
+    assert [type(i) for i in out] == [S.StopAgent, S.DropNode, S.FinishAttempt]
+    assert 2 in st.rows  # waits for n1
+
+
+# ---- job terminate, reactivate ----------------------------------------------------
+
+def test_terminate_job_completes_what_waits_in_the_store_and_kills_what_runs():
+    st = pool_up(rows=[row(1, max_retries=2), row(2), row(3)])
+    st.handle(S.JobsKnown(0.0, (S.JobInfo("j", "p"),)))
+    out = st.handle(S.JobTerminateAsked(1.5, "j", reply=9))
+    assert out == [S.TerminateJobTasks("j", 1.5), S.Reply(9),
+                   S.KillRun("p", "n1", RunId(1), "terminate")]
+    assert st.rows == {} and len(st.pools["p"].queue) == 0
+    out = st.handle(exited(1, code=None, signal=15, killed="terminate"))
+    assert out == [
+        S.FinishAttempt(1, "failure", "n1", 1.5, 2.0, None, 15, FailureKind.KILLED, "terminate",
+                        (), 0),
+        S.JobDrained("j"), S.CompleteJobIfDone("j"), node_rec()]
+
+
+def test_terminate_job_with_nothing_running_completes_it_at_once():
+    st = pool_up(hello=False, rows=[row(1), row(2)])
+    assert st.handle(S.JobTerminateAsked(1.5, "j")) == [
+        S.TerminateJobTasks("j", 1.5), S.JobDrained("j"), S.CompleteJobIfDone("j")]
+
+
+def test_a_reactivated_task_runs_again_from_attempt_zero():
+    st = pool_up(rows=[row(1, max_retries=1)])
+    st.handle(exited(1, code=3))
+    st.handle(exited(1, code=3, t=3.0))  # failed for good
+    again = row(1, max_retries=1, retry_count=1)
+    out = st.handle(S.ReactivateAsked(4.0, again, reply=2))
+    assert out == [S.ReactivateTask(1, "j", 4.0), S.Reply(2),
+                   S.MarkPreparing(1, "n1", f"{ROOT}/n1/jobs/j/t1", 4.0), run_of(1),
+                   node_rec(state=NodeState.RUNNING)]
+    assert st.open["j"] == 1
+    out = st.handle(exited(1, code=3, t=5.0))  # its retries count from 0 again
+    assert only(out, S.FinishAttempt)[0].outcome == "retry"
+
+
+def test_reactivate_of_a_task_the_state_holds_is_refused():
+    st = pool_up(rows=[row(1)])
+    out = st.handle(S.ReactivateAsked(1.5, row(1), reply=3))
+    assert out == [S.Reply(3, "task j/t1 is not completed; only a failed completed task can "
+                              "be reactivated")]
+
+
+def test_a_terminated_job_reopened_by_a_reactivated_task_is_not_completed_again_by_it():
+    st = pool_up(hello=False, rows=[row(1)])
+    st.handle(S.JobTerminateAsked(1.5, "j"))
+    st.handle(S.AgentUp(1.6, "p", "n1", 1))
+    st.handle(S.AgentHello(1.7, "p", "n1", 1, f"{ROOT}/n1", 2))
+    out = st.handle(S.ReactivateAsked(2.0, row(1)))
+    assert only(out, S.RunTask) == [run_of(1)]
+    out = st.handle(exited(1, t=3.0))
+    assert only(out, S.JobDrained, S.CompleteJobIfDone) == [S.JobDrained("j")]
+
+
+# ---- multi-instance tasks on a node that is disabled ------------------------------
+
+def test_disable_with_requeue_ends_a_multi_instance_attempt_and_requeues_it():
+    st = mi_pool(max_retries=0)
+    c0, c1 = (RunId(1, RunKind.COORDINATION, i) for i in (0, 1))
+    out = st.handle(S.NodeSchedulingSet(1.5, "p", "n2", enabled=False, running=S.REQUEUE))
+    assert only(out, S.KillRun) == [S.KillRun("p", "n1", c0, "requeue"),
+                                    S.KillRun("p", "n2", c1, "requeue")]
+    st.handle(exited(1, run=c1, node="n2", code=None, signal=15, killed="requeue"))
+    out = st.handle(exited(1, run=c0, code=None, signal=15, killed="instance_failed"))
+    fa = only(out, S.FinishAttempt)[0]
+    assert (fa.outcome, fa.failure_kind, fa.failure_detail, fa.retry_count) == (
+        "requeue", FailureKind.KILLED, "requeue", 0)
+    # placed again at once, without n2
+    assert {r.node_id for r in only(out, S.RunTask)} == {"n1", "n3"}
