@@ -1041,6 +1041,88 @@ class Store:
         cur.row_factory = None
         return cur.execute(sql, tuple(args)).fetchall()
 
+    # ---- service operations: nodes leaving or disabled, job terminate, reactivate, delete
+
+    def delete_node(self, pool_id: str, node_id: str) -> None:
+        """Forget a node that left its pool."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM nodes WHERE pool_id=? AND id=?", (pool_id, node_id))
+
+    def set_node_scheduling(self, pool_id: str, node_id: str, disabled: bool,
+                            slots: int) -> dict[str, Any]:
+        """Record scheduling disabled (info 'scheduling': 'disabled') or enabled on a node
+        while no coordinator runs (the next one reads it); a node never recorded gets an
+        offline record. Returns the node's row."""
+        with self.transaction() as db:
+            row = db.execute("SELECT info FROM nodes WHERE pool_id=? AND id=?",
+                             (pool_id, node_id)).fetchone()
+            info = json.loads(row["info"] or "{}") if row else {}
+            if disabled:
+                info["scheduling"] = "disabled"
+            else:
+                info.pop("scheduling", None)
+            if row is None:
+                db.execute("INSERT INTO nodes VALUES (?, ?, 'offline', ?, ?, NULL, ?)",
+                           (pool_id, node_id, slots, json.dumps(info), time.time()))
+            else:
+                db.execute("UPDATE nodes SET info=?, updated_at=? WHERE pool_id=? AND id=?",
+                           (json.dumps(info), time.time(), pool_id, node_id))
+            return db.execute("SELECT * FROM nodes WHERE pool_id=? AND id=?",
+                              (pool_id, node_id)).fetchone()
+
+    def terminate_job_tasks(self, job_id: str, t: float, *, in_flight: bool = False) -> int:
+        """The job terminates: it moves to 'terminating' (when active), and its active
+        tasks (with ``in_flight``: its preparing and running ones too, recorded by a
+        coordinator that is gone) complete as failed, killed:terminate, each with an
+        attempt row. Two statements over the (job_id, state) index, whatever the size.
+        Returns how many tasks it completed."""
+        states = OPEN_STATES if in_flight else ("active",)
+        marks = ",".join("?" * len(states))
+        kind = FailureKind.KILLED.value
+        with self.transaction() as db:
+            job = self.get_job(job_id)
+            if job["state"] == JobState.ACTIVE.value:
+                JobState.ACTIVE.check_move(JobState.TERMINATING)
+                db.execute("UPDATE jobs SET state=? WHERE id=?",
+                           (JobState.TERMINATING.value, job_id))
+            db.execute(
+                f"{_ATTEMPT_INSERT} SELECT t.seq, {_NEXT_ATTEMPT}, "
+                "CASE WHEN t.state = 'active' THEN NULL ELSE t.node_id END, "
+                "CASE WHEN t.state = 'active' THEN NULL ELSE t.started_at END, ?, NULL, NULL, "
+                "?, 'terminate', 'failure', NULL FROM tasks t "
+                f"WHERE t.job_id = ? AND t.state IN ({marks})", (t, kind, job_id, *states))
+            cur = db.execute(
+                "UPDATE tasks SET state='completed', result='failure', failure=?, "
+                "failure_kind=?, failure_detail='terminate', ended_at=? "
+                f"WHERE job_id=? AND state IN ({marks})",
+                (failure_text(kind, "terminate"), kind, t, job_id, *states))
+            return cur.rowcount
+
+    def reactivate_task(self, seq: int) -> None:
+        """A completed task is active again: its result and last exit cleared, its retry
+        count 0, its attempts kept; its job, when completed, active again."""
+        with self.transaction() as db:
+            row = db.execute("SELECT job_id, state FROM tasks WHERE seq=?", (seq,)).fetchone()
+            if row is None:
+                raise NotFound(f"no task with seq {seq}")
+            TaskState(row["state"]).check_move(TaskState.ACTIVE)
+            db.execute(
+                "UPDATE tasks SET state='active', result=NULL, failure=NULL, failure_kind=NULL, "
+                "failure_detail=NULL, exit_code=NULL, signal=NULL, retry_count=0, "
+                "node_id=NULL, task_dir=NULL, started_at=NULL, ended_at=NULL, usage=NULL "
+                "WHERE seq=?", (seq,))
+            job = self.get_job(row["job_id"])
+            if job["state"] == JobState.COMPLETED.value:
+                JobState.COMPLETED.check_move(JobState.ACTIVE)
+                db.execute("UPDATE jobs SET state=?, completed_at=NULL WHERE id=?",
+                           (JobState.ACTIVE.value, row["job_id"]))
+
+    def delete_task(self, seq: int) -> None:
+        """Remove a task and its attempts."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM task_attempts WHERE seq=?", (seq,))
+            db.execute("DELETE FROM tasks WHERE seq=?", (seq,))
+
 
 # ---- specs as JSON ----------------------------------------------------------------
 
