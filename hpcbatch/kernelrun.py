@@ -132,16 +132,28 @@ def _failure_text(t, attempts: list, nodes: dict[str, Any]) -> str:
     return f"exited with {t.exit_code}"
 
 
-def run_kernel(batch, kernel: str, *, ranks: int | None = None,
-               params: dict[str, Any] | list[str] | None = None,
-               output: str | os.PathLike | None = None, pool: str = "local",
-               nodes: int | None = None, ranks_per_node: int = 1,
-               oversubscribe: bool = False, progress: bool = False,
-               timeout_s: float | None = None, compress: bool = False,
-               retries: int = 0) -> KernelResult:
-    """Run ``kernel`` (a built-in name, a module or a .py path) as one task; see
-    :meth:`hpcbatch.Batch.run_kernel`. ``retries``: attempts after a failed one (a
-    lost node included; -1: without limit)."""
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """What a kernel run submits: its job, its one task, and where the result goes."""
+
+    job: JobSpec
+    task: dict[str, Any]
+    kernel: str
+    params: dict[str, Any]
+    ranks: int
+    nodes: int | None
+    output: Path
+
+
+def plan_run(service, kernel: str, *, ranks: int | None = None,
+             params: dict[str, Any] | list[str] | None = None,
+             output: str | os.PathLike | None = None, pool: str = "local",
+             nodes: int | None = None, ranks_per_node: int = 1,
+             oversubscribe: bool = False, timeout_s: float | None = None,
+             compress: bool = False, retries: int = 0,
+             default_dir: Path | None = None) -> RunPlan:
+    """Check a kernel run's shape and make its job and task (nothing is stored).
+    ``default_dir``: where the result goes when no ``output`` is given (default: here)."""
     _check_count("ranks", ranks, 1)
     _check_count("nodes", nodes, 1)
     _check_count("ranks_per_node", ranks_per_node, 1)
@@ -154,10 +166,11 @@ def run_kernel(batch, kernel: str, *, ranks: int | None = None,
     name = k.name
     short = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(name).stem if name.endswith(".py")
                    else name).strip("-")[:30] or "kernel"
-    pool_view = batch.pools.get(pool)
+    pool_view = service.get_pool(pool)
     python = pool_view.node_python or None
     stamp = f"{dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
-    out = Path(output) if output else Path(f"{short}-{stamp}.h5")
+    job_id = f"run-{short}-{stamp}"
+    out = Path(output) if output else (default_dir or Path()) / f"{job_id}.h5"
     out = out.expanduser().resolve()
     if out.parent and not out.parent.is_dir():
         raise ValidationError("output", f"directory {out.parent} does not exist")
@@ -189,12 +202,87 @@ def run_kernel(batch, kernel: str, *, ranks: int | None = None,
     task["command_line"] = cmd
     task["environment"] = env
     task["max_wall_clock_time_s"] = timeout_s
-    job_id = f"run-{short}-{stamp}"
-    # the job and its task in one transaction: a task the pool cannot take (too many
-    # nodes) leaves no empty job behind
-    batch.service.submit(JobSpec(job_id, pool, on_all_tasks_complete="terminate_job",
-                                 max_task_retry_count=retries), [task], existing_ok=False)
-    job = batch.jobs.get(job_id)
+    job = JobSpec(job_id, pool, on_all_tasks_complete="terminate_job",
+                  max_task_retry_count=retries)
+    return RunPlan(job, task, name, {k: _plain(v) for k, v in values.items()}, ranks,
+                   nodes, out)
+
+
+def _plain(v: Any) -> Any:
+    """A value as JSON can hold it (numpy scalars and short arrays as numbers/lists)."""
+    if hasattr(v, "tolist"):
+        v = v.tolist()
+    if isinstance(v, bytes):
+        return v.decode(errors="replace")
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+MAX_REDUCED_ITEMS = 64  # reduced arrays longer than this stay in the file only
+
+
+def failure_message(service, plan_kernel: str, ranks: int, job_id: str,
+                    pool: str) -> tuple[str, str]:
+    """Why a kernel run's task failed, in one line, and the ranks' stderr."""
+    t = service.get_task(job_id, "kernel")
+    try:
+        stderr = service.read_task_file(job_id, "kernel", "stderr.txt").decode(
+            errors="replace")
+    except HpcBatchError:
+        stderr = ""
+    attempts = service.task_attempts(job_id, "kernel")
+    why = _failure_text(t, attempts, {n.id: n for n in service.list_nodes(pool)})
+    tries = f" after {len(attempts)} attempts" if len(attempts) > 1 else ""
+    last = _cause(stderr)
+    where = f"{t.task_dir}/stderr.txt" if t.task_dir else "no stderr"
+    return (f"kernel {plan_kernel} on {ranks} ranks {why}{tries}"
+            + (f": {last[:200]}" if last else "") + f" (stderr: {where})"), stderr
+
+
+def reduced_summary(res) -> dict[str, Any]:
+    """The reduced values a RunView carries: scalars, and arrays of at most
+    MAX_REDUCED_ITEMS items as lists."""
+    out: dict[str, Any] = {}
+    for key, val in res.reduced.items():
+        size = getattr(val, "size", 1)
+        if size <= MAX_REDUCED_ITEMS:
+            out[key] = _plain(val)
+    return out
+
+
+def run_kernel(batch, kernel: str, *, ranks: int | None = None,
+               params: dict[str, Any] | list[str] | None = None,
+               output: str | os.PathLike | None = None, pool: str = "local",
+               nodes: int | None = None, ranks_per_node: int = 1,
+               oversubscribe: bool = False, progress: bool = False,
+               timeout_s: float | None = None, compress: bool = False,
+               retries: int = 0) -> KernelResult:
+    """Run ``kernel`` (a built-in name, a module or a .py path) as one task; see
+    :meth:`hpcbatch.Batch.run_kernel`. ``retries``: attempts after a failed one (a
+    lost node included; -1: without limit). On a remote service the result file is
+    written there and downloaded to ``output`` here."""
+    service = batch.service
+    remote = not hasattr(service, "store")
+    if remote:  # the service makes its own plan; check the output directory here
+        stamp = f"{dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+        out = Path(output) if output else Path(f"run-{stamp}.h5")
+        out = out.expanduser().resolve()
+        if not out.parent.is_dir():
+            raise ValidationError("output", f"directory {out.parent} does not exist")
+        run = service.start_run(kernel, ranks=ranks, params=params, pool=pool, nodes=nodes,
+                                ranks_per_node=ranks_per_node, oversubscribe=oversubscribe,
+                                timeout_s=timeout_s, retries=retries)
+    else:
+        run = service.start_run(kernel, ranks=ranks, params=params, pool=pool, nodes=nodes,
+                                ranks_per_node=ranks_per_node, oversubscribe=oversubscribe,
+                                timeout_s=timeout_s, retries=retries, compress=compress,
+                                output=output, default_dir=Path.cwd())
+    job = batch.jobs.get(run.job_id)
     try:
         job.wait(progress=progress)
     except KeyboardInterrupt:  # the user gave up on this run: stop its ranks, keep nothing
@@ -204,19 +292,17 @@ def run_kernel(batch, kernel: str, *, ranks: int | None = None,
         except (TimeoutError, HpcBatchError):
             pass
         raise
-    t = job.task("kernel")
-    if not t.succeeded:
-        try:
-            stderr = t.stderr()
-        except HpcBatchError:
-            stderr = ""
-        attempts = t.attempts()
-        why = _failure_text(t, attempts, {n.id: n for n in batch.pools.nodes(pool)})
-        tries = f" after {len(attempts)} attempts" if len(attempts) > 1 else ""
-        last = _cause(stderr)
-        raise KernelRunError(f"kernel {name} on {ranks} ranks {why}{tries}"
-                             + (f": {last[:200]}" if last else "")
-                             + f" (stderr: {t.stderr_path})", stderr, t)
+    run = service.get_run(run.id)
+    if run.state != "succeeded":
+        message, stderr = failure_message(service, run.kernel, run.ranks, run.job_id, pool)
+        raise KernelRunError(message, stderr, batch.jobs.get(run.job_id).task("kernel"))
     from hpcbatch.kernels.results import read_result
+    if remote:
+        tmp = out.with_name(f".{out.name}.part")
+        tmp.write_bytes(service.read_run_result(run.id))
+        os.replace(tmp, out)
+    else:
+        out = service.run_output(run.id)
     res = read_result(out)
-    return KernelResult(name, out, res.reduced, res.timings, res.attrs, job_id, "kernel")
+    return KernelResult(run.kernel, out, res.reduced, res.timings, res.attrs, run.job_id,
+                        "kernel")

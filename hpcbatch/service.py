@@ -18,7 +18,11 @@ from __future__ import annotations
 import abc
 import concurrent.futures
 import contextlib
+import hashlib
+import json
 import os
+import posixpath
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -29,7 +33,7 @@ from hpcbatch.errors import Conflict, HpcBatchError, NotFound, ValidationError
 from hpcbatch.home import default_home
 from hpcbatch.models import JobSpec, PoolSpec, TaskSpec, check_id, check_unique_ids
 from hpcbatch.timings import Timings
-from hpcbatch.views import AttemptView, JobView, NodeView, PoolView, TaskView
+from hpcbatch.views import AttemptView, FileView, JobView, NodeView, PoolView, RunView, TaskView
 
 LOCAL_POOL = "local"
 COMMAND_TIMEOUT_S = 30.0  # a coordinator command not confirmed within this raises
@@ -37,6 +41,23 @@ POOL_CHECK_S = 2.0  # how often wait_job looks at the pool's nodes
 PROGRESS_EVERY_S = 0.2  # wait_job reports progress at most this often
 MIN_GAP_S, MAX_GAP_S = 0.002, 0.05  # wait_job looks at a job at most this often
 TASK_FILES = ("stdout.txt", "stderr.txt")
+FOLLOW_POLL_S = 0.25  # follow_task_file looks for new bytes this often
+FOLLOW_CHUNK = 1 << 20  # and reads at most this much at a time
+RUN_ID = re.compile(r"run-[A-Za-z0-9_-]{1,80}")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def task_file_name(name: Any) -> str:
+    """A path relative to a task directory, normalised; ``..``, absolute paths, empty
+    names and NUL are refused (ValidationError naming the path)."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise ValidationError("path", f"{name!r} is not a file of a task directory (such "
+                              f"as {' or '.join(TASK_FILES)})")
+    norm = posixpath.normpath(name)
+    if name.startswith("/") or norm in (".", "..") or norm.startswith("../"):
+        raise ValidationError("path", f"{name!r} is not inside the task directory; give a "
+                              f"path relative to it (such as {TASK_FILES[0]})")
+    return norm
 
 
 class Service(abc.ABC):
@@ -128,8 +149,123 @@ class Service(abc.ABC):
         coordinator has taken the request."""
 
     @abc.abstractmethod
-    def read_task_file(self, job_id: str, task_id: str, name: str) -> bytes:
-        """stdout.txt or stderr.txt of the task's latest attempt, from its node."""
+    def read_task_file(self, job_id: str, task_id: str, name: str, *, offset: int = 0,
+                       length: int | None = None) -> bytes:
+        """A file of the task's latest attempt (``name`` relative to its directory, such
+        as stdout.txt), from its node, from byte ``offset``, at most ``length`` bytes.
+        ``..``, absolute paths and symbolic links out of the directory are refused."""
+
+    @abc.abstractmethod
+    def list_task_files(self, job_id: str, task_id: str) -> list[FileView]:
+        """The files of the task's latest attempt's directory, recursively."""
+
+    def follow_task_file(self, job_id: str, task_id: str, name: str, *, offset: int = 0,
+                         poll_s: float = FOLLOW_POLL_S) -> Iterator[bytes]:
+        """The file's bytes from ``offset`` as they are written, until the task has
+        completed and everything it wrote was read (``tail -f`` that ends). Waits for a
+        task that has not started yet."""
+        while True:
+            task = self.get_task(job_id, task_id)
+            if task.state == "completed" or (task.task_dir and task.node_id):
+                break
+            self.wait_for_change(self.change_counter(), poll_s * 4)
+        while True:
+            done = self.get_task(job_id, task_id).state == "completed"
+            try:
+                data = self.read_task_file(job_id, task_id, name, offset=offset,
+                                           length=FOLLOW_CHUNK)
+            except NotFound:
+                if done:
+                    return
+                data = b""
+            if data:
+                offset += len(data)
+                yield data
+                continue
+            if done:
+                return
+            time.sleep(poll_s)
+
+    # ---- changes -----------------------------------------------------------
+
+    @abc.abstractmethod
+    def change_counter(self) -> int:
+        """A number that grows whenever the store changes (any job, task or node)."""
+
+    @abc.abstractmethod
+    def wait_for_change(self, after: int, timeout_s: float) -> int:
+        """Block until change_counter() > ``after`` or ``timeout_s`` passed; returns it."""
+
+    # ---- kernel runs -------------------------------------------------------
+
+    @abc.abstractmethod
+    def start_run(self, kernel: str, *, ranks: int | None = None,
+                  params: Mapping[str, Any] | list[str] | None = None,
+                  pool: str = LOCAL_POOL, nodes: int | None = None,
+                  ranks_per_node: int = 1, oversubscribe: bool = False,
+                  timeout_s: float | None = None, retries: int = 0) -> RunView:
+        """Submit a kernel run (its own job of one task) and return at once; its result
+        file is written in the service's home (``read_run_result``)."""
+
+    @abc.abstractmethod
+    def get_run(self, run_id: str) -> RunView:
+        """A kernel run: its state, and once it succeeded its reduced values and
+        provenance; its error when it failed."""
+
+    @abc.abstractmethod
+    def read_run_result(self, run_id: str) -> bytes:
+        """The run's HDF5 result file."""
+
+    # ---- files a client sends ---------------------------------------------
+
+    @abc.abstractmethod
+    def upload(self, name: str, chunks: Iterable[bytes], sha256: str) -> str:
+        """Store a client's file (its bytes in ``chunks``, their SHA-256 ``sha256``) where
+        the service can read it; returns the path a ResourceFile.source names."""
+
+    # ---- service operations: pool size, node scheduling, job terminate, task
+    # ---- reactivate and delete
+
+    @abc.abstractmethod
+    def resize_pool(self, pool_id: str, target_nodes: int) -> PoolView:
+        """Change the pool's target size: nodes are added, or (shrinking) the idle ones
+        leave first and the work of busy ones that leave is requeued. A pool whose nodes
+        are a fixed host list (SSH) is refused: its host list is its size."""
+
+    @abc.abstractmethod
+    def disable_node_scheduling(self, pool_id: str, node_id: str, *,
+                                running: str = "taskcompletion") -> NodeView:
+        """Nothing new is placed on the node (its info says 'scheduling': 'disabled');
+        its running tasks are killed and requeued (not counted as retries: 'requeue'),
+        killed and completed as failed ('terminate', killed:terminate), or left to finish
+        ('taskcompletion'). Kept across coordinator restarts."""
+
+    @abc.abstractmethod
+    def enable_node_scheduling(self, pool_id: str, node_id: str) -> NodeView:
+        """The node takes work again."""
+
+    @abc.abstractmethod
+    def remove_node(self, pool_id: str, node_id: str, *, running: str = "requeue") -> None:
+        """The node leaves the pool: its tasks are handled as ``running`` says (as for
+        disable_node_scheduling), then its agent stops and its record goes. A local pool
+        is one node smaller; an SSH pool's host list loses the host. Returns once the
+        coordinator has taken it (the node shows 'leaving' until its tasks are done)."""
+
+    @abc.abstractmethod
+    def terminate_job(self, job_id: str) -> JobView:
+        """Its tasks that have not started complete as failed (killed:terminate), the
+        running ones are killed (and complete so); the job completes, and no tasks can
+        be added to it. A completed job is a Conflict."""
+
+    @abc.abstractmethod
+    def reactivate_task(self, job_id: str, task_id: str) -> TaskView:
+        """A failed completed task runs again: active, its retry count 0, its attempts
+        kept; a completed job is reopened. Anything else is a Conflict naming its state."""
+
+    @abc.abstractmethod
+    def delete_task(self, job_id: str, task_id: str) -> None:
+        """Terminate the task if it has not completed, then remove its record, its
+        attempts and its task directories on the nodes."""
 
     # ---- the service itself ---------------------------------------------
 
@@ -462,31 +598,337 @@ class LocalService(Service):
         self._command(f"terminate of task {job_id}/{task_id}", "terminate_task", job_id,
                       task_id)
 
-    def read_task_file(self, job_id: str, task_id: str, name: str) -> bytes:
-        if not name or "/" in name or "\0" in name or name in (".", ".."):
-            raise ValidationError("file", f"{name!r} is not a file name of a task directory "
-                                  f"(such as {' or '.join(TASK_FILES)})")
+    # ---- service operations: pool size, node scheduling, job terminate, task
+    # ---- reactivate and delete. Through the coordinator when one runs here; with none,
+    # ---- in the store, holding the home's lock (the next coordinator goes by it).
+
+    def resize_pool(self, pool_id: str, target_nodes: int) -> PoolView:
+        from hpcbatch.coordinator import resized_spec
+        if isinstance(target_nodes, bool) or not isinstance(target_nodes, int) or \
+                target_nodes < 1:
+            raise ValidationError("target_nodes", f"{target_nodes!r} is not a number of "
+                                  "nodes >= 1")
+        new = resized_spec(self.store.get_pool(pool_id), self.home, target_nodes)
+        if self.coordinator is not None:
+            self._command(f"the resize of pool {pool_id!r}", "resize_pool", pool_id,
+                          target_nodes)
+        else:
+            with self._exclusive():
+                self.store.set_pool_spec(new)
+                listed = {d.node_id for d in self._provider(new).fixed_nodes()}
+                for n in self.store.list_nodes(pool_id):
+                    if listed and n["id"] not in listed:
+                        self.store.delete_node(pool_id, n["id"])
+        return self.get_pool(pool_id)
+
+    def _node_ids(self, spec: PoolSpec) -> list[str]:
+        """The pool's nodes as recorded (else as its provider lists them)."""
+        return [n["id"] for n in self.store.list_nodes(spec.id)] or \
+            [d.node_id for d in self._provider(spec).fixed_nodes()]
+
+    def _check_node(self, spec: PoolSpec, node_id: str, running: str | None) -> None:
+        from hpcbatch.state import RUNNING_OPTIONS
+        if running is not None and running not in RUNNING_OPTIONS:
+            raise ValidationError("running", f"{running!r} is not one of "
+                                  f"{', '.join(RUNNING_OPTIONS)}")
+        ids = self._node_ids(spec)
+        if node_id not in ids:
+            raise NotFound(f"node {node_id!r} is not in pool {spec.id!r} (its nodes: "
+                           f"{', '.join(ids) or 'none'})")
+
+    def _scheduling(self, pool_id: str, node_id: str, enabled: bool,
+                    running: str) -> NodeView:
+        spec = self.store.get_pool(pool_id)
+        self._check_node(spec, node_id, running)
+        if self.coordinator is not None:
+            what = "enabling" if enabled else "disabling"
+            self._command(f"{what} scheduling on node {pool_id}/{node_id}",
+                          "set_node_scheduling", pool_id, node_id, enabled, running)
+            for n in self.store.list_nodes(pool_id):
+                if n["id"] == node_id:
+                    return NodeView.from_row(n)
+            raise NotFound(f"node {node_id!r} is not in pool {pool_id!r}")
+        with self._exclusive():
+            return NodeView.from_row(self.store.set_node_scheduling(
+                pool_id, node_id, not enabled, spec.task_slots_per_node))
+
+    def disable_node_scheduling(self, pool_id: str, node_id: str, *,
+                                running: str = "taskcompletion") -> NodeView:
+        return self._scheduling(pool_id, node_id, False, running)
+
+    def enable_node_scheduling(self, pool_id: str, node_id: str) -> NodeView:
+        return self._scheduling(pool_id, node_id, True, "taskcompletion")
+
+    def remove_node(self, pool_id: str, node_id: str, *, running: str = "requeue") -> None:
+        from hpcbatch.coordinator import spec_without_node
+        spec = self.store.get_pool(pool_id)
+        self._check_node(spec, node_id, running)
+        if self.coordinator is not None:
+            self._command(f"the removal of node {pool_id}/{node_id}", "remove_node", pool_id,
+                          node_id, running)
+            return
+        with self._exclusive():
+            spec = self.store.get_pool(pool_id)
+            self.store.set_pool_spec(spec_without_node(spec, self.home, node_id,
+                                                       self._node_ids(spec)))
+            self.store.delete_node(pool_id, node_id)
+
+    def _wait_for(self, done: Callable[[], bool], timeout_s: float) -> bool:
+        """Wait (on the change feed) until done() or the timeout; whether it was done."""
+        deadline = time.monotonic() + timeout_s
+        change = self.store.change_counter()
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._check_coordinator()
+            change = self.store.wait_for_change(change, min(left, 1.0))
+        return True
+
+    def terminate_job(self, job_id: str) -> JobView:
+        from hpcbatch.models import JobState
+        if self.store.get_job(job_id)["state"] == JobState.COMPLETED.value:
+            raise Conflict(f"job {job_id!r} is already completed")
+        if self.coordinator is not None:
+            self._command(f"the termination of job {job_id!r}", "terminate_job", job_id)
+            # its running tasks are killed (SIGTERM, then SIGKILL after the kill grace)
+            self._wait_for(lambda: self.store.get_job(job_id)["state"] ==
+                           JobState.COMPLETED.value,
+                           self.command_timeout_s + self.timings.kill_grace_s)
+        else:
+            with self._exclusive():
+                if self.store.get_job(job_id)["state"] != JobState.COMPLETED.value:
+                    # what the store says runs was left by a coordinator that is gone
+                    self.store.terminate_job_tasks(job_id, time.time(), in_flight=True)
+                    self.store.set_job_state(job_id, JobState.COMPLETED)
+        return self.get_job(job_id)
+
+    def reactivate_task(self, job_id: str, task_id: str) -> TaskView:
+        from hpcbatch.coordinator import check_reactivatable
+        check_reactivatable(self.store.get_task(job_id, task_id), self.store.get_job(job_id))
+        if self.coordinator is not None:
+            self._command(f"the reactivation of task {job_id}/{task_id}", "reactivate_task",
+                          job_id, task_id)
+        else:
+            with self._exclusive():
+                row = self.store.get_task(job_id, task_id)
+                check_reactivatable(row, self.store.get_job(job_id))
+                self.store.reactivate_task(row["seq"])
+        return self.get_task(job_id, task_id)
+
+    def delete_task(self, job_id: str, task_id: str) -> None:
+        import logging
+        row = self.store.get_task(job_id, task_id)
+        if row["state"] != "completed" and self.coordinator is not None:
+            self.terminate_task(job_id, task_id)
+            if not self._wait_for(
+                    lambda: self.store.get_task(job_id, task_id)["state"] == "completed",
+                    self.command_timeout_s + self.timings.kill_grace_s):
+                raise HpcBatchError(f"task {job_id}/{task_id} was terminated but has not "
+                                    "ended yet; delete it again in a moment")
+        spec = self.store.get_pool(self.store.get_job(job_id)["pool_id"])
+        with self._exclusive():
+            row = self.store.get_task(job_id, task_id)
+            nodes = {a["node_id"] for a in self.store.attempts(job_id, task_id)}
+            nodes.add(row["node_id"])
+            if json.loads(row["spec"] or "{}").get("multi_instance"):
+                nodes.update(self._node_ids(spec))  # its directories are on every instance
+            self.store.delete_task(row["seq"])
+        failed = self._provider(spec).remove_trees(sorted(n for n in nodes if n),
+                                                   f"jobs/{job_id}/{task_id}")
+        for node, why in sorted(failed.items()):
+            logging.getLogger("hpcbatch.service").warning(
+                "task %s/%s: its directory on node %s was not removed (%s)", job_id, task_id,
+                node, why)
+
+    def _task_dir(self, job_id: str, task_id: str, what: str) -> tuple[Any, str, str]:
+        """The provider, node and directory of the task's latest attempt."""
         row = self.store.get_task(job_id, task_id)
         where = f"task {job_id}/{task_id}"
         if not row.get("task_dir"):
-            raise NotFound(f"{where} is {row['state']} and has not started; it has no {name} "
+            raise NotFound(f"{where} is {row['state']} and has not started; it has no {what} "
                            "yet")
         if not row.get("node_id"):
-            raise NotFound(f"{where} is waiting to run again (retry or requeue); its {name} "
+            raise NotFound(f"{where} is waiting to run again (retry or requeue); its {what} "
                            "comes back once the new attempt starts")
-        path = f"{row['task_dir']}/{name}"
-        node = row["node_id"]
         spec = self.store.get_pool(self.store.get_job(job_id)["pool_id"])
+        return self._provider(spec), row["node_id"], row["task_dir"]
+
+    def list_task_files(self, job_id: str, task_id: str) -> list[FileView]:
+        provider, node, tdir = self._task_dir(job_id, task_id, "files")
         try:
-            return self._provider(spec).read_node_file(node, path)
+            return [FileView(f.name, f.size, f.modified_at, f.kind)
+                    for f in provider.list_node_dir(node, tdir)]
         except FileNotFoundError:
-            raise NotFound(f"{path} of {where} does not exist on node {node} (were the "
-                           "node's files removed?)") from None
+            raise NotFound(f"{tdir} of task {job_id}/{task_id} does not exist on node {node} "
+                           "(were the node's files removed?)") from None
         except HpcBatchError:
             raise
         except OSError as exc:
-            raise HpcBatchError(f"cannot read {path} of {where} on node {node}: "
-                                f"{exc.strerror or exc}") from None
+            raise HpcBatchError(f"cannot list {tdir} of task {job_id}/{task_id} on node "
+                                f"{node}: {exc.strerror or exc}") from None
+
+    def read_task_file(self, job_id: str, task_id: str, name: str, *, offset: int = 0,
+                       length: int | None = None) -> bytes:
+        name = task_file_name(name)
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValidationError("offset", f"{offset!r} must be a whole number >= 0")
+        if length is not None and (isinstance(length, bool) or not isinstance(length, int)
+                                   or length < 0):
+            raise ValidationError("length", f"{length!r} must be a whole number >= 0")
+        provider, node, tdir = self._task_dir(job_id, task_id, name)
+        path = f"{tdir}/{name}"
+        try:
+            return provider.read_node_file(node, path, offset=offset, length=length)
+        except FileNotFoundError:
+            raise NotFound(f"{path} of task {job_id}/{task_id} does not exist on node {node} "
+                           "(were the node's files removed?)") from None
+        except HpcBatchError:
+            raise
+        except OSError as exc:
+            raise HpcBatchError(f"cannot read {path} of task {job_id}/{task_id} on node "
+                                f"{node}: {exc.strerror or exc}") from None
+
+
+    # ---- changes ---------------------------------------------------------
+
+    def change_counter(self) -> int:
+        return self.store.change_counter()
+
+    def wait_for_change(self, after: int, timeout_s: float) -> int:
+        return self.store.wait_for_change(after, timeout_s)
+
+    # ---- kernel runs -----------------------------------------------------
+    # a run is a job of one task ('kernel'); what it was asked for is kept beside its
+    # result file in <home>/runs/<run id>.json
+
+    def _runs_dir(self) -> Path:
+        from hpcbatch.store import secure_dir
+        path = self.home / "runs"
+        secure_dir(path)
+        return path
+
+    def start_run(self, kernel: str, *, ranks: int | None = None,
+                  params: Mapping[str, Any] | list[str] | None = None,
+                  pool: str = LOCAL_POOL, nodes: int | None = None,
+                  ranks_per_node: int = 1, oversubscribe: bool = False,
+                  timeout_s: float | None = None, retries: int = 0,
+                  compress: bool = False, output: str | os.PathLike | None = None,
+                  default_dir: Path | None = None) -> RunView:
+        """``output`` (this machine's path) or ``default_dir`` for the result; by default
+        <home>/runs/<run id>.h5."""
+        from hpcbatch.kernelrun import plan_run
+        if params is not None and not isinstance(params, Mapping | list):
+            raise ValidationError("params", "must be an object of name: value")
+        plan = plan_run(self, kernel, ranks=ranks,
+                        params=dict(params) if isinstance(params, Mapping) else params,
+                        output=output, pool=pool, nodes=nodes, ranks_per_node=ranks_per_node,
+                        oversubscribe=oversubscribe, timeout_s=timeout_s, compress=compress,
+                        retries=retries, default_dir=default_dir or self._runs_dir())
+        record = {"kernel": plan.kernel, "params": plan.params, "ranks": plan.ranks,
+                  "nodes": plan.nodes, "pool_id": pool, "output": str(plan.output),
+                  "created_at": time.time()}
+        path = self._runs_dir() / f"{plan.job.id}.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+        try:
+            self.submit(plan.job, [plan.task], existing_ok=False)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return self.get_run(plan.job.id)
+
+    def _run_record(self, run_id: str) -> dict[str, Any]:
+        if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+            raise NotFound(f"no kernel run {run_id!r} (run ids look like run-pi-...)")
+        try:
+            return json.loads((self.home / "runs" / f"{run_id}.json").read_text())
+        except FileNotFoundError:
+            raise NotFound(f"no kernel run {run_id!r}; 'hpcbatch job list' shows the runs' "
+                           "jobs") from None
+
+    def run_output(self, run_id: str) -> Path:
+        """Where the run's result file is (or will be) on this machine."""
+        return Path(self._run_record(run_id)["output"])
+
+    def get_run(self, run_id: str) -> RunView:
+        from hpcbatch.kernelrun import failure_message, reduced_summary
+        rec = self._run_record(run_id)
+        try:
+            task = self.get_task(run_id, "kernel")
+        except NotFound:
+            raise NotFound(f"kernel run {run_id!r}'s job was deleted") from None
+        base = dict(id=run_id, kernel=rec["kernel"], job_id=run_id, task_id="kernel",
+                    params=rec.get("params") or {}, ranks=rec.get("ranks") or 1,
+                    nodes=rec.get("nodes"), pool_id=rec.get("pool_id") or LOCAL_POOL,
+                    created_at=rec.get("created_at"))
+        if task.state != "completed":
+            return RunView(state="running", **base)
+        if not task.succeeded:
+            message, _ = failure_message(self, rec["kernel"], base["ranks"], run_id,
+                                         base["pool_id"])
+            return RunView(state="failed", error=message, **base)
+        from hpcbatch.kernelrun import _plain
+        from hpcbatch.kernels.results import read_result
+        out = Path(rec["output"])
+        try:
+            res = read_result(out)
+        except (OSError, ValueError) as exc:
+            return RunView(state="failed", error=f"the result file {out} cannot be read: "
+                           f"{exc}", **base)
+        return RunView(state="succeeded", reduced=reduced_summary(res),
+                       attrs=_plain(dict(res.attrs)), timings=_plain(dict(res.timings)),
+                       result_size=out.stat().st_size, **base)
+
+    def read_run_result(self, run_id: str) -> bytes:
+        run = self.get_run(run_id)
+        if run.state != "succeeded":
+            raise Conflict(f"kernel run {run_id!r} is {run.state}; its result file comes "
+                           "once it succeeded" + (f" ({run.error})" if run.error else ""))
+        return self.run_output(run_id).read_bytes()
+
+    # ---- files a client sends ---------------------------------------------
+
+    def upload(self, name: str, chunks: Iterable[bytes], sha256: str) -> str:
+        """Into <home>/uploads/<sha256>/<name> (0600), checked against the hash; a file
+        already there with that hash is kept (uploads are content-addressed)."""
+        from hpcbatch.store import secure_dir, storage_full
+        if not isinstance(sha256, str) or not SHA256.fullmatch(sha256):
+            raise ValidationError("sha256", f"{sha256!r} is not a SHA-256 in hex (64 of "
+                                  "0-9a-f)")
+        if (not isinstance(name, str) or not name or "/" in name or "\0" in name
+                or name in (".", "..")):
+            raise ValidationError("name", f"{name!r} is not a file name (no '/')")
+        folder = self.home / "uploads" / sha256
+        secure_dir(self.home / "uploads")
+        secure_dir(folder)
+        dest = folder / name
+        if dest.is_file() and not dest.is_symlink():
+            for _ in chunks:  # the body must still be read to its end
+                pass
+            return str(dest)
+        tmp = folder / f".{name}.{os.getpid()}.{time.monotonic_ns()}.part"
+        digest = hashlib.sha256()
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                for chunk in chunks:
+                    digest.update(chunk)
+                    f.write(chunk)
+            if digest.hexdigest() != sha256:
+                raise ValidationError("sha256", f"the bytes sent hash to "
+                                      f"{digest.hexdigest()}, not {sha256}; send the file "
+                                      "again")
+            os.replace(tmp, dest)
+        except OSError as exc:
+            full = storage_full(exc, folder)
+            if full is not None:
+                raise full from None
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
+        return str(dest)
 
 
 def _start_coordinator(home: Path, timings: Timings, prefetch: int | None):

@@ -220,4 +220,43 @@ class AttemptView(_View):
                    _json(row.get("usage"), {}) or {})
 
 
-__all__ = ["AttemptView", "JobView", "NodeView", "PoolView", "TaskView"]
+@dataclasses.dataclass(frozen=True, slots=True)
+class FileView(_View):
+    """An entry of a task's directory: ``name`` relative to it; ``kind`` file, dir, link
+    (never followed) or other."""
+
+    name: str
+    size: int
+    modified_at: float
+    kind: str = "file"
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == "dir"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RunView(_View):
+    """A kernel run: one task of its own job (``job_id``, ``task_id``). ``state``
+    running, succeeded or failed; once it succeeded ``reduced`` holds the reduced values
+    (scalars, short arrays as lists), ``attrs`` the result file's provenance and
+    ``timings`` its phases; ``error`` says why it failed."""
+
+    id: str
+    kernel: str
+    state: str
+    job_id: str
+    task_id: str
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    ranks: int = 1
+    nodes: int | None = None
+    pool_id: str = "local"
+    created_at: float | None = None
+    reduced: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    attrs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    timings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    error: str | None = None
+    result_size: int | None = None
+
+
+__all__ = ["AttemptView", "FileView", "JobView", "NodeView", "PoolView", "RunView", "TaskView"]

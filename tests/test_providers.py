@@ -286,6 +286,20 @@ def test_ssh_node_files_and_trees(ssh_provider):
         ssh_provider.read_node_file("node2", str(task_dir / "stderr.txt"))
     with pytest.raises(FileNotFoundError):
         ssh_provider.read_node_file("node2", str(task_dir / "none.txt"))
+    assert ssh_provider.read_node_file("node2", str(task_dir / "stdout.txt"), offset=2,
+                                       length=3) == b"mot"
+    (task_dir / "out").mkdir()
+    (task_dir / "out" / "r.bin").write_bytes(b"12345")
+    (task_dir / "up").symlink_to(root)  # a linked directory: listed, never followed
+    listed = {(f.name, f.kind, f.size) for f in ssh_provider.list_node_dir("node2",
+                                                                           str(task_dir))}
+    assert listed == {("out", "dir", 0), ("out/r.bin", "file", 5), ("stdout.txt", "file", 7),
+                      ("stderr.txt", "link", 0), ("up", "link", 0)}
+    with pytest.raises(HpcBatchError, match="up is a symbolic link on node2"):
+        ssh_provider.read_node_file("node2", str(task_dir / "up" / "jobs" / "j" / "t" /
+                                                 "stdout.txt"))
+    with pytest.raises(HpcBatchError, match="not inside the node root"):
+        ssh_provider.read_node_file("node2", "/etc/hostname")
     assert ssh_provider.remove_trees(["node2"], "jobs/j") == {}
     assert not (root / "jobs" / "j").exists()
 

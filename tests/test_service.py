@@ -141,13 +141,26 @@ def test_task_files_come_from_the_node_and_never_through_a_link(service, tmp_pat
     assert service.read_task_file("j", "t", "stdout.txt") == b"out\n"
     with pytest.raises(NotFound, match="stderr.txt of task j/t does not exist on node local-1"):
         service.read_task_file("j", "t", "stderr.txt")
-    with pytest.raises(ValidationError, match="not a file name"):
-        service.read_task_file("j", "t", "../../state.db")
+    assert service.read_task_file("j", "t", "stdout.txt", offset=1, length=2) == b"ut"
+    assert service.read_task_file("j", "t", "stdout.txt", offset=99) == b""
+    for bad in ("../../state.db", "/etc/passwd", "a/../../x", "", "..", "a\0b"):
+        with pytest.raises(ValidationError, match="path"):
+            service.read_task_file("j", "t", bad)
+    (task_dir / "out").mkdir()
+    (task_dir / "out" / "r.csv").write_text("1,2\n")
+    assert service.read_task_file("j", "t", "out/r.csv") == b"1,2\n"
     secret = tmp_path / "secret"
     secret.write_text("private\n")
     (task_dir / "stderr.txt").symlink_to(secret)
-    with pytest.raises(HpcBatchError, match="symbolic link"):
-        service.read_task_file("j", "t", "stderr.txt")
+    (task_dir / "up").symlink_to(tmp_path)  # a directory link out of the task directory
+    for linked in ("stderr.txt", "up/secret"):
+        with pytest.raises(ValidationError, match="symbolic link"):
+            service.read_task_file("j", "t", linked)
+    files = {f.name: f for f in service.list_task_files("j", "t")}
+    assert sorted(files) == ["out", "out/r.csv", "stderr.txt", "stdout.txt", "up"]
+    assert (files["out"].kind, files["up"].kind, files["stderr.txt"].kind) == \
+        ("dir", "link", "link")
+    assert files["stdout.txt"].size == 4 and files["out/r.csv"].size == 4
     # a task directory recorded outside its node root is not read either
     _started(service, "j", "u", tmp_path)
     (tmp_path / "stdout.txt").write_text("elsewhere\n")

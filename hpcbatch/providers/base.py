@@ -80,6 +80,20 @@ class NodeDesc:
     info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
+MAX_LISTED = 10_000  # entries list_node_dir returns at most
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NodeFile:
+    """One entry of a directory on a node: ``name`` relative to the directory listed;
+    ``kind`` file, dir, link or other."""
+
+    name: str
+    size: int
+    modified_at: float
+    kind: str
+
+
 def check_relpath(relpath: str) -> str:
     """A path relative to a node root that stays inside it ('jobs/J', not '../x')."""
     norm = os.path.normpath(relpath)
@@ -194,9 +208,19 @@ class Provider(abc.ABC):
         """Where the node keeps its task directories (``~/`` is the login's home)."""
 
     @abc.abstractmethod
-    def read_node_file(self, node_id: str, path: str) -> bytes:
-        """A regular file of a node (task logs). A symbolic link is refused, never
-        followed. FileNotFoundError when it does not exist, OSError otherwise."""
+    def read_node_file(self, node_id: str, path: str, *, offset: int = 0,
+                       length: int | None = None) -> bytes:
+        """A regular file of a node (task logs), from byte ``offset``, at most ``length``
+        bytes (None: to the end). A symbolic link (the file or a directory on the way
+        from the node root) is refused, never followed. FileNotFoundError when it does
+        not exist, OSError otherwise."""
+
+    @abc.abstractmethod
+    def list_node_dir(self, node_id: str, path: str,
+                      limit: int = MAX_LISTED) -> list[NodeFile]:
+        """The entries under directory ``path`` of a node, recursively, names relative
+        to it, sorted; symbolic links are listed as what they are and never followed.
+        At most ``limit`` entries. FileNotFoundError when ``path`` does not exist."""
 
     @abc.abstractmethod
     def remove_tree(self, node_id: str, relpath: str) -> None:

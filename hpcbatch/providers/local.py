@@ -9,6 +9,7 @@ machine, what it and its tasks left can always be found and killed from here, so
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from hpcbatch.errors import HpcBatchError, ValidationError
 from hpcbatch.models import PoolSpec
 from hpcbatch.providers import reap as reaping
-from hpcbatch.providers.base import NodeDesc, Provider, check_relpath
+from hpcbatch.providers.base import MAX_LISTED, NodeDesc, NodeFile, Provider, check_relpath
 from hpcbatch.timings import Timings
 
 if TYPE_CHECKING:
@@ -52,10 +53,10 @@ def processes_with_token(token: str) -> set[int]:
     return reaping.scan([token], [], [])
 
 
-def read_inside(root: str, path: str) -> bytes:
-    """The regular file ``path`` under directory ``root``, opened one component at a
-    time without following a symbolic link (O_NOFOLLOW): a task that replaced its
-    stdout.txt (or a directory on the way) with a link cannot make us read elsewhere."""
+def _open_inside(root: str, path: str, flags: int) -> int:
+    """An fd of ``path`` under directory ``root``, opened one component at a time without
+    following a symbolic link (O_NOFOLLOW): a task that replaced its stdout.txt (or a
+    directory on the way) with a link cannot make us read elsewhere."""
     root = os.path.abspath(root)
     rel = os.path.relpath(os.path.abspath(path), root)
     if rel == "." or rel.startswith("../") or rel == "..":
@@ -67,13 +68,55 @@ def read_inside(root: str, path: str) -> bytes:
             nxt = _open_nofollow(part, os.O_RDONLY | os.O_DIRECTORY, fd, path)
             os.close(fd)
             fd = nxt
-        ffd = _open_nofollow(parts[-1], os.O_RDONLY | os.O_NONBLOCK, fd, path)
+        return _open_nofollow(parts[-1], flags, fd, path)
     finally:
         os.close(fd)
+
+
+def read_inside(root: str, path: str, offset: int = 0, length: int | None = None) -> bytes:
+    """The regular file ``path`` under directory ``root`` (see :func:`_open_inside`), from
+    ``offset``, at most ``length`` bytes."""
+    ffd = _open_inside(root, path, os.O_RDONLY | os.O_NONBLOCK)
     with os.fdopen(ffd, "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise HpcBatchError(f"{path} is not a regular file; refusing to read it")
-        return f.read()
+            raise ValidationError("path", f"{path} is not a regular file; refusing to "
+                                  "read it")
+        if offset:
+            f.seek(offset)
+        return f.read() if length is None else f.read(length)
+
+
+def list_inside(root: str, path: str, limit: int) -> list[NodeFile]:
+    """The entries under directory ``path`` (inside ``root``), recursively, without
+    following links (see :func:`_open_inside`)."""
+    top = _open_inside(root, path, os.O_RDONLY | os.O_DIRECTORY)
+    out: list[NodeFile] = []
+    pending: list[tuple[int, str]] = [(top, "")]
+    try:
+        while pending and len(out) < limit:
+            fd, prefix = pending.pop()
+            try:
+                for name in sorted(os.listdir(fd)):
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    kind = ("dir" if stat.S_ISDIR(st.st_mode) else
+                            "file" if stat.S_ISREG(st.st_mode) else
+                            "link" if stat.S_ISLNK(st.st_mode) else "other")
+                    rel = prefix + name
+                    out.append(NodeFile(rel, st.st_size if kind == "file" else 0,
+                                        st.st_mtime, kind))
+                    if len(out) >= limit:
+                        break
+                    if kind == "dir":
+                        with contextlib.suppress(OSError):
+                            pending.append((os.open(name, os.O_RDONLY | os.O_DIRECTORY |
+                                                    os.O_NOFOLLOW | os.O_CLOEXEC,
+                                                    dir_fd=fd), rel + "/"))
+            finally:
+                os.close(fd)
+    finally:
+        for fd, _ in pending:
+            os.close(fd)
+    return sorted(out, key=lambda f: f.name)
 
 
 def _open_nofollow(name: str, flags: int, dir_fd: int, path: str) -> int:
@@ -85,8 +128,8 @@ def _open_nofollow(name: str, flags: int, dir_fd: int, path: str) -> int:
         except OSError:
             link = False
         if link:
-            raise HpcBatchError(f"{path}: {name} is a symbolic link; hpcbatch does not "
-                                "follow links out of a task directory") from None
+            raise ValidationError("path", f"{path}: {name} is a symbolic link; hpcbatch "
+                                  "does not follow links out of a task directory") from None
         raise
 
 
@@ -153,8 +196,13 @@ class LocalProvider(Provider):
                             "be killed")
         return problems
 
-    def read_node_file(self, node_id: str, path: str) -> bytes:
-        return read_inside(self.node_root(node_id), path)
+    def read_node_file(self, node_id: str, path: str, *, offset: int = 0,
+                       length: int | None = None) -> bytes:
+        return read_inside(self.node_root(node_id), path, offset, length)
+
+    def list_node_dir(self, node_id: str, path: str,
+                      limit: int = MAX_LISTED) -> list[NodeFile]:
+        return list_inside(self.node_root(node_id), path, limit)
 
     def remove_tree(self, node_id: str, relpath: str) -> None:
         root = os.path.realpath(self.node_root(node_id))

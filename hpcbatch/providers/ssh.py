@@ -28,7 +28,14 @@ from typing import TYPE_CHECKING, Any
 from hpcbatch import env as E
 from hpcbatch.errors import HpcBatchError, ValidationError
 from hpcbatch.models import PoolSpec
-from hpcbatch.providers.base import NodeDesc, Provider, check_relpath, home_id
+from hpcbatch.providers.base import (
+    MAX_LISTED,
+    NodeDesc,
+    NodeFile,
+    Provider,
+    check_relpath,
+    home_id,
+)
 from hpcbatch.ssh import GroupResult, SSHTarget, connect, parallel, run, targets_from_spec
 from hpcbatch.timings import Timings
 
@@ -331,21 +338,77 @@ class SSHProvider(Provider):
 
     # ---- files -------------------------------------------------------------
 
-    def read_node_file(self, node_id: str, path: str) -> bytes:
-        """Over SFTP; a symbolic link (the file or its directory) is refused."""
+    def _sftp_nofollow(self, sftp, node_id: str, path: str) -> None:
+        """Refuse ``path`` (as the agent reported it: absolute) when it or a directory on
+        the way from the node root is a symbolic link (lstat, component by component).
+        A root under ``~/`` is found in the path by its part below the login's home."""
+        root = self.node_root(node_id)
+        base = rest = ""
+        if root.startswith("~/"):
+            below = root.removeprefix("~/").strip("/")
+            if path.startswith(below + "/"):  # relative to the login's home
+                base, rest = below, path[len(below):]
+            else:
+                at = path.find(f"/{below}/")
+                if path.startswith("/") and at >= 0:
+                    base, rest = path[:at + len(below) + 1], path[at + len(below) + 1:]
+        elif path.startswith(root.rstrip("/") + "/"):
+            base, rest = root.rstrip("/"), path[len(root.rstrip("/")):]
+        parts = [p for p in rest.split("/") if p]
+        if not base or not parts or ".." in parts:
+            raise HpcBatchError(f"{path} is not inside the node root {root} of {node_id}")
+        here = base
+        for part in parts:
+            here = posixpath.join(here, part)
+            if stat.S_ISLNK(sftp.lstat(here).st_mode or 0):
+                raise ValidationError("path", f"{path}: {here} is a symbolic link on "
+                                      f"{node_id}; hpcbatch does not follow links out of "
+                                      "a task directory")
+
+    def read_node_file(self, node_id: str, path: str, *, offset: int = 0,
+                       length: int | None = None) -> bytes:
+        """Over SFTP; a symbolic link (the file or a directory on the way) is refused."""
         client = connect(self.target(node_id))
         try:
             sftp = client.open_sftp()
             try:
-                for p in (posixpath.dirname(path), path):
-                    if stat.S_ISLNK(sftp.lstat(p).st_mode or 0):
-                        raise HpcBatchError(f"{path}: {p} is a symbolic link on {node_id}; "
-                                            "hpcbatch does not follow links out of a task "
-                                            "directory")
+                self._sftp_nofollow(sftp, node_id, path)
                 if not stat.S_ISREG(sftp.lstat(path).st_mode or 0):
-                    raise HpcBatchError(f"{path} on {node_id} is not a regular file")
+                    raise ValidationError("path", f"{path} on {node_id} is not a regular file")
                 with sftp.open(path, "r") as f:
-                    return f.read()
+                    if offset:
+                        f.seek(offset)
+                    return f.read() if length is None else f.read(length)
+            finally:
+                sftp.close()
+        finally:
+            client.close()
+
+    def list_node_dir(self, node_id: str, path: str,
+                      limit: int = MAX_LISTED) -> list[NodeFile]:
+        """Over SFTP, without following links."""
+        client = connect(self.target(node_id))
+        try:
+            sftp = client.open_sftp()
+            try:
+                self._sftp_nofollow(sftp, node_id, path)
+                out: list[NodeFile] = []
+                pending = [""]
+                while pending and len(out) < limit:
+                    prefix = pending.pop()
+                    for a in sorted(sftp.listdir_attr(posixpath.join(path, prefix)),
+                                    key=lambda a: a.filename):
+                        mode = a.st_mode or 0
+                        kind = ("dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode)
+                                else "link" if stat.S_ISLNK(mode) else "other")
+                        rel = prefix + a.filename
+                        out.append(NodeFile(rel, (a.st_size or 0) if kind == "file" else 0,
+                                            float(a.st_mtime or 0), kind))
+                        if len(out) >= limit:
+                            break
+                        if kind == "dir":
+                            pending.append(rel + "/")
+                return sorted(out, key=lambda f: f.name)
             finally:
                 sftp.close()
         finally:
