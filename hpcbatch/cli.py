@@ -606,7 +606,8 @@ def _register_optional() -> None:
     """Commands that live in their own modules."""
     import importlib
     for mod, name in (("hpcbatch.cli_cluster", "cluster"), ("hpcbatch.cli_kernels", "run"),
-                      ("hpcbatch.cli_kernels", "results")):
+                      ("hpcbatch.cli_kernels", "results"), ("hpcbatch.cli_serve", "serve"),
+                      ("hpcbatch.cli_serve", "keys")):
         try:
             cmd = getattr(importlib.import_module(mod), name)
         except (ImportError, AttributeError):
