@@ -174,8 +174,11 @@ class LocalProvider(Provider):
 
     def reap_orphans(self, agent_records: Iterable[Mapping[str, Any]]) -> list[str]:
         """What the records name (by token, and recorded agent pids still running
-        with their node root), then whatever the agents' own records under each node
-        root name (hpcbatch.launch.agent.reap_stale_agents)."""
+        with their node root), then whatever the agents' own records under the root of
+        each node the records name (hpcbatch.launch.agent.reap_stale_agents): not the
+        other nodes' roots, where live agents of this coordinator may run (a node started
+        again, or added to the pool, must not kill its siblings; an agent reaps its own
+        root when it starts)."""
         from hpcbatch.launch.agent import reap_stale_agents
         mine = [r for r in agent_records if r.get("pool_id") == self.pool_id]
         left = 0
@@ -185,11 +188,11 @@ class LocalProvider(Provider):
                                     if r.get("pid") and r.get("root")], deadline_s=5.0,
                                    grace_s=REAP_GRACE_S)
         problems = []
-        for node in self.fixed_nodes():
+        for node_id in sorted({str(r["node_id"]) for r in mine if r.get("node_id")}):
             try:
-                reap_stale_agents(self.node_root(node.node_id), grace_s=REAP_GRACE_S)
+                reap_stale_agents(self.node_root(node_id), grace_s=REAP_GRACE_S)
             except OSError as exc:
-                problems.append(f"{node.node_id}: earlier agents' records could not be read "
+                problems.append(f"{node_id}: earlier agents' records could not be read "
                                 f"({exc.strerror or exc})")
         if left:
             problems.append(f"{self.pool_id}: {left} process(es) of earlier agents could not "
