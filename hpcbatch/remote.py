@@ -625,8 +625,12 @@ class RemoteService(Service):
         if not isinstance(name, str) or not name:
             raise ValidationError("file", f"{name!r} is not a file of a task directory "
                                   "(such as stdout.txt)")
-        return (f"{self._task_path(job_id, task_id)}/files/"
-                f"{urllib.parse.quote(name, safe='/')}")
+        # '.' and '..' segments are sent as they are written (percent-encoded, so no
+        # URL normalisation resolves them here): the service refuses them, as the
+        # embedded one does
+        parts = [p.replace(".", "%2E") if p in (".", "..") else urllib.parse.quote(p, safe="")
+                 for p in name.split("/")]
+        return f"{self._task_path(job_id, task_id)}/files/{'/'.join(parts)}"
 
     def list_task_files(self, job_id: str, task_id: str) -> list[FileView]:
         return [FileView.from_dict(f) for f in
