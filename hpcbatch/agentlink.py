@@ -24,6 +24,14 @@ def task_row(r: Any) -> S.TaskRow:
                      r.instances, r.slots_per_instance, r.max_retries, r.retry_count, r.flags)
 
 
+def task_row_of(r: Any) -> S.TaskRow:
+    """A task's full store row (a dict, as Store.get_task returns it) as the state's
+    TaskRow, for a reactivation: its retry count starts again at 0."""
+    return S.TaskRow(r["seq"], r["job_id"], r["id"], r["pool_id"], r["neg_priority"],
+                     r["required_slots"], r["instances"], r["slots_per_instance"],
+                     r["max_retries"], 0, r["flags"])
+
+
 def events_of(pool_id: str, node_id: str, gen: int, msg: Any, words: str,
               t: float) -> list[Any]:
     """State events for one message of agent ``gen`` (None: its channel ended, and

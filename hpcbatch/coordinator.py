@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
+import json
 import logging
 import queue
 import secrets
@@ -22,10 +24,10 @@ from typing import Any
 
 from hpcbatch import agentlink as link
 from hpcbatch import state as S
-from hpcbatch.errors import HpcBatchError
+from hpcbatch.errors import Conflict, HpcBatchError, NotFound, ValidationError
 from hpcbatch.home import HomeLock, default_home
 from hpcbatch.launch import protocol as P
-from hpcbatch.models import JobState, NodeState, PoolSpec
+from hpcbatch.models import JobState, NodeState, PoolSpec, TaskState
 from hpcbatch.providers import NodeDesc, provider_for
 from hpcbatch.store import Store
 from hpcbatch.timings import Timings
@@ -58,6 +60,9 @@ class Coordinator:
         # each node's latest agent (gen, token), kept once its channel is dropped: a lost
         # node's fence (in the same turn as the StopAgent that drops it) needs the token
         self.tokens: dict[tuple[str, str], tuple[int, str]] = {}
+        # nodes the pool's current provider no longer lists (removed, or a local pool
+        # renumbered by a resize) keep the provider they were started with until they go
+        self.retired: dict[tuple[str, str], Any] = {}
         self.jobs: set[str] = set()
         self.replies: dict[int, concurrent.futures.Future] = {}
         self._reply_n = 0
@@ -87,10 +92,13 @@ class Coordinator:
                     if n["state"] != NodeState.OFFLINE.value:
                         self.store.upsert_node(n["pool_id"], n["id"], NodeState.OFFLINE.value,
                                                n["slots"], None, "coordinator restarted")
+                self._finish_terminating()
                 started = S.Started(time.time(), tuple(self.store.open_counts().items()),
                                     self.store.last_task_seq())
                 events: list[Any] = [started, self._jobs_known(self.store.list_jobs())]
-                events += [self._pool_added(p) for p in self.store.list_pools()]
+                added = [self._pool_added(p) for p in self.store.list_pools()]
+                self._drop_stale_nodes(added)
+                events += added
                 if self.requeued_at_start:  # a cut-off agent runs on until its lease ends
                     until = started.t + self.timings.fence_wait_s
                     events += [S.PoolHeld(started.t, pool_id, until, tuple(sorted(nodes)))
@@ -141,6 +149,25 @@ class Coordinator:
 
     def forget_job(self, job_id: str) -> concurrent.futures.Future:
         return self._command("forgetjob", job_id)
+
+    # the service operations (resolved once the state has taken them; errors raised)
+
+    def resize_pool(self, pool_id: str, target_nodes: int) -> concurrent.futures.Future:
+        return self._command("resize", pool_id, target_nodes)
+
+    def remove_node(self, pool_id: str, node_id: str,
+                    running: str = S.REQUEUE) -> concurrent.futures.Future:
+        return self._command("removenode", pool_id, node_id, running)
+
+    def set_node_scheduling(self, pool_id: str, node_id: str, enabled: bool,
+                            running: str = S.TASK_COMPLETION) -> concurrent.futures.Future:
+        return self._command("scheduling", pool_id, node_id, enabled, running)
+
+    def terminate_job(self, job_id: str) -> concurrent.futures.Future:
+        return self._command("terminatejob", job_id)
+
+    def reactivate_task(self, job_id: str, task_id: str) -> concurrent.futures.Future:
+        return self._command("reactivate", job_id, task_id)
 
     # ---- the loop --------------------------------------------------------------
 
@@ -229,7 +256,7 @@ class Coordinator:
             with self.store.transaction():
                 self.store.record_agent(pool_id, node_id, token, getattr(chan, "pid", None),
                                         self.descs[(pool_id, node_id)].host,
-                                        self.providers[pool_id].node_root(node_id))
+                                        self._provider_of(pool_id, node_id).node_root(node_id))
             chan.listen(lambda msg, k=(pool_id, node_id, gen), c=chan: self.inbox.put(
                 ("msg", *k, msg, c.last_words() if msg is None else "", time.time())))
             return [S.AgentUp(now, pool_id, node_id, gen)]
@@ -255,12 +282,17 @@ class Coordinator:
         if kind == "droppool":
             pool_id, fut = item[1:]
             self.providers.pop(pool_id, None)
+            for key in [k for k in self.retired if k[0] == pool_id]:
+                del self.retired[key]
             return [S.PoolRemoved(now, pool_id), *self._reply_later(fut)]
         if kind == "forgetjob":
             job_id, fut = item[1:]
             self.jobs.discard(job_id)
             fut.set_result(None)
             return [S.JobForgotten(now, job_id)]
+        ops = self._ops_events(kind, item, now)
+        if ops is not None:
+            return ops
         if kind == "terminate":
             job_id, task_id, fut = item[1:]
             try:
@@ -274,6 +306,115 @@ class Coordinator:
             reply = self._reply(fut)
             return [S.TerminateAsked(now, row["seq"], job_id, reply)]
         return []  # "wake"
+
+    def _ops_events(self, kind: str, item: tuple, now: float) -> list[Any] | None:
+        """State events for the service operations' commands (None: not one of them).
+        What can be checked against the store is checked here, so the caller hears a
+        NotFound, Conflict or ValidationError as such."""
+        if kind not in ("resize", "removenode", "scheduling", "terminatejob", "reactivate"):
+            return None
+        args, fut = item[1:-1], item[-1]
+        try:
+            if kind == "resize":
+                return self._resize_events(now, *args, fut)
+            if kind == "removenode":
+                pool_id, node_id, running = args
+                node = self._state_node(pool_id, node_id)
+                if node.leaving:
+                    fut.set_result(None)
+                    return []
+                self._change_pool(spec_without_node(self.store.get_pool(pool_id), self.home,
+                                                    node_id, self._state_ids(pool_id)))
+                return [S.NodeLeaving(now, pool_id, node_id, running, self._reply(fut))]
+            if kind == "scheduling":
+                pool_id, node_id, enabled, running = args
+                self._state_node(pool_id, node_id)
+                return [S.NodeSchedulingSet(now, pool_id, node_id, enabled, running,
+                                            self._reply(fut))]
+            if kind == "terminatejob":
+                (job_id,) = args
+                job = self.store.get_job(job_id)
+                if job["state"] == JobState.COMPLETED.value:
+                    raise Conflict(f"job {job_id!r} is already completed")
+                if job["state"] == JobState.TERMINATING.value:
+                    fut.set_result(None)
+                    return []
+                return [S.JobTerminateAsked(now, job_id, self._reply(fut))]
+            job_id, task_id = args
+            row = self.store.get_task(job_id, task_id)
+            check_reactivatable(row, self.store.get_job(job_id))
+            trow = link.task_row_of(row)
+            return [*self._unknown([trow]), S.ReactivateAsked(now, trow, self._reply(fut))]
+        except Exception as exc:  # noqa: BLE001 - the caller hears it
+            if not fut.done():
+                fut.set_exception(exc)
+            return []
+
+    def _state_node(self, pool_id: str, node_id: str) -> Any:
+        self.store.get_pool(pool_id)
+        node = self.state.node(pool_id, node_id)
+        if node is None:
+            known = ", ".join(self._state_ids(pool_id)) or "none"
+            raise NotFound(f"node {node_id!r} is not in pool {pool_id!r} (its nodes: {known})")
+        return node
+
+    def _state_ids(self, pool_id: str) -> list[str]:
+        pool = self.state.pools.get(pool_id)
+        return [] if pool is None else [n for n, nd in pool.nodes.items() if not nd.leaving]
+
+    def _resize_events(self, now: float, pool_id: str, target: int,
+                       fut: concurrent.futures.Future) -> list[Any]:
+        new = resized_spec(self.store.get_pool(pool_id), self.home, target)
+        provider = self._change_pool(new)
+        pool = self.state.pools.get(pool_id)
+        if pool is None:  # not started here (yet): the stored size is what it starts with
+            fut.set_result(None)
+            return []
+        # the provider's nodes for a size with room for every id the pool holds now, so
+        # an id still held by a leaving node is not needed
+        wide = dataclasses.replace(new, target_nodes=min(100_000, target + len(pool.nodes)))
+        nodes = provider_for(wide, self.home).fixed_nodes() if provider.fixed_nodes() else []
+        for d in nodes:
+            self.descs.setdefault((pool_id, d.node_id), d)
+        infos = tuple(S.NodeInfo(d.node_id, d.host, d.slots) for d in nodes)
+        return [S.PoolResized(now, pool_id, target, infos, self._reply(fut))]
+
+    def _change_pool(self, spec: PoolSpec) -> Any:
+        """Store the pool's new spec and use a provider made from it; nodes it no longer
+        lists keep the one they were started with."""
+        with self.store.transaction():
+            self.store.set_pool_spec(spec)
+        old = self.providers.get(spec.id)
+        provider = provider_for(spec, self.home)
+        listed = {d.node_id for d in provider.fixed_nodes()}
+        pool = self.state.pools.get(spec.id)
+        if old is not None and pool is not None:
+            for node_id in pool.nodes:
+                if node_id not in listed:
+                    self.retired.setdefault((spec.id, node_id), old)
+        self.providers[spec.id] = provider
+        return provider
+
+    def _provider_of(self, pool_id: str, node_id: str) -> Any:
+        return self.retired.get((pool_id, node_id)) or self.providers.get(pool_id)
+
+    def _finish_terminating(self) -> None:
+        """At start: a job left terminating by an earlier coordinator completes (its tasks
+        in flight then were requeued just now: they are completed as terminated)."""
+        for job in self.store.list_jobs():
+            if job["state"] == JobState.TERMINATING.value:
+                self.store.terminate_job_tasks(job["id"], time.time(), in_flight=True)
+                self.store.set_job_state(job["id"], JobState.COMPLETED)
+
+    def _drop_stale_nodes(self, added: list[S.PoolAdded]) -> None:
+        """At start: node records of a fixed pool that its provider no longer lists (it
+        was resized, or a node removed) are forgotten."""
+        for ev in added:
+            listed = {n.node_id for n in ev.nodes}
+            if listed:
+                for n in self.store.list_nodes(ev.pool.pool_id):
+                    if n["id"] not in listed:
+                        self.store.delete_node(ev.pool.pool_id, n["id"])
 
     def _reply(self, fut: concurrent.futures.Future) -> int:
         self._reply_n += 1
@@ -295,8 +436,10 @@ class Coordinator:
             self.descs[(spec.id, d.node_id)] = d
         info = S.PoolInfo(spec.id, spec.task_slots_per_node, spec.scheduling_policy,
                           spec.start_task)
-        return S.PoolAdded(time.time(), info,
-                           tuple(S.NodeInfo(d.node_id, d.host, d.slots) for d in nodes))
+        disabled = {n["id"] for n in self.store.list_nodes(spec.id)
+                    if json.loads(n["info"] or "{}").get("scheduling") == "disabled"}
+        return S.PoolAdded(time.time(), info, tuple(
+            S.NodeInfo(d.node_id, d.host, d.slots, d.node_id in disabled) for d in nodes))
 
     def _jobs_known(self, jobs: list[dict]) -> S.JobsKnown:
         self.jobs.update(j["id"] for j in jobs)
@@ -329,8 +472,9 @@ class Coordinator:
 
     def _write(self, txn: contextlib.ExitStack, writes: list[Any]) -> None:
         """The turn's persistence instructions, one statement per kind where it can:
-        attempts that ended, then tasks placed (a retried task is placed again in the
-        same turn), then node records and job completion."""
+        attempts that ended, terminated jobs' tasks and job completion, reactivations,
+        then tasks placed (a retried or reactivated task is placed again in the same
+        turn), then node records."""
         st = self.store
         if not st.db.in_transaction:
             txn.enter_context(st.transaction(while_waiting=self._keep_leases,
@@ -350,15 +494,24 @@ class Coordinator:
                                 for w in by[S.FinishAttempt]])
         for w in by.get(S.CompleteUnstarted, ()):
             st.complete_unstarted(w.seq, w.failure_kind, w.failure_detail, w.t)
+        for w in by.get(S.TerminateJobTasks, ()):
+            st.terminate_job_tasks(w.job_id, w.t)
+        # before a reactivation of the same turn (which reopens a completed job), after
+        # every write that ends a task
+        for w in by.get(S.CompleteJobIfDone, ()):
+            if st.get_job(w.job_id)["state"] != JobState.COMPLETED.value and \
+                    st.unfinished(w.job_id) == 0:
+                st.set_job_state(w.job_id, JobState.COMPLETED)
+        for w in by.get(S.ReactivateTask, ()):
+            st.reactivate_task(w.seq)
         if S.MarkPreparing in by:
             st.mark_preparing([(w.seq, w.node_id, w.task_dir, w.t)
                                for w in by[S.MarkPreparing]])
         for w in by.get(S.PersistNode, ()):
             st.upsert_node(w.pool_id, w.node_id, w.state.value, w.slots, dict(w.info) or None,
                            w.reason)
-        for w in by.get(S.CompleteJobIfDone, ()):
-            if st.unfinished(w.job_id) == 0:
-                st.set_job_state(w.job_id, JobState.COMPLETED)
+        for w in by.get(S.DropNode, ()):
+            st.delete_node(w.pool_id, w.node_id)
 
     def _keep_leases(self) -> None:
         """While the turn waits for the store's write lock (another process's long
@@ -393,7 +546,9 @@ class Coordinator:
             elif isinstance(ins, S.StartAgent):
                 self._io(self._start_agent, ins)
             elif isinstance(ins, S.StopAgent):
-                self._stop_agent(key, ins.gen, sends.pop(key, []), abort=ins.lost)
+                entry = self._stop_agent(key, ins.gen, sends.pop(key, []), abort=ins.lost)
+                if self.state.node(*key) is None:  # it left the pool
+                    self._forget_node(key, entry)
             elif isinstance(ins, S.FenceNode):
                 gen, token = self.tokens.get(key, (None, ""))
                 self._io(self._fence, ins, token if gen == ins.gen else "")
@@ -449,7 +604,7 @@ class Coordinator:
         """On a worker thread: reap what earlier agents of this home left on the node,
         then start a new agent."""
         key = (ins.pool_id, ins.node_id)
-        provider = self.providers.get(ins.pool_id)
+        provider = self._provider_of(*key)
         if provider is None or self._stop.is_set():
             return
         token = secrets.token_hex(8)
@@ -475,11 +630,12 @@ class Coordinator:
             self.inbox.put(("up", ins.pool_id, ins.node_id, ins.gen, chan, token))
 
     def _stop_agent(self, key: tuple[str, str], gen: int, last: list[Any],
-                    abort: bool = False) -> None:
-        """Shut the agent down (a lost one: cut it off, nothing buffered reaches it)."""
+                    abort: bool = False) -> tuple[int, Any, str] | None:
+        """Shut the agent down (a lost one: cut it off, nothing buffered reaches it);
+        returns its (gen, channel, token), or None when it had none."""
         entry = self.channels.get(key)
         if entry is None or entry[0] != gen:
-            return
+            return None
         del self.channels[key]
         chan = entry[1]
         if abort:
@@ -487,9 +643,32 @@ class Coordinator:
         else:
             chan.send_many([*last, P.Shutdown()])
             chan.close()
+        return entry
+
+    def _forget_node(self, key: tuple[str, str], entry: tuple[int, Any, str] | None) -> None:
+        """A node that left its pool: once its agent has shut down cleanly, its record is
+        forgotten (one that did not stays recorded, for the next start to reap)."""
+        self.descs.pop(key, None)
+        self.tokens.pop(key, None)
+        self.retired.pop(key, None)
+        if entry is None:
+            return
+        _, chan, token = entry
+        grace = self.timings.kill_grace_s + 5
+
+        def forget() -> None:
+            if not chan.wait_closed(grace):
+                return
+            store = Store(self.home / "state.db")
+            try:
+                with store.transaction():
+                    store.forget_agent(key[0], key[1], token)
+            finally:
+                store.close()
+        self._io(forget)
 
     def _fence(self, ins: S.FenceNode, token: str) -> None:
-        provider = self.providers.get(ins.pool_id)
+        provider = self._provider_of(ins.pool_id, ins.node_id)
         sure = False
         if provider is not None and token:
             try:
@@ -539,3 +718,67 @@ class Coordinator:
                 fut.set_exception(HpcBatchError("the coordinator stopped"))
         self.store.close()
         self.lock.release()
+
+
+# ---- the service operations' rules (the service applies them too, with no coordinator) --
+
+def resized_spec(spec: PoolSpec, home: Path, target: int) -> PoolSpec:
+    """The pool's spec at ``target`` nodes; ValidationError when its provider's nodes are
+    not set by its size (a fixed host list) or the size is out of its range."""
+    new = dataclasses.replace(spec, target_nodes=target)  # validates the number
+    provider = provider_for(new, home)
+    nodes = provider.fixed_nodes()
+    if nodes and len(nodes) != target:
+        raise ValidationError("target_nodes", f"pool {spec.id!r} has a fixed list of "
+                              f"{len(nodes)} host(s), which defines its size; remove a node "
+                              "with 'hpcbatch node remove', or create a pool with the hosts "
+                              "you want")
+    most = getattr(type(provider), "MAX_NODES", None)
+    if most is not None and target > most:
+        raise ValidationError("target_nodes", f"{target} is more than the {most} nodes a "
+                              f"{spec.provider} pool can have")
+    return new
+
+
+def spec_without_node(spec: PoolSpec, home: Path, node_id: str,
+                      present: list[str] | None = None) -> PoolSpec:
+    """The pool's spec once ``node_id`` has left: one node fewer, or (a pool defined by
+    its host list) that list without it. ``present``: the nodes the pool has now, when a
+    coordinator runs it (a local pool's ids need not be 1..N after a removal)."""
+    provider = provider_for(spec, home)
+    listed = [d.node_id for d in provider.fixed_nodes()]
+    have = listed if present is None else present
+    if node_id not in have:
+        raise NotFound(f"node {node_id!r} is not in pool {spec.id!r} (its nodes: "
+                       f"{', '.join(have) or 'none'})")
+    if spec.target_nodes <= 1 or len(have) <= 1:
+        raise ValidationError("node", f"{node_id!r} is the last node of pool {spec.id!r}; a "
+                              "pool keeps at least one (delete the pool instead)")
+    smaller = dataclasses.replace(spec, target_nodes=spec.target_nodes - 1)
+    if len(provider_for(smaller, home).fixed_nodes()) == smaller.target_nodes:
+        return smaller
+    hosts = spec.provider_config.get("hosts")
+    if isinstance(hosts, list) and node_id in listed:
+        config = {**spec.provider_config,
+                  "hosts": [h for h in hosts if not (isinstance(h, dict) and
+                                                     h.get("name") == node_id)]}
+        new = dataclasses.replace(spec, provider_config=config,
+                                  target_nodes=len(config["hosts"]))
+        if [d.node_id for d in provider_for(new, home).fixed_nodes()] == \
+                [n for n in listed if n != node_id]:
+            return new
+    raise ValidationError("node", f"the nodes of pool {spec.id!r} cannot be removed one by "
+                          "one; resize it instead")
+
+
+def check_reactivatable(task: dict[str, Any], job: dict[str, Any]) -> None:
+    """Conflict unless the task is completed and failed and its job is not terminating."""
+    where = f"task {task['job_id']}/{task['id']}"
+    if task["state"] != TaskState.COMPLETED.value:
+        raise Conflict(f"{where} is {task['state']}; only a failed completed task can be "
+                       "reactivated")
+    if task["result"] != "failure":
+        raise Conflict(f"{where} succeeded; only a failed completed task can be reactivated")
+    if job["state"] == JobState.TERMINATING.value:
+        raise Conflict(f"job {job['id']!r} is terminating; reactivate its tasks once it has "
+                       "completed")

@@ -1427,6 +1427,7 @@ class CoordinatorState:
             self._emit(JobDrained(job_id))
             job = self.jobs.get(job_id)
             if job_id in self.terminating or (job is not None and job.terminate_when_done):
+                self.terminating.discard(job_id)
                 self._emit(CompleteJobIfDone(job_id))
 
     def _reply(self, reply: int, error: str | None = None) -> None:
@@ -1510,8 +1511,11 @@ class CoordinatorState:
             self._reply(ev.reply, f"task {row.job_id}/{row.task_id} is not completed; only "
                                   "a failed completed task can be reactivated")
             return
+        if row.job_id in self.terminating:
+            self._reply(ev.reply, f"job {row.job_id!r} is terminating; reactivate its tasks "
+                                  "once it has completed")
+            return
         self._emit(ReactivateTask(seq, row.job_id, ev.t))
-        self.terminating.discard(row.job_id)
         if seq > self.last_seq:  # not read yet: the next slice of new work reads it
             self.want_new = True
         else:
