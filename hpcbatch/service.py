@@ -24,16 +24,27 @@ import os
 import posixpath
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from hpcbatch import env as E
 from hpcbatch.errors import Conflict, HpcBatchError, NotFound, ValidationError
 from hpcbatch.home import default_home
-from hpcbatch.models import JobSpec, PoolSpec, TaskSpec, check_id, check_unique_ids
+from hpcbatch.models import JobSpec, PoolSpec, TaskSpec, check_id
 from hpcbatch.timings import Timings
-from hpcbatch.views import AttemptView, FileView, JobView, NodeView, PoolView, RunView, TaskView
+from hpcbatch.views import (
+    AddResult,
+    AttemptView,
+    FileView,
+    JobView,
+    NodeView,
+    Page,
+    PoolView,
+    RunView,
+    TaskError,
+    TaskView,
+)
 
 LOCAL_POOL = "local"
 COMMAND_TIMEOUT_S = 30.0  # a coordinator command not confirmed within this raises
@@ -139,6 +150,45 @@ class Service(abc.ABC):
     def list_tasks(self, job_id: str, state: str | None = None, *, failed: bool = False,
                    limit: int | None = None) -> list[TaskView]:
         """A job's tasks in submission order; ``failed``: completed ones that failed."""
+
+    # ---- list queries (hpcbatch.query: the filter language, select, tokens) ----
+
+    @abc.abstractmethod
+    def query_tasks(self, job_id: str, *, filter: str | None = None,
+                    select: Sequence[str] | None = None, max_results: int = 1000,
+                    continuation: str | None = None) -> Page:
+        """One page (at most ``max_results``, 1 to 1000) of the job's tasks that match
+        ``filter`` (``state eq 'completed' and exit_code ne 0``, ``startswith(id,'sim-')``:
+        see hpcbatch.query), in submission order, each item a dict of the ``select``ed
+        TaskView fields (all when None). ``continuation``: the previous page's token.
+        A bad filter, field, size or token is a ValidationError naming it."""
+
+    @abc.abstractmethod
+    def query_jobs(self, *, filter: str | None = None, select: Sequence[str] | None = None,
+                   max_results: int = 1000, continuation: str | None = None) -> Page:
+        """One page of the jobs (oldest first), each item a dict of JobView fields with
+        its task counts; like query_tasks."""
+
+    def iter_tasks(self, job_id: str, *, filter: str | None = None,
+                   select: Sequence[str] | None = None, page_size: int = 1000
+                   ) -> Iterator[dict[str, Any]]:
+        """Every task of the job that matches, page by page (one page held at a time)."""
+        token = None
+        while True:
+            page = self.query_tasks(job_id, filter=filter, select=select,
+                                    max_results=page_size, continuation=token)
+            yield from page.items
+            token = page.continuation
+            if token is None:
+                return
+
+    @abc.abstractmethod
+    def add_task_collection(self, job_id: str, tasks: Iterable[TaskSpec | Mapping[str, Any]],
+                            *, atomic: bool = True) -> AddResult:
+        """Add many tasks in one transaction, read and inserted in chunks (bounded
+        memory). ``atomic``: all or nothing, the first bad task's error raised; else the
+        valid ones are stored and each bad one is reported (a TaskError: its index, id,
+        error kind, message and field), as Batch's addCollection does."""
 
     @abc.abstractmethod
     def task_attempts(self, job_id: str, task_id: str) -> list[AttemptView]: ...
@@ -469,7 +519,9 @@ class LocalService(Service):
         return JobView.from_row(self.store.get_job(job_id))
 
     def list_jobs(self, *, counts: bool = False) -> list[JobView]:
-        return [JobView.from_row(r, self.store.task_counts(r["id"]) if counts else None)
+        kept = self.store.all_task_counts() if counts else {}  # one read, not one per job
+        return [JobView.from_row(r, (kept.get(r["id"]) or self.store.task_counts(r["id"]))
+                                 if counts else None)
                 for r in self.store.list_jobs()]
 
     def delete_job(self, job_id: str) -> list[str]:
@@ -550,16 +602,20 @@ class LocalService(Service):
     # ---- tasks -----------------------------------------------------------
 
     def add_tasks(self, job_id: str, tasks: Iterable[TaskSpec | Mapping[str, Any]]) -> int:
-        specs = [TaskSpec.coerce(t) for t in tasks]
-        check_unique_ids(specs)
-        n = self.store.add_tasks(job_id, specs)
+        n = self.store.add_tasks(job_id, tasks)  # read, checked and stored in chunks
         self._notify()
         return n
 
+    def add_task_collection(self, job_id: str, tasks: Iterable[TaskSpec | Mapping[str, Any]],
+                            *, atomic: bool = True) -> AddResult:
+        added, errors = self.store.add_task_collection(job_id, tasks, atomic=atomic)
+        if added:
+            self._notify()
+        return AddResult(added, tuple(TaskError.from_error(i, task_id, exc)
+                                      for i, task_id, exc in errors))
+
     def submit(self, job: JobSpec, tasks: Iterable[TaskSpec | Mapping[str, Any]], *,
                existing_ok: bool = True) -> int:
-        specs = [TaskSpec.coerce(t) for t in tasks]
-        check_unique_ids(specs)
         with self.store.transaction():
             pool_id = self.store.job_pool_id(job.id)
             if pool_id is None:
@@ -569,7 +625,7 @@ class LocalService(Service):
             elif pool_id != job.pool_id:
                 raise ValidationError("pool", f"job {job.id!r} exists on pool {pool_id!r}, "
                                       f"not {job.pool_id!r}")
-            n = self.store.add_tasks(job.id, specs)
+            n = self.store.add_tasks(job.id, tasks)  # read, checked and stored in chunks
         self._notify()
         return n
 
@@ -580,12 +636,23 @@ class LocalService(Service):
                    limit: int | None = None) -> list[TaskView]:
         self.store.get_job(job_id)
         if failed:
-            rows = [r for r in self.store.list_tasks(job_id, "completed")
-                    if r["result"] == "failure"]
-            rows = rows[:limit] if limit else rows
+            rows = self.store.list_tasks(job_id, "completed", limit, result="failure")
         else:
             rows = self.store.list_tasks(job_id, state, limit)
         return [TaskView.from_row(r) for r in rows]
+
+    def query_tasks(self, job_id: str, *, filter: str | None = None,
+                    select: Sequence[str] | None = None, max_results: int = 1000,
+                    continuation: str | None = None) -> Page:
+        from hpcbatch.query import task_page
+        return task_page(self.store, job_id, filter=filter, select=select,
+                         max_results=max_results, continuation=continuation)
+
+    def query_jobs(self, *, filter: str | None = None, select: Sequence[str] | None = None,
+                   max_results: int = 1000, continuation: str | None = None) -> Page:
+        from hpcbatch.query import job_page
+        return job_page(self.store, filter=filter, select=select, max_results=max_results,
+                        continuation=continuation)
 
     def task_attempts(self, job_id: str, task_id: str) -> list[AttemptView]:
         return [AttemptView.from_row(job_id, task_id, r)

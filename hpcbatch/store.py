@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from hpcbatch.errors import Conflict, NotFound, StorageFull
+from hpcbatch.errors import Conflict, HpcBatchError, NotFound, StorageFull, ValidationError
 from hpcbatch.models import (
     FailureKind,
     JobSpec,
@@ -183,6 +183,42 @@ INSERT OR IGNORE INTO meta VALUES ('change', '0');
 """
 
 
+# v3: task counts kept per job (job_counts: one row per job, moved by every write that
+# changes a task's state, result, retry/requeue count or failure kind, in the same
+# transaction), the state index widened to (job_id, state, seq, exit_code) so that a
+# filtered page walks it in submission order and tests exit codes without reading rows,
+# and the key that signs continuation tokens.
+SCHEMA_V3 = """
+CREATE TABLE job_counts (
+    job_id TEXT PRIMARY KEY,
+    active INTEGER NOT NULL DEFAULT 0,
+    preparing INTEGER NOT NULL DEFAULT 0,
+    running INTEGER NOT NULL DEFAULT 0,
+    completed INTEGER NOT NULL DEFAULT 0,
+    succeeded INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    retries INTEGER NOT NULL DEFAULT 0,
+    requeues INTEGER NOT NULL DEFAULT 0,
+    retried INTEGER NOT NULL DEFAULT 0,
+    requeued INTEGER NOT NULL DEFAULT 0,
+    timed_out INTEGER NOT NULL DEFAULT 0,
+    total INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+INSERT INTO job_counts
+    SELECT j.id, COALESCE(SUM(t.state = 'active'), 0), COALESCE(SUM(t.state = 'preparing'), 0),
+           COALESCE(SUM(t.state = 'running'), 0), COALESCE(SUM(t.state = 'completed'), 0),
+           COALESCE(SUM(t.result IS 'success'), 0), COALESCE(SUM(t.result IS 'failure'), 0),
+           COALESCE(SUM(t.retry_count), 0), COALESCE(SUM(t.requeue_count), 0),
+           COALESCE(SUM(t.retry_count > 0), 0), COALESCE(SUM(t.requeue_count > 0), 0),
+           COALESCE(SUM(t.result IS 'failure' AND t.failure_kind IS 'timeout'), 0),
+           COUNT(t.seq)
+    FROM jobs j LEFT JOIN tasks t ON t.job_id = j.id GROUP BY j.id;
+DROP INDEX tasks_by_state;
+CREATE INDEX tasks_by_state ON tasks (job_id, state, seq, exit_code);
+INSERT OR IGNORE INTO meta VALUES ('query_key', lower(hex(randomblob(32))));
+"""
+
+
 def _script(sql: str) -> Callable[[sqlite3.Connection], None]:
     def step(db: sqlite3.Connection) -> None:
         # statement by statement: executescript() would COMMIT the migration's transaction
@@ -208,6 +244,7 @@ def _statements(sql: str) -> Iterator[str]:
 MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], None]]] = [
     (1, _script(SCHEMA_V1)),
     (2, _script(SCHEMA_V2)),
+    (3, _script(SCHEMA_V3)),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -225,6 +262,28 @@ FLAG_COMMON_FILES = 4
 
 OUTCOMES = ("success", "failure", "retry", "requeue")
 OPEN_STATES = ("active", "preparing", "running")
+
+# job_counts: what task_counts() answers, in this order after job_id
+COUNT_KEYS = ("active", "preparing", "running", "completed", "succeeded", "failed",
+              "retries", "requeues", "retried", "requeued", "timed_out", "total")
+# the same numbers counted from the rows (grouped by job) of the tasks WHERE {where} picks
+_COUNT_SQL = (
+    "SELECT job_id, SUM(state = 'active'), SUM(state = 'preparing'), SUM(state = 'running'), "
+    "SUM(state = 'completed'), SUM(result IS 'success'), SUM(result IS 'failure'), "
+    "SUM(retry_count), SUM(requeue_count), SUM(retry_count > 0), SUM(requeue_count > 0), "
+    "SUM(result IS 'failure' AND failure_kind IS 'timeout'), COUNT(*) "
+    "FROM tasks WHERE {where} GROUP BY job_id")
+_SEQS = "seq IN (SELECT value FROM json_each(?))"  # one parameter: a JSON array of seqs
+_COUNT_UPSERT = (
+    f"INSERT INTO job_counts (job_id, {', '.join(COUNT_KEYS)}) "
+    f"VALUES (?, {', '.join('?' * len(COUNT_KEYS))}) ON CONFLICT (job_id) DO UPDATE SET "
+    + ", ".join(f"{k} = {k} + excluded.{k}" for k in COUNT_KEYS))
+# tasks added, chunk by chunk, within one transaction
+ADD_CHUNK = 1000
+# a page whose filter ranges over ids is served from the (job_id, id) index when at most
+# this many of the job's ids lie in the range (they are sorted by seq); else it walks the
+# job in seq order
+SPARSE_ID_ROWS = 5000
 
 # how often wait_for_change looks for a commit made by another process
 CHANGE_POLL_S = 0.05
@@ -649,6 +708,7 @@ class Store:
                        "VALUES (?, ?, ?, ?, ?)",
                        (spec.id, spec.pool_id, json.dumps(spec_to_dict(spec)),
                         JobState.ACTIVE.value, time.time()))
+            db.execute("INSERT OR IGNORE INTO job_counts (job_id) VALUES (?)", (spec.id,))
 
     def get_job(self, job_id: str) -> dict[str, Any]:
         row = self.db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
@@ -680,6 +740,7 @@ class Store:
             db.execute("DELETE FROM task_attempts WHERE seq IN "
                        "(SELECT seq FROM tasks WHERE job_id=?)", (job_id,))
             db.execute("DELETE FROM tasks WHERE job_id=?", (job_id,))
+            db.execute("DELETE FROM job_counts WHERE job_id=?", (job_id,))
             db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
 
     def set_job_state(self, job_id: str, state: JobState) -> None:
@@ -692,59 +753,105 @@ class Store:
 
     # ---- tasks -------------------------------------------------------------
 
-    def add_tasks(self, job_id: str, specs: list[TaskSpec]) -> int:
-        """Insert tasks in one transaction; a duplicate id rejects the whole batch."""
+    def add_tasks(self, job_id: str, specs: Iterable[TaskSpec | Mapping[str, Any]]) -> int:
+        """Validate and insert tasks in one transaction, all or nothing: the first bad
+        task (ValidationError), one that does not fit the pool, or a duplicate id
+        (Conflict; twice in this request: ValidationError) rolls every one back.
+        ``specs`` may be any iterable: it is read and inserted ADD_CHUNK at a time."""
+        return self.add_task_collection(job_id, specs, atomic=True)[0]
+
+    def add_task_collection(self, job_id: str, tasks: Iterable[Any], *, atomic: bool = True
+                            ) -> tuple[int, list[tuple[int, str | None, HpcBatchError]]]:
+        """(tasks added, [(index, task id, error)]). ``atomic``: the first error is raised
+        and nothing is added; else every valid task is stored and each bad one (a spec
+        that does not validate, one that cannot fit the pool, an id already in the job or
+        twice in this request) is reported. Bounded memory: tasks are read, validated and
+        inserted ADD_CHUNK at a time, in one transaction."""
+        errors: list[tuple[int, str | None, HpcBatchError]] = []
+        added = 0
         with self.transaction() as db:
             job = self.get_job(job_id)
             if job["state"] != JobState.ACTIVE.value:
                 raise Conflict(f"job {job_id!r} is {job['state']}; tasks can only be added "
                                "to an active job")
             pool = self.get_pool(job["pool_id"])
-            for t in specs:
-                mi = t.multi_instance
-                if mi is not None and mi.instances > pool.target_nodes:
-                    raise Conflict(
-                        f"task {t.id}: multi_instance.instances {mi.instances} is more than "
-                        f"the {pool.target_nodes} nodes of pool {pool.id!r}; it could never "
-                        "start (lower instances or grow the pool)")
-                if mi is not None and mi.slots_per_instance > pool.task_slots_per_node:
-                    raise Conflict(
-                        f"task {t.id}: multi_instance.slots_per_instance "
-                        f"{mi.slots_per_instance} exceeds the {pool.task_slots_per_node} task "
-                        f"slots per node of pool {pool.id!r}")
-                if t.required_slots > pool.task_slots_per_node:
-                    raise Conflict(
-                        f"task {t.id}: required_slots {t.required_slots} exceeds the "
-                        f"{pool.task_slots_per_node} task slots per node of pool {pool.id!r}")
             jspec: JobSpec = job["spec"]
-            rows = _task_rows(job_id, job["pool_id"], -jspec.priority,
-                              jspec.max_task_retry_count, specs)
-            try:
-                db.executemany(
-                    "INSERT INTO tasks (job_id, id, command_line, spec, required_slots, state, "
-                    "pool_id, neg_priority, max_retries, instances, slots_per_instance, flags) "
-                    "VALUES (?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?)", rows)
-            except sqlite3.IntegrityError:
-                dup = self._first_duplicate(job_id, specs)
-                raise Conflict(f"task id {dup!r} already exists in job {job_id!r}; "
-                               "task ids must be unique within a job") from None
-        return len(specs)
+            before = self._tuples("SELECT COALESCE(MAX(seq), 0) FROM tasks")[0][0]
+            chunk: list[tuple[int, TaskSpec]] = []
 
-    def _first_duplicate(self, job_id: str, specs: list[TaskSpec]) -> str | None:
-        ids = [t.id for t in specs]
-        for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
-            row = self.db.execute(
-                f"SELECT id FROM tasks WHERE job_id=? AND id IN ({','.join('?' * len(chunk))}) "
-                "LIMIT 1", (job_id, *chunk)).fetchone()
-            if row:
-                return row["id"]
-        seen: set[str] = set()  # twice within the batch itself
-        for t in ids:
-            if t in seen:
-                return t
-            seen.add(t)
-        return None
+            def flush() -> int:
+                rows = chunk if atomic else self._new_ids(job_id, chunk, before, errors)
+                n = self._insert_tasks(db, job_id, job["pool_id"], -jspec.priority,
+                                       jspec.max_task_retry_count, rows, before)
+                chunk.clear()
+                return n
+
+            for index, item in enumerate(tasks):
+                try:
+                    spec = TaskSpec.coerce(item)
+                    _check_fits(spec, pool)
+                except HpcBatchError as exc:
+                    if atomic:
+                        raise
+                    errors.append((index, _item_id(item), exc))
+                    continue
+                chunk.append((index, spec))
+                if len(chunk) >= ADD_CHUNK:
+                    added += flush()
+            if chunk:
+                added += flush()
+            if added:
+                db.execute(_COUNT_UPSERT, (job_id, added, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, added))
+        errors.sort(key=lambda e: e[0])
+        return added, errors
+
+    def _new_ids(self, job_id: str, chunk: list[tuple[int, TaskSpec]], before: int,
+                 errors: list) -> list[tuple[int, TaskSpec]]:
+        """The tasks of ``chunk`` whose id is not in the job yet (nor earlier in the
+        chunk); the others are reported in ``errors``."""
+        found = dict(self._tuples(
+            "SELECT id, seq FROM tasks WHERE job_id = ? AND id IN "
+            "(SELECT value FROM json_each(?))", (job_id, json.dumps([t.id for _, t in chunk]))))
+        seen: set[str] = set()
+        keep = []
+        for index, t in chunk:
+            seq = found.get(t.id)
+            if t.id in seen or (seq is not None and seq > before):
+                errors.append((index, t.id, _twice(t.id)))
+            elif seq is not None:
+                errors.append((index, t.id, _exists(t.id, job_id)))
+            else:
+                seen.add(t.id)
+                keep.append((index, t))
+        return keep
+
+    def _insert_tasks(self, db: sqlite3.Connection, job_id: str, pool_id: str,
+                      neg_priority: int, job_retries: int, chunk: list[tuple[int, TaskSpec]],
+                      before: int) -> int:
+        last: list[TaskSpec] = []
+
+        def specs() -> Iterator[TaskSpec]:
+            for _, t in chunk:
+                last[:] = [t]
+                yield t
+
+        try:
+            db.executemany(
+                "INSERT INTO tasks (job_id, id, command_line, spec, required_slots, state, "
+                "pool_id, neg_priority, max_retries, instances, slots_per_instance, flags) "
+                "VALUES (?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?)",
+                _task_rows(job_id, pool_id, neg_priority, job_retries, specs()))
+        except sqlite3.IntegrityError:
+            if not last:
+                raise
+            task_id = last[0].id
+            row = self._tuples("SELECT seq FROM tasks WHERE job_id=? AND id=?",
+                               (job_id, task_id))
+            if not row:
+                raise
+            raise (_twice(task_id) if row[0][0] > before else _exists(task_id, job_id)) \
+                from None
+        return len(chunk)
 
     def get_task(self, job_id: str, task_id: str) -> dict[str, Any]:
         row = self.db.execute("SELECT * FROM tasks WHERE job_id=? AND id=?",
@@ -755,50 +862,206 @@ class Store:
         return row
 
     def list_tasks(self, job_id: str, state: str | None = None,
-                   limit: int | None = None) -> list[dict[str, Any]]:
+                   limit: int | None = None, *, result: str | None = None
+                   ) -> list[dict[str, Any]]:
+        """A job's tasks in seq order (of one state, one result), at most ``limit``."""
         sql = "SELECT * FROM tasks WHERE job_id=?"
         args: list[Any] = [job_id]
         if state:
             sql += " AND state=?"
             args.append(state)
+        if result:
+            sql += " AND result=?"
+            args.append(result)
         sql += " ORDER BY seq"
         if limit:
             sql += " LIMIT ?"
             args.append(limit)
         return self.db.execute(sql, args).fetchall()
 
+    # ---- kept counts ---------------------------------------------------------------
+
     def task_counts(self, job_id: str) -> dict[str, int]:
-        """Counts by state plus 'succeeded'/'failed' among completed tasks."""
-        counts = {s.value: 0 for s in TaskState}
-        counts.update(succeeded=0, failed=0, retries=0, requeues=0, total=0)
-        rows = self.db.execute(
-            "SELECT state, result, COUNT(*) AS n, SUM(retry_count) AS r, "
-            "SUM(requeue_count) AS q FROM tasks WHERE job_id=? GROUP BY state, result",
-            (job_id,)).fetchall()
-        for r in rows:
-            counts[r["state"]] += r["n"]
-            counts["total"] += r["n"]
-            counts["retries"] += r["r"] or 0
-            counts["requeues"] += r["q"] or 0
-            if r["result"] == "success":
-                counts["succeeded"] += r["n"]
-            elif r["result"] == "failure":
-                counts["failed"] += r["n"]
-        return counts
+        """Counts by state, 'succeeded'/'failed' (by result), 'retries'/'requeues' (the
+        sums of the tasks' counts), 'retried'/'requeued' (tasks retried or requeued at
+        least once), 'timed_out' (failed by timeout) and 'total': one row read, kept by
+        every write (zeros for a job with no tasks or no such job)."""
+        row = self._tuples(f"SELECT {', '.join(COUNT_KEYS)} FROM job_counts WHERE job_id=?",
+                           (job_id,))
+        return dict(zip(COUNT_KEYS, row[0] if row else (0,) * len(COUNT_KEYS)))
+
+    def all_task_counts(self) -> dict[str, dict[str, int]]:
+        """job id -> task_counts(job id), for every job."""
+        return {r[0]: dict(zip(COUNT_KEYS, r[1:])) for r in self._tuples(
+            f"SELECT job_id, {', '.join(COUNT_KEYS)} FROM job_counts")}
+
+    def counted_task_counts(self, job_id: str) -> dict[str, int]:
+        """task_counts counted from the job's rows (a scan: for checks and benchmarks)."""
+        row = self._tuples(_COUNT_SQL.format(where="job_id = ?"), (job_id,))
+        return dict(zip(COUNT_KEYS, row[0][1:] if row else (0,) * len(COUNT_KEYS)))
+
+    def count_problems(self) -> list[str]:
+        """Where a job's kept counts differ from its rows ([]: none); a scan of every
+        task, for tests and 'is my home sound' checks."""
+        counted = {r[0]: r[1:] for r in self._tuples(_COUNT_SQL.format(where="1"))}
+        kept = {r[0]: r[1:] for r in self._tuples(
+            f"SELECT job_id, {', '.join(COUNT_KEYS)} FROM job_counts")}
+        jobs = [r[0] for r in self._tuples("SELECT id FROM jobs ORDER BY seq")]
+        problems = [f"job {j!r} has no kept counts" for j in jobs if j not in kept]
+        problems += [f"kept counts for {j!r}, which is not a job" for j in kept
+                     if j not in jobs]
+        zero = (0,) * len(COUNT_KEYS)
+        for j in jobs:
+            have, want = kept.get(j), counted.get(j, zero)
+            if have is not None and tuple(have) != tuple(want):
+                diff = {k: (h, w) for k, h, w in zip(COUNT_KEYS, have, want) if h != w}
+                problems.append(f"job {j!r}: kept != counted {diff}")
+        return problems
+
+    def recount(self) -> None:
+        """Count every job's tasks again into job_counts (a scan; repairs a home whose
+        counts were changed outside the store)."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM job_counts")
+            db.execute("INSERT INTO job_counts (job_id) SELECT id FROM jobs")
+            for r in self._tuples(_COUNT_SQL.format(where="1")):
+                db.execute(f"UPDATE job_counts SET {', '.join(f'{k}=?' for k in COUNT_KEYS)} "
+                           "WHERE job_id=?", (*r[1:], r[0]))
 
     def unfinished(self, job_id: str) -> int:
-        """Tasks of a job not yet completed (an index range count: cheap near the end)."""
-        return self.db.execute(
-            "SELECT COUNT(*) AS n FROM tasks WHERE job_id=? AND state IN "
-            "('active', 'preparing', 'running')", (job_id,)).fetchone()["n"]
+        """Tasks of a job not yet completed (from the kept counts: one row read)."""
+        row = self._tuples("SELECT active + preparing + running FROM job_counts "
+                           "WHERE job_id=?", (job_id,))
+        return row[0][0] if row else 0
 
     def open_counts(self) -> dict[str, int]:
-        """Job id -> its tasks not completed, for the jobs that have any (one index range
-        count per job)."""
+        """Job id -> its tasks not completed, for the jobs that have any (kept counts)."""
         rows = self._tuples(
-            "SELECT j.id, (SELECT COUNT(*) FROM tasks t WHERE t.job_id = j.id AND t.state IN "
-            "('active', 'preparing', 'running')) AS n FROM jobs j ORDER BY j.seq")
+            "SELECT j.id, c.active + c.preparing + c.running FROM jobs j "
+            "JOIN job_counts c ON c.job_id = j.id ORDER BY j.seq")
         return {job_id: n for job_id, n in rows if n}
+
+    @contextlib.contextmanager
+    def _counted(self, where: str, args: tuple) -> Iterator[None]:
+        """Keep job_counts right across a change to the tasks ``where`` picks (the same
+        tasks before and after: by seq): their counts are taken before and after, and the
+        difference is added to their jobs' rows. Inside the caller's transaction. Every
+        write that changes a task's state, result, retry_count, requeue_count,
+        failure_kind or job goes through here (or moves the counts itself)."""
+        sql = _COUNT_SQL.format(where=where)
+        before = {r[0]: r[1:] for r in self._tuples(sql, args)}
+        yield
+        after = {r[0]: r[1:] for r in self._tuples(sql, args)}
+        zero = (0,) * len(COUNT_KEYS)
+        for job_id in before.keys() | after.keys():
+            delta = [a - b for a, b in zip(after.get(job_id, zero), before.get(job_id, zero))]
+            if any(delta):
+                self.db.execute(_COUNT_UPSERT, (job_id, *delta))
+
+    def _counted_seqs(self, seqs: Iterable[int]) -> contextlib.AbstractContextManager[None]:
+        seqs = list(seqs)
+        if len(seqs) == 1:
+            return self._counted("seq = ?", (seqs[0],))
+        return self._counted(_SEQS, (json.dumps(seqs),))
+
+    # ---- list queries (hpcbatch.query builds the conditions) --------------------------
+
+    def query_key(self) -> bytes:
+        """The key that signs this home's continuation tokens."""
+        key = getattr(self, "_query_key", None)
+        if key is None:
+            row = self._tuples("SELECT value FROM meta WHERE key='query_key'")
+            if not row:
+                raise Conflict(f"{self.path}: no query key in the state database; open it "
+                               "once with this hpcbatch to upgrade it")
+            key = self._query_key = bytes.fromhex(row[0][0])
+        return key
+
+    def _id_index(self) -> str:
+        """The name SQLite gave the UNIQUE (job_id, id) index of tasks."""
+        name = getattr(self, "_id_index_name", None)
+        if name is None:
+            for _, idx, unique, *_ in self._tuples("PRAGMA index_list('tasks')"):
+                cols = [r[2] for r in self._tuples(f"PRAGMA index_info('{idx}')")]
+                if unique and cols == ["job_id", "id"]:
+                    name = self._id_index_name = idx
+                    break
+            else:
+                raise Conflict(f"{self.path}: tasks has no (job_id, id) index")
+        return name
+
+    def _job_seq_range(self, job_id: str) -> tuple[int, int] | None:
+        """The lowest and highest seq of the job's tasks (None: it has none): eight
+        seeks in tasks_by_state."""
+        lo = hi = None
+        for st in TaskState:
+            a, b = self._tuples("SELECT MIN(seq), MAX(seq) FROM tasks "
+                                "WHERE job_id = ? AND state = ?", (job_id, st.value))[0]
+            if a is not None:
+                lo = a if lo is None else min(lo, a)
+                hi = b if hi is None else max(hi, b)
+        return None if lo is None else (lo, hi)
+
+    def _task_query(self, job_id: str, flt: Any, columns: Iterable[str], after: int | None,
+                    limit: int) -> tuple[str, tuple] | None:
+        """The SQL of a page of a job's tasks in seq order after ``after``, and how it is
+        walked: the (job_id, id) index when the filter's top-level id range holds few of
+        the job's ids (sorted by seq), else tasks_by_state when it has a top-level
+        ``state eq``, else the job's seq range in the table itself. None: no rows."""
+        cols = list(columns)
+        bad = sorted(set(cols) - set(TASK_COLUMNS))
+        if bad:
+            raise ValueError(f"query_tasks: no such task column(s) {', '.join(bad)}")
+        what = ", ".join(cols)
+        where, params = (flt.sql, tuple(flt.params)) if flt is not None else ("1", ())
+        after = after or 0
+        id_range = getattr(flt, "id_range", None)
+        if id_range is not None:
+            lo, hi = id_range
+            bound = " AND id < ?" if hi is not None else ""
+            bounds = (lo, hi) if hi is not None else (lo,)
+            few = self._tuples(
+                f"SELECT COUNT(*) FROM (SELECT 1 FROM tasks WHERE job_id = ? AND id >= ?{bound} "
+                "LIMIT ?)", (job_id, *bounds, SPARSE_ID_ROWS + 1))[0][0] <= SPARSE_ID_ROWS
+            if few:
+                return (f"SELECT {what} FROM tasks INDEXED BY {self._id_index()} "
+                        f"WHERE job_id = ? AND id >= ?{bound} AND seq > ? AND {where} "
+                        "ORDER BY seq LIMIT ?", (job_id, *bounds, after, *params, limit))
+        state = getattr(flt, "state", None)
+        if state is not None:
+            return (f"SELECT {what} FROM tasks INDEXED BY tasks_by_state WHERE job_id = ? "
+                    f"AND state = ? AND seq > ? AND {where} ORDER BY seq LIMIT ?",
+                    (job_id, state, after, *params, limit))
+        span = self._job_seq_range(job_id)
+        if span is None or after >= span[1]:
+            return None
+        return (f"SELECT {what} FROM tasks NOT INDEXED WHERE seq > ? AND seq <= ? "
+                f"AND job_id = ? AND {where} ORDER BY seq LIMIT ?",
+                (max(after, span[0] - 1), span[1], job_id, *params, limit))
+
+    def query_tasks(self, job_id: str, flt: Any, columns: Iterable[str], after: int | None,
+                    limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` rows (the named columns) of the job's tasks that match ``flt``
+        (a :class:`hpcbatch.query.Filter`, or None), in seq order after seq ``after``."""
+        q = self._task_query(job_id, flt, columns, after, limit)
+        return [] if q is None else self.db.execute(*q).fetchall()
+
+    def explain_query_tasks(self, job_id: str, flt: Any, after: int | None = None,
+                            limit: int = 1000) -> list[str]:
+        """The query plan of that page (to check it searches an index or a seq range)."""
+        q = self._task_query(job_id, flt, ["seq"], after, limit)
+        return [] if q is None else [r[-1] for r in self._tuples(f"EXPLAIN QUERY PLAN {q[0]}",
+                                                                  q[1])]
+
+    def query_jobs(self, flt: Any, after: int | None, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` jobs that match ``flt`` in seq order after ``after``: the jobs
+        row (spec as JSON text) with its kept counts (COUNT_KEYS, null when none)."""
+        where, params = (flt.sql, tuple(flt.params)) if flt is not None else ("1", ())
+        return self.db.execute(
+            "SELECT j.seq, j.id, j.pool_id, j.spec, j.state, j.created_at, j.completed_at, "
+            f"{', '.join('c.' + k for k in COUNT_KEYS)} FROM jobs j "
+            f"LEFT JOIN job_counts c ON c.job_id = j.id WHERE j.seq > ? AND {where} "
+            "ORDER BY j.seq LIMIT ?", (after or 0, *params, limit)).fetchall()
 
     def last_task_seq(self) -> int:
         """The highest task seq stored (0: none): where new_tasks starts after loading."""
@@ -853,7 +1116,8 @@ class Store:
 
     def mark_preparing(self, rows: Iterable[tuple[int, str, str, float]]) -> None:
         """(seq, node_id, task_dir, t): assigned to a node, not yet started."""
-        with self.transaction() as db:
+        rows = list(rows)
+        with self.transaction() as db, self._counted_seqs(r[0] for r in rows):
             db.executemany(
                 "UPDATE tasks SET state='preparing', node_id=?, task_dir=?, started_at=?, "
                 "ended_at=NULL WHERE seq=?",
@@ -861,7 +1125,8 @@ class Store:
 
     def mark_running(self, items: Iterable[tuple[int, float]]) -> None:
         """(seq, t): its process started (only where the task is still preparing)."""
-        with self.transaction() as db:
+        items = list(items)
+        with self.transaction() as db, self._counted_seqs(seq for seq, _ in items):
             db.executemany("UPDATE tasks SET state='running', started_at=? WHERE seq=? "
                            "AND state='preparing'", ((t, seq) for seq, t in items))
 
@@ -875,7 +1140,7 @@ class Store:
                                  f"{', '.join(OUTCOMES)}")
         rows = [(it["seq"], _kind(it["failure_kind"]), json.dumps(it["usage"] or {}), it)
                 for it in items]
-        with self.transaction() as db:
+        with self.transaction() as db, self._counted_seqs(r[0] for r in rows):
             db.executemany(
                 f"{_ATTEMPT_INSERT} SELECT t.seq, {_NEXT_ATTEMPT}, ?, ?, ?, ?, ?, ?, ?, ?, ? "
                 "FROM tasks t WHERE t.seq = ?",
@@ -918,7 +1183,7 @@ class Store:
             raise ValueError(f"outcome {outcome!r} is not one of {', '.join(OUTCOMES)}")
         kind = _kind(failure_kind)
         usage_json = json.dumps(usage or {})
-        with self.transaction() as db:
+        with self.transaction() as db, self._counted("seq = ?", (seq,)):
             db.execute(
                 f"{_ATTEMPT_INSERT} SELECT t.seq, {_NEXT_ATTEMPT}, ?, ?, ?, ?, ?, ?, ?, ?, ? "
                 "FROM tasks t WHERE t.seq = ?",
@@ -950,7 +1215,7 @@ class Store:
         """A task that ends before it ran (terminated while queued): completed as a
         failure, with an attempt row that never started."""
         kind = _kind(failure_kind)
-        with self.transaction() as db:
+        with self.transaction() as db, self._counted("seq = ?", (seq,)):
             db.execute(
                 f"{_ATTEMPT_INSERT} SELECT t.seq, {_NEXT_ATTEMPT}, NULL, NULL, ?, NULL, NULL, "
                 "?, ?, 'failure', NULL FROM tasks t WHERE t.seq = ?",
@@ -979,21 +1244,26 @@ class Store:
         if bad:
             raise ValueError(f"update_task: no such task column(s) {', '.join(bad)}")
         cols = ", ".join(f"{k}=?" for k in fields)
-        with self.transaction() as db:
+        with self.transaction() as db, self._counted("seq = ?", (seq,)):
             db.execute(f"UPDATE tasks SET {cols} WHERE seq=?", (*fields.values(), seq))
 
     def requeue_in_flight(self) -> int:
         """At start-up: tasks recorded running/preparing go back to active (a requeue, not
         a retry), each with an attempt row (node_lost, 'coordinator restarted')."""
         with self.transaction() as db:
-            db.execute(
-                f"{_ATTEMPT_INSERT} SELECT t.seq, {_NEXT_ATTEMPT}, t.node_id, t.started_at, "
-                "?, NULL, NULL, ?, 'coordinator restarted', 'requeue', NULL FROM tasks t "
-                "WHERE t.state IN ('running', 'preparing')",
-                (time.time(), FailureKind.NODE_LOST.value))
-            cur = db.execute(
-                "UPDATE tasks SET state='active', requeue_count=requeue_count+1, node_id=NULL "
-                "WHERE state IN ('running', 'preparing')")
+            seqs = [r[0] for r in self._tuples(
+                "SELECT seq FROM tasks WHERE state IN ('running', 'preparing')")]
+            if not seqs:
+                return 0
+            with self._counted_seqs(seqs):
+                db.execute(
+                    f"{_ATTEMPT_INSERT} SELECT t.seq, {_NEXT_ATTEMPT}, t.node_id, t.started_at, "
+                    "?, NULL, NULL, ?, 'coordinator restarted', 'requeue', NULL FROM tasks t "
+                    "WHERE t.state IN ('running', 'preparing')",
+                    (time.time(), FailureKind.NODE_LOST.value))
+                cur = db.execute(
+                    "UPDATE tasks SET state='active', requeue_count=requeue_count+1, "
+                    "node_id=NULL WHERE state IN ('running', 'preparing')")
             return cur.rowcount
 
     # ---- for tests and tools -------------------------------------------------
@@ -1085,17 +1355,21 @@ class Store:
                 JobState.ACTIVE.check_move(JobState.TERMINATING)
                 db.execute("UPDATE jobs SET state=? WHERE id=?",
                            (JobState.TERMINATING.value, job_id))
-            db.execute(
-                f"{_ATTEMPT_INSERT} SELECT t.seq, {_NEXT_ATTEMPT}, "
-                "CASE WHEN t.state = 'active' THEN NULL ELSE t.node_id END, "
-                "CASE WHEN t.state = 'active' THEN NULL ELSE t.started_at END, ?, NULL, NULL, "
-                "?, 'terminate', 'failure', NULL FROM tasks t "
-                f"WHERE t.job_id = ? AND t.state IN ({marks})", (t, kind, job_id, *states))
-            cur = db.execute(
-                "UPDATE tasks SET state='completed', result='failure', failure=?, "
-                "failure_kind=?, failure_detail='terminate', ended_at=? "
-                f"WHERE job_id=? AND state IN ({marks})",
-                (failure_text(kind, "terminate"), kind, t, job_id, *states))
+            seqs = [r[0] for r in self._tuples(
+                f"SELECT seq FROM tasks WHERE job_id = ? AND state IN ({marks})",
+                (job_id, *states))]
+            with self._counted_seqs(seqs):  # job_counts follow
+                db.execute(
+                    f"{_ATTEMPT_INSERT} SELECT t.seq, {_NEXT_ATTEMPT}, "
+                    "CASE WHEN t.state = 'active' THEN NULL ELSE t.node_id END, "
+                    "CASE WHEN t.state = 'active' THEN NULL ELSE t.started_at END, ?, NULL, NULL, "
+                    "?, 'terminate', 'failure', NULL FROM tasks t "
+                    f"WHERE t.job_id = ? AND t.state IN ({marks})", (t, kind, job_id, *states))
+                cur = db.execute(
+                    "UPDATE tasks SET state='completed', result='failure', failure=?, "
+                    "failure_kind=?, failure_detail='terminate', ended_at=? "
+                    f"WHERE job_id=? AND state IN ({marks})",
+                    (failure_text(kind, "terminate"), kind, t, job_id, *states))
             return cur.rowcount
 
     def reactivate_task(self, seq: int) -> None:
@@ -1106,11 +1380,12 @@ class Store:
             if row is None:
                 raise NotFound(f"no task with seq {seq}")
             TaskState(row["state"]).check_move(TaskState.ACTIVE)
-            db.execute(
-                "UPDATE tasks SET state='active', result=NULL, failure=NULL, failure_kind=NULL, "
-                "failure_detail=NULL, exit_code=NULL, signal=NULL, retry_count=0, "
-                "node_id=NULL, task_dir=NULL, started_at=NULL, ended_at=NULL, usage=NULL "
-                "WHERE seq=?", (seq,))
+            with self._counted("seq = ?", (seq,)):  # job_counts follow
+                db.execute(
+                    "UPDATE tasks SET state='active', result=NULL, failure=NULL, "
+                    "failure_kind=NULL, failure_detail=NULL, exit_code=NULL, signal=NULL, "
+                    "retry_count=0, node_id=NULL, task_dir=NULL, started_at=NULL, "
+                    "ended_at=NULL, usage=NULL WHERE seq=?", (seq,))
             job = self.get_job(row["job_id"])
             if job["state"] == JobState.COMPLETED.value:
                 JobState.COMPLETED.check_move(JobState.ACTIVE)
@@ -1119,9 +1394,46 @@ class Store:
 
     def delete_task(self, seq: int) -> None:
         """Remove a task and its attempts."""
-        with self.transaction() as db:
+        with self.transaction() as db, self._counted("seq = ?", (seq,)):  # job_counts follow
             db.execute("DELETE FROM task_attempts WHERE seq=?", (seq,))
             db.execute("DELETE FROM tasks WHERE seq=?", (seq,))
+
+
+# ---- adding tasks -------------------------------------------------------------------
+
+def _check_fits(t: TaskSpec, pool: PoolSpec) -> None:
+    """Conflict when the task could never start on the pool."""
+    mi = t.multi_instance
+    if mi is not None and mi.instances > pool.target_nodes:
+        raise Conflict(
+            f"task {t.id}: multi_instance.instances {mi.instances} is more than "
+            f"the {pool.target_nodes} nodes of pool {pool.id!r}; it could never "
+            "start (lower instances or grow the pool)")
+    if mi is not None and mi.slots_per_instance > pool.task_slots_per_node:
+        raise Conflict(
+            f"task {t.id}: multi_instance.slots_per_instance "
+            f"{mi.slots_per_instance} exceeds the {pool.task_slots_per_node} task "
+            f"slots per node of pool {pool.id!r}")
+    if t.required_slots > pool.task_slots_per_node:
+        raise Conflict(
+            f"task {t.id}: required_slots {t.required_slots} exceeds the "
+            f"{pool.task_slots_per_node} task slots per node of pool {pool.id!r}")
+
+
+def _item_id(item: Any) -> str | None:
+    """The id a task (a spec or a mapping, valid or not) claims, when it is text."""
+    value = item.id if isinstance(item, TaskSpec) else \
+        item.get("id") if isinstance(item, Mapping) else None
+    return value if isinstance(value, str) else None
+
+
+def _twice(task_id: str) -> ValidationError:
+    return ValidationError("task.id", f"{task_id!r} appears twice in this request")
+
+
+def _exists(task_id: str, job_id: str) -> Conflict:
+    return Conflict(f"task id {task_id!r} already exists in job {job_id!r}; "
+                    "task ids must be unique within a job")
 
 
 # ---- specs as JSON ----------------------------------------------------------------

@@ -259,4 +259,50 @@ class RunView(_View):
     result_size: int | None = None
 
 
-__all__ = ["AttemptView", "FileView", "JobView", "NodeView", "PoolView", "RunView", "TaskView"]
+@dataclasses.dataclass(frozen=True, slots=True)
+class Page(_View):
+    """One page of a list query: ``items`` (each a dict of the selected fields of a
+    TaskView or JobView; all of them when nothing was selected) and ``continuation``,
+    the opaque token that asks for the next page (None: this is the last one)."""
+
+    items: tuple[dict[str, Any], ...] = ()
+    continuation: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Page:
+        return cls(tuple(dict(i) for i in data.get("items") or ()), data.get("continuation"))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskError(_View):
+    """Why one task of a collection was not added: its position in the request, the id
+    it gave (None when it had none), the error's kind (``code``: ValidationError,
+    Conflict), its one-line message and the field it names (``target``)."""
+
+    index: int
+    task_id: str | None
+    code: str
+    message: str
+    target: str | None = None
+
+    @classmethod
+    def from_error(cls, index: int, task_id: str | None, exc: BaseException) -> TaskError:
+        return cls(index, task_id, type(exc).__name__, str(exc), getattr(exc, "field", None))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AddResult(_View):
+    """What adding a collection of tasks did: how many were stored, and an error for
+    each one that was not."""
+
+    added: int
+    errors: tuple[TaskError, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AddResult:
+        return cls(int(data["added"]),
+                   tuple(TaskError.from_dict(e) for e in data.get("errors") or ()))
+
+
+__all__ = ["AddResult", "AttemptView", "FileView", "JobView", "NodeView", "Page", "PoolView",
+           "RunView", "TaskError", "TaskView"]

@@ -58,7 +58,7 @@ def test_a_v1_database_is_upgraded_in_place(v1):
     before = _raw(v1)
     s = Store(v1)
     try:
-        assert s.schema_version() == SCHEMA_VERSION == 2
+        assert s.schema_version() == SCHEMA_VERSION == 3
         after = _raw(v1)
         # every row kept, every old column unchanged
         for table in ("pools", "jobs", "nodes"):
@@ -175,16 +175,17 @@ def test_a_failed_upgrade_leaves_the_v1_database_as_it_was(v1, monkeypatch):
     assert _raw(v1) == before
     monkeypatch.undo()
     Store(v1).close()
-    assert _raw(v1)["meta"][0] == {"key": "schema_version", "value": "2"}
+    assert _raw(v1)["meta"][0] == {"key": "schema_version", "value": str(SCHEMA_VERSION)}
 
 
 def test_a_newer_database_is_refused_untouched(v1):
     db = sqlite3.connect(v1)  # as a newer hpcbatch would have written it
-    db.execute("UPDATE meta SET value='3' WHERE key='schema_version'")
+    newer = SCHEMA_VERSION + 1
+    db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(newer),))
     db.commit()
     db.close()
     before = _raw(v1)
-    with pytest.raises(Conflict, match=r"schema version 3, newer than this hpcbatch "
-                                       r"understands \(2\); upgrade hpcbatch"):
+    with pytest.raises(Conflict, match=rf"schema version {newer}, newer than this hpcbatch "
+                                       rf"understands \({SCHEMA_VERSION}\); upgrade hpcbatch"):
         Store(v1)
     assert _raw(v1) == before
