@@ -572,6 +572,99 @@ def task_logs(job_id, task_id, which, follow) -> None:
             sys.stdout.buffer.flush()
 
 
+# ---------------------------------------------------------------- pool size, nodes, job
+# ---------------------------------------------------------------- terminate, task reactivate
+# ---------------------------------------------------------------- and delete
+
+RUNNING_CHOICES = ("requeue", "terminate", "taskcompletion")  # hpcbatch.state.RUNNING_OPTIONS
+
+
+@pool.command("resize")
+@click.argument("pool_id")
+@click.argument("target_nodes", type=int)
+def pool_resize(pool_id: str, target_nodes: int) -> None:
+    """Grow or shrink POOL to TARGET_NODES nodes (idle nodes leave first; the tasks of
+    busy ones that leave are requeued). An SSH pool's host list is its size."""
+    with _service() as service:
+        p = service.resize_pool(pool_id, target_nodes)
+    out.print(f"pool {pool_id}: target {p.target_nodes} node(s)", markup=False)
+
+
+@cli.group()
+def node() -> None:
+    """Nodes of a pool: disable or enable scheduling, remove."""
+
+
+_RUNNING_HELP = ("What happens to the node's running tasks: killed and requeued (not a "
+                 "retry), killed and failed (killed:terminate), or left to finish.")
+
+
+@node.command("disable")
+@click.argument("pool_id")
+@click.argument("node_id")
+@click.option("--running", type=click.Choice(RUNNING_CHOICES), default="taskcompletion",
+              show_default=True, help=_RUNNING_HELP)
+def node_disable(pool_id: str, node_id: str, running: str) -> None:
+    """Place no new tasks on NODE of POOL."""
+    with _service() as service:
+        n = service.disable_node_scheduling(pool_id, node_id, running=running)
+    out.print(f"node {pool_id}/{n.id}: scheduling disabled ({n.state})", markup=False)
+
+
+@node.command("enable")
+@click.argument("pool_id")
+@click.argument("node_id")
+def node_enable(pool_id: str, node_id: str) -> None:
+    """Let NODE of POOL take tasks again."""
+    with _service() as service:
+        n = service.enable_node_scheduling(pool_id, node_id)
+    out.print(f"node {pool_id}/{n.id}: scheduling enabled ({n.state})", markup=False)
+
+
+@node.command("remove")
+@click.argument("pool_id")
+@click.argument("node_id")
+@click.option("--running", type=click.Choice(RUNNING_CHOICES), default="requeue",
+              show_default=True, help=_RUNNING_HELP)
+def node_remove(pool_id: str, node_id: str, running: str) -> None:
+    """Take NODE out of POOL: its agent stops once its tasks are handled as --running
+    says (a local pool is one node smaller; an SSH pool loses the host)."""
+    with _service() as service:
+        service.remove_node(pool_id, node_id, running=running)
+    out.print(f"node {pool_id}/{node_id}: removed from the pool", markup=False)
+
+
+@job.command("terminate")
+@click.argument("job_id")
+def job_terminate(job_id: str) -> None:
+    """Stop JOB: tasks not started complete as failed (killed:terminate), running ones
+    are killed; no tasks can be added to it afterwards."""
+    with _service() as service:
+        j = service.terminate_job(job_id)
+    out.print(f"job {job_id} terminated ({j.state})", markup=False)
+
+
+@task.command("reactivate")
+@click.argument("job_id")
+@click.argument("task_id")
+def task_reactivate(job_id: str, task_id: str) -> None:
+    """Run a failed completed task again (its retry count starts again at 0)."""
+    with _service() as service:
+        t = service.reactivate_task(job_id, task_id)
+    out.print(f"task {job_id}/{task_id} reactivated ({t.state})", markup=False)
+
+
+@task.command("delete")
+@click.argument("job_id")
+@click.argument("task_id")
+def task_delete(job_id: str, task_id: str) -> None:
+    """Delete a task (terminated first if it has not completed), its attempts and its
+    directories on the nodes."""
+    with _service() as service:
+        service.delete_task(job_id, task_id)
+    out.print(f"task {job_id}/{task_id} deleted", markup=False)
+
+
 @click.command("get")
 @click.argument("run_id")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),

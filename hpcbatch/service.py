@@ -689,9 +689,10 @@ class LocalService(Service):
         return self.get_pool(pool_id)
 
     def _node_ids(self, spec: PoolSpec) -> list[str]:
-        """The pool's nodes as recorded (else as its provider lists them)."""
-        return [n["id"] for n in self.store.list_nodes(spec.id)] or \
-            [d.node_id for d in self._provider(spec).fixed_nodes()]
+        """The pool's nodes: as its provider lists them, and any other recorded (a local
+        pool's ids need not be 1..N once a node was removed while it ran)."""
+        ids = [d.node_id for d in self._provider(spec).fixed_nodes()]
+        return ids + [n["id"] for n in self.store.list_nodes(spec.id) if n["id"] not in ids]
 
     def _check_node(self, spec: PoolSpec, node_id: str, running: str | None) -> None:
         from hpcbatch.state import RUNNING_OPTIONS
