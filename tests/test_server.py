@@ -24,6 +24,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import stat
 import subprocess
 import sys
@@ -78,7 +79,8 @@ class Served:
         self.record = record
         self.url = record["url"]
         self.key = (self.home / "service.key").read_text().strip()
-        verify = record.get("cafile") or True
+        verify = ssl.create_default_context(cafile=record["cafile"]) if record.get("cafile") \
+            else True
         self.client = httpx.Client(base_url=self.url, timeout=30, verify=verify,
                                    headers={"Authorization": f"Bearer {self.key}"})
         poll(lambda: self._health(), timeout_s=START_TIMEOUT_S, what="/health")

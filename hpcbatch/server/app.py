@@ -35,12 +35,13 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import anyio
 import msgspec
-from fastapi import APIRouter, FastAPI, Header, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import ValidationError as PydanticValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hpcbatch._version import __version__
@@ -94,7 +95,7 @@ def _enc_hook(obj: Any) -> Any:
 _encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
 
 
-class JSON(Response):
+class JSON(JSONResponse):
     """A JSON response encoded by msgspec (views, dicts, lists, tuples, dataclasses)."""
 
     media_type = "application/json"
@@ -374,26 +375,56 @@ class _In(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-Id = Annotated[str, Field(min_length=1, max_length=256)]
+# The rules of hpcbatch.models, written into the document (json_schema_extra) but not
+# enforced by pydantic: the service checks them and answers a 400 naming the field, the
+# same one-line message the CLI prints (pydantic's own would be a 422).
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+NOT_BLANK = r"^[^\x00]*\S[^\x00]*$"  # some non-space, and no NUL
+NO_NUL = r"^[^\x00]*$"
+
+
+def _whole(value: Any) -> Any:
+    """JSON Schema's integer takes 3.0; so does this API (strict pydantic would not)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_whole)]
+
+
+def _doc(**schema: Any) -> Any:
+    return Field(json_schema_extra=schema)
+
+
+def _int(default: Any, **schema: Any) -> Any:
+    return Field(default, json_schema_extra=schema)
+
+
+Id = Annotated[str, _doc(pattern=ID_PATTERN, description="1 to 64 letters, digits, - or _")]
+Command = Annotated[str, _doc(pattern=NOT_BLANK, description="a shell command line")]
+IdPath = Annotated[str, PathParam(json_schema_extra={"pattern": ID_PATTERN})]
+RunPath = Annotated[str, PathParam(json_schema_extra={"pattern": r"^run-[A-Za-z0-9_-]{1,80}$"})]
+ShaPath = Annotated[str, PathParam(json_schema_extra={"pattern": r"^[0-9a-f]{64}$"})]
 
 
 class PoolIn(_In):
     """A pool to create; ``options`` are the provider's own (an SSH pool's ``hosts``,
-    ``hostlist``, ``user``, ``port``, ``python`` ...)."""
+    ``hostlist``, ``user``, ``port``, ``python`` ...; a local pool has none)."""
 
     id: Id
-    provider: str = "local"
-    task_slots_per_node: int = 1
-    scheduling_policy: str = "pack"
-    target_nodes: int = 1
-    start_task: str | None = None
+    provider: Annotated[str, _doc(enum=["local", "ssh"])] = "local"
+    task_slots_per_node: Int = _int(1, minimum=1, maximum=1024)
+    scheduling_policy: Annotated[str, _doc(enum=["pack", "spread"])] = "pack"
+    target_nodes: Int = _int(1, minimum=1, maximum=100_000)
+    start_task: Annotated[str | None, _doc(pattern=NOT_BLANK)] = None
     inter_node_communication: bool | None = None
     trust_on_first_use: bool = False
     options: dict[str, Any] = {}
 
 
 class ResizeIn(_In):
-    target_nodes: int
+    target_nodes: Int = _int(..., minimum=1, maximum=100_000)
 
 
 Running = Literal["requeue", "terminate", "taskcompletion"]
@@ -406,34 +437,45 @@ class DisableSchedulingIn(_In):
 class JobIn(_In):
     id: Id
     pool_id: Id = "local"
-    priority: int = 0
-    on_all_tasks_complete: str = "no_action"
-    max_task_retry_count: int = 0
+    priority: Int = _int(0, minimum=-1000, maximum=1000)
+    on_all_tasks_complete: Annotated[str, _doc(enum=["no_action", "terminate_job"])] = \
+        "no_action"
+    max_task_retry_count: Int = _int(0, minimum=-1, description="-1: no limit")
 
 
 class ResourceFileIn(_In):
-    source: str
+    """A file on the service's machine (``PUT /v1/uploads`` puts one there) copied into
+    the task's working directory as ``file_path``."""
+
+    source: Annotated[str, _doc(pattern=NOT_BLANK)]
     file_path: str = ""
 
 
+ResourceFiles = Annotated[list[ResourceFileIn | str], _doc(
+    description="files on the service's machine (each must exist there)")]
+
+
 class MultiInstanceIn(_In):
-    instances: int
-    coordination_command: str | None = None
-    slots_per_instance: int = 0
-    common_resource_files: list[ResourceFileIn | str] = []
+    instances: Int = _int(..., minimum=1, maximum=100_000)
+    coordination_command: Annotated[str | None, _doc(pattern=NOT_BLANK)] = None
+    slots_per_instance: Int = _int(0, minimum=0, maximum=1024, description="0: whole nodes")
+    common_resource_files: ResourceFiles = []
 
 
 class TaskIn(_In):
     """A task (hpcbatch.TaskSpec's fields)."""
 
     id: Id
-    command_line: str
-    environment: dict[str, str] = {}
-    required_slots: int = 1
-    max_task_retry_count: int | None = None
-    max_wall_clock_time_s: float | None = None
+    command_line: Command
+    environment: Annotated[dict[str, str], _doc(
+        propertyNames={"pattern": r"^[A-Za-z_][A-Za-z0-9_]*$"},
+        additionalProperties={"type": "string", "pattern": NO_NUL})] = {}
+    required_slots: Int = _int(1, minimum=1, maximum=1024)
+    max_task_retry_count: Int | None = _int(None, minimum=-1,
+                                            description="-1: no limit; null: the job's")
+    max_wall_clock_time_s: float | None = _int(None, exclusiveMinimum=0)
     multi_instance: MultiInstanceIn | None = None
-    resource_files: list[ResourceFileIn | str] = []
+    resource_files: ResourceFiles = []
 
 
 class TaskCollectionIn(_In):
@@ -441,7 +483,7 @@ class TaskCollectionIn(_In):
     ``atomic`` false the valid ones are stored and each bad one is reported in
     ``errors``; with ``atomic`` true any bad task refuses the whole request (400)."""
 
-    tasks: list[TaskIn]
+    tasks: Annotated[list[TaskIn], _doc(description="task ids must differ")]
     atomic: bool = False
 
 
@@ -455,15 +497,16 @@ class SubmitIn(_In):
 
 
 class RunIn(_In):
-    kernel: str
-    ranks: int | None = None
+    kernel: Annotated[str, _doc(description="a built-in kernel's name (pi, heat, ...) or a "
+                                "kernel file on the service's machine")]
+    ranks: Int | None = _int(None, minimum=1)
     params: dict[str, Any] | list[str] | None = None
     pool: str | None = None
-    nodes: int | None = None
-    ranks_per_node: int | None = None
+    nodes: Int | None = _int(None, minimum=1)
+    ranks_per_node: Int | None = _int(None, minimum=1)
     oversubscribe: bool = False
-    timeout_s: float | None = None
-    retries: int = 0
+    timeout_s: float | None = _int(None, exclusiveMinimum=0)
+    retries: Int = _int(0, minimum=-1)
 
 
 class ErrorOut(BaseModel):
@@ -520,6 +563,28 @@ class UploadOut(BaseModel):
     path: str
 
 
+class EventOut(BaseModel):
+    """An event of /v1/events (``event: message``)."""
+
+    counter: int
+    counts: dict[str, int] | None = Field(None, description="the job's task counts (with "
+                                          "job_id)")
+
+
+class EventErrorOut(BaseModel):
+    """``event: error``: the stream's job went away; the stream ends."""
+
+    message: str
+
+
+SSE_ITEM = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {
+        "anyOf": [{"$ref": "#/components/schemas/EventOut"},
+                  {"$ref": "#/components/schemas/EventErrorOut"}]}},
+    "event": {"type": "string", "enum": ["message", "error"]},
+    "id": {"type": "string"}, "retry": {"type": "integer", "minimum": 0}}}
+
+
 class _LazyCollection(msgspec.Struct, forbid_unknown_fields=True):
     tasks: list[msgspec.Raw]
     atomic: bool = False
@@ -545,7 +610,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (422, "The body or a parameter is not what this document says"),
         (507, "No space left to store it"),
     )}
-BODY_MODELS = (TaskCollectionIn, SubmitIn)  # documented, decoded by hand
+DOC_MODELS = (TaskCollectionIn, SubmitIn, EventOut, EventErrorOut)  # not in a signature
 
 
 def _body_doc(model: type[BaseModel]) -> dict:
@@ -571,6 +636,32 @@ class _Invalid(Exception):
 
 async def _invalid_handler(request: Request, exc: _Invalid) -> JSON:
     return error(422, "InvalidBody", str(exc), exc.target)
+
+
+_QUERY_NAMES: dict[int, frozenset[str]] = {}
+
+
+def _query_names(dependant: Any) -> set[str]:
+    names = {p.alias for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+async def _known_query_only(request: Request) -> None:
+    """A query parameter the route does not take is a 422 (a typo such as
+    ``?maxresult=10`` is not silently ignored)."""
+    if not request.query_params:
+        return
+    route = request.scope.get("route")
+    names = _QUERY_NAMES.get(id(route))
+    if names is None:
+        names = _QUERY_NAMES[id(route)] = frozenset(_query_names(route.dependant))
+    unknown = sorted(set(request.query_params) - names)
+    if unknown:
+        takes = ", ".join(sorted(names)) or "none"
+        raise _Invalid(f"unknown query parameter(s) {', '.join(map(repr, unknown))}; this "
+                       f"route takes: {takes}", unknown[0])
 
 
 def _plain(obj: Any) -> Any:
@@ -657,7 +748,8 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
                 return fn(s)
         return await anyio.to_thread.run_sync(run)
 
-    v1 = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
+    v1 = APIRouter(prefix="/v1", responses=ERROR_RESPONSES,
+                   dependencies=[Depends(_known_query_only)])
 
     # ---- health and changes ---------------------------------------------------
 
@@ -675,20 +767,27 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
         return JSON({"counter": await changes.wait(after, timeout)})
 
     @v1.get("/events", tags=["changes"], response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+            responses={200: {"content": {"text/event-stream": {"itemSchema": SSE_ITEM}},
                              "description": "`data: {\"counter\": M, \"counts\": {...}}` "
-                             "at each change (counts with job_id)"}})
-    async def get_events(request: Request, job_id: Annotated[str | None, Query()] = None
+                             "at each change (counts with job_id); `event: error` when the "
+                             "job is deleted (then the stream ends)"}})
+    async def get_events(job_id: Annotated[str | None, Query()] = None,
+                         timeout: Annotated[float | None, Query(ge=0)] = None
                          ) -> StreamingResponse:
         """Server-sent events: one at once, then one at each change of the store
-        (coalesced, at most every 0.1 s); with ``job_id``, the job's task counts."""
+        (coalesced, at most every 0.1 s); with ``job_id``, the job's task counts. The
+        stream ends after ``timeout`` seconds when given (else when the client goes)."""
         if job_id is not None:
             await call(lambda s: s.job_counts(job_id))  # a 404 before the stream starts
+        until = None if timeout is None else time.monotonic() + timeout
 
         async def stream() -> AsyncIterator[bytes]:
             last = -1
             stopping = changes.stopping
             while not (stopping and stopping.is_set()):
+                left = SSE_KEEPALIVE_S if until is None else until - time.monotonic()
+                if last >= 0 and left <= 0:
+                    return
                 counter = changes.counter
                 if counter != last:
                     event: dict[str, Any] = {"counter": counter}
@@ -703,7 +802,8 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
                     last = counter
                     await asyncio.sleep(SSE_MIN_GAP_S)
                     continue
-                if await changes.wait(last, SSE_KEEPALIVE_S) == last:
+                if await changes.wait(last, min(left, SSE_KEEPALIVE_S)) == last and (
+                        until is None or time.monotonic() < until):
                     yield b": keep-alive\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream",
@@ -736,26 +836,26 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
         return JSON({"items": _plain(await call(lambda s: s.list_pools()))})
 
     @v1.get("/pools/{pool_id}", response_model=PoolView, tags=["pools"])
-    async def get_pool(pool_id: str) -> JSON:
+    async def get_pool(pool_id: IdPath) -> JSON:
         return JSON(_plain(await call(lambda s: s.get_pool(pool_id))))
 
     @v1.delete("/pools/{pool_id}", response_model=ProblemsOut, tags=["pools"])
-    async def delete_pool(pool_id: str) -> JSON:
+    async def delete_pool(pool_id: IdPath) -> JSON:
         """Stop the pool's agents and delete it (it must have no jobs); ``problems``: a
         line per node whose clean-up failed."""
         return JSON({"problems": list(await call(lambda s: s.delete_pool(pool_id)))})
 
     @v1.post("/pools/{pool_id}/resize", response_model=PoolView, tags=["pools"])
-    async def resize_pool(pool_id: str, body: ResizeIn) -> JSON:
+    async def resize_pool(pool_id: IdPath, body: ResizeIn) -> JSON:
         return JSON(_plain(await call(lambda s: s.resize_pool(pool_id, body.target_nodes))))
 
     @v1.get("/pools/{pool_id}/nodes", response_model=Items[NodeView], tags=["pools"])
-    async def list_nodes(pool_id: str) -> JSON:
+    async def list_nodes(pool_id: IdPath) -> JSON:
         return JSON({"items": _plain(await call(lambda s: s.list_nodes(pool_id)))})
 
     @v1.post("/pools/{pool_id}/nodes/{node_id}/disablescheduling", response_model=NodeView,
              tags=["pools"])
-    async def disable_scheduling(pool_id: str, node_id: str,
+    async def disable_scheduling(pool_id: IdPath, node_id: str,
                                  body: DisableSchedulingIn | None = None) -> JSON:
         """No new task goes to the node; ``running`` says what becomes of the tasks on it:
         requeue, terminate, or taskcompletion (let them finish)."""
@@ -765,12 +865,12 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
 
     @v1.post("/pools/{pool_id}/nodes/{node_id}/enablescheduling", response_model=NodeView,
              tags=["pools"])
-    async def enable_scheduling(pool_id: str, node_id: str) -> JSON:
+    async def enable_scheduling(pool_id: IdPath, node_id: str) -> JSON:
         return JSON(_plain(await call(lambda s: s.enable_node_scheduling(pool_id, node_id))))
 
     @v1.delete("/pools/{pool_id}/nodes/{node_id}", status_code=204, response_class=Response,
                tags=["pools"])
-    async def remove_node(pool_id: str, node_id: str,
+    async def remove_node(pool_id: IdPath, node_id: str,
                           running: Annotated[Running, Query()] = "requeue") -> Response:
         await call(lambda s: s.remove_node(pool_id, node_id, running=running))
         return Response(status_code=204)
@@ -796,7 +896,7 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
             continuation=continuation))))
 
     @v1.get("/jobs/{job_id}", response_model=JobView, tags=["jobs"])
-    async def get_job(job_id: str) -> JSON:
+    async def get_job(job_id: IdPath) -> JSON:
         """The job, with its task counts."""
         def run(s: Any) -> dict:
             job = _plain(s.get_job(job_id))
@@ -805,15 +905,15 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
         return JSON(await call(run))
 
     @v1.post("/jobs/{job_id}/terminate", response_model=JobView, tags=["jobs"])
-    async def terminate_job(job_id: str) -> JSON:
+    async def terminate_job(job_id: IdPath) -> JSON:
         return JSON(_plain(await call(lambda s: s.terminate_job(job_id))))
 
     @v1.delete("/jobs/{job_id}", response_model=ProblemsOut, tags=["jobs"])
-    async def delete_job(job_id: str) -> JSON:
+    async def delete_job(job_id: IdPath) -> JSON:
         return JSON({"problems": list(await call(lambda s: s.delete_job(job_id)))})
 
     @v1.get("/jobs/{job_id}/taskcounts", response_model=dict[str, int], tags=["jobs"])
-    async def task_counts(job_id: str) -> JSON:
+    async def task_counts(job_id: IdPath) -> JSON:
         return JSON(dict(await call(lambda s: s.job_counts(job_id))))
 
     @v1.post("/submit", response_model=AddedOut, tags=["jobs"],
@@ -822,9 +922,11 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
         """Create the job unless it exists and add the tasks, in one transaction."""
         body = _decode(_submit_decoder, await request.body())
         try:
-            job = JobIn.model_validate_json(body.job)
-        except Exception as exc:  # pydantic's ValidationError
-            raise _Invalid(f"job: {one_line(exc)}", "job") from None
+            job = JobIn.model_validate_json(bytes(body.job))
+        except PydanticValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(["job", *(str(p) for p in first.get("loc", ()))])
+            raise _Invalid(f"{where}: {first.get('msg')}", where) from None
         spec = JobSpec(job.id, job.pool_id, priority=job.priority,
                        on_all_tasks_complete=job.on_all_tasks_complete,
                        max_task_retry_count=job.max_task_retry_count)
@@ -836,7 +938,7 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
 
     @v1.post("/jobs/{job_id}/tasks", status_code=201, response_model=TaskView,
              tags=["tasks"])
-    async def add_task(job_id: str, body: TaskIn) -> JSON:
+    async def add_task(job_id: IdPath, body: TaskIn) -> JSON:
         spec = body.model_dump(exclude_unset=True)
 
         def run(s: Any) -> Any:
@@ -846,7 +948,7 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
 
     @v1.post("/jobs/{job_id}/addtaskcollection", response_model=AddResultOut, tags=["tasks"],
              openapi_extra=_body_doc(TaskCollectionIn))
-    async def add_task_collection(job_id: str, request: Request) -> JSON:
+    async def add_task_collection(job_id: IdPath, request: Request) -> JSON:
         """Add many tasks in one request, validated and stored in chunks (bounded
         memory); each refused task is reported with its index (atomic false)."""
         body = _decode(_collection_decoder, await request.body())
@@ -856,7 +958,7 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
         return JSON({"added": result.added, "errors": _plain(list(result.errors))})
 
     @v1.get("/jobs/{job_id}/tasks", response_model=PageOut, tags=["tasks"])
-    async def list_tasks(job_id: str,
+    async def list_tasks(job_id: IdPath,
                          filter: Annotated[str | None, Query()] = None,  # noqa: A002
                          select: Annotated[str | None, Query(
                              description="fields, comma-separated")] = None,
@@ -868,28 +970,28 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
             continuation=continuation))))
 
     @v1.get("/jobs/{job_id}/tasks/{task_id}", response_model=TaskView, tags=["tasks"])
-    async def get_task(job_id: str, task_id: str) -> JSON:
+    async def get_task(job_id: IdPath, task_id: IdPath) -> JSON:
         return JSON(_plain(await call(lambda s: s.get_task(job_id, task_id))))
 
     @v1.get("/jobs/{job_id}/tasks/{task_id}/attempts", response_model=Items[AttemptView],
             tags=["tasks"])
-    async def task_attempts(job_id: str, task_id: str) -> JSON:
+    async def task_attempts(job_id: IdPath, task_id: IdPath) -> JSON:
         return JSON({"items": _plain(await call(lambda s: s.task_attempts(job_id, task_id)))})
 
     @v1.post("/jobs/{job_id}/tasks/{task_id}/terminate", status_code=204,
              response_class=Response, tags=["tasks"])
-    async def terminate_task(job_id: str, task_id: str) -> Response:
+    async def terminate_task(job_id: IdPath, task_id: IdPath) -> Response:
         await call(lambda s: s.terminate_task(job_id, task_id))
         return Response(status_code=204)
 
     @v1.post("/jobs/{job_id}/tasks/{task_id}/reactivate", response_model=TaskView,
              tags=["tasks"])
-    async def reactivate_task(job_id: str, task_id: str) -> JSON:
+    async def reactivate_task(job_id: IdPath, task_id: IdPath) -> JSON:
         return JSON(_plain(await call(lambda s: s.reactivate_task(job_id, task_id))))
 
     @v1.delete("/jobs/{job_id}/tasks/{task_id}", status_code=204, response_class=Response,
                tags=["tasks"])
-    async def delete_task(job_id: str, task_id: str) -> Response:
+    async def delete_task(job_id: IdPath, task_id: IdPath) -> Response:
         await call(lambda s: s.delete_task(job_id, task_id))
         return Response(status_code=204)
 
@@ -897,7 +999,7 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
 
     @v1.get("/jobs/{job_id}/tasks/{task_id}/files", response_model=Items[FileView],
             tags=["files"])
-    async def list_files(job_id: str, task_id: str) -> JSON:
+    async def list_files(job_id: IdPath, task_id: IdPath) -> JSON:
         return JSON({"items": _plain(await call(lambda s: s.list_task_files(job_id,
                                                                             task_id)))})
 
@@ -910,7 +1012,7 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
                        206: {"content": octet, "description": "the range asked for"},
                        416: {"model": ErrorOut, "description": "the range starts past the "
                              "end of the file"}})
-    async def get_file(job_id: str, task_id: str, path: Annotated[str, PathParam()],
+    async def get_file(job_id: IdPath, task_id: IdPath, path: Annotated[str, PathParam()],
                        follow: Annotated[bool, Query()] = False,
                        range_: Annotated[str | None, Header(alias="range")] = None
                        ) -> Response:
@@ -1016,13 +1118,13 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
                     status_code=202)
 
     @v1.get("/runs/{run_id}", response_model=RunView, tags=["runs"])
-    async def get_run(run_id: str) -> JSON:
+    async def get_run(run_id: RunPath) -> JSON:
         return JSON(_plain(await call(lambda s: s.get_run(run_id))))
 
     @v1.get("/runs/{run_id}/result", tags=["runs"], response_class=Response,
             responses={200: {"content": {"application/x-hdf5": {"schema": {
                 "type": "string", "format": "binary"}}}, "description": "the HDF5 file"}})
-    async def get_run_result(run_id: str) -> Response:
+    async def get_run_result(run_id: RunPath) -> Response:
         data = await call(lambda s: s.read_run_result(run_id))
         return Response(data, media_type="application/x-hdf5", headers={
             "Content-Disposition": f'attachment; filename="{run_id}.h5"'})
@@ -1031,7 +1133,7 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
 
     @v1.put("/uploads/{sha256}", response_model=UploadOut, tags=["uploads"],
             openapi_extra={"requestBody": {"required": True, "content": octet}})
-    async def upload(sha256: str, name: Annotated[str, Query(min_length=1)],
+    async def upload(sha256: ShaPath, name: Annotated[str, Query(min_length=1)],
                      request: Request) -> JSON:
         """Store a file a client sends (checked against its SHA-256); answers the path
         to name in a resource file's ``source``."""
@@ -1063,7 +1165,7 @@ def _document(app: FastAPI) -> None:
         doc = get_openapi(title=app.title, version=app.version, description=app.description,
                           routes=app.routes)
         schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-        for model in BODY_MODELS:
+        for model in DOC_MODELS:
             schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             for name, sub in schema.pop("$defs", {}).items():
                 schemas.setdefault(name, sub)
