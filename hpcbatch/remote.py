@@ -686,6 +686,11 @@ class RemoteService(Service):
                                     f"({type(exc).__name__}: {exc})") from None
         finally:
             response.close()
+        # the stream ends with the task, or when the service stops: say which
+        if self.get_task(job_id, task_id).state != "completed":
+            raise HpcBatchError(f"the hpcbatch service at {self.url} ended the stream of "
+                                f"{name} of task {job_id}/{task_id} before the task "
+                                "completed (is it stopping?); follow it again")
 
     # ---- changes ---------------------------------------------------------
 

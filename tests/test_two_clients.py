@@ -57,6 +57,19 @@ def _finish(proc: subprocess.Popen, what: str) -> tuple[str, str]:
     return out, err
 
 
+def _until(predicate, what: str, proc: subprocess.Popen, served=None) -> None:
+    """Poll until ``predicate()``; a client that exits meanwhile fails the test at once,
+    with its output (and the service's log)."""
+    deadline = time.monotonic() + PROC_TIMEOUT_S
+    while not predicate():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            out, err = proc.communicate() if proc.poll() is not None else ("", "")
+            log = served.log_text() if served is not None else ""
+            raise AssertionError(f"{what}: not reached (client exit {proc.poll()}): {out}\n"
+                                 f"{err}\n--- service log ---\n{log}")
+        time.sleep(0.02)
+
+
 def _kill(*procs: subprocess.Popen) -> None:
     for p in procs:
         if p.poll() is None:
@@ -71,7 +84,7 @@ SCRIPT = textwrap.dedent("""
     markers, go = sys.argv[1], sys.argv[2]
     with hpcbatch.Batch() as batch:          # finds the running service by itself
         assert batch.url is not None, "not using the service"
-        job = batch.jobs.create("script")
+        job = batch.jobs.create("script", pool="wide")
         job.add_tasks({"id": f"s{i}", "command_line":
                        f"touch '{markers}/s{i}'; echo from-s{i}; "
                        f"while [ ! -e '{go}' ]; do sleep 0.01; done; echo done-s{i}"}
@@ -88,24 +101,27 @@ def test_a_cli_submit_and_a_script_share_a_running_service(home, tmp_path):
     script_file.write_text(SCRIPT)
     procs: list[subprocess.Popen] = []
     with running_service(home) as served:
+        with hpcbatch.Batch(url=served.url, key=served.key) as admin:  # room for both
+            admin.pools.create("wide", task_slots_per_node=8)
         try:
             script = subprocess.Popen(
                 [sys.executable, str(script_file), str(markers), str(go_script)],
                 env=_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                 stdin=subprocess.DEVNULL)
             procs.append(script)
-            poll(lambda: all((markers / f"s{i}").exists() for i in range(3)), timeout_s=90,
-                 what="the script's tasks running")
+            _until(lambda: all((markers / f"s{i}").exists() for i in range(3)),
+                   "the script's tasks running", script, served)
             logs = _cli(home, "task", "logs", "-f", "script", "s1")
             procs.append(logs)
-            submit = _cli(home, "submit", "--job", "shell", "--array", "1-3", "--no-progress",
-                          "--", f"touch '{markers}'/c$HPCBATCH_TASK_INDEX; {gate(go_cli)}")
+            submit = _cli(home, "submit", "--job", "shell", "--pool", "wide", "--array", "1-3",
+                          "--no-progress", "--",
+                          f"touch '{markers}'/c$HPCBATCH_TASK_INDEX; {gate(go_cli)}")
             procs.append(submit)
-            poll(lambda: all((markers / f"c{i}").exists() for i in (1, 2, 3)), timeout_s=90,
-                 what="the submit's tasks running")
+            _until(lambda: all((markers / f"c{i}").exists() for i in (1, 2, 3)),
+                   "the submit's tasks running", submit, served)
             go_cli.touch()
             out, err = _finish(submit, "hpcbatch submit")
-            assert "job shell: 3 tasks on pool local" in err, err
+            assert "job shell: 3 tasks on pool wide" in err, err
             assert re.search(r"│\s+3\s+│\s+3\s+│\s+0\s+│", out), out
             # the submit is over; the script's tasks run on, untouched
             with hpcbatch.Batch(url=served.url, key=served.key) as reader:
@@ -132,7 +148,9 @@ def test_a_cli_submit_and_a_script_share_a_running_service(home, tmp_path):
 
 def test_a_reading_batch_opens_beside_a_running_job_wait(home, tmp_path):
     go = tmp_path / "go"
-    r = run_cli(home, "submit", "--no-wait", "--job", "w", "--",
+    r = run_cli(home, "pool", "create", "wide", "--slots", "4")  # room for two at once
+    assert r.returncode == 0, r.stderr
+    r = run_cli(home, "submit", "--no-wait", "--job", "w", "--pool", "wide", "--",
                 f"echo first; {gate(go)}; echo last")
     assert r.returncode == 0, r.stderr
     waiter = _cli(home, "job", "wait", "w", "--no-progress")
