@@ -30,7 +30,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import FAST_TIMINGS, gate, poll
+from helpers import FAST_TIMINGS, gate, poll, run_cli
 
 import hpcbatch
 from hpcbatch.errors import Conflict, HpcBatchError, NotFound, ValidationError
@@ -414,3 +414,21 @@ def test_views_and_handles_are_the_same_types(backend):
     assert t.refresh().exit_code == 0
     assert isinstance(backend.pools.get("local"), PoolView)
     assert backend.jobs.get("types").state in ("active", "completed")
+
+
+def test_a_kernel_run_and_its_result_file(backend, home, tmp_path):
+    res = backend.run_kernel("pi", ranks=1, params={"samples": 20_000, "seed": 3},
+                             output=tmp_path / "pi.h5")
+    assert res.path == tmp_path / "pi.h5" and res.path.is_file()
+    assert abs(float(res.reduced["pi"]) - 3.14159) < 0.1
+    run = backend.service.get_run(res.job_id)
+    assert run.state == "succeeded" and run.kernel == "pi"
+    # the CLI downloads it (from the service when one runs, else from the home's runs)
+    r = run_cli(home, "results", "get", res.job_id, "-o", str(tmp_path / "copy.h5"))
+    assert r.returncode == 0, r.stderr
+    if remote(backend):
+        assert (tmp_path / "copy.h5").read_bytes() == backend.service.read_run_result(
+            res.job_id)
+    assert (tmp_path / "copy.h5").stat().st_size > 0
+    r = run_cli(home, "results", "get", "run-nope", "-o", str(tmp_path / "x.h5"))
+    assert r.returncode == 2 and "no kernel run 'run-nope'" in r.stderr, r.stderr
