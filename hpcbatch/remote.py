@@ -44,7 +44,18 @@ from hpcbatch.errors import (
 from hpcbatch.models import JobSpec, TaskSpec
 from hpcbatch.service import LOCAL_POOL, Service
 from hpcbatch.timings import Timings
-from hpcbatch.views import AttemptView, FileView, JobView, NodeView, PoolView, RunView, TaskView
+from hpcbatch.views import (
+    AddResult,
+    AttemptView,
+    FileView,
+    JobView,
+    NodeView,
+    Page,
+    PoolView,
+    RunView,
+    TaskError,
+    TaskView,
+)
 
 URL_ENV = "HPCBATCH_URL"  # a service to use instead of an embedded coordinator
 KEY_ENV = "HPCBATCH_KEY"  # its API key
@@ -378,7 +389,7 @@ class RemoteService(Service):
                 return jobs
 
     def query_jobs(self, *, filter: str | None = None, select: Sequence[str] | None = None,
-                   max_results: int = 1000, continuation: str | None = None):
+                   max_results: int = 1000, continuation: str | None = None) -> Page:
         return self._page(self._get("/v1/jobs", filter=filter, select=_select(select),
                                     maxresults=max_results, continuation=continuation))
 
@@ -507,7 +518,7 @@ class RemoteService(Service):
                     failure.append(exc)
                     yield "".join(parts).encode()
                     return
-                body = dict(task) if isinstance(task, Mapping) else {"task": repr(task)}
+                body = _as_sent(task)
             text = dumps(body) if first else "," + dumps(body)
             first = False
             parts.append(text)
@@ -545,8 +556,7 @@ class RemoteService(Service):
         return int(out["added"])
 
     def add_task_collection(self, job_id: str, tasks: Iterable[TaskSpec | Mapping[str, Any]],
-                            *, atomic: bool = True):
-        from hpcbatch.views import AddResult, TaskError
+                            *, atomic: bool = True) -> AddResult:
         out = self._post_tasks(f"/v1/jobs/{_seg(job_id, 'job')}/addtaskcollection",
                                {"atomic": bool(atomic)}, tasks, strict=bool(atomic))
         errors = tuple(TaskError.from_dict(e) for e in out.get("errors") or ())
@@ -570,13 +580,12 @@ class RemoteService(Service):
     def get_task(self, job_id: str, task_id: str) -> TaskView:
         return TaskView.from_dict(self._get(self._task_path(job_id, task_id)))
 
-    def _page(self, data: Mapping[str, Any]):
-        from hpcbatch.views import Page
+    def _page(self, data: Mapping[str, Any]) -> Page:
         return Page(tuple(data.get("items") or ()), data.get("continuation") or None)
 
     def query_tasks(self, job_id: str, *, filter: str | None = None,
                     select: Sequence[str] | None = None, max_results: int = 1000,
-                    continuation: str | None = None):
+                    continuation: str | None = None) -> Page:
         return self._page(self._get(f"/v1/jobs/{_seg(job_id, 'job')}/tasks", filter=filter,
                                     select=_select(select), maxresults=max_results,
                                     continuation=continuation))
@@ -717,16 +726,12 @@ class RemoteService(Service):
                   params: Mapping[str, Any] | list[str] | None = None,
                   pool: str = LOCAL_POOL, nodes: int | None = None,
                   ranks_per_node: int = 1, oversubscribe: bool = False,
-                  timeout_s: float | None = None, retries: int = 0, **_: Any) -> RunView:
-        if isinstance(params, list):  # K=V words, as the CLI takes them
-            parsed: dict[str, Any] = {}
-            for word in params:
-                if not isinstance(word, str) or "=" not in word:
-                    raise ValidationError("params", f"{word!r} is not NAME=VALUE")
-                k, v = word.split("=", 1)
-                parsed[k] = v
-            params = parsed
-        body = {"kernel": kernel, "ranks": ranks, "params": dict(params or {}), "pool": pool,
+                  timeout_s: float | None = None, retries: int = 0) -> RunView:
+        """``params``: name: value, or NAME=VALUE words (as the CLI takes them: the
+        service reads them by the kernel's parameter types)."""
+        if isinstance(params, Mapping):
+            params = dict(params)
+        body = {"kernel": kernel, "ranks": ranks, "params": params, "pool": pool,
                 "nodes": nodes, "ranks_per_node": ranks_per_node,
                 "oversubscribe": oversubscribe, "timeout_s": timeout_s, "retries": retries}
         return RunView.from_dict(self._post("/v1/runs", body))
@@ -771,6 +776,14 @@ class RemoteService(Service):
 
     def close(self) -> None:
         self._http.close()
+
+
+def _as_sent(task: Any) -> Any:
+    """A task refused here, sent as it was given for the service to report on."""
+    if isinstance(task, TaskSpec):
+        from hpcbatch.store import spec_to_dict
+        return spec_to_dict(task)
+    return dict(task) if isinstance(task, Mapping) else task
 
 
 def _select(select: Sequence[str] | str | None) -> str | None:

@@ -432,3 +432,29 @@ def test_a_kernel_run_and_its_result_file(backend, home, tmp_path):
     assert (tmp_path / "copy.h5").stat().st_size > 0
     r = run_cli(home, "results", "get", "run-nope", "-o", str(tmp_path / "x.h5"))
     assert r.returncode == 2 and "no kernel run 'run-nope'" in r.stderr, r.stderr
+
+
+def test_a_collection_of_tasks_with_bad_ones_reports_each(backend, tmp_path):
+    tasks = [{"id": "ok0", "command_line": "true"},
+             {"id": "bad id", "command_line": "true"},
+             {"id": "ok2", "command_line": "true"},
+             {"id": "ok0", "command_line": "true"},
+             {"id": "empty", "command_line": ""},
+             {"id": "nofile", "command_line": "true", "resource_files": ["/nonexistent/x"]},
+             {"id": "ok6", "command_line": "true", "colour": "red"}]
+    reference = LocalService(tmp_path / "reference")
+    try:
+        reference.create_job("mixed")
+        expected = reference.add_task_collection("mixed", tasks, atomic=False)
+    finally:
+        reference.close()
+    assert expected.added == 2 and [e.index for e in expected.errors] == [1, 3, 4, 5, 6]
+    job = backend.jobs.create("mixed")
+    got = backend.service.add_task_collection("mixed", iter(tasks), atomic=False)
+    assert got == expected
+    assert sorted(t.id for t in job.tasks()) == ["ok0", "ok2"]
+    with pytest.raises(ValidationError) as info:  # atomic: nothing more is stored
+        backend.service.add_task_collection("mixed", [{"id": "ok7", "command_line": "true"},
+                                                      tasks[1]])
+    assert info.value.field == "task.id"
+    assert job.counts()["total"] == 2
