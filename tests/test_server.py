@@ -381,6 +381,9 @@ def test_follow_streams_a_task_that_writes_over_time(shared, tmp_path):
             got += chunk
     assert got == b"first\nsecond\n"
     assert c.get("/v1/jobs/follow/tasks/talk").json()["state"] == "completed"
+    r = c.get("/v1/jobs/follow/tasks/talk/files/stdout.txt", params={"follow": "true"},
+              headers={"Range": "bytes=3-"})  # from byte 3 of a task that has ended
+    assert r.status_code == 206 and r.content == b"st\nsecond\n"
 
 
 def test_paths_out_of_the_task_directory_read_nothing(shared):

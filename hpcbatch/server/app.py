@@ -169,7 +169,8 @@ async def _unexpected_handler(request: Request, exc: Exception) -> JSON:
     if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
         return error(409, "CoordinatorBusy", "the state database is busy (another process "
                      "holds its write lock, such as a large submit); retry")
-    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    log.error("%s %s failed: %s: %s (the traceback follows)", request.method,
+              request.url.path, type(exc).__name__, exc)
     return error(500, "InternalError", f"{type(exc).__name__}: {exc} (a bug in hpcbatch; "
                  "see the server's log)")
 
@@ -1018,7 +1019,8 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
                        ) -> Response:
         """A file of the task's latest attempt (``path`` relative to its directory, such
         as stdout.txt). ``Range: bytes=a-b`` gives a 206; ``follow=true`` streams the
-        file as it grows until the task has completed."""
+        file as it grows until the task has completed (from the Range's start, if one is
+        given: then a 206 without Content-Range, its end being unknown)."""
         from hpcbatch.service import task_file_name
         name = task_file_name(path)  # '..', absolute: 400 before anything is read
         wanted = parse_range(range_)
@@ -1101,9 +1103,13 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
                     log.warning("following %s of %s/%s stopped: %s", name, job_id,
                                 task_id, exc)
                 finally:
-                    await anyio.to_thread.run_sync(it.close)
+                    with anyio.CancelScope(shield=True):  # the client may have gone
+                        await anyio.to_thread.run_sync(it.close)
 
-        return StreamingResponse(stream(), media_type="application/octet-stream",
+        # from a Range start: 206 (the bytes begin there); the end is not known yet, so
+        # there is no Content-Range
+        return StreamingResponse(stream(), status_code=206 if offset else 200,
+                                 media_type="application/octet-stream",
                                  headers={"Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no"})
 
