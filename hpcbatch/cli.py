@@ -8,6 +8,7 @@ job resumable with ``hpcbatch job wait``.
 from __future__ import annotations
 
 import datetime as dt
+import heapq
 import json
 import math
 import os
@@ -26,6 +27,13 @@ from hpcbatch import env as E
 from hpcbatch._version import __version__
 from hpcbatch.errors import HpcBatchError, ValidationError
 from hpcbatch.models import JobSpec, TaskSpec, check_id
+from hpcbatch.query import (
+    JOB_ITEM_FIELDS,
+    TASK_FIELDS,
+    TASK_ITEM_FIELDS,
+    parse_filter,
+    parse_select,
+)
 
 # piped output is not folded at 80 columns: ids and paths stay whole for grep and copy
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 240)
@@ -262,31 +270,44 @@ def _duration(t) -> float | None:
     return None
 
 
+SUMMARY_SLOWEST_UP_TO = 10_000  # the slowest tasks are looked for in jobs up to this size
+SUMMARY_FAILED = 20  # failed tasks the summary names
+
+
 def _summary(service, job_id: str, counts: dict[str, int]) -> None:
-    rows = service.list_tasks(job_id, "completed")
-    retried = sum(1 for r in rows if r.retry_count)
-    timed_out = sum(1 for r in rows if r.failure == "timeout" and r.result == "failure")
+    """The end of a run: the kept counts, the slowest tasks (jobs of up to
+    SUMMARY_SLOWEST_UP_TO tasks, read a page at a time) and the first SUMMARY_FAILED
+    failed ones: never every row of a big job."""
     cols = ["tasks", "succeeded", "failed", "timed out", "retried", "requeued"]
     out.print(table(cols, [[counts["total"], f"[green]{counts['succeeded']}",
-                            f"[red]{counts['failed']}" if counts["failed"] else "0", timed_out,
-                            retried, sum(1 for r in rows if r.requeue_count)]],
+                            f"[red]{counts['failed']}" if counts["failed"] else "0",
+                            counts.get("timed_out", 0), counts.get("retried", 0),
+                            counts.get("requeued", 0)]],
                     title=f"job {job_id}", right=tuple(cols)))
-    slow = sorted((r for r in rows if _duration(r) is not None), key=_duration, reverse=True)[:5]
-    if slow and len(rows) > 1:
-        out.print(table(["task", "seconds", "exit", "node"],
-                        [[r.id, f"{_duration(r):.3f}", exit_text(r), r.node_id or ""]
-                         for r in slow], keep=("task", "node"), title="slowest tasks"))
-    failed = [r for r in rows if r.result == "failure"]
-    if failed:
+    if 1 < counts["total"] <= SUMMARY_SLOWEST_UP_TO:
+        done = service.iter_tasks(job_id, filter="state eq 'completed'",
+                                  select=["id", "started_at", "ended_at", "exit_code",
+                                          "signal", "node_id"])
+        slow = heapq.nlargest(5, (r for r in done if _duration(r) is not None),
+                              key=_duration)
+        if slow:
+            out.print(table(["task", "seconds", "exit", "node"],
+                            [[r["id"], f"{_duration(r):.3f}", exit_text(r), r["node_id"] or ""]
+                             for r in slow], keep=("task", "node"), title="slowest tasks"))
+    if counts["failed"]:
+        failed = service.query_tasks(
+            job_id, filter="state eq 'completed' and result eq 'failure'",
+            select=["id", "failure", "exit_code", "signal", "retry_count", "task_dir"],
+            max_results=SUMMARY_FAILED).items
         out.print(table(["task", "failure", "exit", "retries"],
-                        [[r.id, r.failure or "", exit_text(r), r.retry_count]
-                         for r in failed[:20]], keep=("task",),
-                        title=f"failed tasks ({len(failed)})"))
-        for r in failed[:20]:  # unwrapped, so the paths can be copied
-            stderr_path = os.path.join(r.task_dir, "stderr.txt") if r.task_dir else "-"
-            out.print(f"{r.id} stderr: {stderr_path}", soft_wrap=True, markup=False)
-        more = f" ({len(failed) - 20} more: 'hpcbatch task list {job_id} --failed')" \
-            if len(failed) > 20 else ""
+                        [[r["id"], r["failure"] or "", exit_text(r), r["retry_count"]]
+                         for r in failed], keep=("task",),
+                        title=f"failed tasks ({counts['failed']})"))
+        for r in failed:  # unwrapped, so the paths can be copied
+            stderr_path = os.path.join(r["task_dir"], "stderr.txt") if r["task_dir"] else "-"
+            out.print(f"{r['id']} stderr: {stderr_path}", soft_wrap=True, markup=False)
+        more = (f" ({counts['failed'] - len(failed)} more: 'hpcbatch task list {job_id} "
+                "--failed')") if counts["failed"] > len(failed) else ""
         out.print(f"read one with 'hpcbatch task logs {job_id} TASK --stderr'{more}",
                   soft_wrap=True, markup=False)
 
@@ -400,17 +421,76 @@ def job() -> None:
     """Jobs: groups of tasks bound to a pool."""
 
 
+def _filter_option(what: str):
+    return click.option("--filter", "filter_", metavar="FILTER",
+                        help=f"Only the {what} that match, in Batch's $filter style: "
+                        "\"state eq 'completed' and exit_code ne 0\", "
+                        "\"startswith(id,'sim-')\" (see hpcbatch.query).")
+
+
+def _select_option(fields: tuple[str, ...]):
+    return click.option("--select", metavar="FIELDS",
+                        help=f"Comma-separated fields to show: {', '.join(fields)}.")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def _pages(query, wanted: int, continuation: str | None):
+    """Up to ``wanted`` items, a page (of at most 1000) at a time; and the token of the
+    rest (None: no more)."""
+    from hpcbatch.query import MAX_RESULTS
+    items: list[dict] = []
+    token = continuation
+    while len(items) < wanted:
+        page = query(min(MAX_RESULTS, wanted - len(items)), token)
+        items += page.items
+        token = page.continuation
+        if token is None:
+            break
+    return items, token
+
+
+def _more(what: str, token: str | None, shown: int, total: int | None) -> None:
+    if token is None:
+        return
+    of = f" of {total}" if total is not None else ""
+    err.print(f"showing {shown}{of} {what}; the next ones: add --continuation {token}",
+              markup=False, soft_wrap=True)
+
+
+JOB_COLUMNS = ("job", "pool", "state", "priority", "tasks", "completed", "failed", "created")
+
+
 @job.command("list")
-def job_list() -> None:
+@_filter_option("jobs")
+@_select_option(JOB_ITEM_FIELDS)
+@click.option("--max", "max_", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Show at most this many jobs.")
+@click.option("--continuation", metavar="TOKEN", help="Go on from where a listing stopped.")
+def job_list(filter_, select, max_, continuation) -> None:
     """The jobs, newest last, with their task counts."""
+    fields = parse_select(select, JOB_ITEM_FIELDS) if select else None
     with _service() as service:
-        jobs = service.list_jobs(counts=True)
-    rows = [[j.id, j.pool_id, j.state, j.priority, j.counts["total"], j.counts["completed"],
-             j.counts["failed"],
-             dt.datetime.fromtimestamp(j.created_at).strftime("%Y-%m-%d %H:%M:%S")]
-            for j in jobs]
-    out.print(table(["job", "pool", "state", "priority", "tasks", "completed", "failed",
-                     "created"], rows, keep=("job", "pool", "completed", "created")))
+        jobs, token = _pages(lambda n, t: service.query_jobs(
+            filter=filter_, select=fields, max_results=n, continuation=t), max_, continuation)
+    if fields:
+        out.print(table(list(fields), [[_cell(j[f]) for f in fields] for j in jobs],
+                        keep=tuple(f for f in fields if f in ("id", "pool_id"))))
+    else:
+        zero = {"total": 0, "completed": 0, "failed": 0}
+        rows = [[j["id"], j["pool_id"], j["state"], j["priority"],
+                 (j["counts"] or zero)["total"], (j["counts"] or zero)["completed"],
+                 (j["counts"] or zero)["failed"],
+                 dt.datetime.fromtimestamp(j["created_at"]).strftime("%Y-%m-%d %H:%M:%S")]
+                for j in jobs]
+        out.print(table(list(JOB_COLUMNS), rows, keep=("job", "pool", "completed", "created")))
+    _more("jobs", token, len(jobs), None)
 
 
 @job.command("show")
@@ -475,25 +555,45 @@ def task() -> None:
     """Tasks of a job."""
 
 
+TASK_LIST_FIELDS = ("id", "state", "result", "exit_code", "signal", "retry_count", "node_id",
+                    "started_at", "ended_at")
+
+
 @task.command("list")
 @click.argument("job_id")
 @click.option("--state", type=click.Choice(["active", "preparing", "running", "completed"]))
 @click.option("--failed", is_flag=True, help="Only completed tasks that failed.")
-@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True)
-def task_list(job_id, state, failed, limit) -> None:
-    """A job's tasks (at most --limit of them), in submission order."""
+@_filter_option("tasks")
+@_select_option(TASK_ITEM_FIELDS)
+@click.option("--max", "--limit", "max_", type=click.IntRange(min=1), default=1000,
+              show_default=True, help="Show at most this many tasks (read 1000 at a time).")
+@click.option("--continuation", metavar="TOKEN", help="Go on from where a listing stopped.")
+def task_list(job_id, state, failed, filter_, select, max_, continuation) -> None:
+    """A job's tasks (at most --max of them), in submission order."""
+    parse_filter(filter_, TASK_FIELDS)  # a bad one named at its own positions
+    fields = parse_select(select, TASK_ITEM_FIELDS) if select else None
+    terms = [f"state eq '{state}'"] if state else []
+    terms += ["state eq 'completed' and result eq 'failure'"] if failed else []
+    terms += [f"({filter_})"] if filter_ and filter_.strip() else []
+    query = " and ".join(terms) or None
     with _service() as service:
-        rows = service.list_tasks(job_id, state, failed=failed, limit=limit)
-        counts = service.job_counts(job_id) if len(rows) == limit else None
-    shown = [[r.id, r.state, r.result or "", exit_text(r), r.retry_count, r.node_id or "",
-              f"{d:.3f}" if (d := _duration(r)) is not None else ""] for r in rows]
-    out.print(table(["task", "state", "result", "exit", "retries", "node", "seconds"], shown,
-                    keep=("task", "node")))
-    if counts is not None:
-        total = counts["failed"] if failed else counts[state] if state else counts["total"]
-        if total > limit:
-            err.print(f"showing {limit} of {total} tasks; use --limit to see more",
-                      markup=False)
+        rows, token = _pages(lambda n, t: service.query_tasks(
+            job_id, filter=query, select=fields or TASK_LIST_FIELDS, max_results=n,
+            continuation=t), max_, continuation)
+        total = None
+        if token is not None and not (filter_ and filter_.strip()):
+            counts = service.job_counts(job_id)  # kept: one row read
+            total = counts["failed"] if failed else counts[state] if state else counts["total"]
+    if fields:
+        out.print(table(list(fields), [[_cell(r[f]) for f in fields] for r in rows],
+                        keep=tuple(f for f in fields if f in ("id", "node_id"))))
+    else:
+        shown = [[r["id"], r["state"], r["result"] or "", exit_text(r), r["retry_count"],
+                  r["node_id"] or "", f"{d:.3f}" if (d := _duration(r)) is not None else ""]
+                 for r in rows]
+        out.print(table(["task", "state", "result", "exit", "retries", "node", "seconds"],
+                        shown, keep=("task", "node")))
+    _more("tasks", token, len(rows), total)
 
 
 def _iso(t: float | None) -> str | None:

@@ -31,7 +31,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from hpcbatch.models import JobSpec, PoolSpec, TaskSpec, check_id
 from hpcbatch.service import LOCAL_POOL, LocalService, Service
 from hpcbatch.state import DEFAULT_PREFETCH
 from hpcbatch.timings import Timings
-from hpcbatch.views import AttemptView, JobView, NodeView, PoolView, TaskView
+from hpcbatch.views import AttemptView, JobView, NodeView, Page, PoolView, TaskView
 
 POOL_DEAD_GRACE_S = Timings.pool_grace_s  # Job.wait gives up on a pool with no usable node
 # this long (the default of Batch(pool_grace_s=...))
@@ -97,6 +97,50 @@ class Task:
         return Path(self.task_dir) / "stderr.txt" if self.task_dir else None
 
 
+class TaskList:
+    """A job's tasks (of one state, or that match a filter) in submission order, read a
+    page at a time each time it is iterated: a million tasks are never held at once.
+    ``len()`` reads the kept counts (a filter: counts a page at a time); ``list(...)``
+    makes the list when one is wanted, and ``a + b`` is ``list(a) + list(b)``."""
+
+    def __init__(self, batch: Batch, job_id: str, state: str | None = None,
+                 filter: str | None = None, page_size: int = 1000):
+        from hpcbatch.models import TaskState
+        if state is not None and state not in {s.value for s in TaskState}:
+            raise ValidationError("state", f"{state!r} is not one of "
+                                  f"{', '.join(s.value for s in TaskState)}")
+        self._batch = batch
+        self.job_id = job_id
+        self.state = state
+        self.filter = filter
+        self.page_size = page_size
+        terms = [f"state eq '{state}'"] if state else []
+        terms += [f"({filter})"] if filter and filter.strip() else []
+        self._query = " and ".join(terms) or None
+
+    def __iter__(self) -> Iterator[Task]:
+        for item in self._batch.service.iter_tasks(self.job_id, filter=self._query,
+                                                   page_size=self.page_size):
+            yield Task(self._batch, TaskView.from_dict(item))
+
+    def __len__(self) -> int:
+        if not (self.filter and self.filter.strip()):
+            counts = self._batch.service.job_counts(self.job_id)
+            return counts[self.state] if self.state else counts["total"]
+        return sum(1 for _ in self._batch.service.iter_tasks(
+            self.job_id, filter=self._query, select=["seq"], page_size=1000))
+
+    def __add__(self, other: Iterable[Task]) -> list[Task]:
+        return [*self, *other]
+
+    def __radd__(self, other: Iterable[Task]) -> list[Task]:
+        return [*other, *self]
+
+    def __repr__(self) -> str:
+        what = f" {self._query}" if self._query else ""
+        return f"<TaskList {self.job_id}{what}>"
+
+
 class Job:
     def __init__(self, batch: Batch, job_id: str):
         self._batch = batch
@@ -133,8 +177,23 @@ class Job:
     def counts(self) -> dict[str, int]:
         return self._batch.service.job_counts(self.id)
 
-    def tasks(self, state: str | None = None) -> list[Task]:
-        return [Task(self._batch, v) for v in self._batch.service.list_tasks(self.id, state)]
+    def tasks(self, state: str | None = None, *, filter: str | None = None,
+              page_size: int = 1000) -> TaskList:
+        """The job's tasks (of ``state``, matching ``filter``: see :meth:`query`), read
+        page by page as they are iterated; ``list(job.tasks())`` for a list."""
+        return TaskList(self._batch, self.id, state, filter, page_size)
+
+    def query(self, filter: str | None = None, *, select: Sequence[str] | None = None,
+              max_results: int = 1000, continuation: str | None = None) -> Page:
+        """One page of the job's tasks: ``filter`` in Batch's $filter style
+        (``state eq 'completed' and exit_code ne 0``, ``startswith(id,'sim-')``,
+        ``node_id eq 'n3'``, ``started_at gt '2024-05-01T00:00:00Z'``, with and/or/not
+        and parentheses), ``select`` the fields each item holds, at most
+        ``max_results`` (up to 1000) items; pass ``page.continuation`` back for the
+        next page (None after the last)."""
+        return self._batch.service.query_tasks(self.id, filter=filter, select=select,
+                                               max_results=max_results,
+                                               continuation=continuation)
 
     def task(self, task_id: str) -> Task:
         return Task(self._batch, self._batch.service.get_task(self.id, task_id))
@@ -206,8 +265,27 @@ class Jobs:
         self._batch.service.get_job(job_id)
         return Job(self._batch, job_id)
 
-    def list(self, *, counts: bool = False) -> list[JobView]:
-        return self._batch.service.list_jobs(counts=counts)
+    def list(self, *, counts: bool = False, filter: str | None = None) -> list[JobView]:
+        """The jobs, oldest first (``filter``: those that match, e.g. ``state eq
+        'active' and priority gt 0``)."""
+        if filter is None:
+            return self._batch.service.list_jobs(counts=counts)
+        out, token = [], None
+        while True:
+            page = self.query(filter, continuation=token)
+            out += [JobView.from_dict({**item, "counts": item.get("counts") if counts
+                                       else None}) for item in page.items]
+            token = page.continuation
+            if token is None:
+                return out
+
+    def query(self, filter: str | None = None, *, select: Sequence[str] | None = None,
+              max_results: int = 1000, continuation: str | None = None) -> Page:
+        """One page of the jobs (fields: id, pool_id, state, priority, created_at,
+        completed_at ...; items carry their task counts); like :meth:`Job.query`."""
+        return self._batch.service.query_jobs(filter=filter, select=select,
+                                              max_results=max_results,
+                                              continuation=continuation)
 
     def delete(self, job_id: str) -> list[str]:
         """Delete a finished job, its tasks and their directories on every node of its
@@ -476,5 +554,5 @@ class Batch:
         self.close()
 
 
-__all__ = ["Batch", "Job", "Jobs", "Pools", "Task", "TaskSpec", "JobSpec", "PoolSpec",
+__all__ = ["Batch", "Job", "Jobs", "Pools", "Task", "TaskList", "TaskSpec", "JobSpec", "PoolSpec",
            "ValidationError", "NotFound", "check_id"]

@@ -13,7 +13,7 @@ text never becomes SQL, only ``?`` parameters do. The grammar::
     OP         := eq | ne | lt | le | gt | ge
     value      := 'text' (a quote doubled: '') | NUMBER | null
 
-Keywords and operators are case-insensitive; field names are as listed in
+Keywords, operators and field names are case-insensitive; the fields are those of
 :data:`TASK_FIELDS` and :data:`JOB_FIELDS`. Times (``started_at``, ``ended_at``,
 ``created_at`` ...) compare with epoch seconds or an ISO-8601 string (UTC when it names
 no zone). Comparisons are two-valued as in OData: ``exit_code ne 0`` is true for a task
@@ -288,7 +288,7 @@ class _Parser:
         if tok.kind != "name":
             raise _bad(tok.pos, f"expected a field name, found {_shown(tok)}",
                        f"fields: {', '.join(self.fields)}")
-        f = self.fields.get(tok.text)
+        f = self.fields.get(tok.text.lower())
         if f is None:
             if tok.text.lower() in _KEYWORDS:
                 raise _bad(tok.pos, f"expected a field name, found the keyword {tok.text!r}")
