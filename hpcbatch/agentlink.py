@@ -21,15 +21,17 @@ log = logging.getLogger("hpcbatch.coordinator")
 def task_row(r: Any) -> S.TaskRow:
     """A store row (hpcbatch.store.TaskRow) as the state's TaskRow."""
     return S.TaskRow(r.seq, r.job_id, r.id, r.pool_id, r.neg_priority, r.required_slots,
-                     r.instances, r.slots_per_instance, r.max_retries, r.retry_count, r.flags)
+                     r.instances, r.slots_per_instance, r.max_retries, r.retry_count, r.flags,
+                     r.attempt)
 
 
-def task_row_of(r: Any) -> S.TaskRow:
+def task_row_of(r: Any, attempt: int) -> S.TaskRow:
     """A task's full store row (a dict, as Store.get_task returns it) as the state's
-    TaskRow, for a reactivation: its retry count starts again at 0."""
+    TaskRow, for a reactivation: its retry count starts again at 0; ``attempt``: the
+    number its next attempt gets."""
     return S.TaskRow(r["seq"], r["job_id"], r["id"], r["pool_id"], r["neg_priority"],
                      r["required_slots"], r["instances"], r["slots_per_instance"],
-                     r["max_retries"], 0, r["flags"])
+                     r["max_retries"], 0, r["flags"], attempt)
 
 
 def events_of(pool_id: str, node_id: str, gen: int, msg: Any, words: str,

@@ -343,7 +343,8 @@ class Coordinator:
             job_id, task_id = args
             row = self.store.get_task(job_id, task_id)
             check_reactivatable(row, self.store.get_job(job_id))
-            trow = link.task_row_of(row)
+            attempts = self.store.attempts(job_id, task_id)
+            trow = link.task_row_of(row, max((a["attempt"] + 1 for a in attempts), default=0))
             return [*self._unknown([trow]), S.ReactivateAsked(now, trow, self._reply(fut))]
         except Exception as exc:  # noqa: BLE001 - the caller hears it
             if not fut.done():

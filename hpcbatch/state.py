@@ -108,6 +108,8 @@ class TaskRow:
     max_retries: int = 0
     retry_count: int = 0
     flags: int = 0
+    attempt: int = 0  # the number of its next attempt (HPCBATCH_TASK_ATTEMPT); every
+    # attempt that ends (retry or requeue) adds one, as the store's task_attempts do
 
     @property
     def key(self) -> tuple[int, int]:
@@ -1179,7 +1181,7 @@ class CoordinatorState:
         self._emit(FinishAttempt(att.row.seq, "requeue", node.node_id, att.started_at, self.now,
                                  None, None, FailureKind.NODE_LOST, node.lost_reason, (),
                                  att.row.retry_count))
-        self._requeue_row(att.row)
+        self._requeue_row(dataclasses.replace(att.row, attempt=att.row.attempt + 1))
 
     def _on_Tick(self, ev: Tick) -> None:
         now = ev.t
@@ -1312,7 +1314,7 @@ class CoordinatorState:
         self._occupy(node, run, slots)
         self._emit(MarkPreparing(row.seq, node.node_id, tdir, self.now))
         msg = RunTask(node.pool_id, node.node_id, row.seq, run, tdir,
-                      self._task_env(row, node, tdir, row.retry_count), slots)
+                      self._task_env(row, node, tdir, row.attempt), slots)
         if row.flags & FLAG_RESOURCE_FILES:
             att.pending_run = msg
             token = self._next_token()
@@ -1400,14 +1402,15 @@ class CoordinatorState:
             self._emit(FinishAttempt(row.seq, "requeue", node_id, started, end or self.now,
                                      ex.exit_code, ex.signal, FailureKind.KILLED, REQUEUE,
                                      usage, row.retry_count))
-            self._requeue_row(row)
+            self._requeue_row(dataclasses.replace(row, attempt=row.attempt + 1))
             return
         again = outcome.retry and not att.terminated
         att.task_state.check_move(TaskState.ACTIVE if again else TaskState.COMPLETED)
         failed = outcome.failure is not None
         kind, detail = _failure(ex, killed, att.terminated, failed)
         if again:
-            retried = dataclasses.replace(row, retry_count=row.retry_count + 1)
+            retried = dataclasses.replace(row, retry_count=row.retry_count + 1,
+                                          attempt=row.attempt + 1)
             self._emit(FinishAttempt(row.seq, "retry", node_id, started, end or self.now,
                                      ex.exit_code, ex.signal, kind, detail, usage,
                                      retried.retry_count))
@@ -1590,7 +1593,7 @@ class CoordinatorState:
         row, alloc = att.row, att.alloc
         node = self.node(*alloc.nodes[index])
         tdir = posixpath.join(node.root or "", "jobs", row.job_id, row.task_id)
-        env = self._task_env(row, node, tdir, row.retry_count)
+        env = self._task_env(row, node, tdir, row.attempt)
         env.update({
             E.HOST_LIST: ",".join(alloc.hosts),
             E.NODE_LIST: ",".join(k[1] for k in alloc.nodes),
@@ -1692,7 +1695,7 @@ class CoordinatorState:
         # ranks started over ssh are not the agents' children: every agent of the
         # allocation reaps what carries this attempt's ids
         match = ((E.JOB_ID, row.job_id), (E.TASK_ID, row.task_id),
-                 (E.TASK_ATTEMPT, str(row.retry_count)))
+                 (E.TASK_ATTEMPT, str(row.attempt)))
         for key in alloc.nodes:
             node = self.node(*key)
             if node is None:

@@ -306,6 +306,7 @@ class TaskRow(NamedTuple):
     retry_count: int
     requeue_count: int
     flags: int  # FLAG_* bits
+    attempt: int  # the number its next attempt gets (as task_attempts numbers them)
 
 
 class DispatchSpec(NamedTuple):
@@ -321,7 +322,9 @@ class DispatchSpec(NamedTuple):
 
 _TASKROW_SQL = ("t.seq, t.job_id, t.id, t.pool_id, t.neg_priority, t.required_slots, "
                 "t.instances, t.slots_per_instance, t.max_retries, t.retry_count, "
-                "t.requeue_count, t.flags")
+                "t.requeue_count, t.flags, MAX(t.retry_count + t.requeue_count, "
+                "COALESCE((SELECT MAX(a.attempt) + 1 FROM task_attempts a "
+                "WHERE a.seq = t.seq), 0))")  # the attempt: as _NEXT_ATTEMPT numbers it
 # the tasks first (CROSS JOIN fixes the order): an index range of tasks, each job by its id
 _NEW_TASKS_SQL = (f"SELECT {_TASKROW_SQL} FROM tasks t CROSS JOIN jobs j ON j.id = t.job_id "
                   "WHERE t.state = 'active' AND t.seq > ? AND j.state = 'active' "

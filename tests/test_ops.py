@@ -99,7 +99,9 @@ def test_shrinking_below_the_busy_nodes_requeues_a_task_that_then_runs_once(batc
     assert (t.result, t.retry_count, t.requeue_count, t.node_id) == ("success", 0, 1, kept)
     outcomes = [(a.outcome, a.failure_kind, a.failure_detail) for a in t.attempts()]
     assert outcomes == [("requeue", "killed", "requeue"), ("success", None, None)]
-    assert sorted(p.name.rsplit(".", 1)[0] for p in marks.iterdir()).count(f"{moved}.0") == 2
+    # each run was told the attempt number the store records for it
+    runs = sorted(p.name.rsplit(".", 1)[0] for p in marks.iterdir() if p.name.startswith(moved))
+    assert runs == [f"{moved}.{a.attempt}" for a in t.attempts()] == [f"{moved}.0", f"{moved}.1"]
 
 
 def test_resize_input_is_checked(batch):

@@ -146,7 +146,7 @@ def test_a_sure_fence_requeues_at_once_and_the_task_runs_on_another_node():
     assert only(out, S.FinishAttempt, S.RunTask) == []
     out = st.handle(S.NodeFenced(3.1, "p", "n1", 1, sure=True))
     assert only(out, S.FinishAttempt)[0].outcome == "requeue"
-    assert only(out, S.RunTask) == [run_of(1, node="n2")]
+    assert only(out, S.RunTask) == [run_of(1, node="n2", attempt=1)]  # its next attempt
 
 
 def test_reconnect_back_off_doubles_up_to_the_maximum():
@@ -441,7 +441,7 @@ def test_disable_with_requeue_kills_and_requeues_without_counting_a_retry():
     assert out == [
         S.FinishAttempt(1, "requeue", "n1", 2.0, 2.5, None, 15, FailureKind.KILLED, "requeue",
                         (), 0),
-        S.MarkPreparing(1, "n2", f"{ROOT}/n2/jobs/j/t1", 2.5), run_of(1, node="n2"),
+        S.MarkPreparing(1, "n2", f"{ROOT}/n2/jobs/j/t1", 2.5), run_of(1, node="n2", attempt=1),
         node_rec(state=NodeState.IDLE, scheduling="disabled"),
         node_rec("n2", state=NodeState.RUNNING)]
 
@@ -488,7 +488,7 @@ def test_a_leaving_node_requeues_its_task_then_stops_and_is_dropped():
                         (), 0)]
     assert st.node("p", "n1") is None
     out = st.handle(exited(2, node="n2", t=3.0))  # t1 and t3 run on n2 now
-    assert only(out, S.RunTask) == [run_of(1, node="n2")]
+    assert only(out, S.RunTask) == [run_of(1, node="n2", attempt=1)]
 
 
 def test_an_idle_node_leaves_at_once():
@@ -508,7 +508,7 @@ def test_a_leaving_node_that_is_lost_goes_once_fenced():
     assert [type(i) for i in without(out, S.Log)] == [
         S.StopAgent, S.DropNode, S.FinishAttempt, S.MarkPreparing, S.RunTask, S.PersistNode]
     assert only(out, S.FinishAttempt)[0].outcome == "requeue"
-    assert only(out, S.RunTask) == [run_of(1, node="n2")]
+    assert only(out, S.RunTask) == [run_of(1, node="n2", attempt=1)]
 
 
 def test_resize_grows_with_the_providers_next_nodes_and_shrinks_idle_nodes_first():
@@ -559,14 +559,14 @@ def test_terminate_job_with_nothing_running_completes_it_at_once():
         S.TerminateJobTasks("j", 1.5), S.JobDrained("j"), S.CompleteJobIfDone("j")]
 
 
-def test_a_reactivated_task_runs_again_from_attempt_zero():
+def test_a_reactivated_task_runs_again_with_its_retries_from_zero():
     st = pool_up(rows=[row(1, max_retries=1)])
     st.handle(exited(1, code=3))
-    st.handle(exited(1, code=3, t=3.0))  # failed for good
-    again = row(1, max_retries=1, retry_count=1)
+    st.handle(exited(1, code=3, t=3.0))  # failed for good, after attempts 0 and 1
+    again = row(1, max_retries=1, retry_count=1, attempt=2)
     out = st.handle(S.ReactivateAsked(4.0, again, reply=2))
     assert out == [S.ReactivateTask(1, "j", 4.0), S.Reply(2),
-                   S.MarkPreparing(1, "n1", f"{ROOT}/n1/jobs/j/t1", 4.0), run_of(1),
+                   S.MarkPreparing(1, "n1", f"{ROOT}/n1/jobs/j/t1", 4.0), run_of(1, attempt=2),
                    node_rec(state=NodeState.RUNNING)]
     assert st.open["j"] == 1
     out = st.handle(exited(1, code=3, t=5.0))  # its retries count from 0 again
