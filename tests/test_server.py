@@ -564,3 +564,52 @@ def test_tls_serves_https_and_a_public_bind_without_it_warns(serve, tmp_path):
 
     public = serve(tmp_path / "public home", "--store-only", "--bind", "0.0.0.0:0")
     assert "without TLS" in public.stderr() and "clear text" in public.stderr()
+
+
+def test_each_error_kind_has_its_status_and_code():
+    """The app alone (in this process, over ASGI) on a service whose every answer is an
+    error of one kind: the status and code each kind maps to."""
+    import asyncio
+    import errno
+    import sqlite3
+
+    from hpcbatch.errors import (
+        Conflict,
+        CoordinatorBusy,
+        HpcBatchError,
+        NotFound,
+        StorageFull,
+        ValidationError,
+    )
+    from hpcbatch.server.app import create_app
+    from hpcbatch.server.auth import KeyRing
+
+    class Failing:
+        def __init__(self):
+            self.exc: BaseException = RuntimeError()
+
+        def get_pool(self, pool_id):
+            raise self.exc
+
+    service, ring = Failing(), KeyRing(None)
+    key = ring.add_session_key()
+    app = create_app(service, ring)
+    cases = [(ValidationError("pool.id", "bad"), 400, "ValidationError", "pool.id"),
+             (NotFound("no pool"), 404, "NotFound", None),
+             (Conflict("clash"), 409, "Conflict", None),
+             (CoordinatorBusy("busy"), 409, "CoordinatorBusy", None),
+             (HpcBatchError("other"), 409, "HpcBatchError", None),
+             (StorageFull("full"), 507, "StorageFull", None),
+             (OSError(errno.ENOSPC, "No space left on device"), 507, "StorageFull", None),
+             (sqlite3.OperationalError("database is locked"), 409, "CoordinatorBusy", None),
+             (RuntimeError("a bug"), 500, "InternalError", None)]
+
+    async def go():
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app", headers={
+                "Authorization": f"Bearer {key}"}) as c:
+            for exc, status, code, target in cases:
+                service.exc = exc
+                body = is_error(await c.get("/v1/pools/p"), status, code)
+                assert body["target"] == target and body["message"], body
+    asyncio.run(go())

@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import logging
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -159,9 +160,13 @@ async def _hpcbatch_handler(request: Request, exc: HpcBatchError) -> JSON:
     return hpcbatch_error(exc)
 
 
-async def _unexpected_handler(request: Request, exc: Exception) -> JSON:
-    import sqlite3
+def _internal(request: Request, exc: BaseException) -> JSON:
+    return error(500, "InternalError", f"{type(exc).__name__}: {exc} (a fault of the "
+                 "server; its log has the traceback)")
 
+
+async def _os_or_db_handler(request: Request, exc: Exception) -> JSON:
+    """A full disk (507) or a store locked for too long (409); else a fault (500)."""
     from hpcbatch.store import storage_full
     full = storage_full(exc, getattr(request.app.state, "home", None) or ".")
     if full is not None:
@@ -169,10 +174,13 @@ async def _unexpected_handler(request: Request, exc: Exception) -> JSON:
     if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
         return error(409, "CoordinatorBusy", "the state database is busy (another process "
                      "holds its write lock, such as a large submit); retry")
-    log.error("%s %s failed: %s: %s (the traceback follows)", request.method,
-              request.url.path, type(exc).__name__, exc)
-    return error(500, "InternalError", f"{type(exc).__name__}: {exc} (a bug in hpcbatch; "
-                 "see the server's log)")
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return _internal(request, exc)
+
+
+async def _unexpected_handler(request: Request, exc: Exception) -> JSON:
+    # (Starlette logs the traceback of what reaches this handler)
+    return _internal(request, exc)
 
 
 # ================================================================== the gate
@@ -513,7 +521,7 @@ class RunIn(_In):
 class ErrorOut(BaseModel):
     code: str = Field(description="ValidationError, NotFound, Conflict, CoordinatorBusy, "
                       "StorageFull, Unauthorized, Forbidden, PayloadTooLarge, InvalidBody, "
-                      "RangeNotSatisfiable, HpcBatchError")
+                      "RangeNotSatisfiable, MethodNotAllowed, HpcBatchError, InternalError")
     message: str = Field(description="one line: what was wrong and how to fix it")
     target: str | None = Field(description="the field a ValidationError names")
 
@@ -740,6 +748,8 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)
     app.add_exception_handler(_Invalid, _invalid_handler)
+    app.add_exception_handler(OSError, _os_or_db_handler)
+    app.add_exception_handler(sqlite3.Error, _os_or_db_handler)
     app.add_exception_handler(Exception, _unexpected_handler)
 
     async def call(fn: Callable[[Any], Any]) -> Any:
