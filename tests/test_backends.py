@@ -153,6 +153,7 @@ def ssh_spec(cluster_dir: Path, tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # 25-80 s per backend on a busy 2-core machine
 def test_ssh_pool_ten_thousand_tasks_in_one_request_to_the_end(backend, ssh_cluster,
                                                               tmp_path):
     spec = ssh_spec(ssh_cluster.directory, tmp_path)
@@ -169,7 +170,7 @@ def test_ssh_pool_ten_thousand_tasks_in_one_request_to_the_end(backend, ssh_clus
     service = backend.service
     counter = service.change_counter()
     wakes = 0
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 270  # (pytest's timeout is 300 s)
     counts = job.counts()
     while counts["completed"] < counts["total"]:
         assert time.monotonic() < deadline, counts
