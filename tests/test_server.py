@@ -170,6 +170,20 @@ def wait_done(c: httpx.Client, job: str, timeout_s: float = 60) -> dict:
     raise AssertionError(f"job {job} not done within {timeout_s} s: {counts}")
 
 
+_DOCS: dict[str, dict] = {}
+
+
+def conforms(c: httpx.Client, template: str, r: httpx.Response, method: str = "get") -> dict:
+    """The JSON body of ``r`` is what the served OpenAPI document says for the route."""
+    jsonschema_rs = pytest.importorskip("jsonschema_rs")
+    doc = _DOCS.get(str(c.base_url)) or _DOCS.setdefault(str(c.base_url),
+                                                         c.get("/openapi.json").json())
+    content = doc["paths"][template][method]["responses"][str(r.status_code)]["content"]
+    schema = {**content["application/json"]["schema"], "components": doc["components"]}
+    jsonschema_rs.Draft202012Validator(schema).validate(r.json())
+    return r.json()
+
+
 def is_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
     assert r.status_code == status, (r.status_code, r.text)
     body = r.json()
@@ -359,6 +373,17 @@ def test_a_collection_runs_to_the_end_and_its_files_are_read_with_ranges(shared)
     assert files["stdout.txt"]["size"] == 13
     attempts = c.get("/v1/jobs/coll/tasks/t3/attempts").json()["items"]
     assert [a["outcome"] for a in attempts] == ["success"]
+    # what a job that ran answers is what the document says (the fuzzer's home ran none)
+    for template, path in (
+            ("/v1/jobs/{job_id}", "/v1/jobs/coll"), ("/v1/jobs", "/v1/jobs"),
+            ("/v1/jobs/{job_id}/taskcounts", "/v1/jobs/coll/taskcounts"),
+            ("/v1/jobs/{job_id}/tasks", "/v1/jobs/coll/tasks"),
+            ("/v1/jobs/{job_id}/tasks/{task_id}", "/v1/jobs/coll/tasks/t3"),
+            ("/v1/jobs/{job_id}/tasks/{task_id}/attempts", "/v1/jobs/coll/tasks/t3/attempts"),
+            ("/v1/jobs/{job_id}/tasks/{task_id}/files", "/v1/jobs/coll/tasks/t3/files"),
+            ("/v1/pools", "/v1/pools"), ("/v1/pools/{pool_id}", "/v1/pools/local"),
+            ("/v1/pools/{pool_id}/nodes", "/v1/pools/local/nodes")):
+        conforms(c, template, c.get(path))
 
 
 def test_follow_streams_a_task_that_writes_over_time(shared, tmp_path):
