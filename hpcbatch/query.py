@@ -39,6 +39,7 @@ import hashlib
 import hmac
 import json
 import math
+import operator
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -533,6 +534,27 @@ def read_token(key: bytes, token: str | None, kind: str, scope: str,
 
 # ---- page items ---------------------------------------------------------------------------
 
+def _json_decoder():
+    """json.loads, or msgspec's decoder (5x faster on a task's spec) where msgspec is
+    installed; text it refuses (NaN, which json.dumps writes) goes to json.loads."""
+    try:
+        import msgspec
+    except ImportError:
+        return json.loads
+    decode = msgspec.json.Decoder().decode
+    error = msgspec.DecodeError
+
+    def loads(text: str) -> Any:
+        try:
+            return decode(text)
+        except error:
+            return json.loads(text)
+    return loads
+
+
+_decode = _json_decoder()
+
+
 def _loads(text: Any, default: Any) -> Any:
     if text is None or text == "":
         return default
@@ -559,6 +581,33 @@ def task_item(row: Mapping[str, Any], fields: Sequence[str]) -> dict[str, Any]:
             v = 1
         out[f] = v
     return out
+
+
+def task_items(rows: Iterable[Sequence[Any]], columns: Sequence[str],
+               fields: Sequence[str]) -> tuple[dict[str, Any], ...]:
+    """Page items (as task_item makes them) from tuple rows of ``columns``: one C-level
+    pick per row, then only the fields that need it are converted."""
+    pos = [list(columns).index(f) for f in fields]
+    pick = operator.itemgetter(*pos) if len(pos) > 1 else (lambda r, i=pos[0]: (r[i],))
+    spec, usage = "spec" in fields, "usage" in fields
+    zeros = [f for f in ("retry_count", "requeue_count") if f in fields]
+    slots = "required_slots" in fields
+    loads = _decode
+    out = []
+    for r in rows:
+        d = dict(zip(fields, pick(r)))
+        if spec:
+            v = d["spec"]
+            d["spec"] = loads(v) if v else {}
+        if usage:
+            v = d["usage"]
+            d["usage"] = loads(v) if v else None
+        for f in zeros:
+            d[f] = d[f] or 0
+        if slots and d["required_slots"] is None:
+            d["required_slots"] = 1
+        out.append(d)
+    return tuple(out)
 
 
 def job_item(row: Mapping[str, Any], fields: Sequence[str],
@@ -593,11 +642,12 @@ def task_page(store: Any, job_id: str, *, filter: str | None = None,
     key = store.query_key()
     after = read_token(key, continuation, "tasks", job_id, flt)
     store.get_job(job_id)  # NotFound
-    rows = store.query_tasks(job_id, flt, task_columns(fields), after, limit + 1)
+    columns = task_columns(fields)
+    rows = store.query_tasks(job_id, flt, columns, after, limit + 1)  # tuples, seq first
     more = len(rows) > limit
     rows = rows[:limit]
-    token = make_token(key, "tasks", job_id, flt, rows[-1]["seq"]) if more else None
-    return Page(tuple(task_item(r, fields) for r in rows), token)
+    token = make_token(key, "tasks", job_id, flt, rows[-1][0]) if more else None
+    return Page(task_items(rows, columns, fields), token)
 
 
 def job_page(store: Any, *, filter: str | None = None,

@@ -172,11 +172,13 @@ class Service(abc.ABC):
     def iter_tasks(self, job_id: str, *, filter: str | None = None,
                    select: Sequence[str] | None = None, page_size: int = 1000
                    ) -> Iterator[dict[str, Any]]:
-        """Every task of the job that matches, page by page (one page held at a time)."""
+        """Every task of the job that matches, page by page (one page held at a time;
+        ``page_size`` above 1000 reads 1000 at a time)."""
         token = None
+        size = min(page_size, 1000) if isinstance(page_size, int) else page_size
         while True:
             page = self.query_tasks(job_id, filter=filter, select=select,
-                                    max_results=page_size, continuation=token)
+                                    max_results=size, continuation=token)
             yield from page.items
             token = page.continuation
             if token is None:

@@ -1043,11 +1043,12 @@ class Store:
                 (max(after, span[0] - 1), span[1], job_id, *params, limit))
 
     def query_tasks(self, job_id: str, flt: Any, columns: Iterable[str], after: int | None,
-                    limit: int) -> list[dict[str, Any]]:
-        """Up to ``limit`` rows (the named columns) of the job's tasks that match ``flt``
-        (a :class:`hpcbatch.query.Filter`, or None), in seq order after seq ``after``."""
+                    limit: int) -> list[tuple]:
+        """Up to ``limit`` rows (tuples of the named columns) of the job's tasks that
+        match ``flt`` (a :class:`hpcbatch.query.Filter`, or None), in seq order after seq
+        ``after``."""
         q = self._task_query(job_id, flt, columns, after, limit)
-        return [] if q is None else self.db.execute(*q).fetchall()
+        return [] if q is None else self._tuples(*q)
 
     def explain_query_tasks(self, job_id: str, flt: Any, after: int | None = None,
                             limit: int = 1000) -> list[str]:
