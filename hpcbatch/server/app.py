@@ -338,16 +338,24 @@ class _Changes:
 
     def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
         last = self.counter
-        try:
-            with self.services.use() as s:
-                while not self._stop.is_set():
+        failing = False
+        with self.services.use() as s:
+            while not self._stop.is_set():
+                try:
                     value = s.wait_for_change(last, 0.5)
-                    if value != last:
-                        last = value
+                except Exception:  # noqa: BLE001 - a busy or failing store: said, retried
+                    if not failing:
+                        log.exception("the change feed cannot read the store; retrying")
+                    failing = True
+                    self._stop.wait(1.0)
+                    continue
+                if failing:
+                    log.info("the change feed reads the store again")
+                    failing = False
+                if value != last:
+                    last = value
+                    with contextlib.suppress(RuntimeError):  # the loop has closed
                         loop.call_soon_threadsafe(self._publish, value)
-        except Exception:  # noqa: BLE001 - logged; waiters then see only timeouts
-            if not self._stop.is_set():
-                log.exception("the change feed stopped")
 
     def _publish(self, value: int) -> None:
         self.counter = value
