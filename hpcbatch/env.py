@@ -6,6 +6,11 @@ applies what it is sent, so it never needs to know them.
 
 HOME = "HPCBATCH_HOME"
 
+# clients of a running service (hpcbatch serve)
+URL = "HPCBATCH_URL"  # a service to use instead of an embedded coordinator
+KEY = "HPCBATCH_KEY"  # its API key
+CAFILE = "HPCBATCH_CAFILE"  # the CA (or self-signed certificate) of an https service
+
 POOL_ID = "HPCBATCH_POOL_ID"
 NODE_ID = "HPCBATCH_NODE_ID"
 JOB_ID = "HPCBATCH_JOB_ID"

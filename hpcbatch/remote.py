@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hpcbatch import env as E
 from hpcbatch._version import __version__
 from hpcbatch.errors import (
     Conflict,
@@ -57,9 +58,7 @@ from hpcbatch.views import (
     TaskView,
 )
 
-URL_ENV = "HPCBATCH_URL"  # a service to use instead of an embedded coordinator
-KEY_ENV = "HPCBATCH_KEY"  # its API key
-CAFILE_ENV = "HPCBATCH_CAFILE"  # the CA (or self-signed certificate) of an https service
+URL_ENV, KEY_ENV, CAFILE_ENV = E.URL, E.KEY, E.CAFILE
 SERVICE_FILE = "service.json"  # what a running 'hpcbatch serve' leaves in its home
 SERVICE_KEY_FILE = "service.key"  # the key it made for local clients of the same user
 

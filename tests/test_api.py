@@ -10,7 +10,7 @@ import pytest
 from helpers import gate, pid_alive, poll
 
 import hpcbatch
-from hpcbatch.errors import Conflict, CoordinatorBusy, ValidationError
+from hpcbatch.errors import Conflict, CoordinatorBusy, NotFound, ValidationError
 from hpcbatch.store import Store
 from hpcbatch.timings import Timings
 
@@ -116,8 +116,16 @@ def test_completions_are_committed_in_batches(make_batch, home, tmp_path):
 
 
 def test_a_second_coordinator_on_the_same_home_is_refused(batch, home):
-    with pytest.raises(CoordinatorBusy, match="another coordinator"):
-        hpcbatch.Batch(home)
+    assert batch.coordinator is not None  # the first one runs (it starts when needed)
+    second = hpcbatch.Batch(home)  # opening to read needs no coordinator
+    try:
+        assert [p.id for p in second.pools.list()] == ["local"]
+        with pytest.raises(CoordinatorBusy, match="another coordinator"):
+            second.pools.create("p")
+        with pytest.raises(NotFound):
+            second.pools.get("p")  # nothing was stored
+    finally:
+        second.close()
 
 
 def test_start_task_runs_before_tasks(batch):

@@ -12,7 +12,7 @@ import pytest
 from helpers import poll
 
 import hpcbatch
-from hpcbatch.store import Store
+from hpcbatch.store import SCHEMA_VERSION, Store
 
 DATA = Path(__file__).parent / "data"
 FAST = dict(heartbeat_s=0.25, node_timeout_s=2.0, lease_s=2.0, reconnect_max_s=1.0,
@@ -25,7 +25,7 @@ def test_a_state_db_of_the_previous_schema_is_upgraded_in_place_and_its_jobs_fin
     shutil.copy(DATA / "state-v1.db", home / "state.db")
     store = Store(home / "state.db")  # upgraded in place on open
     try:
-        assert store.schema_version() == 2
+        assert store.schema_version() == SCHEMA_VERSION  # every step since, in order
         before = {t["id"]: t["state"] for t in store.list_tasks("later")}
     finally:
         store.close()
