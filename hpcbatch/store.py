@@ -23,6 +23,7 @@ leaves the database as it was (the transaction is rolled back).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -274,6 +275,9 @@ _COUNT_SQL = (
     "SUM(result IS 'failure' AND failure_kind IS 'timeout'), COUNT(*) "
     "FROM tasks WHERE {where} GROUP BY job_id")
 _SEQS = "seq IN (SELECT value FROM json_each(?))"  # one parameter: a JSON array of seqs
+# what a task adds to its job's counts is a function of these (after its seq)
+_COUNTED_SQL = ("SELECT seq, job_id, state, result, retry_count, requeue_count, failure_kind "
+                "FROM tasks WHERE {where}")
 _COUNT_UPSERT = (
     f"INSERT INTO job_counts (job_id, {', '.join(COUNT_KEYS)}) "
     f"VALUES (?, {', '.join('?' * len(COUNT_KEYS))}) ON CONFLICT (job_id) DO UPDATE SET "
@@ -464,6 +468,7 @@ class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.commits = 0  # transactions committed through this connection
+        self._pending_counts: dict[str, list[int]] = {}  # job_counts changes not yet written
         self.db: sqlite3.Connection | None = None
         self._changes = _changes_for(self.path)
         try:
@@ -551,14 +556,17 @@ class Store:
             raise
         before = db.total_changes
         changed = False
+        self._pending_counts = {}
         try:
             yield db
+            self._flush_counts()
             if db.total_changes != before:
                 db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
                            "WHERE key='change'")
                 changed = True
             db.execute("COMMIT")
         except BaseException as exc:
+            self._pending_counts = {}
             if db.in_transaction:  # SQLite may have rolled it back already (a full disk)
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
@@ -889,12 +897,14 @@ class Store:
         sums of the tasks' counts), 'retried'/'requeued' (tasks retried or requeued at
         least once), 'timed_out' (failed by timeout) and 'total': one row read, kept by
         every write (zeros for a job with no tasks or no such job)."""
+        self._flush_counts()
         row = self._tuples(f"SELECT {', '.join(COUNT_KEYS)} FROM job_counts WHERE job_id=?",
                            (job_id,))
         return dict(zip(COUNT_KEYS, row[0] if row else (0,) * len(COUNT_KEYS)))
 
     def all_task_counts(self) -> dict[str, dict[str, int]]:
         """job id -> task_counts(job id), for every job."""
+        self._flush_counts()
         return {r[0]: dict(zip(COUNT_KEYS, r[1:])) for r in self._tuples(
             f"SELECT job_id, {', '.join(COUNT_KEYS)} FROM job_counts")}
 
@@ -906,6 +916,7 @@ class Store:
     def count_problems(self) -> list[str]:
         """Where a job's kept counts differ from its rows ([]: none); a scan of every
         task, for tests and 'is my home sound' checks."""
+        self._flush_counts()
         counted = {r[0]: r[1:] for r in self._tuples(_COUNT_SQL.format(where="1"))}
         kept = {r[0]: r[1:] for r in self._tuples(
             f"SELECT job_id, {', '.join(COUNT_KEYS)} FROM job_counts")}
@@ -925,6 +936,7 @@ class Store:
         """Count every job's tasks again into job_counts (a scan; repairs a home whose
         counts were changed outside the store)."""
         with self.transaction() as db:
+            self._pending_counts = {}
             db.execute("DELETE FROM job_counts")
             db.execute("INSERT INTO job_counts (job_id) SELECT id FROM jobs")
             for r in self._tuples(_COUNT_SQL.format(where="1")):
@@ -933,39 +945,62 @@ class Store:
 
     def unfinished(self, job_id: str) -> int:
         """Tasks of a job not yet completed (from the kept counts: one row read)."""
+        self._flush_counts()
         row = self._tuples("SELECT active + preparing + running FROM job_counts "
                            "WHERE job_id=?", (job_id,))
         return row[0][0] if row else 0
 
     def open_counts(self) -> dict[str, int]:
         """Job id -> its tasks not completed, for the jobs that have any (kept counts)."""
+        self._flush_counts()
         rows = self._tuples(
             "SELECT j.id, c.active + c.preparing + c.running FROM jobs j "
             "JOIN job_counts c ON c.job_id = j.id ORDER BY j.seq")
         return {job_id: n for job_id, n in rows if n}
 
     @contextlib.contextmanager
-    def _counted(self, where: str, args: tuple) -> Iterator[None]:
+    def _counted(self, where: str, args: tuple,
+                 after: Callable[[tuple], tuple] | None = None) -> Iterator[None]:
         """Keep job_counts right across a change to the tasks ``where`` picks (the same
-        tasks before and after: by seq): their counts are taken before and after, and the
-        difference is added to their jobs' rows. Inside the caller's transaction. Every
-        write that changes a task's state, result, retry_count, requeue_count,
-        failure_kind or job goes through here (or moves the counts itself)."""
-        sql = _COUNT_SQL.format(where=where)
-        before = {r[0]: r[1:] for r in self._tuples(sql, args)}
+        tasks before and after: by seq). Their counted columns are read before the
+        change; after it they are read again, or, when the caller knows what its
+        statements did to each row, computed by ``after(row)`` (row: seq, job_id, state,
+        result, retry_count, requeue_count, failure_kind). The difference is kept for the
+        transaction and written to job_counts, one row per job, when it commits (a
+        count read before that sees it). Every write that changes a task's state,
+        result, retry_count, requeue_count, failure_kind or job goes through here (or
+        moves the counts itself)."""
+        sql = _COUNTED_SQL.format(where=where)
+        before = self._tuples(sql, args)
         yield
-        after = {r[0]: r[1:] for r in self._tuples(sql, args)}
-        zero = (0,) * len(COUNT_KEYS)
-        for job_id in before.keys() | after.keys():
-            delta = [a - b for a, b in zip(after.get(job_id, zero), before.get(job_id, zero))]
+        now = [after(r) for r in before] if after is not None else self._tuples(sql, args)
+        delta = collections.Counter(r[1:] for r in now)
+        delta.subtract(r[1:] for r in before)
+        pending = self._pending_counts
+        for key, n in delta.items():
+            if n:
+                job_id, state, result, retries, requeues, kind = key
+                add = (state == "active", state == "preparing", state == "running",
+                       state == "completed", result == "success", result == "failure",
+                       retries, requeues, retries > 0, requeues > 0,
+                       result == "failure" and kind == "timeout", 1)
+                have = pending.get(job_id)
+                pending[job_id] = [n * x for x in add] if have is None else \
+                    [h + n * x for h, x in zip(have, add)]
+
+    def _counted_seqs(self, seqs: Iterable[int], after: Callable[[tuple], tuple] | None = None
+                      ) -> contextlib.AbstractContextManager[None]:
+        seqs = list(seqs)
+        if len(seqs) <= 32:  # a short list binds faster than a JSON array is parsed
+            return self._counted(f"seq IN ({','.join('?' * len(seqs))})", tuple(seqs), after)
+        return self._counted(_SEQS, (json.dumps(seqs),), after)
+
+    def _flush_counts(self) -> None:
+        """Write the transaction's pending count changes to job_counts."""
+        pending, self._pending_counts = self._pending_counts, {}
+        for job_id, delta in pending.items():
             if any(delta):
                 self.db.execute(_COUNT_UPSERT, (job_id, *delta))
-
-    def _counted_seqs(self, seqs: Iterable[int]) -> contextlib.AbstractContextManager[None]:
-        seqs = list(seqs)
-        if len(seqs) == 1:
-            return self._counted("seq = ?", (seqs[0],))
-        return self._counted(_SEQS, (json.dumps(seqs),))
 
     # ---- list queries (hpcbatch.query builds the conditions) --------------------------
 
@@ -1121,7 +1156,7 @@ class Store:
     def mark_preparing(self, rows: Iterable[tuple[int, str, str, float]]) -> None:
         """(seq, node_id, task_dir, t): assigned to a node, not yet started."""
         rows = list(rows)
-        with self.transaction() as db, self._counted_seqs(r[0] for r in rows):
+        with self.transaction() as db, self._counted_seqs((r[0] for r in rows), _preparing):
             db.executemany(
                 "UPDATE tasks SET state='preparing', node_id=?, task_dir=?, started_at=?, "
                 "ended_at=NULL WHERE seq=?",
@@ -1130,7 +1165,7 @@ class Store:
     def mark_running(self, items: Iterable[tuple[int, float]]) -> None:
         """(seq, t): its process started (only where the task is still preparing)."""
         items = list(items)
-        with self.transaction() as db, self._counted_seqs(seq for seq, _ in items):
+        with self.transaction() as db, self._counted_seqs((seq for seq, _ in items), _running):
             db.executemany("UPDATE tasks SET state='running', started_at=? WHERE seq=? "
                            "AND state='preparing'", ((t, seq) for seq, t in items))
 
@@ -1144,7 +1179,9 @@ class Store:
                                  f"{', '.join(OUTCOMES)}")
         rows = [(it["seq"], _kind(it["failure_kind"]), json.dumps(it["usage"] or {}), it)
                 for it in items]
-        with self.transaction() as db, self._counted_seqs(r[0] for r in rows):
+        by_seq = {seq: (it["outcome"], it["retry_count"], kind) for seq, kind, _, it in rows}
+        after = _finished(by_seq) if len(by_seq) == len(rows) else None  # a seq twice: read
+        with self.transaction() as db, self._counted_seqs(by_seq, after):
             db.executemany(
                 f"{_ATTEMPT_INSERT} SELECT t.seq, {_NEXT_ATTEMPT}, ?, ?, ?, ?, ?, ?, ?, ?, ? "
                 "FROM tasks t WHERE t.seq = ?",
@@ -1401,6 +1438,31 @@ class Store:
         with self.transaction() as db, self._counted("seq = ?", (seq,)):  # job_counts follow
             db.execute("DELETE FROM task_attempts WHERE seq=?", (seq,))
             db.execute("DELETE FROM tasks WHERE seq=?", (seq,))
+
+
+# ---- what the batch writes do to a task's counted columns ----------------------------
+# (row: seq, job_id, state, result, retry_count, requeue_count, failure_kind; see _counted)
+
+def _preparing(r: tuple) -> tuple:
+    return (*r[:2], "preparing", *r[3:])
+
+
+def _running(r: tuple) -> tuple:
+    return (*r[:2], "running", *r[3:]) if r[2] == "preparing" else r
+
+
+def _finished(by_seq: Mapping[int, tuple[str, int, str | None]]) -> Callable[[tuple], tuple]:
+    """finish_attempts' statements on one row: requeue -> active with one more requeue;
+    retry -> active with the new retry count and failure kind (its result unchanged);
+    success/failure -> completed with that result, retry count and kind."""
+    def after(r: tuple) -> tuple:
+        outcome, retries, kind = by_seq[r[0]]
+        if outcome == "requeue":
+            return (r[0], r[1], "active", r[3], r[4], r[5] + 1, r[6])
+        if outcome == "retry":
+            return (r[0], r[1], "active", r[3], retries, r[5], kind)
+        return (r[0], r[1], "completed", outcome, retries, r[5], kind)
+    return after
 
 
 # ---- adding tasks -------------------------------------------------------------------

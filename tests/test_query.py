@@ -471,6 +471,13 @@ OPS = ["add", "prepare", "run", "finish", "finish_one", "unstarted", "update", "
        "reactivate", "delete", "collection"]
 
 
+def test_the_shared_jobs_counts_are_right(shared):
+    assert_counts_right(shared.store, "big", "empty")
+    c = shared.job_counts("big")
+    assert (c["total"], c["completed"], c["running"], c["preparing"]) == (N, 1500, 250, 250)
+    assert c["timed_out"] == sum(1 for i in range(N) if i % 10 <= 5 and i % 20 == 5) > 0
+
+
 def test_counts_follow_random_transitions(service):
     s = service.store
     rng = random.Random(10)
@@ -491,18 +498,18 @@ def test_counts_follow_random_transitions(service):
             n += k
         elif op == "prepare" and by["active"]:
             ran.add(op)
-            s.mark_preparing((r["seq"], "n1", "/d", 1.0)
-                             for r in rng.sample(by["active"], min(10, len(by["active"]))))
+            k = min(rng.choice([3, 40]), len(by["active"]))  # 40: a batch bound as JSON
+            s.mark_preparing((r["seq"], "n1", "/d", 1.0) for r in rng.sample(by["active"], k))
         elif op == "run" and by["preparing"]:
             ran.add(op)
-            picked = rng.sample(by["preparing"], min(8, len(by["preparing"])))
+            picked = rng.sample(by["preparing"], min(rng.choice([3, 40]), len(by["preparing"])))
             picked += by["active"][:1]  # an active one is left as it is
             s.mark_running((r["seq"], 2.0) for r in picked)
         elif op == "finish" and by["running"] + by["preparing"]:
             ran.add(op)
             pool = by["running"] + by["preparing"]
             items = []
-            for r in rng.sample(pool, min(6, len(pool))):
+            for r in rng.sample(pool, min(rng.choice([3, 40]), len(pool))):
                 outcome = rng.choice(["success", "failure", "retry", "requeue"])
                 items.append(_finish(
                     r["seq"], outcome, node_id="n1", started_at=2.0, ended_at=3.0,
