@@ -146,7 +146,19 @@ def _listen(host: str, port: int) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         if family == socket.AF_INET and not _is_ip(host):
             family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.create_server((host, port), family=family, backlog=2048)
+        # created with IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on
+        # connections of such a socket, and with Nagle on every small answer waited ~40 ms
+        # for the client's delayed ACK between its headers and its body
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((host, port))
+            sock.listen(2048)
+        except BaseException:
+            sock.close()
+            raise
     except OSError as exc:
         why = exc.strerror or str(exc)
         hint = "; another program listens there: pick another port with --bind" \
