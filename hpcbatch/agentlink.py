@@ -75,16 +75,20 @@ def run_message(ins: S.RunTask, spec: Any, token: str | None,
                 inter_node_env: dict[str, str] | None = None) -> P.Run:
     """The Run for a RunTask: the command line (the coordination command for a
     COORDINATION run), the task's own environment under the state's HPCBATCH_* one, the
-    provider's inter-node variables for a multi-instance run, and the agent's token."""
+    provider's inter-node variables for a multi-instance run, and the agent's token; a
+    task that names its HPCBATCH_TASK_WORKING_DIR (TaskSpec working_dir) runs there."""
     cmd = spec.coordination_command if ins.run.kind is RunKind.COORDINATION else \
         spec.command_line
     env = dict(spec.environment)
+    cwd = env.get(E.TASK_WORKING_DIR)  # the task's own working_dir (else its wd/)
     env.update(ins.env)
     env.update(inter_node_env or {})
+    if cwd:
+        env[E.TASK_WORKING_DIR] = cwd
     if token:
         env[E.AGENT_TOKEN] = token
     return P.Run(ins.run.wire, cmd, ins.task_dir, env, spec.max_wall_clock_time_s, ins.slots,
-                 dict(ins.files) or None, tuple(ins.dirs), ins.log_prefix)
+                 dict(ins.files) or None, tuple(ins.dirs), ins.log_prefix, cwd or None)
 
 
 def message_of(ins: Any, token: str | None) -> Any:

@@ -17,11 +17,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from hpcbatch.env import TASK_WORKING_DIR
 from hpcbatch.errors import ValidationError
 
 ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 ID_RULE = "use 1 to 64 letters, digits, '-' or '_'"
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+WORKING_DIR_VAR = TASK_WORKING_DIR  # a task's environment may set it: where it runs
 
 
 def check_id(field: str, value: Any) -> str:
@@ -383,7 +385,8 @@ class MultiInstanceSpec:
 class TaskSpec:
     """A task as a user describes it.
 
-    ``command_line`` runs under ``/bin/sh -c`` in the task's working directory.
+    ``command_line`` runs under ``/bin/sh -c`` in the task's working directory: its own
+    ``wd/``, or ``working_dir`` (an absolute path on the node) when given.
     ``max_task_retry_count`` of ``None`` takes the job's value; ``-1`` retries
     without limit.
     """
@@ -396,9 +399,22 @@ class TaskSpec:
     max_wall_clock_time_s: float | None = None
     multi_instance: MultiInstanceSpec | None = None
     resource_files: tuple[ResourceFile, ...] = ()  # copied into the working directory
+    # where the command runs: None, the task's own wd/ on its node; else an absolute path
+    # on the node (the CLI's --workdir submit: the directory 'hpcbatch submit' ran in).
+    # Kept as the task's HPCBATCH_TASK_WORKING_DIR (see TaskSpec.working_dir_of), so it
+    # travels with the environment to the store, the API and the agent.
+    working_dir: dataclasses.InitVar[str | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, working_dir: str | None = None) -> None:
         check_id("task.id", self.id)
+        if working_dir is not None:
+            if not isinstance(working_dir, str) or not working_dir.startswith("/") or \
+                    "\0" in working_dir:
+                raise ValidationError(f"task {self.id}: working_dir",
+                                      f"{working_dir!r} must be an absolute path on the node, "
+                                      "or null (the task's own wd/)")
+            object.__setattr__(self, "environment", {**(self.environment or {}),
+                                                     WORKING_DIR_VAR: working_dir})
         object.__setattr__(self, "resource_files", ResourceFile.check_list(
             f"task {self.id}: resource_files", self.resource_files))
         mi = self.multi_instance
@@ -425,6 +441,10 @@ class TaskSpec:
                                   "here; put the data in a resource file instead")
         object.__setattr__(self, "environment",
                            _check_env(f"task {self.id}: environment", self.environment))
+        wdir = self.environment.get(WORKING_DIR_VAR)
+        if wdir is not None and not wdir.startswith("/"):
+            raise ValidationError(f"task {self.id}: environment.{WORKING_DIR_VAR}",
+                                  f"{wdir!r} must be an absolute path (where the task runs)")
         _check_int(f"task {self.id}: required_slots", self.required_slots, 1, 1024)
         if self.max_task_retry_count is not None:
             _check_int(f"task {self.id}: max_task_retry_count", self.max_task_retry_count, -1)
@@ -434,13 +454,18 @@ class TaskSpec:
             raise ValidationError(f"task {self.id}: max_wall_clock_time_s",
                                   f"{wall!r} must be a number of seconds > 0")
 
+    @property
+    def working_directory(self) -> str | None:
+        """Where the task runs (an absolute path on the node), or None: its own wd/."""
+        return self.environment.get(WORKING_DIR_VAR)
+
     @classmethod
     def coerce(cls, value: TaskSpec | Mapping[str, Any]) -> TaskSpec:
         if isinstance(value, TaskSpec):
             return value
         if not isinstance(value, Mapping):
             raise ValidationError("task", f"expected a TaskSpec or a mapping, got {value!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} | {"working_dir"}
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValidationError("task", f"unknown field(s) {', '.join(unknown)}; "

@@ -837,6 +837,13 @@ class Agent:
                     f.write(text)
             wd = mkdir_at(tfd, "wd", tdir)
             fds.append(wd)
+            if msg.cwd:  # the task's own working directory (e.g. where it was submitted)
+                try:
+                    wd = os.open(msg.cwd, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                except OSError as exc:
+                    raise OSError(f"working directory {msg.cwd} on node {self.node_id}: "
+                                  f"{exc.strerror or exc}") from None
+                fds.append(wd)
             tmp = os.path.join(tdir, "tmp")
             try:
                 new_dir_at(tfd, "tmp")

@@ -7,7 +7,7 @@ here; the coordinator and the agent build and match the classes below.
 Wire format (newline-delimited JSON objects, UTF-8):
 
 coordinator -> agent  ``{"op": NAME, ...fields}``
-    Run      a task: ``/bin/sh -c cmd`` (or a direct exec) in ``dir/wd``
+    Run      a task: ``/bin/sh -c cmd`` (or a direct exec) in ``dir/wd`` (or ``cwd``)
     Kill     stop a run (its whole process session): SIGTERM, SIGKILL after the grace
     Reap     SIGKILL processes whose environment holds all of ``match`` (ranks that
              Open MPI or Hydra started over ssh), with their sessions, and every
@@ -36,7 +36,7 @@ import dataclasses
 import json
 import math
 import sys
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 PROTOCOL_VERSION = 2
 
@@ -75,6 +75,7 @@ class Run:
     files: dict | None = None
     dirs: tuple = ()
     log_prefix: str = ""
+    cwd: Optional[str] = None  # noqa: UP045 - where it runs (an absolute path); None: dir/wd
 
 
 @dataclasses.dataclass(**_DC)
@@ -281,7 +282,8 @@ _SCHEMA: dict[type, dict[str, tuple[Any, bool]]] = {
     Run: {"id": (_rid, True), "cmd": (_str, True), "dir": (_str, True),
           "env": (_str_dict, True), "timeout_s": (_opt(_num), False),
           "slots": (_int, False), "files": (_opt(_str_dict), False),
-          "dirs": (_seq(_str, "names"), False), "log_prefix": (_str, False)},
+          "dirs": (_seq(_str, "names"), False), "log_prefix": (_str, False),
+          "cwd": (_opt(_str), False)},
     Kill: {"id": (_rid, True), "reason": (_str, False)},
     Reap: {"match": (_str_dict, True), "sessions": (_seq(_int, "session ids"), False)},
     Ping: {"t": (_num, False)},
