@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from hpcbatch.kernels.api import Output, Param
+from hpcbatch.kernels.api import Derived, Output, Param
 
 DESCRIPTION = "Allreduce sweep: latency (max over ranks) and bandwidth per message size"
 PARAMS = {
@@ -15,10 +15,15 @@ PARAMS = {
     "iterations": Param(int, 20, "timed Allreduce calls per size", min=1),
 }
 OUTPUTS = {
-    "sizes_bytes": Output("max"),
-    "latency_us": Output("max", description="mean time per Allreduce, slowest rank"),
-    "correct": Output("min", description="1 when every result was right on every rank"),
+    "sizes_bytes": Output("max", description="message size of each point of the sweep",
+                          units="byte"),
+    "latency_us": Output("max", description="mean time per Allreduce, slowest rank",
+                         units="us"),
+    "correct": Output("min", description="1 when every result was right on every rank",
+                      units="1"),
 }
+DERIVED = {"bandwidth_GBps": Derived("message size / latency at each point of the sweep",
+                                     units="GB/s")}
 
 
 def sizes(min_bytes: int, max_bytes: int) -> np.ndarray:

@@ -11,7 +11,12 @@ A kernel is a module (a built-in in ``hpcbatch.kernels``, any importable module,
     types and defaults. Ints accept ``1000``, ``1_000``, ``1e6`` and ``0x10``; bools
     accept true/false, yes/no, on/off, 1/0.
 ``OUTPUTS: dict[str, Output]``
-    ``Output(reduce, per_rank=False, description="")``. ``reduce`` is one of
+    ``Output(reduce, per_rank=False, description="", units="", keep=True)``.
+    ``description`` and ``units`` (a UDUNITS-style string such as ``"s"``, ``"GB/s"``,
+    ``"1"`` for dimensionless; empty when unknown) become attributes of the dataset in
+    the result file. ``keep=False``: the reduced value only feeds ``finalize()`` and is
+    not stored (mandelbrot's gathered rows, from which ``finalize`` builds the image).
+    ``reduce`` is one of
 
     * ``"sum"``, ``"min"``, ``"max"``: elementwise over ranks (``comm.Reduce``);
     * ``"mean"``: the sum divided by the number of ranks (ints become float64);
@@ -31,6 +36,9 @@ A kernel is a module (a built-in in ``hpcbatch.kernels``, any importable module,
 ``finalize(reduced: dict, params: dict) -> dict`` (optional)
     runs on rank 0 after the reduce; what it returns is added to (or replaces) the
     reduced outputs, e.g. ``pi`` from the summed hit counts.
+``DERIVED: dict[str, Derived]`` (optional)
+    ``Derived(description, units="")`` for what ``finalize`` returns: the description
+    and units of each derived output in the result file.
 ``reference(ranks: int, **params) -> dict`` (required for built-ins)
     a serial numpy reference of the final (reduced + finalized) result, for tests.
 ``DESCRIPTION: str`` (optional; else the module docstring's first line)
@@ -184,6 +192,9 @@ class Output:
     per_rank: bool = False
     description: str = ""
 
+    units: str = ""
+    keep: bool = True
+
     @property
     def reduce_name(self) -> str:
         """What the result file records as this output's ``reduce`` attribute."""
@@ -192,12 +203,20 @@ class Output:
         return f"custom:{getattr(self.reduce, '__name__', 'callable')}"
 
 
+@dataclasses.dataclass(frozen=True)
+class Derived:
+    """An output ``finalize()`` computes on rank 0 (declared in ``DERIVED``)."""
+    description: str
+    units: str = ""
+
+
 @dataclasses.dataclass
 class Kernel:
     name: str
     module: ModuleType
     params: dict[str, Param]
     outputs: dict[str, Output]
+    derived: dict[str, Derived] = dataclasses.field(default_factory=dict)
 
     @property
     def description(self) -> str:
@@ -219,7 +238,22 @@ class Kernel:
         if not isinstance(extra, dict):
             raise TypeError(f"{self.name}: finalize() returned {type(extra).__name__}, "
                             "expected a dict of derived outputs")
-        return {**reduced, **extra}
+        kept = {n: v for n, v in reduced.items()
+                if n not in self.outputs or self.outputs[n].keep}
+        return {**kept, **extra}
+
+    def describe_output(self, name: str) -> tuple[str, str]:
+        """(description, units) of an output as the result file records them: the
+        declared ones, else a description saying where the value came from."""
+        out = self.outputs.get(name)
+        if out is not None and name not in self.derived:
+            return (out.description or f"{name} returned by every rank's run(), reduced "
+                    f"over the ranks with {out.reduce_name}", out.units)
+        d = self.derived.get(name)
+        if d is not None:
+            return d.description, d.units
+        return (f"{name} computed by {self.name}'s finalize() on rank 0 from the reduced "
+                "outputs", "")
 
     def reference(self, ranks: int, **params) -> dict[str, Any]:
         if not self.has_reference:
@@ -287,12 +321,20 @@ def _validate(name: str, module: ModuleType) -> Kernel:
         if not (callable(out.reduce) or out.reduce in BUILTIN_REDUCES):
             raise _fail(name, f"output {oname!r} has reduce {out.reduce!r}; use one of "
                         f"{', '.join(BUILTIN_REDUCES)} or a callable f(a, b) -> c")
+    derived = getattr(module, "DERIVED", None) or {}
+    if not isinstance(derived, dict) or not all(
+            isinstance(d, Derived) for d in derived.values()):
+        raise _fail(name, "DERIVED must be a dict of name -> Derived(description, units)")
+    if not any(o.keep for o in outputs.values()) and not callable(
+            getattr(module, "finalize", None)):
+        raise _fail(name, "every output has keep=False and there is no finalize(): the "
+                    "result file would hold nothing")
     if not callable(module.run):
         raise _fail(name, "run must be a function run(comm, **params)")
     missing = _accepts(module.run, list(params), skip=1)
     if missing:
         raise _fail(name, f"run() does not accept parameter(s) {', '.join(missing)}")
-    return Kernel(name, module, dict(params), dict(outputs))
+    return Kernel(name, module, dict(params), dict(outputs), dict(derived))
 
 
 def _load_file(path: Path) -> ModuleType:

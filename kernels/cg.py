@@ -29,8 +29,9 @@ PARAMS = {
 }
 OUTPUTS = {
     "x": Output("concat", description="the solution, grid rows in order"),
-    "iterations": Output("max", description="CG iterations done"),
-    "residual": Output("max", description="final ||r|| / ||b|| of the recurrence"),
+    "iterations": Output("max", description="CG iterations done", units="1"),
+    "residual": Output("max", description="final ||r|| / ||b|| of the recurrence",
+                       units="1"),
 }
 
 

@@ -15,9 +15,9 @@ mpiexec) until MPI is initialised, the slowest rank; ``compute`` the kernel's ru
 the slowest rank; ``reduce`` on rank 0 (including finalize); ``write`` the result file
 and per-rank parts, on rank 0.
 
-With ``--json``, rank 0 prints one JSON object on stdout: kernel, output, ranks, hosts,
-timings, and the reduced outputs (values of up to 16 elements; shape and dtype of
-larger ones).
+With ``--json``, rank 0 prints one JSON object on stdout: kernel, output, ranks, run_id,
+node_ids, hostnames, params, timings, and the reduced outputs (values of up to 16
+elements; shape and dtype of larger ones).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def process_start_time() -> float:
 
 
 def host_name() -> str:
-    """The name this rank reports in ``hosts``: HPCBATCH_NODE (a node's own name, set by
+    """The node id this rank reports in ``node_ids``: HPCBATCH_NODE (a node's own name, set by
     the node), else HPCBATCH_NODE_ID when the task spans one node (in a multi-node task
     remote ranks inherit the primary's), else the host name."""
     node = os.environ.get("HPCBATCH_NODE")
@@ -211,9 +211,11 @@ def _run(kernel, params: dict[str, Any], output: Path, args, launch_t0: float) -
         if keep:
             comm.Allreduce(nbytes, totals, op=MPI.SUM)
         big = [n for n, t in zip(keep, totals) if t > results.PER_RANK_FILE_ABOVE]
+        # part files are named after this run: another run's parts are never picked up
+        run_id = comm.bcast(results.new_run_id() if rank == 0 else None, root=0)
         if big:
             results.write_rank_part(output, rank, {n: arrays[n] for n in big},
-                                    compress=args.compress)
+                                    compress=args.compress, run_id=run_id)
         parts = comm.gather({n: (arrays[n].shape, arrays[n].dtype.str) for n in big}, root=0)
         small = comm.gather({n: arrays[n] for n in keep if n not in big}, root=0)
     except BaseException:
@@ -229,8 +231,13 @@ def _run(kernel, params: dict[str, Any], output: Path, args, launch_t0: float) -
             timings = {"launch": max(e[2] for e in everyone),
                        "compute": max(e[3] for e in everyone),
                        "reduce": t_reduced - t_all_computed}
-            reduces = {n: o.reduce_name for n, o in kernel.outputs.items()}
-            attrs = {"kernel": kernel.name, "params": params, "ranks": size, "hosts": hosts,
+            reduces = {n: o.reduce_name for n, o in kernel.outputs.items()
+                       if n not in kernel.derived}
+            about = {n: kernel.describe_output(n) for n in {*final, *keep}}
+            attrs = {"kernel": kernel.name,
+                     "description": kernel.description.splitlines()[0]
+                     if kernel.description else kernel.name,
+                     "params": params, "ranks": size, "node_ids": hosts,
                      "hostnames": [e[1] for e in everyone],
                      "mpi_library": MPI.Get_library_version().replace("\0", "").strip()
                      .splitlines()[0].strip(),
@@ -241,11 +248,14 @@ def _run(kernel, params: dict[str, Any], output: Path, args, launch_t0: float) -
                 output, reduced=final, reduces=reduces, attrs=attrs, timings=timings,
                 per_rank={n: [p[n] for p in small] for n in keep if n not in big},
                 rank_files={n: [p[n] for p in parts] for n in big}, compress=args.compress,
-                descriptions={n: o.description for n, o in kernel.outputs.items()},
+                descriptions={n: d for n, (d, _) in about.items()},
+                units={n: u for n, (_, u) in about.items() if u}, run_id=run_id,
                 time_write=True, write_started=t_reduced)
             if args.json:
                 print(json.dumps({"kernel": kernel.name, "output": str(output), "ranks": size,
-                                  "hosts": hosts, "params": params, "timings": timings,
+                                  "run_id": run_id, "node_ids": hosts,
+                                  "hostnames": attrs["hostnames"], "params": params,
+                                  "timings": timings,
                                   "reduced": {k: _jsonable(v) for k, v in final.items()}}))
             sys.stdout.flush()
         except BaseException:

@@ -24,7 +24,8 @@ PARAMS = {
     "seed": Param(int, 7, "reads are generated from this seed", min=0),
 }
 OUTPUTS = {
-    "counts": Output("sum", description="occurrences of each k-mer, index = base-4 code"),
+    "counts": Output("sum", description="occurrences of each k-mer, index = base-4 code",
+                     units="1"),
     "total": Output("sum", description="k-mers counted: sequences * (length - k + 1)"),
 }
 BASES = "ACGT"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpcbatch.kernels.api import Output, Param
+from hpcbatch.kernels.api import Derived, Output, Param
 
 DESCRIPTION = "Mandelbrot escape-time image, row interleaving, gathered image"
 PARAMS = {
@@ -12,10 +12,14 @@ PARAMS = {
     "height": Param(int, 480, "pixels", min=1),
     "max_iter": Param(int, 200, "iteration cap", min=1),
 }
+# the gathered rows only feed finalize(): the file holds the image once, not twice
 OUTPUTS = {
-    "rows": Output("concat", description="rendered rows, rank by rank"),
-    "row_index": Output("concat", description="which image row each one is"),
+    "rows": Output("concat", description="rendered rows, rank by rank", keep=False),
+    "row_index": Output("concat", description="which image row each one is", keep=False),
 }
+DERIVED = {"image": Derived(
+    "escape-time iterations per pixel (capped at max_iter); image[i, j] is the point "
+    "x = -2.2 + 3.2 j / (width - 1), y = -1.2 + 2.4 i / (height - 1)", units="1")}
 
 
 def render(rows: np.ndarray, width: int, height: int, max_iter: int) -> np.ndarray:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpcbatch.kernels.api import Output, Param
+from hpcbatch.kernels.api import Derived, Output, Param
 
 DESCRIPTION = "Monte Carlo estimate of pi (sum reduce of hits)"
 PARAMS = {
@@ -17,9 +17,10 @@ PARAMS = {
     "seed": Param(int, 12345, "root seed of the per-rank streams", min=0),
 }
 OUTPUTS = {
-    "hits": Output("sum", description="darts inside the unit quarter circle"),
-    "samples": Output("sum", description="darts thrown"),
+    "hits": Output("sum", description="darts inside the unit quarter circle", units="1"),
+    "samples": Output("sum", description="darts thrown", units="1"),
 }
+DERIVED = {"pi": Derived("the estimate of pi: 4 * hits / samples", units="1")}
 CHUNK = 1 << 20
 
 

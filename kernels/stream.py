@@ -15,8 +15,10 @@ PARAMS = {
     "scalar": Param(float, 3.0, "s in a = b + s*c"),
 }
 OUTPUTS = {
-    "gbps": Output("concat", description="best triad GB/s of each rank"),
-    "total_gbps": Output("sum", description="sum over ranks"),
+    "gbps": Output("concat", description="best triad bandwidth of each rank, in rank order",
+                   units="GB/s"),
+    "total_gbps": Output("sum", description="triad bandwidth summed over ranks",
+                         units="GB/s"),
     "checksum": Output("sum", description="sum of a over all ranks"),
 }
 B, C = 1.0, 2.0

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpcbatch.kernels._decomp import block
-from hpcbatch.kernels.api import Output, Param
+from hpcbatch.kernels.api import Derived, Output, Param
 
 DESCRIPTION = "Monte Carlo portfolio value-at-risk and expected shortfall (losses gathered)"
 PARAMS = {
@@ -30,7 +30,13 @@ PARAMS = {
     "value": Param(float, 1e6, "portfolio value", min=0.0),
     "seed": Param(int, 2024, "root seed of the per-rank streams", min=0),
 }
-OUTPUTS = {"losses": Output("concat", description="simulated losses, rank blocks in order")}
+OUTPUTS = {"losses": Output("concat", description="simulated one-day portfolio losses "
+                            "(in the currency of value), rank blocks in order")}
+DERIVED = {
+    "var": Derived("value-at-risk: the confidence quantile of the losses"),
+    "expected_shortfall": Derived("mean loss at or beyond the value-at-risk"),
+    "mean_loss": Derived("mean of the simulated losses"),
+}
 DRIFT = 2e-4  # daily expected return of every asset
 CORRELATION = 0.3
 CHUNK = 1 << 20  # normals drawn at a time

@@ -15,7 +15,7 @@ def test_pi_matches_its_serial_reference_exactly(harness, ranks):
     assert res.reduced["samples"] == 200_003
     assert res.reduced["pi"] == ref["pi"]
     assert abs(res.reduced["pi"] - math.pi) < 0.01
-    assert res.attrs["ranks"] == ranks and len(res.attrs["hosts"]) == ranks
+    assert res.attrs["ranks"] == ranks and len(res.attrs["node_ids"]) == ranks
 
 
 def test_reference_is_reproducible_and_rank_dependent():
