@@ -181,7 +181,138 @@ def _tasks_from_lines(path: str, common: dict[str, Any]) -> list[TaskSpec]:
     return specs
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
+# ---- the task options 'submit' and 'task add' share (the API's TaskSpec fields)
+
+WORKDIR_HELP = ("Where the command runs: 'submit' (the directory you run hpcbatch in: a "
+                "relative 'sim.py' is found; the default on local pools), 'task' (the task's "
+                "own wd/ on its node; the default on other pools) or an absolute PATH on the "
+                "node.")
+
+
+def _task_options(fn):
+    """--nodes, --coordination-command, --common-file, --env, --file, --workdir."""
+    for opt in reversed((
+        click.option("--nodes", type=click.IntRange(1, 100_000), help="A multi-instance "
+                     "task on N nodes at once (the primary runs the command, e.g. "
+                     "hpcbatch-mpiexec -- python sim.py, with $HPCBATCH_HOSTFILE); --slots "
+                     "is then the slots per node (default: whole nodes)."),
+        click.option("--coordination-command", "coordination", metavar="CMD",
+                     help="With --nodes: a command every node runs first (in the task's "
+                     "directory; the common files are in $HPCBATCH_TASK_SHARED_DIR)."),
+        click.option("--common-file", "common_files", multiple=True, metavar="SRC[:DEST]",
+                     help="With --nodes: a file copied to every node's "
+                     "$HPCBATCH_TASK_SHARED_DIR (as DEST; repeatable)."),
+        click.option("--env", "env", multiple=True, metavar="K=V",
+                     help="An environment variable of the task (repeatable)."),
+        click.option("--file", "files", multiple=True, metavar="SRC[:DEST]",
+                     help="A file of this machine copied into the task's wd/ before it "
+                     "starts (as DEST; repeatable)."),
+        click.option("--workdir", metavar="submit|task|PATH", help=WORKDIR_HELP),
+    )):
+        fn = opt(fn)
+    return fn
+
+
+def parse_env(items: tuple[str, ...]) -> dict[str, str]:
+    """--env K=V, repeatable: {K: V} (a bad one names the option)."""
+    from hpcbatch.models import ENV_NAME_RE
+    env: dict[str, str] = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        if not eq or not ENV_NAME_RE.fullmatch(name):
+            raise ValidationError("--env", f"{item!r} is not NAME=VALUE (a name of letters, "
+                                  "digits and '_', not starting with a digit)")
+        env[name] = value
+    return env
+
+
+def parse_files(option: str, items: tuple[str, ...]) -> list[dict[str, str]]:
+    """--file / --common-file SRC[:DEST]: resource files (a source that holds a ':' is
+    taken whole when it is a file)."""
+    from hpcbatch.models import ResourceFile
+    out = []
+    for item in items:
+        src, dest = item, ""
+        if ":" in item and not Path(item).expanduser().is_file():
+            src, _, dest = item.rpartition(":")
+        if not Path(src).expanduser().is_file():
+            raise ValidationError(option, f"{src!r} is not a file on this machine (give "
+                                  "SRC or SRC:DEST, SRC an existing file)")
+        try:
+            rf = ResourceFile(src, dest)
+        except ValidationError as exc:
+            raise ValidationError(option, f"{item!r}: {exc.rule}") from None
+        out.append({"source": rf.source, "file_path": rf.file_path})
+    dests = [f["file_path"] for f in out]
+    dup = next((d for d in dests if dests.count(d) > 1), None)
+    if dup is not None:
+        raise ValidationError(option, f"two files go to {dup!r}; give one SRC:DEST")
+    return out
+
+
+def resolve_workdir(workdir: str | None, provider: str | None) -> str | None:
+    """--workdir as TaskSpec.working_dir: 'submit' the current directory, 'task' None (the
+    task's own wd/), else an absolute path; unset: 'submit' on local pools, else 'task'."""
+    if workdir is None:
+        workdir = "submit" if provider in (None, "local") else "task"
+    if workdir == "task":
+        return None
+    if workdir == "submit":
+        return os.getcwd()
+    if not workdir.strip() or "\0" in workdir:
+        raise ValidationError("--workdir", f"{workdir!r} is not submit, task or a path")
+    path = os.path.expanduser(workdir)
+    if not os.path.isabs(path):
+        if provider not in (None, "local"):
+            raise ValidationError("--workdir", f"{workdir!r}: give an absolute path on the "
+                                  "nodes (or submit, task)")
+        path = os.path.abspath(path)
+    return os.path.normpath(path)
+
+
+def task_fields(*, nodes, coordination, common_files, env, files, slots) -> dict[str, Any]:
+    """TaskSpec fields from the shared options (--slots: per node with --nodes)."""
+    if nodes is None:
+        for option, given in (("--coordination-command", coordination),
+                              ("--common-file", common_files)):
+            if given:
+                raise ValidationError(option, "is for a multi-instance task; add --nodes N")
+    fields: dict[str, Any] = {"environment": parse_env(env),
+                              "resource_files": parse_files("--file", files)}
+    if nodes is not None:
+        if coordination is not None and not coordination.strip():
+            raise ValidationError("--coordination-command", "is empty; give a command line")
+        fields["multi_instance"] = {
+            "instances": nodes, "coordination_command": coordination,
+            "slots_per_instance": slots or 0,
+            "common_resource_files": parse_files("--common-file", common_files)}
+    else:
+        fields["required_slots"] = slots or 1
+    return fields
+
+
+def _pool_provider(service, pool_id: str) -> str | None:
+    """The pool's provider (None: the pool does not exist yet; 'local' is made on use)."""
+    from hpcbatch.errors import NotFound
+    try:
+        return service.get_pool(pool_id).provider
+    except NotFound:
+        return None
+
+
+class _StrictCommand(click.Command):
+    """An option it does not know, before '--', is an error naming it (never a word of the
+    command: a typo such as --retires must not run something else)."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as exc:
+            raise click.UsageError(f"{_one_line(exc.format_message())} (the command to run, "
+                                   "with its own options, goes after --)", ctx) from None
+
+
+@cli.command(cls=_StrictCommand)
 @click.option("--each-line", "each_line", type=click.Path(exists=True, dir_okay=False),
               help="Run one task per non-blank line of FILE (a shell command line).")
 @click.option("--array", "array", help="Run CMD once per index (1-100, 1-100:2, 1,3,5-9); "
@@ -189,8 +320,8 @@ def _tasks_from_lines(path: str, common: dict[str, Any]) -> list[TaskSpec]:
 @click.option("--job", "job_id", help="Job id (default: submit-<time>-<random>). An existing "
               "active job gets the tasks added.")
 @click.option("--pool", "pool_id", default="local", show_default=True, help="Pool to run on.")
-@click.option("--slots", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Task slots each task takes.")
+@click.option("--slots", type=click.IntRange(min=1), help="Task slots each task takes "
+              "(default 1; with --nodes, per node: default the whole node).")
 @click.option("--retries", type=click.IntRange(min=-1), default=0, show_default=True,
               help="Retries after a failure (-1: unlimited).")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True),
@@ -200,14 +331,18 @@ def _tasks_from_lines(path: str, common: dict[str, Any]) -> list[TaskSpec]:
               "must run them: 'hpcbatch job wait JOB').")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar (default: on when stderr is a terminal).")
+@_task_options
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def submit(each_line, array, job_id, pool_id, slots, retries, timeout_s, priority, no_wait,
-           progress, command) -> None:
-    """Run command-line tasks and summarise them.
+           progress, nodes, coordination, common_files, env, files, workdir,
+           command) -> None:
+    """Run command-line tasks and summarise them. The command goes after --, verbatim;
+    by default it runs in this directory on the local pool (--workdir).
 
     \b
       hpcbatch submit --each-line tasks.txt --retries 2 --timeout 60
       hpcbatch submit --array 1-100 -- python sim.py --seed '$HPCBATCH_TASK_INDEX'
+      hpcbatch submit --pool mpi3 --nodes 3 -- hpcbatch-mpiexec -- python sim.py
     """
     if bool(each_line) == bool(command):
         raise ValidationError("submit", "give either --each-line FILE or a command after --")
@@ -218,31 +353,40 @@ def submit(each_line, array, job_id, pool_id, slots, retries, timeout_s, priorit
         job_id = f"submit-{dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
     check_id("--job", job_id)
     check_id("--pool", pool_id)
-    common: dict[str, Any] = {"required_slots": slots, "max_task_retry_count": retries,
-                              "max_wall_clock_time_s": timeout_s}
+    common: dict[str, Any] = {"max_task_retry_count": retries,
+                              "max_wall_clock_time_s": timeout_s,
+                              **task_fields(nodes=nodes, coordination=coordination,
+                                            common_files=common_files, env=env, files=files,
+                                            slots=slots)}
     values = {E.JOB_ID: job_id, E.POOL_ID: pool_id}
-    if each_line:
-        specs = _tasks_from_lines(each_line, common)
-    elif array:
-        indices = parse_array(array)
-        fixed = None if any(_REF.search(a) for a in command) else command_line(command)
-        specs = [TaskSpec(f"task-{i}", fixed or command_line(
-            command, {**values, E.TASK_INDEX: str(i), E.TASK_ID: f"task-{i}"}),
-            environment={E.TASK_INDEX: str(i)}, **common) for i in indices]
-    else:
-        specs = [TaskSpec("task-1", command_line(command, {**values, E.TASK_ID: "task-1"}),
-                          **common)]
+
+    def specs_in(wdir: str | None) -> list[TaskSpec]:
+        one = {**common, "working_dir": wdir}
+        if each_line:
+            return _tasks_from_lines(each_line, one)
+        if array:
+            indices = parse_array(array)
+            fixed = None if any(_REF.search(a) for a in command) else command_line(command)
+            env_of = one.pop("environment")
+            return [TaskSpec(f"task-{i}", fixed or command_line(
+                command, {**values, E.TASK_INDEX: str(i), E.TASK_ID: f"task-{i}"}),
+                environment={**env_of, E.TASK_INDEX: str(i)}, **one) for i in indices]
+        return [TaskSpec("task-1", command_line(command, {**values, E.TASK_ID: "task-1"}),
+                         **one)]
     job = JobSpec(job_id, pool_id, priority=priority, on_all_tasks_complete="terminate_job",
                   max_task_retry_count=retries)
+    resolve_workdir(workdir, "local")  # a bad --workdir: said before anything starts
 
     if no_wait:  # store only: no coordinator needed
         with _service(create=True) as service:
+            specs = specs_in(resolve_workdir(workdir, _pool_provider(service, pool_id)))
             service.submit(job, specs)
         out.print(f"job {job_id}: {len(specs)} tasks stored; run them with "
                   f"'hpcbatch job wait {job_id}'")
         return
     from hpcbatch.client import Batch
     with Batch() as batch:
+        specs = specs_in(resolve_workdir(workdir, _pool_provider(batch.service, pool_id)))
         batch.service.submit(job, specs)
         err.print(f"job [bold]{job_id}[/]: {len(specs)} tasks on pool {pool_id}")
         _wait_and_report(batch, job_id, progress)
@@ -525,10 +669,15 @@ def job_delete(job_id: str) -> None:
 @click.option("--pool", "pool_id", default="local", show_default=True)
 @click.option("--priority", type=click.IntRange(-1000, 1000), default=0, show_default=True)
 @click.option("--retries", type=click.IntRange(min=-1), default=0, show_default=True)
-def job_create(job_id, pool_id, priority, retries) -> None:
+@click.option("--on-all-tasks-complete", "on_complete",
+              type=click.Choice(["no_action", "terminate_job"]), default="no_action",
+              show_default=True, help="terminate_job: the job completes once all its tasks "
+              "have (no_action: it stays active for more tasks until 'job terminate').")
+def job_create(job_id, pool_id, priority, retries, on_complete) -> None:
     """Create an empty job (add tasks with 'hpcbatch task add')."""
     with _service(create=True) as service:
-        service.create_job(job_id, pool_id, priority=priority, max_task_retry_count=retries)
+        service.create_job(job_id, pool_id, priority=priority, max_task_retry_count=retries,
+                           on_all_tasks_complete=on_complete)
     out.print(f"job {job_id} created on pool {pool_id}")
 
 
@@ -633,21 +782,28 @@ def task_attempts(job_id, task_id) -> None:
                     rows, keep=("node",)))
 
 
-@task.command("add")
+@task.command("add", cls=_StrictCommand)
 @click.argument("job_id")
 @click.argument("task_id")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-@click.option("--slots", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--slots", type=click.IntRange(min=1), help="Task slots it takes (default 1; "
+              "with --nodes, per node: default the whole node).")
 @click.option("--retries", type=click.IntRange(min=-1))
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True))
-def task_add(job_id, task_id, command, slots, retries, timeout_s) -> None:
-    """Add one task to JOB: hpcbatch task add JOB TASK -- CMD ARGS..."""
+@_task_options
+def task_add(job_id, task_id, command, slots, retries, timeout_s, nodes, coordination,
+             common_files, env, files, workdir) -> None:
+    """Add one task to JOB: hpcbatch task add JOB TASK [OPTIONS] -- CMD ARGS..."""
     check_seconds("--timeout", timeout_s)
+    fields = task_fields(nodes=nodes, coordination=coordination, common_files=common_files,
+                         env=env, files=files, slots=slots)
+    resolve_workdir(workdir, "local")  # a bad --workdir: said before anything is read
     with _service() as service:
-        values = {E.JOB_ID: job_id, E.TASK_ID: task_id, E.POOL_ID: service.get_job(job_id)
-                  .pool_id}
-        spec = TaskSpec(task_id, command_line(command, values), required_slots=slots,
-                        max_task_retry_count=retries, max_wall_clock_time_s=timeout_s)
+        pool_id = service.get_job(job_id).pool_id
+        values = {E.JOB_ID: job_id, E.TASK_ID: task_id, E.POOL_ID: pool_id}
+        spec = TaskSpec(task_id, command_line(command, values), max_task_retry_count=retries,
+                        max_wall_clock_time_s=timeout_s, working_dir=resolve_workdir(
+                            workdir, _pool_provider(service, pool_id)), **fields)
         service.add_tasks(job_id, [spec])
     out.print(f"task {task_id} added to job {job_id}")
 

@@ -119,14 +119,22 @@ def test_listings_keep_long_ids_whole_when_piped(cli, home):
     assert "showing 5 of 12 tasks" in limited.stderr
 
 
-def test_task_environment(cli, home):
-    r = cli("submit", "--job", "envjob", "--", "env | grep ^HPCBATCH_ | sort")
+def test_task_environment(cli, home, tmp_path):
+    r = cli("submit", "--job", "envjob", "--workdir", "task", "--",
+            "env | grep ^HPCBATCH_ | sort; pwd -P")
     assert r.returncode == 0
-    logs = cli("task", "logs", "envjob", "task-1").stdout
-    env = dict(line.split("=", 1) for line in logs.splitlines())
+    *lines, cwd = cli("task", "logs", "envjob", "task-1").stdout.splitlines()
+    env = dict(line.split("=", 1) for line in lines)
     assert env["HPCBATCH_JOB_ID"] == "envjob" and env["HPCBATCH_TASK_ID"] == "task-1"
     assert env["HPCBATCH_POOL_ID"] == "local" and env["HPCBATCH_NODE_ID"] == "local-1"
     assert env["HPCBATCH_TASK_WORKING_DIR"] == env["HPCBATCH_TASK_DIR"] + "/wd"
+    assert cwd == os.path.realpath(env["HPCBATCH_TASK_WORKING_DIR"])
+    # the local pool's default (like sbatch): the directory submit ran in
+    r = cli("submit", "--job", "here", "--", 'echo "$HPCBATCH_TASK_WORKING_DIR"; pwd -P',
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert cli("task", "logs", "here", "task-1").stdout.splitlines() == [
+        str(tmp_path), os.path.realpath(tmp_path)]
     assert env["HPCBATCH_NODE_SHARED_DIR"].endswith("local-1/shared")
     assert set(env) >= {"HPCBATCH_JOB_PREP_DIR", "HPCBATCH_TASK_ATTEMPT"}
 
