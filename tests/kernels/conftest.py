@@ -31,3 +31,12 @@ def harness(tmp_path):
         run_harness(kernel, ranks, out, params)
         return read_result(out)
     return call
+
+
+@pytest.fixture
+def harness_to():
+    """Run a kernel under real mpiexec into the given result file."""
+    def call(kernel: str, ranks: int, out: Path, params: dict | None = None) -> Path:
+        run_harness(kernel, ranks, out, params)
+        return out
+    return call
