@@ -1217,6 +1217,12 @@ class CoordinatorState:
 
     def _per_slot(self, pool: PoolState) -> int:
         if pool.avg_run_s is None:
+            # before any task was timed, one queued per slot, but none while a node of the
+            # pool is still coming up (a cold start): a task queued behind a busy node
+            # would wait there while that node's slot stands free
+            if any(n.state is NodeState.STARTING and not n.reconnecting and not n.disabled
+                   and not n.leaving for n in pool.nodes.values()):
+                return 0
             return min(1, self.prefetch)
         return min(self.prefetch, int(PREFETCH_HORIZON_S / max(pool.avg_run_s, 1e-4)))
 

@@ -407,6 +407,23 @@ def test_policy_picks_the_node(policy, expect):
     assert [r.node_id for r in second] == [expect]  # new work joins it
 
 
+def test_a_cold_pool_queues_nothing_on_a_busy_node_while_another_is_coming_up():
+    """Issue 11: on a cold 3-node, 1-slot pool the first node up must not take a second
+    task into its agent's queue while the other two nodes are still starting."""
+    nodes = (("n1", 1), ("n2", 1), ("n3", 1))
+    st = pool_up(nodes, prefetch=S.DEFAULT_PREFETCH, rows=[row(1), row(2), row(3)],
+                 hello=False)
+    for n, _ in nodes:
+        st.handle(S.AgentUp(0.5, "p", n, 1))
+    placed = []
+    for t, n in ((1.0, "n1"), (1.1, "n2"), (1.2, "n3")):
+        out = st.handle(S.AgentHello(t, "p", n, 1, f"{ROOT}/{n}", 2))
+        placed.append([(r.seq, r.node_id) for r in only(out, S.RunTask)])
+    assert placed == [[(1, "n1")], [(2, "n2")], [(3, "n3")]]
+    # once every node is up, the untimed depth (one per slot) is back
+    assert st.pools["p"].per_slot == 1
+
+
 @pytest.mark.parametrize("avg_s,per_slot", [(None, 1), (0.001, 4), (0.008, 2), (5.0, 0)])
 def test_prefetch_depth_follows_the_pools_task_durations(avg_s, per_slot):
     st = pool_up(prefetch=4)
