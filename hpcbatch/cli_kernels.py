@@ -37,19 +37,32 @@ def _series(reduced: dict) -> dict[int, list[str]]:
     return {n: names for n, names in by_len.items() if len(names) > 1}
 
 
+def _units(path) -> dict[str, str]:
+    """The units attribute of each result dataset (none when the file cannot be read)."""
+    from hpcbatch.kernels.results import read_result
+    try:
+        return read_result(path).units
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
 def print_result(res) -> None:
     series = _series(res.reduced)
+    units = _units(res.path)
     t = Table(title=f"{res.kernel}: reduced results")
     t.add_column("name")
     t.add_column("value", overflow="fold")
+    t.add_column("units")
     for name, value in res.reduced.items():
         shown_below = any(name in names for names in series.values())
-        t.add_row(name, _fmt(value) + ("  (below)" if shown_below else ""))
+        t.add_row(name, _fmt(value) + ("  (below)" if shown_below else ""),
+                  units.get(name, ""))
     out.print(t)
     for names in series.values():
         st = Table(title=f"{res.kernel}: {', '.join(names)}")
         for name in names:
-            st.add_column(name, justify="right")
+            st.add_column(f"{name} ({units[name]})" if units.get(name) else name,
+                          justify="right")
         for row in zip(*(np.asarray(res.reduced[n]) for n in names)):
             st.add_row(*(f"{v:.4g}" if isinstance(v, np.floating) else str(v) for v in row))
         out.print(st)
@@ -125,7 +138,8 @@ def results() -> None:
 @results.command("show")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 def results_show(path: str) -> None:
-    """Print a result file's provenance and datasets."""
+    """Print a result file's provenance, timings and datasets (description, units), and
+    the per-rank part files that are missing (their rows read as NaN)."""
     from hpcbatch.kernels.results import describe
     try:
         text = describe(path)

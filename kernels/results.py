@@ -287,7 +287,7 @@ def write_result(path: str | Path, *, reduced: dict[str, Any], reduces: dict[str
                     _attr_group(f, key, value)
                 else:
                     _set_attr(f, key, value)
-            res = f.create_group("result")
+            res = f.create_group("result", track_order=True)
             for name, value in reduced.items():
                 ds = _dataset(res, name, value, compress)
                 ds.attrs["reduce"] = reduces.get(name, "finalize")

@@ -83,6 +83,13 @@ def test_params_and_timings_are_attributes_a_script_reads_without_json(harness_t
     assert res.units == {"hits": "1", "samples": "1", "pi": "1"}
     assert res.descriptions["pi"].startswith("the estimate of pi")
     json.dumps(res.attrs)  # service.get_run puts them into JSON as they are
+    assert list(res.reduced) == ["hits", "samples", "pi"]  # in the kernel's order
+
+    text = describe(out)
+    assert "params    samples=100003, seed=7" in text
+    assert "/result/pi  float64 [] (reduce=finalize, units=1)" in text
+    assert "the estimate of pi: 4 * hits / samples" in text
+    assert "MISSING" not in text
 
 
 def test_mandelbrot_stores_its_image_once_with_a_description(harness_to, tmp_path):
