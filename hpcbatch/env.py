@@ -31,6 +31,10 @@ SSH_CONFIG = "HPCBATCH_SSH_CONFIG"
 TASK_SHARED_DIR = "HPCBATCH_TASK_SHARED_DIR"
 INSTANCE_INDEX = "HPCBATCH_INSTANCE_INDEX"
 NUM_INSTANCES = "HPCBATCH_NUM_INSTANCES"
+# hpcbatch-mpiexec: seconds until every rank must have started (launch/mpi.py's default)
+LAUNCH_TIMEOUT = "HPCBATCH_LAUNCH_TIMEOUT_S"
+# the pool's MPI installation on the nodes (its bin/mpiexec), set by the agent for tasks
+MPI_PREFIX = "HPCBATCH_MPI_PREFIX"
 
 # set by launchers so a kernel can measure launch time from the submit side
 LAUNCH_T0 = "HPCBATCH_LAUNCH_T0"

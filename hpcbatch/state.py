@@ -17,6 +17,7 @@ holds more than a bounded window of the stored work.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import posixpath
 from collections.abc import Iterable
@@ -1609,9 +1610,24 @@ class CoordinatorState:
             E.INSTANCE_INDEX: str(index),
             E.NUM_INSTANCES: str(len(alloc.nodes)),
         })
-        hostfile = "".join(f"{h} slots={s}\n" for h, s in zip(alloc.hosts, alloc.slots))
+        # one line per host: a local pool's nodes are all 'localhost', and a host named
+        # twice is refused (Open MPI) or misread (MPICH)
+        merged: dict[str, int] = {}
+        for h, s in zip(alloc.hosts, alloc.slots):
+            merged[h] = merged.get(h, 0) + s
+        files = [("hostfile", "".join(f"{h} slots={s}\n" for h, s in merged.items()))]
+        if run.kind is RunKind.APPLICATION:
+            # the allocation per instance, for hpcbatch-mpiexec's rank wrapper: each rank
+            # gets its own node's ids and directories
+            table = []
+            for key, host, slots in zip(alloc.nodes, alloc.hosts, alloc.slots):
+                n = self.node(*key)
+                nroot = (n.root if n is not None else None) or ""
+                table.append({"node": key[1], "host": host, "slots": slots, "root": nroot,
+                              "dir": posixpath.join(nroot, "jobs", row.job_id, row.task_id)})
+            files.append(("instances.json", json.dumps(table)))
         return RunTask(node.pool_id, node.node_id, row.seq, run, tdir, env, alloc.slots[index],
-                       files=(("hostfile", hostfile),), dirs=("shared",), log_prefix=prefix,
+                       files=tuple(files), dirs=("shared",), log_prefix=prefix,
                        instance=True)
 
     def _start_coordination(self, att: Attempt) -> None:

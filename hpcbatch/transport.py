@@ -31,7 +31,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from hpcbatch import env as env_module
 from hpcbatch.launch import agent as agent_module
+from hpcbatch.launch import mpi as mpi_module
 from hpcbatch.launch import protocol as P
 from hpcbatch.timings import Timings
 
@@ -39,6 +41,11 @@ log = logging.getLogger("hpcbatch.transport")
 
 AGENT_PATH = Path(agent_module.__file__)
 PROTOCOL_PATH = Path(P.__file__)
+# what travels to a node with the agent (stdlib only), in upload order: the agent last,
+# so an agent.py that is there always has the rest beside it. mpi.py is hpcbatch-mpiexec
+# (the agent puts a shim for it on every task's PATH), env.py its variable names.
+UPLOADED = ((PROTOCOL_PATH, 0o644), (Path(env_module.__file__), 0o644),
+            (Path(mpi_module.__file__), 0o644), (AGENT_PATH, 0o755))
 WRITE_CHUNK = 1 << 20
 
 
@@ -48,12 +55,14 @@ def new_token() -> str:
 
 
 def agent_args(node_id: str, root: str | os.PathLike, *, token: str, timings: Timings,
-               slots: int, reap_stale: bool = True) -> list[str]:
+               slots: int, reap_stale: bool = True, mpi_prefix: str | None = None) -> list[str]:
     """The agent's command-line arguments (after the python and the script)."""
     args = ["--node-id", node_id, "--root", str(root), "--slots", str(slots),
             "--token", token, "--heartbeat-s", repr(float(timings.heartbeat_s)),
             "--lease-s", repr(float(timings.lease_s)),
             "--kill-grace-s", repr(float(timings.kill_grace_s))]
+    if mpi_prefix:
+        args += ["--mpi-prefix", mpi_prefix]
     return [*args, "--reap-stale"] if reap_stale else args
 
 
@@ -325,14 +334,14 @@ class LocalTransport:
 
     def start_agent(self, node_id: str, root: str | os.PathLike, *, token: str = "",
                     timings: Timings | None = None, slots: int = 1,
-                    reap_stale: bool = True) -> AgentChannel:
+                    reap_stale: bool = True, mpi_prefix: str | None = None) -> AgentChannel:
         timings = timings or Timings()
         token = token or new_token()
         root = str(root)
         proc = subprocess.Popen(
             [sys.executable, str(AGENT_PATH),
              *agent_args(node_id, root, token=token, timings=timings, slots=slots,
-                         reap_stale=reap_stale)],
+                         reap_stale=reap_stale, mpi_prefix=mpi_prefix)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             close_fds=True, start_new_session=True)
         stdin_fd = proc.stdin.fileno()
@@ -399,9 +408,9 @@ class LocalTransport:
 # ---- agents over SSH -----------------------------------------------------------------
 
 def agent_digest() -> str:
-    """Names the uploaded agent's directory: covers both files it consists of."""
+    """Names the uploaded agent's directory: covers every file uploaded with it."""
     h = hashlib.sha256()
-    for path in (AGENT_PATH, PROTOCOL_PATH):
+    for path, _ in UPLOADED:
         data = path.read_bytes()
         h.update(f"{path.name}\0{len(data)}\0".encode())
         h.update(data)
@@ -411,15 +420,17 @@ def agent_digest() -> str:
 class SSHTransport:
     """Starts the agent on a remote node over one SSH exec channel.
 
-    The agent (agent.py and protocol.py, stdlib only) is uploaded over SFTP to
-    ``~/.hpcbatch/agent-<version>-<hash>/`` (the hash covers both files, so an agent
-    never runs beside another version's protocol) and runs with the node's python3.
+    The agent (agent.py, protocol.py, and the launch layer mpi.py with env.py; stdlib
+    only) is uploaded over SFTP to ``~/.hpcbatch/agent-<version>-<hash>/`` (the hash
+    covers every file, so an agent never runs beside another version's protocol) and
+    runs with the pool's python (python3 by default).
     ``setup(client, root)`` (if given) runs on the same connection first, with the node
     root resolved to an absolute path (bootstrap's inter-node trust uses it).
     """
 
-    def __init__(self, python: str = "python3"):
+    def __init__(self, python: str = "python3", mpi_prefix: str | None = None):
         self.python = python
+        self.mpi_prefix = mpi_prefix
 
     def start_agent(self, target, node_id: str, root: str, *, token: str = "",
                     timings: Timings | None = None, slots: int = 1,
@@ -443,7 +454,8 @@ class SSHTransport:
             chan = exec_channel(client, [self.python, f"{remote}/agent.py",
                                          *agent_args(node_id, root, token=token,
                                                      timings=timings, slots=slots,
-                                                     reap_stale=reap_stale)])
+                                                     reap_stale=reap_stale,
+                                                     mpi_prefix=self.mpi_prefix)])
         except BaseException:
             client.close()
             raise
@@ -507,8 +519,8 @@ class SSHTransport:
 
 
 def upload_agent(client, label: str) -> str:
-    """agent.py and protocol.py into ``~/.hpcbatch/agent-<version>-<hash>/`` on the node
-    (skipped when that directory already holds them); returns its absolute path."""
+    """The agent's files (UPLOADED) into ``~/.hpcbatch/agent-<version>-<hash>/`` on the
+    node (each skipped when that directory already holds it); returns its absolute path."""
     from hpcbatch._version import __version__
     from hpcbatch.ssh import SSHError, sftp_put
 
@@ -520,8 +532,8 @@ def upload_agent(client, label: str) -> str:
                        "'Subsystem sftp' line") from None
     try:
         remote = f"{sftp.normalize('.').rstrip('/')}/{rel}"
-        # protocol.py first: an agent.py that is there always has its protocol beside it
-        for path, mode in ((PROTOCOL_PATH, 0o644), (AGENT_PATH, 0o755)):
+        # agent.py last: an agent.py that is there always has the rest beside it
+        for path, mode in UPLOADED:
             dest = f"{remote}/{path.name}"
             try:
                 if sftp.stat(dest).st_size == path.stat().st_size:

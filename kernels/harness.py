@@ -130,7 +130,10 @@ def catalogue(as_json: bool = False) -> str:
                            "choices": list(p.choices) if p.choices else None}
                        for n, p in k.params.items()},
             "outputs": {n: {"reduce": o.reduce_name, "per_rank": o.per_rank,
-                            "description": o.description} for n, o in k.outputs.items()}})
+                            "description": o.description, "units": o.units,
+                            "stored": o.keep} for n, o in k.outputs.items()},
+            "derived": {n: {"description": d.description, "units": d.units}
+                        for n, d in k.derived.items()}})
     return json.dumps(entries, indent=2) if as_json else "\n".join(lines)
 
 

@@ -85,6 +85,7 @@ def _load_protocol():
 P = _load_protocol()
 
 KILL_GRACE_S = 2.0
+MPI_PREFIX_ENV = "HPCBATCH_MPI_PREFIX"  # (hpcbatch.env.MPI_PREFIX; the agent knows no env.py)
 RECORD_EVERY_S = 0.2  # the agent's record is rewritten at most this often
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # a task's leader started within this of when the agent spawned it (the record keeps
@@ -619,7 +620,7 @@ def reap_stale_agents(root: str, *, keep: str = "", only: str | None = None,
 
 class Task:
     __slots__ = ("id", "pid", "spawned", "slots", "start", "deadline", "kill_at",
-                 "timed_out", "killed", "tmp", "shm")
+                 "timed_out", "killed", "tmp", "shm", "err")
 
     def __init__(self, tid, pid, slots, start, timeout_s, tmp, spawned):
         self.id = tid
@@ -634,6 +635,27 @@ class Task:
         self.killed = None
         self.tmp = tmp
         self.shm: set[str] = set()  # /dev/shm files its processes had mapped when killed
+        self.err = None  # a prefixed run's stderr file: its tail is reported if it fails
+
+
+STDERR_TAIL = 400  # bytes of a failed coordination command's stderr its Exited carries
+
+
+def tail_of(path: str) -> str | None:
+    """The last STDERR_TAIL bytes of a file, as text (None: unreadable or empty)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        os.lseek(fd, max(0, size - STDERR_TAIL), os.SEEK_SET)
+        data = os.read(fd, STDERR_TAIL)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return data.decode(errors="replace") or None
 
 
 def _why(exc: BaseException) -> str:
@@ -645,8 +667,9 @@ def _why(exc: BaseException) -> str:
 class Agent:
     def __init__(self, node_id: str, root: str, heartbeat_s: float = 1.0, slots: int = 1, *,
                  token: str = "", lease_s: float = 0.0, kill_grace_s: float = KILL_GRACE_S,
-                 reap_stale: bool = False, out_fd: int = 1):
+                 reap_stale: bool = False, out_fd: int = 1, mpi_prefix: str = ""):
         self.node_id = node_id
+        self.mpi_prefix = mpi_prefix
         self.slots = slots
         self.used = 0
         self.queued: collections.deque = collections.deque()
@@ -775,6 +798,9 @@ class Agent:
                                         start=now, end=time.time()))
             return
         task = Task(msg.id, pid, msg.slots, now, msg.timeout_s, tmp, spawned)
+        if msg.log_prefix:  # a coordination command: its stderr tail comes with a failure
+            task.err = os.path.join(os.path.dirname(tmp), safe_name(msg.log_prefix) +
+                                    "stderr.txt")
         self.used += task.slots
         self.tasks[pid] = task
         self.by_id[msg.id] = task
@@ -788,6 +814,10 @@ class Agent:
             if name not in msg.env:  # a task that names its own keeps it
                 env[name] = tmp
         env[P.AGENT_TOKEN_ENV] = self.token
+        # the launch layer (hpcbatch-mpiexec) first on every task's PATH
+        env["PATH"] = os.path.join(self.root, "bin") + os.pathsep + env.get("PATH", os.defpath)
+        if self.mpi_prefix and MPI_PREFIX_ENV not in msg.env:
+            env[MPI_PREFIX_ENV] = self.mpi_prefix
         for k, v in msg.env.items():  # (the agent's own environment cannot hold these)
             if not k or "=" in k or "\0" in k:
                 raise ValueError(f"environment variable name {k!r} cannot be passed to a "
@@ -912,7 +942,8 @@ class Agent:
                 signal=-code if code < 0 else None, timed_out=task.timed_out,
                 killed=task.killed, start=task.start, end=time.time(),
                 usage={"utime_s": round(ru.ru_utime, 6), "stime_s": round(ru.ru_stime, 6),
-                       "maxrss_kb": ru.ru_maxrss}))
+                       "maxrss_kb": ru.ru_maxrss},
+                stderr_tail=tail_of(task.err) if task.err and code != 0 else None))
             self.start_queued()
 
     def check_deadlines(self, now: float) -> float | None:
@@ -979,6 +1010,26 @@ class Agent:
                     log(f"node {self.node_id}: cannot write the agent record: {exc}")
                 self.record_failed = True
 
+    def write_shims(self) -> None:
+        """``<root>/bin/hpcbatch-mpiexec``: the launch layer uploaded beside this agent
+        (``mpi.py``), run with this agent's python (the pool's); ``<root>/bin`` leads every
+        task's PATH, so a node whose login PATH knows nothing of hpcbatch has it."""
+        here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mpi.py")
+        if not os.path.exists(here):
+            return
+        bin_fd = mkdir_at(self.root_fd, "bin", self.root, 0o755)
+        try:
+            text = (f"#!/bin/sh\n# made by the hpcbatch agent: the pool's python runs the "
+                    f"launch layer\nexec {_sh_quote(sys.executable)} {_sh_quote(here)} "
+                    f'"$@"\n')
+            tmp = f".hpcbatch-mpiexec.{os.getpid()}"
+            with os.fdopen(create_at(bin_fd, tmp, 0o755), "w") as f:
+                f.write(text)
+                os.fchmod(f.fileno(), 0o755)
+            os.replace(tmp, "hpcbatch-mpiexec", src_dir_fd=bin_fd, dst_dir_fd=bin_fd)
+        finally:
+            os.close(bin_fd)
+
     # ---- main loop -------------------------------------------------------
 
     def setup(self) -> None:
@@ -986,6 +1037,7 @@ class Agent:
         self.root_fd = os.open(self.root, O_DIR)
         for name in ("shared", "jobs", "agents"):
             os.close(mkdir_at(self.root_fd, name, self.root))
+        self.write_shims()
         if self.reap_stale:
             killed = reap_stale_agents(self.root, keep=self.token, grace_s=self.kill_grace_s)
             if killed:
@@ -1111,6 +1163,10 @@ def _is_pipe(fd: int) -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
+def _sh_quote(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
 def _seconds(text: str) -> float:
     v = float(text)
     if not math.isfinite(v) or v < 0:
@@ -1135,12 +1191,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="SIGKILL this long after SIGTERM")
     ap.add_argument("--reap-stale", action="store_true",
                     help="first kill what earlier agents of this root left running")
+    ap.add_argument("--mpi-prefix", default="",
+                    help="the pool's MPI installation (its bin/mpiexec), for hpcbatch-mpiexec")
     args = ap.parse_args(argv)
     if args.token and not TOKEN_RE.fullmatch(args.token):
         ap.error(f"--token {args.token!r}: use 1-64 of A-Z a-z 0-9 _ . - (not starting with .)")
     Agent(args.node_id, args.root, args.heartbeat_s, args.slots, token=args.token,
           lease_s=args.lease_s, kill_grace_s=args.kill_grace_s,
-          reap_stale=args.reap_stale).serve(sys.stdin.fileno())
+          reap_stale=args.reap_stale, mpi_prefix=args.mpi_prefix).serve(sys.stdin.fileno())
     return 0
 
 

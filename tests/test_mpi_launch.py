@@ -72,7 +72,8 @@ def test_dry_run_inside_a_multi_instance_task(tmp_path):
     flavour = mpi.detect_flavour(mpi.default_mpiexec())
     written = (tmp_path / "shared" / f"hostfile.{flavour}").read_text()
     assert written == mpi.hostfile_for(flavour, [("node1", 1), ("node2", 1)])
-    assert " -n 2 python -c pass" in r.stdout
+    # 'python' is the pool's python: the one running hpcbatch-mpiexec
+    assert f" -n 2 {sys.executable} -c pass" in r.stdout
     assert "HPCBATCH_JOB_ID" in r.stdout  # forwarded to remote ranks
 
 

@@ -37,7 +37,9 @@ def test_allocation_environment_hostfile_and_coordination(batch, home):
     assert env["HPCBATCH_MASTER_NODE"] == "localhost"
     assert env["HPCBATCH_NUM_INSTANCES"] == "3" and env["HPCBATCH_INSTANCE_INDEX"] == "0"
     assert env["HPCBATCH_TASK_SHARED_DIR"] == env["HPCBATCH_TASK_DIR"] + "/shared"
-    assert out[-3:] == ["localhost slots=2"] * 3  # the hostfile: one line per node
+    # the hostfile: one line per host, slots summed (both MPI flavours accept it)
+    assert out[-2:] == ["HPCBATCH_TASK_WORKING_DIR=" + env["HPCBATCH_TASK_WORKING_DIR"],
+                        "localhost slots=6"]
     for i, node in enumerate(["local-1", "local-2", "local-3"]):
         assert node_file(home, "trio", node, "mpi", "t", "coordination-stdout.txt") == \
             f"coord {i} of 3\n"

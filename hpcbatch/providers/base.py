@@ -152,13 +152,26 @@ class Provider(abc.ABC):
         import sys
         return sys.executable
 
+    @property
+    def mpi_prefix(self) -> str | None:
+        """The nodes' MPI installation (``<prefix>/bin/mpiexec``) hpcbatch-mpiexec uses;
+        None: the mpiexec beside ``node_python`` (a venv's MPI wheel), else the nodes'
+        PATH."""
+        return None
+
+    def launch_note(self) -> str:
+        """What ``hpcbatch-mpiexec -- python ...`` means on this pool's nodes."""
+        mpi = (f"{self.mpi_prefix}/bin/mpiexec" if self.mpi_prefix else
+               "the mpiexec beside that python, else the nodes' PATH")
+        return f"launch: python {self.node_python}; MPI {mpi} (hpcbatch-mpiexec on tasks' PATH)"
+
     def where(self) -> str:
         """One phrase saying where the nodes are, for messages ('node1, node2')."""
         return ", ".join(n.node_id for n in self.fixed_nodes())
 
     def notes(self) -> list[str]:
         """Extra lines 'pool show' prints about this pool."""
-        return []
+        return [self.launch_note()]
 
     def preflight(self, *, trust_on_first_use: bool = False,
                   timeout_s: float = 30.0) -> GroupResult:

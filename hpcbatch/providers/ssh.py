@@ -46,7 +46,7 @@ DEFAULT_NODE_ROOT = "~/.hpcbatch-node"
 # what a pool spec (pool.json) may say; anything else is a typo worth naming
 SPEC_FIELDS = ("provider", "hosts", "user", "port", "key", "known_hosts", "ssh_config",
                "connect_timeout_s", "python", "node_root", "authorized_keys",
-               "node_ssh_config")
+               "node_ssh_config", "mpi_prefix")
 _PATH_FIELDS = ("key", "known_hosts", "ssh_config")
 _STORED_FIELDS = frozenset(SPEC_FIELDS) - {"provider"}
 
@@ -72,6 +72,7 @@ class SSHConfig:
     node_root: str | None = None  # default DEFAULT_NODE_ROOT
     authorized_keys: str | None = None  # default ~/.ssh/authorized_keys
     node_ssh_config: str | None = None  # an ssh_config the nodes have (inter-node off)
+    mpi_prefix: str | None = None  # the nodes' MPI (<prefix>/bin/mpiexec) for hpcbatch-mpiexec
     connect_timeout_s: float = 10.0
     key: str | None = None
     known_hosts: str | None = None
@@ -98,7 +99,8 @@ class SSHConfig:
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
             raise ValidationError("pool.provider_config.connect_timeout_s",
                                   f"must be a number of seconds > 0, not {timeout!r}")
-        for field in ("python", "node_root", "authorized_keys", "node_ssh_config"):
+        for field in ("python", "node_root", "authorized_keys", "node_ssh_config",
+                      "mpi_prefix"):
             v = raw.get(field)
             if v is not None and (not isinstance(v, str) or not v.strip() or "\0" in v):
                 raise ValidationError(f"pool.provider_config.{field}",
@@ -109,7 +111,8 @@ class SSHConfig:
                         for h in hosts),
             python=raw.get("python") or "python3", node_root=raw.get("node_root"),
             authorized_keys=raw.get("authorized_keys"),
-            node_ssh_config=raw.get("node_ssh_config"), connect_timeout_s=float(timeout),
+            node_ssh_config=raw.get("node_ssh_config"), mpi_prefix=raw.get("mpi_prefix"),
+            connect_timeout_s=float(timeout),
             key=raw.get("key"), known_hosts=raw.get("known_hosts"),
             ssh_config=raw.get("ssh_config"), user=raw.get("user"), port=raw.get("port"))
 
@@ -148,8 +151,8 @@ def ssh_pool_config(*, spec: str | None = None, hostlist: str | None = None,
                     user: str | None = None, key: str | None = None,
                     known_hosts: str | None = None, ssh_config: str | None = None,
                     port: int | None = None, python: str | None = None,
-                    node_root: str | None = None,
-                    authorized_keys: str | None = None) -> dict[str, Any]:
+                    node_root: str | None = None, authorized_keys: str | None = None,
+                    mpi_prefix: str | None = None) -> dict[str, Any]:
     """Validate and normalise an SSH pool's provider config (no connection made).
 
     Options given here win over the spec file's."""
@@ -164,7 +167,8 @@ def ssh_pool_config(*, spec: str | None = None, hostlist: str | None = None,
             cfg[field] = str((base / Path(cfg[field]).expanduser()).resolve())
     for k, v in (("user", user), ("key", key), ("known_hosts", known_hosts),
                  ("ssh_config", ssh_config), ("port", port), ("python", python),
-                 ("node_root", node_root), ("authorized_keys", authorized_keys)):
+                 ("node_root", node_root), ("authorized_keys", authorized_keys),
+                 ("mpi_prefix", mpi_prefix)):
         if v is not None:  # given here: relative to where the command runs
             cfg[k] = str(Path(v).expanduser().resolve()) if k in _PATH_FIELDS else v
     if cfg.get("key") and not Path(cfg["key"]).is_file():
@@ -197,7 +201,7 @@ def _reap_program() -> str:
 class SSHProvider(Provider):
     name = "ssh"
     options = frozenset({"spec", "hostlist", "user", "key", "known_hosts", "ssh_config", "port",
-                         "python", "node_root", "authorized_keys"})
+                         "python", "node_root", "authorized_keys", "mpi_prefix"})
     config: SSHConfig
 
     def __init__(self, spec: PoolSpec, home):
@@ -234,11 +238,15 @@ class SSHProvider(Provider):
     def node_python(self) -> str:
         return self.config.python
 
+    @property
+    def mpi_prefix(self) -> str | None:
+        return self.config.mpi_prefix
+
     def where(self) -> str:
         return ", ".join(self._targets)
 
     def notes(self) -> list[str]:
-        return ["inter-node SSH: " + (
+        return [self.launch_note(), "inter-node SSH: " + (
             "on: pool key + ssh_config on every node (HPCBATCH_SSH_CONFIG)"
             if self.spec.inter_node_communication else "off: the nodes' own SSH set-up")]
 
@@ -288,7 +296,7 @@ class SSHProvider(Provider):
         if trust is not None:
             def setup(client, abs_root: str) -> None:
                 trust.install(client, abs_root, self.config.authorized_keys, node.node_id)
-        return SSHTransport(self.config.python).start_agent(
+        return SSHTransport(self.config.python, self.mpi_prefix).start_agent(
             target, node.node_id, self.node_root(node.node_id), token=token, timings=timings,
             slots=node.slots, setup=setup)
 
