@@ -262,6 +262,9 @@ def _run(kernel, params: dict[str, Any], output: Path, args, launch_t0: float) -
                                   "reduced": {k: _jsonable(v) for k, v in final.items()}}))
             sys.stdout.flush()
         except BaseException:
+            if big:  # no result file names them: the parts would only be litter
+                for r in range(size):
+                    results.rank_part_path(output, r, run_id).unlink(missing_ok=True)
             _abort(comm, rank, f"{kernel.name}: write")
     comm.Barrier()  # every per-rank part is closed before mpiexec returns
     return 0

@@ -6,8 +6,9 @@ tool reads it without parsing JSON. Layout (format ``hpcbatch-result/2``)::
     /                      attributes: format, kernel, description (the kernel's),
                            run_id (this run's token, also in the part-file names),
                            ranks, node_ids (str[ranks]: the hpcbatch node each rank ran
-                           on, index = rank), hostnames (str[ranks]: the host name each
-                           rank saw, socket.gethostname()), mpi_library, mpi4py_version,
+                           on, index = rank; its host name outside hpcbatch), hostnames
+                           (str[ranks]: the host name each rank saw,
+                           socket.gethostname()), mpi_library, mpi4py_version,
                            numpy_version, h5py_version, hpcbatch_version, start_utc,
                            end_utc (ISO 8601 UTC)
     /params                one attribute per kernel parameter, in its own type (int64,

@@ -40,3 +40,9 @@ def harness_to():
         run_harness(kernel, ranks, out, params)
         return out
     return call
+
+
+@pytest.fixture
+def harness_proc():
+    """run_harness itself: the finished mpiexec (check=False lets a failure through)."""
+    return run_harness

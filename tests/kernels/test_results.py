@@ -313,3 +313,19 @@ def test_a_string_param_that_looks_like_json_stays_a_string(tmp_path):
     res = read_result(out)
     assert res.params == {"spec": "[1, 2]", "on": True, "none": None}
     assert res.timings == {"compute": 1.0}
+
+
+def test_a_run_that_fails_writing_leaves_no_part_files(harness_proc, tmp_path):
+    kfile = tmp_path / "ragged.py"
+    kfile.write_text(textwrap.dedent('''
+        import numpy as np
+        from hpcbatch.kernels.api import Output
+        PARAMS = {}
+        OUTPUTS = {"v": Output(lambda a, b: a, per_rank=True)}
+        def run(comm):  # 4.8 MB a rank, trailing shapes that cannot be joined
+            return {"v": np.zeros((300_000 // (comm.rank + 1), 2 * (comm.rank + 1)))}
+    '''))
+    out = tmp_path / "ragged.h5"
+    r = harness_proc(str(kfile), 2, out, check=False)
+    assert r.returncode != 0 and "different trailing shapes" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ragged.py"]
