@@ -54,7 +54,8 @@ def events_of(pool_id: str, node_id: str, gen: int, msg: Any, words: str,
             elif isinstance(it, P.Exited) and run is not None:
                 out.append(S.RunExited(t, pool_id, node_id, gen, run, it.exit_code, it.signal,
                                        it.timed_out, it.killed, it.start_failed, it.start,
-                                       it.end, tuple(sorted(it.usage.items()))))
+                                       it.end, tuple(sorted(it.usage.items())),
+                                       it.stderr_tail))
             elif isinstance(it, P.Error):
                 out.append(S.AgentError(t, pool_id, node_id, gen, it.message, run))
             elif isinstance(it, P.Reaped) and it.pids:

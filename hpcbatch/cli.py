@@ -815,17 +815,57 @@ def task_add(job_id, task_id, command, slots, retries, timeout_s, nodes, coordin
 @click.option("--stdout", "which", flag_value="stdout.txt", default=True, help="Show stdout.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing what the task writes until "
               "it completes (waits for one that has not started).")
-def task_logs(job_id, task_id, which, follow) -> None:
+@click.option("--coordination", is_flag=True, help="A multi-instance task's coordination "
+              "command output (coordination-stdout.txt / -stderr.txt), of every node that "
+              "ran it, each under a '==> node N <==' line (or only --node's).")
+@click.option("--node", "node_id", help="Read the task's directory on this node of its pool "
+              "(a multi-instance task's other instances).")
+def task_logs(job_id, task_id, which, follow, coordination, node_id) -> None:
     """Print a task's stdout (or --stderr); SSH nodes' files are fetched over SFTP.
     With -f, tail a running task to its end."""
+    if node_id is not None:
+        check_id("--node", node_id)
+    if follow and (coordination or node_id):
+        raise ValidationError("--follow", "follows the task's own output; leave out "
+                              "--coordination and --node")
+    name = f"coordination-{which}" if coordination else which
     with _service() as service:
+        if coordination and node_id is None:
+            _coordination_logs(service, job_id, task_id, name)
+            return
         if not follow:
-            sys.stdout.buffer.write(service.read_task_file(job_id, task_id, which))
+            sys.stdout.buffer.write(service.read_task_file(job_id, task_id, name,
+                                                           node=node_id))
             return
         service.get_task(job_id, task_id)  # a task that does not exist: say so at once
         for chunk in service.follow_task_file(job_id, task_id, which):
             sys.stdout.buffer.write(chunk)
             sys.stdout.buffer.flush()
+
+
+def _coordination_logs(service, job_id: str, task_id: str, name: str) -> None:
+    """The coordination output of every node that holds the task's directory: its own
+    node first, then the pool's others, each under a '==> node N <==' line."""
+    from hpcbatch.errors import NotFound
+    t = service.get_task(job_id, task_id)
+    first = service.read_task_file(job_id, task_id, name)  # its own node: errors said
+    pool_id = service.get_job(job_id).pool_id
+    shown = 0
+    for n in [t.node_id] + [n.id for n in service.list_nodes(pool_id) if n.id != t.node_id]:
+        try:
+            data = first if n == t.node_id else service.read_task_file(
+                job_id, task_id, name, node=n)
+        except (NotFound, HpcBatchError):
+            continue
+        sys.stdout.write(f"==> node {n}: {name} <==\n")
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        if data and not data.endswith(b"\n"):
+            sys.stdout.buffer.write(b"\n")
+        sys.stdout.buffer.flush()
+        shown += 1
+    if not shown:
+        raise NotFound(f"task {job_id}/{task_id} has no {name}")
 
 
 # ---------------------------------------------------------------- pool size, nodes, job

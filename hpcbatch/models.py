@@ -125,6 +125,8 @@ def failure_text(kind: FailureKind | str | None, detail: str | None) -> str | No
         return f"killed:{detail or 'terminate'}"
     if kind is FailureKind.START_FAILED and detail:
         return f"start_failed: {detail}"
+    if kind is FailureKind.EXIT_CODE and detail:  # e.g. which node's coordination command
+        return f"exit_code: {detail}"
     return kind.value
 
 

@@ -648,12 +648,13 @@ class RemoteService(Service):
                  for p in name.split("/")]
         return f"{self._task_path(job_id, task_id)}/files/{'/'.join(parts)}"
 
-    def list_task_files(self, job_id: str, task_id: str) -> list[FileView]:
+    def list_task_files(self, job_id: str, task_id: str, *,
+                        node: str | None = None) -> list[FileView]:
         return [FileView.from_dict(f) for f in
-                self._get(f"{self._task_path(job_id, task_id)}/files")["items"]]
+                self._get(f"{self._task_path(job_id, task_id)}/files", node=node)["items"]]
 
     def read_task_file(self, job_id: str, task_id: str, name: str, *, offset: int = 0,
-                       length: int | None = None) -> bytes:
+                       length: int | None = None, node: str | None = None) -> bytes:
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValidationError("offset", f"{offset!r} must be a whole number >= 0")
         if length is not None and (isinstance(length, bool) or not isinstance(length, int)
@@ -668,7 +669,8 @@ class RemoteService(Service):
             headers["Range"] = f"bytes={offset}-{end}"
         try:
             response = self._send("GET", self._file_path(job_id, task_id, name),
-                                  headers=headers, timeout=self._bulk_timeout())
+                                  headers=headers, timeout=self._bulk_timeout(),
+                                  **({"params": {"node": node}} if node is not None else {}))
         except HpcBatchError as exc:
             if getattr(exc, "status", None) == 416:  # from beyond its end: nothing
                 return b""

@@ -570,6 +570,7 @@ class Exit:
     timed_out: bool = False
     start_failed: str | None = None
     node_lost: bool = False
+    detail: str | None = None  # what failed where (a coordination command: node, stderr)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -202,14 +202,18 @@ class Service(abc.ABC):
 
     @abc.abstractmethod
     def read_task_file(self, job_id: str, task_id: str, name: str, *, offset: int = 0,
-                       length: int | None = None) -> bytes:
+                       length: int | None = None, node: str | None = None) -> bytes:
         """A file of the task's latest attempt (``name`` relative to its directory, such
         as stdout.txt), from its node, from byte ``offset``, at most ``length`` bytes.
-        ``..``, absolute paths and symbolic links out of the directory are refused."""
+        ``..``, absolute paths and symbolic links out of the directory are refused.
+        ``node``: the task's directory on that node of its pool instead (a
+        multi-instance task's other instances: coordination-stderr.txt)."""
 
     @abc.abstractmethod
-    def list_task_files(self, job_id: str, task_id: str) -> list[FileView]:
-        """The files of the task's latest attempt's directory, recursively."""
+    def list_task_files(self, job_id: str, task_id: str, *,
+                        node: str | None = None) -> list[FileView]:
+        """The files of the task's latest attempt's directory (on ``node``: that node's
+        copy of it), recursively."""
 
     def follow_task_file(self, job_id: str, task_id: str, name: str, *, offset: int = 0,
                          poll_s: float = FOLLOW_POLL_S) -> Iterator[bytes]:
@@ -811,8 +815,10 @@ class LocalService(Service):
                 "task %s/%s: its directory on node %s was not removed (%s)", job_id, task_id,
                 node, why)
 
-    def _task_dir(self, job_id: str, task_id: str, what: str) -> tuple[Any, str, str]:
-        """The provider, node and directory of the task's latest attempt."""
+    def _task_dir(self, job_id: str, task_id: str, what: str, node: str | None = None
+                  ) -> tuple[Any, str, str]:
+        """The provider, node and directory of the task's latest attempt (``node``: that
+        node's copy of the directory, as a multi-instance task has on each instance)."""
         row = self.store.get_task(job_id, task_id)
         where = f"task {job_id}/{task_id}"
         if not row.get("task_dir"):
@@ -822,10 +828,24 @@ class LocalService(Service):
             raise NotFound(f"{where} is waiting to run again (retry or requeue); its {what} "
                            "comes back once the new attempt starts")
         spec = self.store.get_pool(self.store.get_job(job_id)["pool_id"])
-        return self._provider(spec), row["node_id"], row["task_dir"]
+        provider = self._provider(spec)
+        if node is None or node == row["node_id"]:
+            return provider, row["node_id"], row["task_dir"]
+        check_id("node", node)
+        nodes = self.store.list_nodes(spec.id)
+        rec = next((n for n in nodes if n["id"] == node), None)
+        if rec is None:
+            known = ", ".join(n["id"] for n in nodes) or "none"
+            raise NotFound(f"node {node!r} is not in pool {spec.id} (its nodes: {known})")
+        info = rec.get("info") or {}
+        if isinstance(info, str):
+            info = json.loads(info or "{}")
+        root = info.get("root") or provider.node_root(node)
+        return provider, node, posixpath.join(root, "jobs", job_id, task_id)
 
-    def list_task_files(self, job_id: str, task_id: str) -> list[FileView]:
-        provider, node, tdir = self._task_dir(job_id, task_id, "files")
+    def list_task_files(self, job_id: str, task_id: str, *,
+                        node: str | None = None) -> list[FileView]:
+        provider, node, tdir = self._task_dir(job_id, task_id, "files", node)
         try:
             return [FileView(f.name, f.size, f.modified_at, f.kind)
                     for f in provider.list_node_dir(node, tdir)]
@@ -839,14 +859,14 @@ class LocalService(Service):
                                 f"{node}: {exc.strerror or exc}") from None
 
     def read_task_file(self, job_id: str, task_id: str, name: str, *, offset: int = 0,
-                       length: int | None = None) -> bytes:
+                       length: int | None = None, node: str | None = None) -> bytes:
         name = task_file_name(name)
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValidationError("offset", f"{offset!r} must be a whole number >= 0")
         if length is not None and (isinstance(length, bool) or not isinstance(length, int)
                                    or length < 0):
             raise ValidationError("length", f"{length!r} must be a whole number >= 0")
-        provider, node, tdir = self._task_dir(job_id, task_id, name)
+        provider, node, tdir = self._task_dir(job_id, task_id, name, node)
         path = f"{tdir}/{name}"
         try:
             return provider.read_node_file(node, path, offset=offset, length=length)

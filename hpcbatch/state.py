@@ -279,6 +279,7 @@ class RunExited:
     start: float | None = None
     end: float | None = None
     usage: tuple[tuple[str, Any], ...] = ()
+    stderr_tail: str | None = None  # a failed coordination command's last stderr bytes
 
 
 @_ev
@@ -654,6 +655,18 @@ class PoolState:
     suspects: set[str] = dataclasses.field(default_factory=set)  # .. or these are reaped
 
 
+def _coordination_failed(node_id: str, ev: RunExited) -> str:
+    """A failed coordination command in one line: the node, how it ended, its stderr's
+    last line(s) (see 'hpcbatch task logs JOB TASK --coordination --node NODE')."""
+    how = (f"exited with {ev.exit_code}" if ev.exit_code is not None else
+           f"was killed by signal {ev.signal}" if ev.signal else
+           f"did not start ({ev.start_failed})" if ev.start_failed else "failed")
+    tail = " | ".join(line.strip() for line in (ev.stderr_tail or "").strip().splitlines()
+                      [-3:] if line.strip())
+    return (f"coordination command on node {node_id} {how}"
+            + (f"; stderr: {tail[-300:]}" if tail else "; its stderr is empty"))
+
+
 def _exit_of(ev: RunExited) -> Exit:
     return Exit(exit_code=ev.exit_code, signal=ev.signal, timed_out=ev.timed_out,
                 start_failed=ev.start_failed)
@@ -671,8 +684,8 @@ def _failure(ex: Exit, killed: str | None, terminated: bool, failed: bool
     if kind is FailureKind.START_FAILED:
         return kind, ex.start_failed
     if kind is FailureKind.SIGNAL:
-        return kind, str(ex.signal)
-    return kind, None
+        return kind, str(ex.signal) + (f": {ex.detail}" if ex.detail else "")
+    return kind, ex.detail
 
 
 class CoordinatorState:
@@ -1659,6 +1672,9 @@ class CoordinatorState:
         ex = _exit_of(ev)
         if ev.killed in AGENT_STOPPED:
             ex = Exit(None, node_lost=True)
+        elif ev.run.kind is RunKind.COORDINATION and failure_of(ex) is not None \
+                and not ev.killed:
+            ex = dataclasses.replace(ex, detail=_coordination_failed(node.node_id, ev))
         if alloc.failed is not None or failure_of(ex) is not None:
             self._fail_alloc(att, alloc.failed or ex, ev.killed)
         elif alloc.phase is MIPhase.COORDINATION:

@@ -133,6 +133,7 @@ class Exited:
     start: float | None = None
     end: float | None = None
     usage: dict = dataclasses.field(default_factory=dict)
+    stderr_tail: Optional[str] = None  # noqa: UP045 - a failed coordination command's
 
 
 @dataclasses.dataclass(**_DC)
@@ -296,7 +297,7 @@ _SCHEMA: dict[type, dict[str, tuple[Any, bool]]] = {
              "signal": (_opt(_int), False), "timed_out": (_bool, False),
              "killed": (_opt(_str), False), "start_failed": (_opt(_str), False),
              "start": (_opt(_num), False), "end": (_opt(_num), False),
-             "usage": (_dict, False)},
+             "usage": (_dict, False), "stderr_tail": (_opt(_str), False)},
     Reaped: {"match": (_str_dict, True), "pids": (_seq(_int, "pids"), False)},
     Error: {"message": (_str, True), "id": (_opt(_rid), False)},
     Events: {"items": (_items, True)},

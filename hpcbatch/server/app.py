@@ -421,6 +421,8 @@ def _int(default: Any, **schema: Any) -> Any:
 Id = Annotated[str, _doc(pattern=ID_PATTERN, description="1 to 64 letters, digits, - or _")]
 Command = Annotated[str, _doc(pattern=NOT_BLANK, description="a shell command line")]
 IdPath = Annotated[str, PathParam(json_schema_extra={"pattern": ID_PATTERN})]
+NodeQuery = Annotated[str | None, Query(json_schema_extra={"pattern": ID_PATTERN},
+                                        description="a node of the task's pool")]
 RunPath = Annotated[str, PathParam(json_schema_extra={"pattern": r"^run-[A-Za-z0-9_-]{1,80}$"})]
 ShaPath = Annotated[str, PathParam(json_schema_extra={"pattern": r"^[0-9a-f]{64}$"})]
 
@@ -1018,9 +1020,11 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
 
     @v1.get("/jobs/{job_id}/tasks/{task_id}/files", response_model=Items[FileView],
             tags=["files"])
-    async def list_files(job_id: IdPath, task_id: IdPath) -> JSON:
-        return JSON({"items": _plain(await call(lambda s: s.list_task_files(job_id,
-                                                                            task_id)))})
+    async def list_files(job_id: IdPath, task_id: IdPath, node: NodeQuery = None) -> JSON:
+        """The files of the task's latest attempt (``node``: that node's copy of its
+        directory, as each instance of a multi-instance task has)."""
+        return JSON({"items": _plain(await call(lambda s: s.list_task_files(
+            job_id, task_id, node=node)))})
 
     octet = {"application/octet-stream": {"schema": {"type": "string",
                                                       "format": "binary"}}}
@@ -1033,24 +1037,29 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
                              "end of the file"}})
     async def get_file(job_id: IdPath, task_id: IdPath, path: Annotated[str, PathParam()],
                        follow: Annotated[bool, Query()] = False,
-                       range_: Annotated[str | None, Header(alias="range")] = None
-                       ) -> Response:
+                       range_: Annotated[str | None, Header(alias="range")] = None,
+                       node: NodeQuery = None) -> Response:
         """A file of the task's latest attempt (``path`` relative to its directory, such
         as stdout.txt). ``Range: bytes=a-b`` gives a 206; ``follow=true`` streams the
         file as it grows until the task has completed (from the Range's start, if one is
-        given: then a 206 without Content-Range, its end being unknown)."""
+        given: then a 206 without Content-Range, its end being unknown). ``node``: from
+        that node's copy of the directory (a multi-instance task's other instances, e.g.
+        coordination-stderr.txt); not with follow."""
         from hpcbatch.service import task_file_name
         name = task_file_name(path)  # '..', absolute: 400 before anything is read
         wanted = parse_range(range_)
         if follow:
+            if node is not None:
+                raise ValidationError("node", "follow reads the task's own node; leave "
+                                      "node out, or read without follow")
             return await _follow(job_id, task_id, name, (wanted or (0, None))[0] or 0)
         headers = {"Accept-Ranges": "bytes"}
         if wanted is None:
             first = await call(lambda s: s.read_task_file(job_id, task_id, name, offset=0,
-                                                          length=FILE_CHUNK))
-            return StreamingResponse(_chunks(job_id, task_id, name, first, 0, None),
+                                                          length=FILE_CHUNK, node=node))
+            return StreamingResponse(_chunks(job_id, task_id, name, first, 0, None, node),
                                      media_type="application/octet-stream", headers=headers)
-        size = await call(lambda s: _file_size(s, job_id, task_id, name))
+        size = await call(lambda s: _file_size(s, job_id, task_id, name, node))
         start, last = wanted
         if start is None:  # the last N bytes
             start, end = max(0, size - (last or 0)), size
@@ -1063,15 +1072,17 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
                          f"{name} ({size} bytes)", "range",
                          {"Content-Range": f"bytes */{size}"})
         first = await call(lambda s: s.read_task_file(job_id, task_id, name, offset=start,
-                                                      length=min(FILE_CHUNK, end - start)))
+                                                      length=min(FILE_CHUNK, end - start),
+                                                      node=node))
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
         headers["Content-Length"] = str(end - start)
-        return StreamingResponse(_chunks(job_id, task_id, name, first, start, end),
+        return StreamingResponse(_chunks(job_id, task_id, name, first, start, end, node),
                                  status_code=206, media_type="application/octet-stream",
                                  headers=headers)
 
-    def _file_size(s: Any, job_id: str, task_id: str, name: str) -> int:
-        for f in s.list_task_files(job_id, task_id):
+    def _file_size(s: Any, job_id: str, task_id: str, name: str,
+                   node: str | None = None) -> int:
+        for f in s.list_task_files(job_id, task_id, node=node):
             if f.name == name:
                 if getattr(f, "kind", "file") != "file":
                     raise NotFound(f"{name} of task {job_id}/{task_id} is not a regular file "
@@ -1080,7 +1091,7 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
         raise NotFound(f"task {job_id}/{task_id} has no file {name}")
 
     async def _chunks(job_id: str, task_id: str, name: str, first: bytes, start: int,
-                      end: int | None) -> AsyncIterator[bytes]:
+                      end: int | None, node: str | None = None) -> AsyncIterator[bytes]:
         """``first`` (read already), then the rest up to ``end`` (None: the end of the
         file), FILE_CHUNK at a time."""
         data, offset = first, start
@@ -1094,7 +1105,7 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
             want = FILE_CHUNK if end is None else min(FILE_CHUNK, end - offset)
             try:
                 data = await call(lambda s, o=offset, w=want: s.read_task_file(
-                    job_id, task_id, name, offset=o, length=w))
+                    job_id, task_id, name, offset=o, length=w, node=node))
             except HpcBatchError as exc:  # the response has started: end it short
                 log.warning("reading %s of %s/%s stopped: %s", name, job_id, task_id, exc)
                 return
