@@ -277,14 +277,15 @@ def rank_layout(instances: list[dict], ranks_per_node: int | None
     return hosts, ranks
 
 
-def ssh_hostname(host: str, ssh_config: str | None) -> str:
-    """The HostName a ``Host`` block of the ssh_config gives ``host`` (else host)."""
+def ssh_endpoint(host: str, ssh_config: str | None) -> tuple[str, int]:
+    """(HostName, Port) a ``Host`` block of the ssh_config gives ``host`` (else host, 22)."""
+    name, port = host, 22
     if not ssh_config:
-        return host
+        return name, port
     try:
         lines = Path(ssh_config).read_text().splitlines()
     except OSError:
-        return host
+        return name, port
     inside = False
     for raw in lines:
         words = raw.split()
@@ -294,8 +295,30 @@ def ssh_hostname(host: str, ssh_config: str | None) -> str:
         if key in ("host", "match"):
             inside = key == "host" and host in words[1:]
         elif inside and key == "hostname" and len(words) > 1:
-            return words[1]
-    return host
+            name = words[1]
+        elif inside and key == "port" and len(words) > 1 and words[1].isdigit():
+            port = int(words[1])
+    return name, port
+
+
+def ssh_hostname(host: str, ssh_config: str | None) -> str:
+    return ssh_endpoint(host, ssh_config)[0]
+
+
+def ssh_silent(host: str, ssh_config: str | None, timeout_s: float = 2.0) -> str | None:
+    """Why the host's sshd does not answer (no connection, or no greeting within
+    ``timeout_s``); None when it does."""
+    name, port = ssh_endpoint(host, ssh_config)
+    try:
+        with socket.create_connection((name, port), timeout=timeout_s) as sock:
+            sock.settimeout(timeout_s)
+            if sock.recv(4).startswith(b"SSH-"):
+                return None
+            return f"its sshd at {name}:{port} sent no SSH greeting"
+    except TimeoutError:
+        return f"its sshd at {name}:{port} gave no SSH greeting within {timeout_s:g} s"
+    except OSError as exc:
+        return f"cannot connect to its sshd at {name}:{port}: {exc.strerror or exc}"
 
 
 def addresses(host: str) -> list[str]:
@@ -449,8 +472,9 @@ class Launch:
     deadline by which all of them must have."""
 
     def __init__(self, layout: list[tuple[int, int, int]], instances: list[dict],
-                 nprocs: int, timeout_s: float):
+                 nprocs: int, timeout_s: float, ssh_config: str | None = None):
         self.instances = instances
+        self.ssh_config = ssh_config
         self.timeout_s = timeout_s
         self.expect = nprocs
         self.rank_instance = {}
@@ -480,13 +504,7 @@ class Launch:
                 return ""  # mpiexec said why itself
             left = end - time.monotonic()
             if left <= 0:
-                missing = sorted({self.rank_instance[r] for r in self.rank_instance
-                                  if r not in self.arrived})
-                names = ", ".join(self._name(i) for i in missing)
-                return (f"the ranks on {names} did not start within the launch deadline of "
-                        f"{self.timeout_s:g} s (set {LAUNCH_TIMEOUT_ENV} or --launch-timeout "
-                        f"for a slower start); {len(self.arrived)} of {self.expect} ranks "
-                        f"reported")
+                return self._late()
             for key, _ in self.sel.select(min(left, 0.2)):
                 if key.fileobj is self.sock:
                     try:
@@ -530,6 +548,24 @@ class Launch:
                 f"node {', '.join(dict.fromkeys(self._name(i) for i in idx))}: {why}"
                 for why, idx in problems.items()) + " (nothing was started)"
         return None
+
+    def _late(self) -> str:
+        """The launch deadline passed: which nodes did not answer, in one line. An MPI
+        that starts no rank before all its daemons are up (Open MPI) leaves every node
+        without a rank: then the nodes whose sshd does not answer are the ones named."""
+        missing = sorted({self.rank_instance[r] for r in self.rank_instance
+                          if r not in self.arrived})
+        names = ", ".join(dict.fromkeys(self._name(i) for i in missing))
+        silent = []
+        if self.ssh_config:
+            for i in dict.fromkeys(missing):
+                why = ssh_silent(self.instances[i]["host"], self.ssh_config)
+                if why:
+                    silent.append(f"{self._name(i)} did not answer ({why})")
+        head = "; ".join(silent) + "; " if silent else ""
+        return (f"{head}the ranks on {names} did not start within the launch deadline of "
+                f"{self.timeout_s:g} s (set {LAUNCH_TIMEOUT_ENV} or --launch-timeout for a "
+                f"slower start); {len(self.arrived)} of {self.expect} ranks reported")
 
     def _drop(self, conn: socket.socket) -> None:
         self.waiting.pop(conn, None)
@@ -701,7 +737,7 @@ def _task_command(args: argparse.Namespace, program: list[str], hostfile_in: str
     argv = program
     rank_wdir = None
     if layout is not None and timeout_s > 0:
-        launch = Launch(layout, instances, nprocs, timeout_s)
+        launch = Launch(layout, instances, nprocs, timeout_s, ssh_config)
         primary = instances[0]["host"]
         addrs = [a for a in (*addresses(ssh_hostname(primary, ssh_config)), "127.0.0.1")
                  if ":" not in a]

@@ -137,3 +137,171 @@ def test_each_rank_gets_its_own_node_on_a_local_pool(batch, home, tmp_path):
     _check_ranks(_rows(t.stdout()), nodes, [str(home / "nodes" / "trio" / n) for n in nodes],
                  "mpi", "where", own_node=False)
     print(f"{LIBRARY} local 3-node where: {time.monotonic() - t0:.2f} s")
+
+
+# ---------------------------------------------------------------- the SSH test cluster
+
+def _no_process_of(job: str, task: str, timeout_s: float = 15.0) -> list[int]:
+    """Poll until no process carries the task's ids (what the agents reap); the pids left."""
+    needles = (f"HPCBATCH_JOB_ID={job}\0".encode(), f"HPCBATCH_TASK_ID={task}\0".encode())
+    end = time.monotonic() + timeout_s
+    while True:
+        left = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    data = f.read() + b"\0"
+            except OSError:
+                continue
+            if all(n in data for n in needles):
+                left.append(int(pid))
+        if not left or time.monotonic() > end:
+            return left
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module", params=MODES)
+def cluster(request, tmp_path_factory):
+    """3 sshd nodes and a pool spec whose python is this one (the nodes' login PATH
+    has nothing of hpcbatch); afterwards nothing of the cluster is left."""
+    netns = request.param == "netns"
+    reason = unavailable(ct.check_netns) if netns else None
+    if reason:
+        pytest.skip(f"{LIBRARY} across sshd nodes here needs a --netns cluster: {reason}")
+    d = tmp_path_factory.mktemp(f"launch-{request.param}")
+    with sshd_cluster(3, d, netns=netns) as info:
+        spec = json.loads(info.pool_json.read_text())
+        spec["python"] = sys.executable
+        spec["node_root"] = str(d / "nodes")  # Open MPI: no spaces in the ssh_config path
+        (d / "pool-mpi.json").write_text(json.dumps(spec))
+        yield info
+
+
+def _ssh_pool(batch, info, name="mpi3") -> None:
+    batch.pools.create(name, "ssh", spec=str(info.directory / "pool-mpi.json"))
+
+
+def _roots(info, home, pool="mpi3") -> list[str]:
+    from hpcbatch.providers.base import home_id
+    return [f"{info.directory / 'nodes'}/{home_id(home)}/{pool}/{nd.name}" for nd in info.nodes]
+
+
+@pytest.mark.ssh
+@pytest.mark.slow
+@needs_mpi
+@pytest.mark.parametrize("bench", ["helloworld", "ringtest"])
+def test_submit_nodes_3_mpi4py_bench(cluster, home, bench):
+    """`hpcbatch submit --pool P --nodes 3 -- hpcbatch-mpiexec -- python -m mpi4py.bench
+    helloworld`: three ranks on three nodes, nothing spelled out."""
+    from helpers import run_cli
+    r = run_cli(home, "pool", "create", "mpi3", "--spec",
+                str(cluster.directory / "pool-mpi.json"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    t0 = time.monotonic()
+    r = run_cli(home, "submit", "--pool", "mpi3", "--nodes", "3", "--job", "hello", "--",
+                "hpcbatch-mpiexec", "--", "python", "-m", "mpi4py.bench", bench,
+                timeout_s=240)
+    took = time.monotonic() - t0
+    import hpcbatch
+    with hpcbatch.Batch(home) as b:
+        (t,) = list(b.jobs.get("hello").tasks())
+        task = b.jobs.get("hello").task(t.id)
+        out, err = task.stdout(), task.stderr()
+    assert r.returncode == 0, r.stdout + r.stderr + out + err
+    mode = "netns" if cluster.netns else "loopback"
+    print(f"{LIBRARY} submit --nodes 3 mpi4py.bench {bench} ({mode}): {took:.2f} s")
+    if bench == "helloworld":
+        lines = sorted(ln for ln in out.splitlines() if ln.startswith("Hello, World!"))
+        assert len(lines) == 3, out
+        for i, ln in enumerate(lines):
+            assert ln.startswith(f"Hello, World! I am process {i} of 3 on "), out
+        if cluster.netns:  # each node its own host(name)
+            assert [ln.rsplit(" ", 1)[1] for ln in lines] == ["node1.", "node2.", "node3."]
+    else:
+        assert "time" in out.lower() or out.strip(), out
+
+
+@pytest.mark.ssh
+@pytest.mark.slow
+@needs_mpi
+def test_each_rank_sees_its_own_node(cluster, make_batch, home, tmp_path):
+    batch = make_batch()
+    _ssh_pool(batch, cluster)
+    job = batch.jobs.create("mpi", pool="mpi3")
+    _where_task(job, tmp_path, 3)
+    t0 = time.monotonic()
+    job.wait(timeout_s=180)
+    t = job.task("where")
+    assert t.succeeded, (t.failure, t.stderr())
+    _check_ranks(_rows(t.stdout()), ["node1", "node2", "node3"], _roots(cluster, home),
+                 "mpi", "where", own_node=True)
+    print(f"{LIBRARY} SSH 3-node where ({'netns' if cluster.netns else 'loopback'}): "
+          f"{time.monotonic() - t0:.2f} s")
+
+
+@pytest.mark.ssh
+@pytest.mark.slow
+@needs_mpi
+def test_ranks_that_never_start_fail_at_the_launch_deadline(cluster, make_batch, home,
+                                                            tmp_path):
+    """node3's sshd stops answering new connections (its agent's session stays): its
+    ranks never start, and the attempt fails at the launch deadline naming node3."""
+    batch = make_batch()
+    _ssh_pool(batch, cluster)
+    job = batch.jobs.create("hang", pool="mpi3")
+    deadline_s = 3
+    stopped = cluster.nodes[2].pid
+    # the agents are up first (their SSH sessions are the sshd's children, not stopped)
+    job.add_task("warm", "true", multi_instance={"instances": 3})
+    job.wait(timeout_s=120)
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        job2 = batch.jobs.create("hang2", pool="mpi3")
+        _where_task(job2, tmp_path, 3, HPCBATCH_LAUNCH_TIMEOUT_S=str(deadline_s))
+        t0 = time.monotonic()
+        job2.wait(timeout_s=120)
+        took = time.monotonic() - t0
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    t = job2.task("where")
+    assert not t.succeeded
+    err = t.stderr()
+    # one line that names node3: its ranks (MPICH), or its silent sshd (Open MPI starts no
+    # rank until every daemon is up)
+    assert err.startswith("hpcbatch-mpiexec: error: ") and err.count("\n") == 1, err
+    assert f"did not start within the launch deadline of {deadline_s} s" in err, err
+    assert "the ranks on node3 did not start" in err or \
+        err.startswith("hpcbatch-mpiexec: error: node3 did not answer (its sshd at "), err
+    assert "node1 did not answer" not in err and "node2 did not answer" not in err, err
+    assert took < deadline_s + 15, took
+    assert _no_process_of("hang2", "where") == []
+    print(f"{LIBRARY} launch deadline ({'netns' if cluster.netns else 'loopback'}): "
+          f"failed after {took:.2f} s")
+
+
+@pytest.mark.ssh
+@pytest.mark.slow
+@pytest.mark.skipif(FLAVOUR != "openmpi", reason="Open MPI's refusal of loopback nodes")
+def test_open_mpi_on_loopback_nodes_is_refused_in_one_line(make_batch, home, tmp_path):
+    d = tmp_path / "loop"
+    with sshd_cluster(3, d) as info:
+        spec = json.loads(info.pool_json.read_text())
+        spec["python"] = sys.executable
+        spec["node_root"] = str(d / "nodes")
+        (d / "pool-mpi.json").write_text(json.dumps(spec))
+        batch = make_batch()
+        _ssh_pool(batch, info, "loop3")
+        job = batch.jobs.create("loop", pool="loop3")
+        job.add_task("t", "hpcbatch-mpiexec -- python -m mpi4py.bench helloworld",
+                     multi_instance={"instances": 3})
+        t0 = time.monotonic()
+        job.wait(timeout_s=120)
+        t = job.task("t")
+        took = time.monotonic() - t0
+        assert not t.succeeded
+        err = t.stderr()
+        assert err.startswith("hpcbatch-mpiexec: error: Open MPI cannot start ranks across "
+                              "node1, node2, node3: they all resolve to loopback addresses "
+                              "(127.0.0.1)") and err.count("\n") == 1, err
+        print(f"Open MPI on loopback nodes refused after {took:.2f} s (agents' start included)")
+        batch.close()
