@@ -825,9 +825,9 @@ def task_logs(job_id, task_id, which, follow, coordination, node_id) -> None:
     With -f, tail a running task to its end."""
     if node_id is not None:
         check_id("--node", node_id)
-    if follow and (coordination or node_id):
-        raise ValidationError("--follow", "follows the task's own output; leave out "
-                              "--coordination and --node")
+    if follow and coordination and node_id is None:
+        raise ValidationError("--follow", "with --coordination follows one node: add "
+                              "--node N")
     name = f"coordination-{which}" if coordination else which
     with _service() as service:
         if coordination and node_id is None:
@@ -838,7 +838,7 @@ def task_logs(job_id, task_id, which, follow, coordination, node_id) -> None:
                                                            node=node_id))
             return
         service.get_task(job_id, task_id)  # a task that does not exist: say so at once
-        for chunk in service.follow_task_file(job_id, task_id, which):
+        for chunk in service.follow_task_file(job_id, task_id, name, node=node_id):
             sys.stdout.buffer.write(chunk)
             sys.stdout.buffer.flush()
 

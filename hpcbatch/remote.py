@@ -681,13 +681,14 @@ class RemoteService(Service):
         return data
 
     def follow_task_file(self, job_id: str, task_id: str, name: str, *, offset: int = 0,
-                         **_: Any) -> Iterator[bytes]:
+                         node: str | None = None, **_: Any) -> Iterator[bytes]:
         """One streamed request that gives the file's bytes as they are written and ends
         once the task has completed (its last bytes included)."""
         import httpx
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         response = self._send("GET", self._file_path(job_id, task_id, name), stream=True,
-                              params={"follow": "true"}, headers=headers,
+                              params={"follow": "true", **({"node": node} if node else {})},
+                              headers=headers,
                               timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S))
         try:
             skip = offset if response.status_code == 200 else 0

@@ -216,7 +216,8 @@ class Service(abc.ABC):
         copy of it), recursively."""
 
     def follow_task_file(self, job_id: str, task_id: str, name: str, *, offset: int = 0,
-                         poll_s: float = FOLLOW_POLL_S) -> Iterator[bytes]:
+                         poll_s: float = FOLLOW_POLL_S,
+                         node: str | None = None) -> Iterator[bytes]:
         """The file's bytes from ``offset`` as they are written, until the task has
         completed and everything it wrote was read (``tail -f`` that ends). Waits for a
         task that has not started yet."""
@@ -229,7 +230,7 @@ class Service(abc.ABC):
             done = self.get_task(job_id, task_id).state == "completed"
             try:
                 data = self.read_task_file(job_id, task_id, name, offset=offset,
-                                           length=FOLLOW_CHUNK)
+                                           length=FOLLOW_CHUNK, node=node)
             except NotFound:
                 if done:
                     return

@@ -1044,15 +1044,12 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
         file as it grows until the task has completed (from the Range's start, if one is
         given: then a 206 without Content-Range, its end being unknown). ``node``: from
         that node's copy of the directory (a multi-instance task's other instances, e.g.
-        coordination-stderr.txt); not with follow."""
+        coordination-stderr.txt)."""
         from hpcbatch.service import task_file_name
         name = task_file_name(path)  # '..', absolute: 400 before anything is read
         wanted = parse_range(range_)
         if follow:
-            if node is not None:
-                raise ValidationError("node", "follow reads the task's own node; leave "
-                                      "node out, or read without follow")
-            return await _follow(job_id, task_id, name, (wanted or (0, None))[0] or 0)
+            return await _follow(job_id, task_id, name, (wanted or (0, None))[0] or 0, node)
         headers = {"Accept-Ranges": "bytes"}
         if wanted is None:
             first = await call(lambda s: s.read_task_file(job_id, task_id, name, offset=0,
@@ -1110,18 +1107,19 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
                 log.warning("reading %s of %s/%s stopped: %s", name, job_id, task_id, exc)
                 return
 
-    async def _follow(job_id: str, task_id: str, name: str, offset: int) -> Response:
+    async def _follow(job_id: str, task_id: str, name: str, offset: int,
+                      node: str | None = None) -> Response:
         task = await call(lambda s: s.get_task(job_id, task_id))  # 404 before streaming
         if task.task_dir and task.node_id:
             # a symlink out, a directory: refused before the stream starts
             with contextlib.suppress(NotFound):
                 await call(lambda s: s.read_task_file(job_id, task_id, name, offset=0,
-                                                      length=0))
+                                                      length=0, node=node))
 
         async def stream() -> AsyncIterator[bytes]:
             done = object()
             with services.use() as s:
-                it = s.follow_task_file(job_id, task_id, name, offset=offset)
+                it = s.follow_task_file(job_id, task_id, name, offset=offset, node=node)
                 try:
                     while not (changes.stopping and changes.stopping.is_set()):
                         chunk = await anyio.to_thread.run_sync(next, it, done)
