@@ -475,6 +475,7 @@ class Launch:
                  nprocs: int, timeout_s: float, ssh_config: str | None = None):
         self.instances = instances
         self.ssh_config = ssh_config
+        self.flavour = UNKNOWN
         self.timeout_s = timeout_s
         self.expect = nprocs
         self.rank_instance = {}
@@ -591,8 +592,12 @@ class Launch:
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
-    """End mpiexec (SIGTERM: it takes its daemons down; SIGKILL after the grace)."""
-    if proc.poll() is None:
+    """End mpiexec (SIGTERM: it takes its daemons down; SIGKILL after the grace; at
+    once with none)."""
+    if proc.poll() is None and grace_s <= 0:
+        proc.kill()
+        proc.wait()
+    elif proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(grace_s)
@@ -615,9 +620,12 @@ def run_launch(cmd: list[str], env: dict[str, str], launch: Launch | None) -> in
         why = launch.wait(proc)
         launch.answer(why is None)
         if why:
+            # Open MPI takes its daemons down on SIGTERM, quietly; Hydra, told to signal
+            # proxies that never connected, prints a page of errors: it gets SIGKILL (its
+            # proxies end with its connection, the agents reap the rest)
+            _stop(proc, 3.0 if launch.flavour == OPENMPI else 0.0)
             sys.stderr.write(f"hpcbatch-mpiexec: error: {why}\n")
             sys.stderr.flush()
-            _stop(proc)
             return 2
         if why == "":
             return proc.wait()
@@ -738,6 +746,7 @@ def _task_command(args: argparse.Namespace, program: list[str], hostfile_in: str
     rank_wdir = None
     if layout is not None and timeout_s > 0:
         launch = Launch(layout, instances, nprocs, timeout_s, ssh_config)
+        launch.flavour = flavour
         primary = instances[0]["host"]
         addrs = [a for a in (*addresses(ssh_hostname(primary, ssh_config)), "127.0.0.1")
                  if ":" not in a]
