@@ -6,7 +6,14 @@ so 10,000 task completions cost a handful of commits, not 10,000 fsyncs.
 
 Each thread opens its own :class:`Store` on the same file; SQLite's WAL lets
 readers (CLI ``list``/``show``) run while the coordinator writes. This is the only
-module that issues SQL.
+module that issues SQL (:mod:`hpcbatch.query` compiles list filters into conditions
+with ``?`` parameters over whitelisted columns; they run here).
+
+Task counts are kept, not counted: ``job_counts`` holds one row per job (by state, by
+result, retries, requeues ...), moved in the same transaction by every write that
+changes a task's state, result, retry or requeue count or failure kind (see
+``Store._counted``), so ``task_counts`` and ``unfinished`` read one row whatever the
+size of the job; ``count_problems`` checks them against the rows.
 
 The schema is built by versioned migration steps (:data:`MIGRATIONS`); a database
 made by an older hpcbatch is upgraded in place, in one transaction, the first time a
@@ -282,6 +289,9 @@ _COUNT_UPSERT = (
     f"INSERT INTO job_counts (job_id, {', '.join(COUNT_KEYS)}) "
     f"VALUES (?, {', '.join('?' * len(COUNT_KEYS))}) ON CONFLICT (job_id) DO UPDATE SET "
     + ", ".join(f"{k} = {k} + excluded.{k}" for k in COUNT_KEYS))
+# the first and the last seq of a job's tasks in one state: a seek each
+_FIRST_SEQ_SQL = "SELECT seq FROM tasks WHERE job_id = ? AND state = ? ORDER BY seq LIMIT 1"
+_LAST_SEQ_SQL = "SELECT seq FROM tasks WHERE job_id = ? AND state = ? ORDER BY seq DESC LIMIT 1"
 # tasks added, chunk by chunk, within one transaction
 ADD_CHUNK = 1000
 # a page whose filter ranges over ids is served from the (job_id, id) index when at most
@@ -1030,15 +1040,11 @@ class Store:
 
     def _job_seq_range(self, job_id: str) -> tuple[int, int] | None:
         """The lowest and highest seq of the job's tasks (None: it has none): eight
-        seeks in tasks_by_state."""
-        lo = hi = None
-        for st in TaskState:
-            a, b = self._tuples("SELECT MIN(seq), MAX(seq) FROM tasks "
-                                "WHERE job_id = ? AND state = ?", (job_id, st.value))[0]
-            if a is not None:
-                lo = a if lo is None else min(lo, a)
-                hi = b if hi is None else max(hi, b)
-        return None if lo is None else (lo, hi)
+        seeks in tasks_by_state (MIN and MAX in one SELECT would walk each state's
+        range instead)."""
+        ends = [r[0] for st in TaskState for sql in (_FIRST_SEQ_SQL, _LAST_SEQ_SQL)
+                for r in self._tuples(sql, (job_id, st.value))]
+        return (min(ends), max(ends)) if ends else None
 
     def _task_query(self, job_id: str, flt: Any, columns: Iterable[str], after: int | None,
                     limit: int) -> tuple[str, tuple] | None:
