@@ -86,6 +86,7 @@ P = _load_protocol()
 
 KILL_GRACE_S = 2.0
 MPI_PREFIX_ENV = "HPCBATCH_MPI_PREFIX"  # (hpcbatch.env.MPI_PREFIX; the agent knows no env.py)
+TASK_SHARED_DIR_ENV = "HPCBATCH_TASK_SHARED_DIR"  # (hpcbatch.env.TASK_SHARED_DIR)
 RECORD_EVERY_S = 0.2  # the agent's record is rewritten at most this often
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # a task's leader started within this of when the agent spawned it (the record keeps
@@ -109,6 +110,7 @@ SHELL_ONLY = frozenset({"exit", "cd", "exec", "set", "unset", "export", "source"
                         "readonly", "local", "type", "hash", "command", "times", "jobs",
                         "break", "continue", ":"})
 _which_cache: dict = {}
+WHICH_CACHE_MAX = 1024  # (multi-instance runs each have a PATH of their own)
 
 
 def command_argv(cmd: str, path: str) -> list[str]:
@@ -122,6 +124,8 @@ def command_argv(cmd: str, path: str) -> list[str]:
     key = (words[0], path)
     exe = _which_cache.get(key)
     if exe is None:
+        if len(_which_cache) >= WHICH_CACHE_MAX:
+            _which_cache.clear()
         exe = _which_cache[key] = shutil.which(words[0], path=path) or ""
     if not exe:
         return ["/bin/sh", "-c", cmd]  # let the shell report "not found" (exit 127)
@@ -814,8 +818,14 @@ class Agent:
             if name not in msg.env:  # a task that names its own keeps it
                 env[name] = tmp
         env[P.AGENT_TOKEN_ENV] = self.token
-        # the launch layer (hpcbatch-mpiexec) first on every task's PATH
-        env["PATH"] = os.path.join(self.root, "bin") + os.pathsep + env.get("PATH", os.defpath)
+        # the launch layer (hpcbatch-mpiexec) first on every task's PATH, then a
+        # multi-instance task's shared directory (its common resource files: a
+        # coordination command "setup.sh" is found there)
+        path = [os.path.join(self.root, "bin")]
+        shared = msg.env.get(TASK_SHARED_DIR_ENV)
+        if shared and os.path.isabs(shared):
+            path.append(shared)
+        env["PATH"] = os.pathsep.join([*path, env.get("PATH", os.defpath)])
         if self.mpi_prefix and MPI_PREFIX_ENV not in msg.env:
             env[MPI_PREFIX_ENV] = self.mpi_prefix
         for k, v in msg.env.items():  # (the agent's own environment cannot hold these)

@@ -444,7 +444,7 @@ def rank_main(argv: list[str]) -> int:
     env[E.TASK_SHARED_DIR] = os.path.join(tdir, "shared")
     if root:
         env[E.NODE_SHARED_DIR] = os.path.join(root, "shared")
-    path = [os.path.dirname(sys.executable)]
+    path = [os.path.dirname(sys.executable), env[E.TASK_SHARED_DIR]]  # as the agent does
     if env.get(MPI_PREFIX_ENV):
         path.insert(0, os.path.join(env[MPI_PREFIX_ENV], "bin"))
     env["PATH"] = os.pathsep.join([*path, env.get("PATH", os.defpath)])

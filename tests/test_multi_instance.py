@@ -144,6 +144,26 @@ def test_common_resource_files_reach_every_node_before_the_coordination_command(
         assert (shared / "bin" / "solve.sh").stat().st_mode & 0o777 == 0o750  # mode kept
 
 
+def test_a_common_file_is_found_by_its_bare_name_on_every_node(batch, home, tmp_path):
+    """The shared directory is on PATH: coordination_command "setup.sh" (a common
+    resource file) and the application's "solve.sh" run as the README spells them."""
+    setup = tmp_path / "setup.sh"
+    setup.write_text('#!/bin/sh\necho "setup on $HPCBATCH_NODE_ID"\n')
+    setup.chmod(0o755)
+    batch.pools.create("trio", target_nodes=3)
+    job = batch.jobs.create("bare", pool="trio")
+    job.add_task("t", "setup.sh", multi_instance={
+        "instances": 3, "coordination_command": "setup.sh",
+        "common_resource_files": [str(setup)]})
+    job.wait(timeout_s=60)
+    t = job.task("t")
+    assert t.succeeded, (t.failure, t.stderr())
+    assert t.stdout() == "setup on local-1\n"
+    for node in ("local-1", "local-2", "local-3"):
+        assert node_file(home, "trio", node, "bare", "t", "coordination-stdout.txt") == \
+            f"setup on {node}\n"
+
+
 def test_resource_files_of_an_ordinary_task_land_in_its_working_directory(batch, tmp_path):
     src = tmp_path / "params.json"
     src.write_text('{"n": 3}')
