@@ -525,6 +525,9 @@ def pool_delete(pool_id: str) -> None:
               help="ssh_config with per-host HostName/Port/User.")
 @click.option("--port", type=click.IntRange(1, 65535))
 @click.option("--python", "python", help="python3 on the nodes (default: python3).")
+@click.option("--mpi-prefix", help="SSH pools: the nodes' MPI installation, PREFIX/bin/"
+              "mpiexec, for hpcbatch-mpiexec (default: the mpiexec beside --python, else "
+              "the nodes' PATH).")
 @click.option("--node-root", help="Where nodes keep task directories: NODE_ROOT/HOME_ID/"
               "POOL/NODE, HOME_ID a random id of this home (default ~/.hpcbatch-node).")
 @click.option("--authorized-keys", help="The nodes' authorized_keys file, where the pool's "
@@ -535,8 +538,8 @@ def pool_delete(pool_id: str) -> None:
 @click.option("--trust-on-first-use", is_flag=True,
               help="Record unknown host keys into --known-hosts instead of refusing them.")
 def pool_create(pool_id, slots, policy, start_task, nodes, spec, hostlist, user, key,
-                known_hosts, ssh_config, port, python, node_root, authorized_keys, inter_node,
-                trust_on_first_use) -> None:
+                known_hosts, ssh_config, port, python, mpi_prefix, node_root, authorized_keys,
+                inter_node, trust_on_first_use) -> None:
     """Create a pool: local (this machine) or SSH (--spec or --ssh).
 
     An SSH pool's hosts are all contacted first (host keys checked strictly); nothing
@@ -544,8 +547,8 @@ def pool_create(pool_id, slots, policy, start_task, nodes, spec, hostlist, user,
     coordinator that runs (submit, run, job wait)."""
     ssh_options = {k: v for k, v in dict(
         spec=spec, hostlist=hostlist, user=user, key=key, known_hosts=known_hosts,
-        ssh_config=ssh_config, port=port, python=python, node_root=node_root,
-        authorized_keys=authorized_keys).items() if v is not None}
+        ssh_config=ssh_config, port=port, python=python, mpi_prefix=mpi_prefix,
+        node_root=node_root, authorized_keys=authorized_keys).items() if v is not None}
     from hpcbatch.providers import provider_of_options
     with _service(create=True) as service:
         p = service.create_pool(

@@ -57,6 +57,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -413,6 +414,9 @@ def _write_client_files(info: ClusterInfo) -> None:
         "ssh_config": str(info.ssh_config),
         # what the nodes' sshd reads: where bootstrap adds a pool's inter-node key
         "authorized_keys": str(info.directory / "authorized_keys"),
+        # the nodes are this machine: the python that made them (a venv with hpcbatch's
+        # MPI and mpi4py) is theirs, so `hpcbatch-mpiexec -- python ...` means it
+        "python": sys.executable,
     }, indent=2) + "\n")
 
 

@@ -9,6 +9,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -95,7 +96,8 @@ def test_up_writes_strict_client_files_and_state(up, tmp_path):
                   for nd in info.nodes],
         "user": info.user, "key": str(d / "id_ed25519"),
         "known_hosts": str(d / "known_hosts"), "ssh_config": str(d / "ssh_config"),
-        "authorized_keys": str(d / "authorized_keys")}  # the nodes' own, not ~/.ssh's
+        "authorized_keys": str(d / "authorized_keys"),  # the nodes' own, not ~/.ssh's
+        "python": sys.executable}  # the nodes are this machine: this python is theirs
 
     # state file: the sshd PIDs, each really an sshd with its config in this folder
     state = json.loads((d / ct.STATE_FILE).read_text())

@@ -167,6 +167,24 @@ def test_a_dead_node_is_unusable_and_its_tasks_are_requeued(make_cluster, batch,
     assert not cluster_status(d).node("node2").alive
 
 
+def test_pool_create_mpi_prefix_is_kept_and_shown(cluster, tmp_path, home):
+    """--mpi-prefix (the nodes' MPI, PREFIX/bin/mpiexec) is stored with the pool and
+    'pool show' says what hpcbatch-mpiexec will use; without it, the pool's python."""
+    spec = spec_for(cluster, ["node1"], tmp_path)
+    r = run_cli(home, "pool", "create", "pfx", "--spec", str(spec), "--mpi-prefix",
+                "/opt/openmpi-5")
+    assert r.returncode == 0, r.stderr
+    shown = run_cli(home, "pool", "show", "pfx").stdout
+    assert f"launch: python {sys.executable}; MPI /opt/openmpi-5/bin/mpiexec" in shown, shown
+    r = run_cli(home, "pool", "create", "nopfx", "--spec", str(spec))
+    assert r.returncode == 0, r.stderr
+    shown = run_cli(home, "pool", "show", "nopfx").stdout
+    assert "MPI the mpiexec beside that python, else the nodes' PATH" in shown, shown
+    r = run_cli(home, "pool", "create", "bad", "--spec", str(spec), "--mpi-prefix", " ")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "mpi_prefix" in r.stderr, \
+        r.stderr
+
+
 @pytest.mark.ssh
 def test_cluster_cli_up_status_down(tmp_path, home):
     d = tmp_path / "c"
