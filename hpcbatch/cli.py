@@ -396,8 +396,13 @@ def _wait_and_report(batch, job_id: str, progress: bool | None) -> None:
     if progress is None:
         progress = sys.stderr.isatty()
     job = batch.jobs.get(job_id)
+
+    def say(text: str) -> None:  # no silent wait: what a wide task waits for, when it changes
+        if text:
+            err.print(text, markup=False, soft_wrap=True)
+
     try:
-        counts = job.wait(progress=progress)
+        counts = job.wait(progress=progress, on_waiting=None if progress else say)
     except KeyboardInterrupt:
         c = job.counts()
         err.print(f"interrupted: {c['completed']}/{c['total']} tasks completed; resume with "

@@ -122,7 +122,8 @@ def run(kernel, ranks, params, output, oversubscribe, pool, nodes, ranks_per_nod
             res = batch.run_kernel(kernel, ranks=ranks, params=list(params), output=output,
                                    pool=pool, nodes=nodes, ranks_per_node=ranks_per_node,
                                    oversubscribe=oversubscribe, progress=progress,
-                                   timeout_s=timeout_s, compress=compress, retries=retries)
+                                   timeout_s=timeout_s, compress=compress, retries=retries,
+                                   on_waiting=None if progress else _say_waiting)
         except KernelRunError as exc:
             if exc.stderr:
                 sys.stderr.write(exc.stderr if exc.stderr.endswith("\n") else exc.stderr + "\n")
@@ -146,3 +147,10 @@ def results_show(path: str) -> None:
     except OSError as exc:
         raise click.ClickException(f"{path} is not a readable HDF5 result file ({exc})") from None
     out.print(text, markup=False, soft_wrap=True)
+
+
+def _say_waiting(text: str) -> None:
+    """What the run waits for, one line on stderr each time it changes (no silent wait)."""
+    if text:
+        sys.stderr.write(f"hpcbatch run: {text}\n")
+        sys.stderr.flush()

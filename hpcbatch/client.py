@@ -31,7 +31,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -206,17 +206,27 @@ class Job:
         return c["completed"] == c["total"]
 
     def wait(self, timeout_s: float | None = None, progress: bool = False,
-             poll_s: float | None = None) -> dict[str, int]:
+             poll_s: float | None = None,
+             on_waiting: Callable[[str], None] | None = None) -> dict[str, int]:
         """Block until every task is completed; return the counts.
 
         Raises TimeoutError after ``timeout_s``, HpcBatchError when the pool has had no
         usable node for ``pool_grace_s``. With ``progress=True`` a rich progress bar
         shows completed/total, failures and retries. (``poll_s`` is ignored: waits wake
-        on the store's changes.)"""
+        on the store's changes.) ``on_waiting(text)`` is told what a multi-instance task
+        of the job waits for ('task t: waiting for 3 nodes of pool P; node2 runs job/task')
+        each time that changes ('' once nothing waits); the progress bar shows it too."""
         bar = _ProgressBar(self.id) if progress else None
+        tell = on_waiting
+        if bar is not None:
+            def tell(text: str) -> None:
+                bar.waiting(text)
+                if on_waiting is not None:
+                    on_waiting(text)
         try:
             return self._batch.service.wait_job(self.id, timeout_s=timeout_s,
-                                                on_progress=bar.update if bar else None)
+                                                on_progress=bar.update if bar else None,
+                                                on_waiting=tell)
         finally:
             if bar:
                 bar.close()
@@ -239,6 +249,10 @@ class _ProgressBar:
             transient=False)
         self.task = self.progress.add_task(job_id, total=None, detail="")
         self.progress.start()
+
+    def waiting(self, text: str) -> None:
+        if text:  # printed above the bar, whole (the bar's line is too narrow for it)
+            self.progress.console.print(text, markup=False, soft_wrap=True)
 
     def update(self, c: dict[str, int]) -> None:
         detail = (f"running {c['running']}  preparing {c['preparing']}  failed {c['failed']}"

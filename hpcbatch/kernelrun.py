@@ -261,11 +261,12 @@ def run_kernel(batch, kernel: str, *, ranks: int | None = None,
                nodes: int | None = None, ranks_per_node: int = 1,
                oversubscribe: bool = False, progress: bool = False,
                timeout_s: float | None = None, compress: bool = False,
-               retries: int = 0) -> KernelResult:
+               retries: int = 0, on_waiting=None) -> KernelResult:
     """Run ``kernel`` (a built-in name, a module or a .py path) as one task; see
     :meth:`hpcbatch.Batch.run_kernel`. ``retries``: attempts after a failed one (a
     lost node included; -1: without limit). On a remote service the result file is
-    written there and downloaded to ``output`` here."""
+    written there and downloaded to ``output`` here. ``on_waiting``: as Job.wait's (what
+    the run waits for when its nodes are held by another task)."""
     service = batch.service
     remote = not hasattr(service, "store")
     if remote:  # the service makes its own plan; check the output directory here
@@ -284,7 +285,7 @@ def run_kernel(batch, kernel: str, *, ranks: int | None = None,
                                 output=output, default_dir=Path.cwd())
     job = batch.jobs.get(run.job_id)
     try:
-        job.wait(progress=progress)
+        job.wait(progress=progress, on_waiting=on_waiting)
     except KeyboardInterrupt:  # the user gave up on this run: stop its ranks, keep nothing
         job.terminate_task("kernel")
         try:

@@ -407,10 +407,11 @@ class RemoteService(Service):
         return dict(self._get(f"/v1/jobs/{_seg(job_id, 'job')}/taskcounts"))
 
     def wait_job(self, job_id: str, *, timeout_s: float | None = None,
-                 on_progress: Callable[[dict[str, int]], None] | None = None
-                 ) -> dict[str, int]:
+                 on_progress: Callable[[dict[str, int]], None] | None = None,
+                 on_waiting: Callable[[str], None] | None = None) -> dict[str, int]:
         """Follows the change feed: a long poll on the service's change counter, then the
-        job's counts (at most every WAIT_GAP_S); the pool's nodes every POOL_CHECK_S."""
+        job's counts (at most every WAIT_GAP_S); the pool's nodes every POOL_CHECK_S.
+        (``on_waiting``: what a wide task waits for is not served over REST yet.)"""
         pool_id = self.get_job(job_id).pool_id
         start = time.monotonic()
         deadline = None if timeout_s is None else start + timeout_s

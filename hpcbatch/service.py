@@ -124,8 +124,8 @@ class Service(abc.ABC):
 
     @abc.abstractmethod
     def wait_job(self, job_id: str, *, timeout_s: float | None = None,
-                 on_progress: Callable[[dict[str, int]], None] | None = None
-                 ) -> dict[str, int]:
+                 on_progress: Callable[[dict[str, int]], None] | None = None,
+                 on_waiting: Callable[[str], None] | None = None) -> dict[str, int]:
         """Block until every task of the job is completed; return the counts.
         TimeoutError after ``timeout_s``; HpcBatchError when the pool has had no usable
         node for the pool grace period or the coordinator stopped."""
@@ -554,10 +554,23 @@ class LocalService(Service):
             return None
         return "; ".join(f"{n.id}: {n.reason or n.state}" for n in nodes[:3])
 
+    def waiting(self, job_id: str | None = None) -> list[tuple[str, str, str]]:
+        """The multi-instance tasks (of job_id, or all) that wait for busy nodes:
+        (job, task, 'waiting for 3 nodes of pool P; node2 runs job/task'). Known to the
+        coordinator of this process only (empty without one)."""
+        state = getattr(self.coordinator, "state", None)
+        if state is None:
+            return []
+        return sorted(w for w in state.waiting.values() if job_id is None or w[0] == job_id)
+
     def wait_job(self, job_id: str, *, timeout_s: float | None = None,
-                 on_progress: Callable[[dict[str, int]], None] | None = None
-                 ) -> dict[str, int]:
+                 on_progress: Callable[[dict[str, int]], None] | None = None,
+                 on_waiting: Callable[[str], None] | None = None) -> dict[str, int]:
+        """Block until the job's tasks are all completed. ``on_waiting`` is told, once
+        each time it changes, what a task of the job waits for ('task t: waiting for 3
+        nodes of pool P; node2 runs job/task'; '' once it waits no more)."""
         pool_id = self.store.get_job(job_id)["pool_id"]
+        said = ""
         if self.coordinator is None:
             raise HpcBatchError(f"no coordinator runs here to drive job {job_id!r}; "
                                 f"use 'hpcbatch job wait {job_id}' or hpcbatch.Batch()")
@@ -575,6 +588,11 @@ class LocalService(Service):
                 time.sleep(gap - (now - last))
                 now = time.monotonic()
             last, gap = now, min(gap * 1.5, MAX_GAP_S)
+            if on_waiting is not None:
+                why = "; ".join(f"task {t}: {w}" for _, t, w in self.waiting(job_id)[:3])
+                if why != said:
+                    said = why
+                    on_waiting(why)
             if on_progress is not None and now >= next_progress:
                 on_progress(self.store.task_counts(job_id))
                 next_progress = now + PROGRESS_EVERY_S

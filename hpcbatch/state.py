@@ -710,6 +710,10 @@ class CoordinatorState:
         self._dirty_nodes: dict[tuple[str, str], Node] = {}
         self._handlers: dict[type, Any] = {}
         self.now = 0.0
+        # multi-instance tasks waiting for busy nodes (their pool's reservation): seq ->
+        # (job, task, "waiting for 3 nodes; node2 runs job/task"); replaced, never
+        # changed in place, so another thread may read it (the service's wait_job)
+        self.waiting: dict[int, tuple[str, str, str]] = {}
 
     # ---- entry point ---------------------------------------------------------------
 
@@ -1281,7 +1285,35 @@ class CoordinatorState:
                         self._assign(pool, row, pool.nodes[d.node_id], d.slots)
                 if budget <= 0:
                     pool.dirty = True
+                self._note_waiting(pool)
             self._want_window(pool)
+        if self.waiting and any(seq not in self.rows for seq in self.waiting):
+            # placed, terminated or deleted since: no longer waiting
+            self.waiting = {k: v for k, v in self.waiting.items() if k in self.rows}
+
+    def _note_waiting(self, pool: PoolState) -> None:
+        """After a round: the wide task holding the pool's reservation says what it
+        waits for (which nodes, and which tasks hold them); the pool's others are not."""
+        seq = pool.placer.reservation
+        row = self.rows.get(seq) if seq is not None else None
+        waiting = {k: v for k, v in self.waiting.items()
+                   if self.rows.get(k) is None or self.rows[k].pool_id != pool.info.pool_id}
+        if row is not None:
+            busy = []
+            for nid in pool.placer.reserved:
+                node = pool.nodes.get(nid)
+                owners = sorted({f"{a.row.job_id}/{a.row.task_id}"
+                                 for a in (self.attempts.get(r.seq) for r in node.runs)
+                                 if a is not None}) if node is not None else []
+                if owners:
+                    busy.append(f"{nid} runs {', '.join(owners[:3])}"
+                                + (f" (+{len(owners) - 3})" if len(owners) > 3 else ""))
+            why = f"waiting for {row.instances} nodes of pool {pool.info.pool_id}"
+            if busy:
+                why += "; " + "; ".join(busy)
+            waiting[seq] = (row.job_id, row.task_id, why)
+        if waiting != self.waiting:
+            self.waiting = waiting
 
     def _occupy(self, node: Node, run: RunId, slots: int) -> None:
         node.used += slots

@@ -161,3 +161,42 @@ def test_submit_help_names_the_new_options(cli):
     for opt in ("--nodes", "--coordination-command", "--common-file", "--env", "--file",
                 "--workdir"):
         assert re.search(rf"{opt}\b", text), opt
+
+
+def test_a_wide_task_waiting_for_busy_nodes_says_so(cli, home, tmp_path):
+    """No silent wait: `job wait` (and submit, run) prints what a multi-instance task
+    waits for and which task holds the nodes; the API's on_waiting is told the same."""
+    assert cli("pool", "create", "trio", "--nodes", "3").returncode == 0
+    assert cli("job", "create", "w", "--pool", "trio").returncode == 0
+    gate = tmp_path / "go"
+    busy = f"while [ ! -e {gate} ]; do sleep 0.05; done"
+    assert cli("task", "add", "w", "busy", "--", "sh", "-c", busy).returncode == 0
+    assert cli("task", "add", "w", "wide", "--nodes", "3", "--", "true").returncode == 0
+    import threading
+    import time
+    threading.Thread(target=lambda: (time.sleep(3), gate.touch()), daemon=True).start()
+    r = cli("job", "wait", "w", "--no-progress")
+    assert r.returncode == 0, r.stdout + r.stderr
+    said = re.findall(r"task wide: waiting for 3 nodes of pool trio; local-\d runs w/busy\n",
+                      r.stderr)
+    assert len(said) == 1, r.stderr  # said, and once: not at every poll
+
+
+def test_job_wait_on_waiting_is_told_and_cleared(batch, tmp_path):
+    batch.pools.create("duo", target_nodes=2)
+    job = batch.jobs.create("w2", pool="duo")
+    gate = tmp_path / "go"
+    job.add_task("busy", f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    job.add_task("wide", "true", multi_instance={"instances": 2})
+    seen: list[str] = []
+
+    def told(text: str) -> None:
+        seen.append(text)
+        if text:
+            gate.touch()  # told while the busy task still holds local-1: now let it end
+
+    job.wait(timeout_s=60, on_waiting=told)
+    assert re.fullmatch(r"task wide: waiting for 2 nodes of pool duo; local-\d runs w2/busy",
+                        next(t for t in seen if "runs" in t)), seen
+    assert seen[-1] == "", seen
+    assert job.task("wide").succeeded

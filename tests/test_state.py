@@ -339,6 +339,26 @@ def test_multi_instance_phases_coordination_then_application_then_reap():
         S.FinishAttempt(1, "success", "n1", 3.5, 4.0, 0, None, None, None, (), 0)]
 
 
+def test_a_wide_task_waiting_for_busy_nodes_says_which_tasks_hold_them():
+    st = pool_up((("n1", 1), ("n2", 1), ("n3", 1)),
+                 rows=[row(1, task="busy"), row(2, job="k", task="wide", instances=3)])
+    assert [r.node_id for r in only(st.hello_out, S.RunTask)] == ["n1"]
+    assert st.waiting == {2: ("k", "wide", "waiting for 3 nodes of pool p; n1 runs j/busy")}
+    waiting = st.waiting
+    st.handle(S.Tick(1.5))
+    assert st.waiting is waiting  # replaced only when it changes (read by other threads)
+    out = st.handle(exited(1))  # n1 is free: the wide task starts, and waits no more
+    assert [r.run for r in only(out, S.RunTask)] == [RunId(2, RunKind.APPLICATION)]
+    assert st.waiting == {}
+
+
+def test_a_waiting_wide_task_that_is_terminated_waits_no_more():
+    st = pool_up((("n1", 1), ("n2", 1)), rows=[row(1), row(2, instances=2)])
+    assert st.waiting[2][2] == "waiting for 2 nodes of pool p; n1 runs j/t1"
+    st.handle(S.TerminateAsked(1.5, 2, "j"))
+    assert st.waiting == {}
+
+
 def test_a_failed_coordination_command_kills_the_others_and_retries():
     st = mi_pool(max_retries=1)
     c0, c1 = (RunId(1, RunKind.COORDINATION, i) for i in (0, 1))
