@@ -305,3 +305,54 @@ def test_open_mpi_on_loopback_nodes_is_refused_in_one_line(make_batch, home, tmp
                               "(127.0.0.1)") and err.count("\n") == 1, err
         print(f"Open MPI on loopback nodes refused after {took:.2f} s (agents' start included)")
         batch.close()
+
+
+SIM = textwrap.dedent('''
+    import os
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    seen = comm.gather((comm.rank, os.environ["HPCBATCH_NODE_ID"], os.getcwd()))
+    if comm.rank == 0:
+        for rank, node, cwd in seen:
+            print(f"rank {rank} on {node} in {cwd}")
+''')
+
+
+def _readme_block(lang: str, needle: str) -> str:
+    """The README's ```lang block holding needle, as written."""
+    import re
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = [b for b in re.findall(rf"```{lang}\n(.*?)```", text, re.S) if needle in b]
+    assert len(blocks) == 1, f"README.md: one ```{lang} block with {needle!r}, not {blocks}"
+    return blocks[0]
+
+
+@pytest.mark.ssh
+@pytest.mark.slow
+@needs_mpi
+def test_the_readmes_python_multi_instance_example_runs_as_written(cluster, home, tmp_path):
+    """README.md's setup.sh and Python snippet, extracted (so the test fails when the
+    README drifts), run in a fresh python on the 3-node cluster made a pool by the CLI."""
+    from helpers import run_cli
+    r = run_cli(home, "pool", "create", "mpi3", "--spec",
+                str(cluster.directory / "pool-mpi.json"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "setup.sh").write_text(_readme_block("sh", "setup.sh"))
+    (work / "setup.sh").chmod(0o755)
+    (work / "sim.py").write_text(SIM)
+    snippet = _readme_block("python", 'multi_instance={"instances"')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HPCBATCH_")}
+    env["HPCBATCH_HOME"] = str(home)
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", snippet], cwd=work, env=env, text=True,
+                       capture_output=True, timeout=240)
+    took = time.monotonic() - t0
+    assert p.returncode == 0, p.stdout + p.stderr
+    roots = _roots(cluster, home)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("rank ")]
+    assert lines == [f"rank {i} on node{i + 1} in {roots[i]}/jobs/sims/sim/wd"
+                     for i in range(3)], p.stdout + p.stderr
+    print(f"{LIBRARY} README multi-instance example "
+          f"({'netns' if cluster.netns else 'loopback'}): {took:.2f} s")
