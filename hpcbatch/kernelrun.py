@@ -270,14 +270,14 @@ def run_kernel(batch, kernel: str, *, ranks: int | None = None,
     service = batch.service
     remote = not hasattr(service, "store")
     if remote:  # the service makes its own plan; check the output directory here
-        stamp = f"{dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
-        out = Path(output) if output else Path(f"run-{stamp}.h5")
-        out = out.expanduser().resolve()
-        if not out.parent.is_dir():
+        out = Path(output).expanduser().resolve() if output else None
+        if out is not None and not out.parent.is_dir():
             raise ValidationError("output", f"directory {out.parent} does not exist")
         run = service.start_run(kernel, ranks=ranks, params=params, pool=pool, nodes=nodes,
                                 ranks_per_node=ranks_per_node, oversubscribe=oversubscribe,
-                                timeout_s=timeout_s, retries=retries)
+                                timeout_s=timeout_s, retries=retries, compress=compress)
+        if out is None:  # named as an embedded run's: after its run id
+            out = Path(f"{run.id}.h5").resolve()
     else:
         run = service.start_run(kernel, ranks=ranks, params=params, pool=pool, nodes=nodes,
                                 ranks_per_node=ranks_per_node, oversubscribe=oversubscribe,

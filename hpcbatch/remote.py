@@ -231,6 +231,8 @@ class RemoteService(Service):
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ValidationError("url", f"{url!r} is not an http:// or https:// URL")
         self.url = url
+        self.found_in = f"{URL_ENV}; unset it to use an embedded coordinator" \
+            if os.environ.get(URL_ENV, "").strip() == url else "Batch(url=...)"
         self.pool_grace_s = pool_grace_s
         headers = {"User-Agent": f"hpcbatch/{__version__}", "Accept": "application/json"}
         if key:
@@ -260,8 +262,7 @@ class RemoteService(Service):
         except httpx.TransportError as exc:
             raise HpcBatchError(f"cannot reach the hpcbatch service at {self.url} "
                                 f"({type(exc).__name__}: {exc}); is 'hpcbatch serve' "
-                                f"running? (unset {URL_ENV} to use an embedded "
-                                "coordinator)") from None
+                                f"running? (the URL came from {self.found_in})") from None
         if response.status_code >= 300:
             if stream:
                 response.read()
@@ -737,14 +738,16 @@ class RemoteService(Service):
                   params: Mapping[str, Any] | list[str] | None = None,
                   pool: str = LOCAL_POOL, nodes: int | None = None,
                   ranks_per_node: int = 1, oversubscribe: bool = False,
-                  timeout_s: float | None = None, retries: int = 0) -> RunView:
+                  timeout_s: float | None = None, retries: int = 0,
+                  compress: bool = False) -> RunView:
         """``params``: name: value, or NAME=VALUE words (as the CLI takes them: the
         service reads them by the kernel's parameter types)."""
         if isinstance(params, Mapping):
             params = dict(params)
         body = {"kernel": kernel, "ranks": ranks, "params": params, "pool": pool,
                 "nodes": nodes, "ranks_per_node": ranks_per_node,
-                "oversubscribe": oversubscribe, "timeout_s": timeout_s, "retries": retries}
+                "oversubscribe": oversubscribe, "timeout_s": timeout_s, "retries": retries,
+                "compress": compress}
         return RunView.from_dict(self._post("/v1/runs", body))
 
     def get_run(self, run_id: str) -> RunView:
@@ -810,6 +813,7 @@ def connect(url: str | None = None, key: str | None = None, *,
     """A RemoteService for ``url`` (or the discovered one; None when there is none)."""
     from hpcbatch.home import default_home
     h = Path(home).expanduser() if home else default_home()
+    found = None
     if url is None:
         found = discover(h)
         if found is None:
@@ -820,7 +824,10 @@ def connect(url: str | None = None, key: str | None = None, *,
         key = os.environ.get(KEY_ENV) or _key_for(h, url)
     if "verify" not in kw:
         kw["verify"] = _cafile_for(h, url) or True
-    return RemoteService(url, key, **kw)
+    service = RemoteService(url, key, **kw)
+    if found is not None and not os.environ.get(URL_ENV, "").strip():
+        service.found_in = f"{h / 'service.json'}, left by 'hpcbatch serve' (pid alive)"
+    return service
 
 
 __all__ = ["RemoteService", "connect", "discover", "error_from", "service_record"]

@@ -260,9 +260,11 @@ class Service(abc.ABC):
                   params: Mapping[str, Any] | list[str] | None = None,
                   pool: str = LOCAL_POOL, nodes: int | None = None,
                   ranks_per_node: int = 1, oversubscribe: bool = False,
-                  timeout_s: float | None = None, retries: int = 0) -> RunView:
+                  timeout_s: float | None = None, retries: int = 0,
+                  compress: bool = False) -> RunView:
         """Submit a kernel run (its own job of one task) and return at once; its result
-        file is written in the service's home (``read_run_result``)."""
+        file is written in the service's home (``read_run_result``); ``compress``: its
+        datasets gzipped."""
 
     @abc.abstractmethod
     def get_run(self, run_id: str) -> RunView:

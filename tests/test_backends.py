@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import h5py
 import httpx
 import pytest
 from helpers import FAST_TIMINGS, gate, poll, run_cli
@@ -433,6 +434,17 @@ def test_a_kernel_run_and_its_result_file(backend, home, tmp_path):
     assert (tmp_path / "copy.h5").stat().st_size > 0
     r = run_cli(home, "results", "get", "run-nope", "-o", str(tmp_path / "x.h5"))
     assert r.returncode == 2 and "no kernel run 'run-nope'" in r.stderr, r.stderr
+
+
+def test_a_compressed_run_without_an_output_is_named_after_its_run(backend, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = backend.run_kernel("mandelbrot", ranks=1,  # > 1 MiB: compressed when asked
+                             params={"width": 640, "height": 480, "max_iter": 5},
+                             compress=True)
+    assert res.path == tmp_path / f"{res.job_id}.h5"  # as embedded runs name theirs
+    with h5py.File(res.path, "r") as f:
+        assert f["result/image"].compression == "gzip"
 
 
 def test_a_collection_of_tasks_with_bad_ones_reports_each(backend, tmp_path):

@@ -273,6 +273,8 @@ def test_ssh_preflight_and_an_agent_over_ssh(ssh_provider, tmp_path):
         assert chan.wait_closed(15), "the agent did not stop"
     assert ssh_provider.cleanup_pool() == []
     assert not ssh_provider.key_dir.exists()
+    # the node root went too: no copy of the pool's private key is left on the node
+    assert not Path(hello.root).exists()
 
 
 def test_ssh_node_files_and_trees(ssh_provider):

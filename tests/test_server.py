@@ -220,6 +220,20 @@ def test_every_route_but_health_needs_a_valid_key(shared):
     assert "key=-" in log and shared.key not in log and wrong not in log
 
 
+def test_a_request_path_cannot_forge_a_log_line(shared):
+    anon = httpx.Client(base_url=shared.url, timeout=30)
+    try:  # no key needed to be logged: a newline in the decoded path
+        r = anon.get("/v1/x%0A2026-01-01%2000:00:00%20INFO%20forged%20-%3E%20200%00")
+        assert r.status_code == 401
+    finally:
+        anon.close()
+    poll(lambda: "forged" in shared.stderr(), what="the request logged")
+    lines = shared.stderr().splitlines()
+    assert not [ln for ln in lines if ln.startswith("2026-01-01")]
+    assert "\0" not in shared.stderr()
+    assert any("/v1/x\\x0a2026-01-01" in ln for ln in lines)
+
+
 def test_keys_are_stored_hashed_read_only_keys_only_read_and_revoked_keys_fail(shared):
     home, c = shared.home, shared.client
     first = shared.first_key()

@@ -433,8 +433,9 @@ class SSHProvider(Provider):
             client.close()
 
     def cleanup_pool(self) -> list[str]:
-        """Take the pool key out of every node's authorized_keys (over SSH) and remove
-        it here."""
+        """Take the pool key out of every node's authorized_keys (over SSH), remove each
+        node's root (its copy of the pool's private key, agent records, shared
+        directories) and the key here."""
         problems: list[str] = []
         if (self.key_dir / "id_ed25519.pub").exists():
             from hpcbatch.bootstrap import PoolTrust
@@ -450,6 +451,19 @@ class SSHProvider(Provider):
             result = parallel(self._targets.values(), revoke, 60)
             problems += [f"{r.name}: the pool key is still in its authorized_keys ({r.error})"
                          for r in result.failed]
+
+        def remove_root(target: SSHTarget) -> None:  # a target's name is its node id
+            root = self.node_root(target.name)
+            client = connect(target)
+            try:  # "~/x" as "x": the command runs in the login's home, never expanded
+                code, _, err = run(client, ["rm", "-rf", "--", root.removeprefix("~/")])
+                if code != 0:
+                    raise OSError(err.strip() or f"rm exited with {code}")
+            finally:
+                client.close()
+        result = parallel(self._targets.values(), remove_root, 60)
+        problems += [f"{r.name}: its node root {self.node_root(r.name)} was not "
+                     f"removed ({r.error})" for r in result.failed]
         shutil.rmtree(self.key_dir, ignore_errors=True)
         return problems
 

@@ -253,10 +253,18 @@ class _Gate:
             await self.app(scope, limited_receive, logged_send)
         finally:
             query = scope.get("query_string", b"").decode("latin-1")
+            # the path is decoded: a %0A in it must not start a forged log line
             log.info("%s %s %s%s -> %s %.1f ms key=%s",
-                     (scope.get("client") or ("-",))[0], method, path,
-                     f"?{query}" if query else "", status or "-",
+                     (scope.get("client") or ("-",))[0], method, _printable(path),
+                     f"?{_printable(query)}" if query else "", status or "-",
                      (time.perf_counter() - t0) * 1000, who)
+
+
+def _printable(text: str) -> str:
+    """``text`` for a log line: control characters (newlines, NUL, escapes) as \\xNN."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
 # ================================================================== service calls
@@ -526,6 +534,7 @@ class RunIn(_In):
     oversubscribe: bool = False
     timeout_s: float | None = _int(None, exclusiveMinimum=0)
     retries: Int = _int(0, minimum=-1)
+    compress: bool = Field(False, description="gzip the result's datasets")
 
 
 class ErrorOut(BaseModel):
