@@ -157,7 +157,7 @@ def _profiled(run, out: Path):
     import pstats
 
     def wrapped(*args) -> None:
-        prof = cProfile.Profile()
+        prof = cProfile.Profile(time.thread_time)
         prof.enable()
         try:
             run(*args)
@@ -165,7 +165,7 @@ def _profiled(run, out: Path):
             prof.disable()
             with open(out, "w") as f:
                 for key in ("cumulative", "tottime"):
-                    pstats.Stats(prof, stream=f).sort_stats(key).print_stats(40)
+                    pstats.Stats(prof, stream=f).sort_stats(key).print_stats(70)
     return wrapped
 
 
@@ -193,7 +193,7 @@ def child_start(a: dict) -> dict:
     prof = None
     if a.get("profile"):
         import cProfile
-        prof = cProfile.Profile()
+        prof = cProfile.Profile(time.thread_time)
         prof.enable()
     coord.start()
     if prof is not None:

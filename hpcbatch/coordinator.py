@@ -36,6 +36,9 @@ log = logging.getLogger("hpcbatch.coordinator")
 DEFAULT_PREFETCH = S.DEFAULT_PREFETCH
 TICK_S = 0.25
 MAX_ITEMS_PER_TURN = 5000
+# the writes _write makes between a turn's finished attempts and its placements
+_BETWEEN = frozenset({S.CompleteUnstarted, S.TerminateJobTasks, S.CompleteJobIfDone,
+                      S.ReactivateTask})
 
 
 class Coordinator:
@@ -483,16 +486,18 @@ class Coordinator:
         by: dict[type, list[Any]] = {}
         for w in writes:
             by.setdefault(type(w), []).append(w)
-        if S.MarkRunning in by:
-            st.mark_running([(w.seq, w.t) for w in by[S.MarkRunning]])
-        if S.FinishAttempt in by:
-            st.finish_attempts([dict(seq=w.seq, outcome=w.outcome, node_id=w.node_id,
-                                     started_at=w.started_at, ended_at=w.ended_at,
-                                     exit_code=w.exit_code, signal=w.signal,
-                                     failure_kind=w.failure_kind,
-                                     failure_detail=w.failure_detail, usage=dict(w.usage),
-                                     retry_count=w.retry_count)
-                                for w in by[S.FinishAttempt]])
+        running = [(w.seq, w.t) for w in by.get(S.MarkRunning, ())]
+        finished = [dict(seq=w.seq, outcome=w.outcome, node_id=w.node_id,
+                         started_at=w.started_at, ended_at=w.ended_at, exit_code=w.exit_code,
+                         signal=w.signal, failure_kind=w.failure_kind,
+                         failure_detail=w.failure_detail, usage=dict(w.usage),
+                         retry_count=w.retry_count) for w in by.get(S.FinishAttempt, ())]
+        preparing = [(w.seq, w.node_id, w.task_dir, w.t) for w in by.get(S.MarkPreparing, ())]
+        if not by.keys() & _BETWEEN:  # the usual turn: one write of the three
+            st.write_turn(running, finished, preparing)
+            preparing = []
+        elif running or finished:
+            st.write_turn(running, finished)
         for w in by.get(S.CompleteUnstarted, ()):
             st.complete_unstarted(w.seq, w.failure_kind, w.failure_detail, w.t)
         for w in by.get(S.TerminateJobTasks, ()):
@@ -505,9 +510,8 @@ class Coordinator:
                 st.set_job_state(w.job_id, JobState.COMPLETED)
         for w in by.get(S.ReactivateTask, ()):
             st.reactivate_task(w.seq)
-        if S.MarkPreparing in by:
-            st.mark_preparing([(w.seq, w.node_id, w.task_dir, w.t)
-                               for w in by[S.MarkPreparing]])
+        if preparing:
+            st.mark_preparing(preparing)
         for w in by.get(S.PersistNode, ()):
             st.upsert_node(w.pool_id, w.node_id, w.state.value, w.slots, dict(w.info) or None,
                            w.reason)

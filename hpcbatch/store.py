@@ -499,6 +499,7 @@ class Store:
         self.db = sqlite3.connect(str(self.path), isolation_level=None, timeout=BUSY_TIMEOUT_S,
                                   check_same_thread=False)
         self.db.row_factory = _row_dict
+        self._busy_ms = int(BUSY_TIMEOUT_S * 1000)  # what connect(timeout=) set
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
@@ -595,22 +596,28 @@ class Store:
     def _begin(self, while_waiting: Callable[[], None] | None, slice_s: float) -> None:
         db = self.db
         if while_waiting is None:
+            self._busy_timeout(int(BUSY_TIMEOUT_S * 1000))
             db.execute("BEGIN IMMEDIATE")
             return
         deadline = time.monotonic() + BUSY_TIMEOUT_S
-        db.execute(f"PRAGMA busy_timeout = {max(1, int(slice_s * 1000))}")
-        try:
-            while True:
-                try:
-                    db.execute("BEGIN IMMEDIATE")
-                    return
-                except sqlite3.OperationalError as exc:
-                    if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_BUSY or \
-                            time.monotonic() >= deadline:
-                        raise
-                while_waiting()
-        finally:
-            db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        # (left set for the next transaction: a coordinator's every turn waits this way)
+        self._busy_timeout(max(1, int(slice_s * 1000)))
+        while True:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_BUSY or \
+                        time.monotonic() >= deadline:
+                    raise
+            while_waiting()
+
+    def _busy_timeout(self, ms: int) -> None:
+        """How long a statement waits for a lock held by another connection (set only
+        when it changes)."""
+        if self._busy_ms != ms:
+            self.db.execute(f"PRAGMA busy_timeout = {ms}")
+            self._busy_ms = ms
 
     def change_counter(self) -> int:
         """Bumped by every committed transaction that changed a row."""
@@ -1205,44 +1212,79 @@ class Store:
     def finish_attempts(self, items: Iterable[Mapping[str, Any]]) -> None:
         """Many ``finish_attempt`` calls (keyword dicts, seq included) in one go: a turn's
         completions cost one statement per kind, not per task."""
-        items = list(items)
-        for it in items:
+        self.write_turn(finished=items)
+
+    def write_turn(self, running: Iterable[tuple[int, float]] = (),
+                   finished: Iterable[Mapping[str, Any]] = (),
+                   preparing: Iterable[tuple[int, str, str, float]] = ()) -> None:
+        """``mark_running(running)``, then ``finish_attempts(finished)``, then
+        ``mark_preparing(preparing)``, with one read of the counted columns for all three
+        (a turn of the coordinator: tasks that started, ended, and were placed). A task
+        that started and ended (not requeued) in the same call gets no separate running
+        write: its finish sets what that would have (its state, started_at)."""
+        running, finished, preparing = list(running), list(finished), list(preparing)
+        for it in finished:
             if it["outcome"] not in OUTCOMES:
                 raise ValueError(f"outcome {it['outcome']!r} is not one of "
                                  f"{', '.join(OUTCOMES)}")
         rows = [(it["seq"], _kind(it["failure_kind"]), json.dumps(it["usage"] or {}), it)
-                for it in items]
+                for it in finished]
         by_seq = {seq: (it["outcome"], it["retry_count"], kind) for seq, kind, _, it in rows}
-        after = _finished(by_seq) if len(by_seq) == len(rows) else None  # a seq twice: read
-        with self.transaction() as db, self._counted_seqs(by_seq, after):
-            db.executemany(
-                f"{_ATTEMPT_INSERT} SELECT t.seq, {_NEXT_ATTEMPT}, ?, ?, ?, ?, ?, ?, ?, ?, ? "
-                "FROM tasks t WHERE t.seq = ?",
-                ((it["node_id"], it["started_at"], it["ended_at"], it["exit_code"],
-                  it["signal"], kind, it["failure_detail"], it["outcome"], usage, seq)
-                 for seq, kind, usage, it in rows))
-            db.executemany(
-                "UPDATE tasks SET state='active', requeue_count=requeue_count+1, "
-                "node_id=NULL WHERE seq=?",
-                ((seq,) for seq, _, _, it in rows if it["outcome"] == "requeue"))
-            db.executemany(
-                "UPDATE tasks SET state='active', node_id=NULL, retry_count=?, "
-                "exit_code=?, signal=?, failure=?, failure_kind=?, failure_detail=?, "
-                "started_at=COALESCE(?, started_at), ended_at=?, usage=? WHERE seq=?",
-                ((it["retry_count"], it["exit_code"], it["signal"],
-                  failure_text(kind, it["failure_detail"]), kind, it["failure_detail"],
-                  it["started_at"], it["ended_at"], usage, seq)
-                 for seq, kind, usage, it in rows if it["outcome"] == "retry"))
-            db.executemany(
-                "UPDATE tasks SET state='completed', result=?, node_id=COALESCE(?, node_id), "
-                "retry_count=?, exit_code=?, signal=?, failure=?, failure_kind=?, "
-                "failure_detail=?, started_at=COALESCE(?, started_at), ended_at=?, usage=? "
-                "WHERE seq=?",
-                ((it["outcome"], it["node_id"], it["retry_count"], it["exit_code"],
-                  it["signal"], failure_text(kind, it["failure_detail"]), kind,
-                  it["failure_detail"], it["started_at"], it["ended_at"], usage, seq)
-                 for seq, kind, usage, it in rows
-                 if it["outcome"] in ("success", "failure")))
+        if running and by_seq:
+            fused = {seq for seq, _, _, it in rows
+                     if it["outcome"] != "requeue" and it["started_at"] is not None}
+            running = [r for r in running if r[0] not in fused]
+        run_seqs = {seq for seq, _ in running}
+        prep_seqs = {r[0] for r in preparing}
+        exact = (len(by_seq) == len(rows) and len(run_seqs) == len(running)
+                 and len(prep_seqs) == len(preparing))
+        after = _turn_after(run_seqs, by_seq, prep_seqs) if exact else None  # twice: read
+        seqs = run_seqs | by_seq.keys() | prep_seqs
+        if not seqs:
+            return
+        with self.transaction() as db, self._counted_seqs(seqs, after):
+            if running:
+                db.executemany("UPDATE tasks SET state='running', started_at=? WHERE seq=? "
+                               "AND state='preparing'", ((t, seq) for seq, t in running))
+            if rows:
+                db.executemany(
+                    f"{_ATTEMPT_INSERT} SELECT t.seq, {_NEXT_ATTEMPT}, ?, ?, ?, ?, ?, ?, ?, ?, ? "
+                    "FROM tasks t WHERE t.seq = ?",
+                    ((it["node_id"], it["started_at"], it["ended_at"], it["exit_code"],
+                      it["signal"], kind, it["failure_detail"], it["outcome"], usage, seq)
+                     for seq, kind, usage, it in rows))
+                requeues = [(seq,) for seq, _, _, it in rows if it["outcome"] == "requeue"]
+                if requeues:
+                    db.executemany(
+                        "UPDATE tasks SET state='active', requeue_count=requeue_count+1, "
+                        "node_id=NULL WHERE seq=?", requeues)
+                retries = [(it["retry_count"], it["exit_code"], it["signal"],
+                            failure_text(kind, it["failure_detail"]), kind,
+                            it["failure_detail"], it["started_at"], it["ended_at"], usage, seq)
+                           for seq, kind, usage, it in rows if it["outcome"] == "retry"]
+                if retries:
+                    db.executemany(
+                        "UPDATE tasks SET state='active', node_id=NULL, retry_count=?, "
+                        "exit_code=?, signal=?, failure=?, failure_kind=?, failure_detail=?, "
+                        "started_at=COALESCE(?, started_at), ended_at=?, usage=? WHERE seq=?",
+                        retries)
+                ends = [(it["outcome"], it["node_id"], it["retry_count"], it["exit_code"],
+                         it["signal"], failure_text(kind, it["failure_detail"]), kind,
+                         it["failure_detail"], it["started_at"], it["ended_at"], usage, seq)
+                        for seq, kind, usage, it in rows
+                        if it["outcome"] in ("success", "failure")]
+                if ends:
+                    db.executemany(
+                        "UPDATE tasks SET state='completed', result=?, "
+                        "node_id=COALESCE(?, node_id), retry_count=?, exit_code=?, signal=?, "
+                        "failure=?, failure_kind=?, failure_detail=?, "
+                        "started_at=COALESCE(?, started_at), ended_at=?, usage=? WHERE seq=?",
+                        ends)
+            if preparing:
+                db.executemany(
+                    "UPDATE tasks SET state='preparing', node_id=?, task_dir=?, started_at=?, "
+                    "ended_at=NULL WHERE seq=?",
+                    ((node_id, task_dir, t, seq) for seq, node_id, task_dir, t in preparing))
 
     def finish_attempt(self, seq: int, *, outcome: str, node_id: str | None,
                        started_at: float | None, ended_at: float | None,
@@ -1482,6 +1524,23 @@ def _preparing(r: tuple) -> tuple:
 
 def _running(r: tuple) -> tuple:
     return (*r[:2], "running", *r[3:]) if r[2] == "preparing" else r
+
+
+def _turn_after(running: set[int], by_seq: Mapping[int, tuple[str, int, str | None]],
+                preparing: set[int]) -> Callable[[tuple], tuple]:
+    """write_turn's statements on one row, in their order: running, finished, preparing."""
+    finished = _finished(by_seq)
+
+    def after(r: tuple) -> tuple:
+        seq = r[0]
+        if seq in running:
+            r = _running(r)
+        if seq in by_seq:
+            r = finished(r)
+        if seq in preparing:
+            r = _preparing(r)
+        return r
+    return after
 
 
 def _finished(by_seq: Mapping[int, tuple[str, int, str | None]]) -> Callable[[tuple], tuple]:
