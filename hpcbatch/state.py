@@ -992,12 +992,22 @@ class CoordinatorState:
         if pool is None:
             return
         pool.loading = False
-        for row in ev.rows:
-            if row.seq not in self.rows and row.seq not in self.attempts:
-                self._enqueue(pool, row)
-            pool.cursor = max(pool.cursor or row.key, row.key)
-        pool.exhausted = ev.exhausted
         pool.dirty = True
+        if not ev.rows:
+            pool.exhausted = ev.exhausted
+            return
+        # the whole window at once: one heap extend and one size check, not one per row
+        rows, attempts = self.rows, self.attempts
+        fresh = {row.seq: row for row in ev.rows if row.seq not in rows
+                 and row.seq not in attempts}
+        rows.update(fresh)
+        pool.queue.extend(Runnable(r.neg_priority, r.seq, r.required_slots, r.instances,
+                                   r.slots_per_instance) for r in fresh.values())
+        top = max(row.key for row in ev.rows)
+        pool.cursor = top if pool.cursor is None else max(pool.cursor, top)
+        pool.exhausted = ev.exhausted
+        if len(pool.queue) > 2 * self._window_size(pool):
+            self._evict(pool)  # (sets the cursor back to the last task it keeps)
 
     def _window_size(self, pool: PoolState) -> int:
         return max(WINDOW_MIN, min(WINDOW_MAX, 4 * pool.total_slots))

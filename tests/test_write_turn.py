@@ -86,3 +86,33 @@ def test_write_turn_nothing(tmp_path):
     st.write_turn()
     assert st.change_counter() == before
     st.close()
+
+
+def test_waiting_transaction_keeps_the_lock_wait_short_only_for_itself(tmp_path):
+    """A transaction with while_waiting waits in slices (calling it between them) while
+    another connection holds the write lock; a plain one afterwards waits the full
+    BUSY_TIMEOUT_S again."""
+    import sqlite3
+    import threading
+    import time
+
+    from hpcbatch.store import BUSY_TIMEOUT_S
+
+    st = _fresh(tmp_path / "s.db")
+    other = sqlite3.connect(tmp_path / "s.db", isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    threading.Timer(0.4, lambda: other.execute("COMMIT")).start()
+    calls = []
+    t0 = time.monotonic()
+    with st.transaction(while_waiting=lambda: calls.append(time.monotonic()),
+                        wait_slice_s=0.05):
+        st.write_turn(preparing=[(1, "n1", "/r/1", 1.0)])
+    assert time.monotonic() - t0 >= 0.3 and len(calls) >= 3
+    busy = lambda: st.db.execute("PRAGMA busy_timeout").fetchone()  # noqa: E731
+    assert list(busy().values()) == [50]
+    with st.transaction():
+        st.write_turn(preparing=[(2, "n1", "/r/2", 1.0)])
+    assert list(busy().values()) == [int(BUSY_TIMEOUT_S * 1000)]
+    assert st.task_counts("j")["preparing"] == 2
+    other.close()
+    st.close()
