@@ -426,8 +426,12 @@ def test_deleting_a_pool_stops_its_agents_and_revokes_its_key(make_cluster, batc
     assert agents_of(roots)
     kill_node(d, "node3")  # one node cannot be reached to revoke the key
     problems = batch.pools.delete("gone")
-    assert len(problems) == 1 and problems[0].startswith("node3: the pool key is still")
+    assert len(problems) == 1 and problems[0].startswith("node3: the pool key is still"), \
+        problems
+    assert "its node root" in problems[0] and "remains" in problems[0], problems
     poll(lambda: not agents_of(roots), timeout_s=15, what="the pool's agents stopped")
+    # the reachable nodes' roots (with their copies of the pool's private key) are gone
+    assert sorted(p.name for p in roots.iterdir()) == ["node3"]
     assert pub not in (d / "authorized_keys").read_text()  # node1/node2 share this file
     assert not (home / "pools" / "gone").exists()
     assert "gone" not in [p.id for p in batch.pools.list()]

@@ -433,37 +433,41 @@ class SSHProvider(Provider):
             client.close()
 
     def cleanup_pool(self) -> list[str]:
-        """Take the pool key out of every node's authorized_keys (over SSH), remove each
-        node's root (its copy of the pool's private key, agent records, shared
-        directories) and the key here."""
-        problems: list[str] = []
+        """Over one SSH connection per node: take the pool key out of its
+        authorized_keys, then remove its node root (its copy of the pool's private key,
+        agent records, shared directories); then the key here. One line per node where
+        that failed (a node that cannot be reached keeps both)."""
+        trust = None
         if (self.key_dir / "id_ed25519.pub").exists():
             from hpcbatch.bootstrap import PoolTrust
             trust = PoolTrust.load_or_create(self.key_dir, self.pool_id,
                                              self._targets.values())
 
-            def revoke(target: SSHTarget) -> bool:
-                client = connect(target)
-                try:
-                    return trust.revoke(client, self.config.authorized_keys)
-                finally:
-                    client.close()
-            result = parallel(self._targets.values(), revoke, 60)
-            problems += [f"{r.name}: the pool key is still in its authorized_keys ({r.error})"
-                         for r in result.failed]
-
-        def remove_root(target: SSHTarget) -> None:  # a target's name is its node id
-            root = self.node_root(target.name)
+        def clean(target: SSHTarget) -> None:  # a target's name is its node id
             client = connect(target)
-            try:  # "~/x" as "x": the command runs in the login's home, never expanded
+            try:
+                if trust is not None:
+                    try:
+                        trust.revoke(client, self.config.authorized_keys)
+                    except Exception as exc:  # noqa: BLE001 - said per node, below
+                        raise HpcBatchError(f"the pool key is still in its authorized_keys "
+                                            f"({exc})") from None
+                root = self.node_root(target.name)
+                # "~/x" as "x": the command runs in the login's home, never expanded
                 code, _, err = run(client, ["rm", "-rf", "--", root.removeprefix("~/")])
                 if code != 0:
-                    raise OSError(err.strip() or f"rm exited with {code}")
+                    raise HpcBatchError(f"its node root {root} was not removed "
+                                        f"({err.strip() or f'rm exited with {code}'})")
             finally:
                 client.close()
-        result = parallel(self._targets.values(), remove_root, 60)
-        problems += [f"{r.name}: its node root {self.node_root(r.name)} was not "
-                     f"removed ({r.error})" for r in result.failed]
+        result = parallel(self._targets.values(), clean, 60)
+        problems = []
+        for r in result.failed:
+            why = str(r.error)
+            if not why.startswith(("the pool key", "its node root")):  # not reached at all
+                why = (f"the pool key is still in its authorized_keys and its node root "
+                       f"{self.node_root(r.name)} remains ({why})")
+            problems.append(f"{r.name}: {why}")
         shutil.rmtree(self.key_dir, ignore_errors=True)
         return problems
 
