@@ -935,14 +935,21 @@ class CoordinatorState:
         if att.terminated or att.requeue or (alloc is not None and alloc.failed is not None):
             return  # (a failed multi-instance attempt is ending on its own)
         att.requeue = True
+        self._kill_attempt(att, REQUEUE, "requeued")
+
+    def _kill_attempt(self, att: Attempt, reason: str, never_started: str) -> None:
+        """Kill what runs of the attempt (``reason``: the kill's, requeue or terminate).
+        One that never started (a multi-instance attempt still staging, a task still
+        copying its files) ends at once, as start_failed ``never_started``."""
         seq = att.row.seq
+        alloc = att.alloc
         if alloc is not None:
             if alloc.phase is MIPhase.STAGING:
-                self._fail_alloc(att, Exit(None, start_failed="requeued"), REQUEUE)
+                self._fail_alloc(att, Exit(None, start_failed=never_started), reason)
                 return
             for run in sorted(alloc.pending, key=lambda r: (r.kind.value, r.index)):
                 key = alloc.nodes[run.index]
-                self._emit(KillRun(key[0], key[1], run, REQUEUE))
+                self._emit(KillRun(key[0], key[1], run, reason))
             return
         node = self.node(*att.node_key) if att.node_key else None
         if att.pending_run is not None:  # still copying its files: never started
@@ -950,10 +957,10 @@ class CoordinatorState:
             att.staging.clear()
             if node is not None:
                 self._vacate(node, RunId(seq))
-            self._finish(att, Exit(None, start_failed="requeued"), killed=REQUEUE)
+            self._finish(att, Exit(None, start_failed=never_started), killed=reason)
             return
         if node is not None and node.fence_until is None:
-            self._emit(KillRun(node.pool_id, node.node_id, RunId(seq), REQUEUE))
+            self._emit(KillRun(node.pool_id, node.node_id, RunId(seq), reason))
 
     def _on_PoolRemoved(self, ev: PoolRemoved) -> None:
         pool = self.pools.pop(ev.pool_id, None)
@@ -1554,27 +1561,8 @@ class CoordinatorState:
         however it ends (never retried or requeued)."""
         if att.terminated:
             return
-        seq = att.row.seq
         att.terminated = True
-        alloc = att.alloc
-        if alloc is not None:
-            if alloc.phase is MIPhase.STAGING:
-                self._fail_alloc(att, Exit(None, start_failed="terminated"), "terminate")
-                return
-            for run in sorted(alloc.pending, key=lambda r: (r.kind.value, r.index)):
-                key = alloc.nodes[run.index]
-                self._emit(KillRun(key[0], key[1], run, "terminate"))
-            return
-        node = self.node(*att.node_key) if att.node_key else None
-        if att.pending_run is not None:  # still copying its files: never started
-            att.pending_run = None
-            att.staging.clear()
-            if node is not None:
-                self._vacate(node, RunId(seq))
-            self._finish(att, Exit(None, start_failed="terminated"), killed="terminate")
-            return
-        if node is not None and node.fence_until is None:
-            self._emit(KillRun(node.pool_id, node.node_id, RunId(seq), "terminate"))
+        self._kill_attempt(att, "terminate", "terminated")
 
     def _on_JobTerminateAsked(self, ev: JobTerminateAsked) -> None:
         job_id = ev.job_id

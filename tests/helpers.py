@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from hpcbatch.launch.cluster import pid_alive  # noqa: F401 - re-exported for tests
@@ -44,6 +46,36 @@ def run_cli(home: Path, *args: str, timeout_s: float = 120, columns: str | None 
 # what users stored: a rejected request must change none of it (the coordinator's own
 # bookkeeping, nodes, agents and the change counter, moves whenever one runs)
 USER_TABLES = ("pools", "jobs", "tasks", "task_attempts")
+
+
+def wait_for_service(home: Path, proc: subprocess.Popen, log: Callable[[], str],
+                     timeout_s: float = 60.0) -> tuple[dict, str]:
+    """The ``service.json`` record and the local key that ``hpcbatch serve`` (``proc``)
+    writes in ``home`` once it listens; AssertionError with its log (``log()``) if it
+    exits or has not written them within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"hpcbatch serve exited with {proc.returncode}: {log()}")
+        try:
+            record = json.loads((home / "service.json").read_text())
+            key = (home / "service.key").read_text().strip()
+        except (OSError, ValueError):
+            record, key = None, ""
+        if record and record.get("pid") == proc.pid and key:
+            return record, key
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no service.json within {timeout_s:g} s: {log()}")
+        time.sleep(0.05)
+
+
+def task_row(home: Path, job_id: str, task_id: str) -> dict:
+    """A task's row as the home's store holds it."""
+    s = Store(home / "state.db")
+    try:
+        return s.get_task(job_id, task_id)
+    finally:
+        s.close()
 
 
 def snapshot(home: Path) -> dict:

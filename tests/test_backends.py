@@ -31,7 +31,7 @@ from pathlib import Path
 import h5py
 import httpx
 import pytest
-from helpers import FAST_TIMINGS, gate, poll, run_cli
+from helpers import FAST_TIMINGS, gate, poll, run_cli, wait_for_service
 
 import hpcbatch
 from hpcbatch.errors import Conflict, HpcBatchError, NotFound, ValidationError
@@ -64,6 +64,14 @@ FAST_ARGS = tuple(a for name, secs in FAST_TIMINGS.items()
                   for a in ("--timing", f"{name}={secs}"))
 
 
+def _healthy(url: str) -> bool:
+    try:
+        r = httpx.get(f"{url}/health", timeout=5)
+        return r.status_code == 200 and r.json().get("status") == "ok"
+    except (ValueError, httpx.HTTPError):
+        return False
+
+
 @contextlib.contextmanager
 def running_service(home: Path, *, env: dict[str, str] | None = None,
                     args: tuple[str, ...] = FAST_ARGS) -> Iterator[Served]:
@@ -82,23 +90,10 @@ def running_service(home: Path, *, env: dict[str, str] | None = None,
                                 stdin=subprocess.DEVNULL)
     served = None
     try:
-        deadline = time.monotonic() + SERVE_START_S
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"hpcbatch serve exited with {proc.returncode}: "
-                                     + log.read_text(errors="replace")[-3000:])
-            if time.monotonic() > deadline:
-                raise AssertionError(f"hpcbatch serve not ready within {SERVE_START_S} s: "
-                                     + log.read_text(errors="replace")[-3000:])
-            try:
-                record = json.loads((home / "service.json").read_text())
-                key = (home / "service.key").read_text().strip()
-                r = httpx.get(f"{record['url']}/health", timeout=5)
-                if r.status_code == 200 and r.json().get("status") == "ok" and key:
-                    break
-            except (OSError, ValueError, KeyError, httpx.HTTPError):
-                pass
-            time.sleep(0.05)
+        record, key = wait_for_service(home, proc,
+                                       lambda: log.read_text(errors="replace")[-3000:],
+                                       SERVE_START_S)
+        poll(lambda: _healthy(record["url"]), timeout_s=SERVE_START_S, what="/health")
         assert record["pid"] == proc.pid, record
         assert record["url"].startswith("http://127.0.0.1:"), record
         served = Served(record["url"], key, home, proc, log)

@@ -9,17 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import snapshot
-
-from hpcbatch.store import Store
-
-
-def task_row(home: Path, job_id: str, task_id: str) -> dict:
-    s = Store(home / "state.db")
-    try:
-        return s.get_task(job_id, task_id)
-    finally:
-        s.close()
+from helpers import snapshot, task_row
 
 
 def one_line_error(r) -> str:

@@ -9,17 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import pid_alive, run_cli, snapshot
+from helpers import pid_alive, run_cli, snapshot, task_row
 
 from hpcbatch.store import Store
-
-
-def task_row(home: Path, job_id: str, task_id: str) -> dict:
-    s = Store(home / "state.db")
-    try:
-        return s.get_task(job_id, task_id)
-    finally:
-        s.close()
 
 
 def task_rows(home: Path, job_id: str) -> list[dict]:

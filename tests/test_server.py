@@ -35,7 +35,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import gate, poll, snapshot
+from helpers import gate, poll, run_cli, snapshot, wait_for_service
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -63,24 +63,10 @@ class Served:
             self.wait_ready()
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        record = None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"serve exited {self.proc.returncode}: {self.stderr()}")
-            try:
-                record = json.loads((self.home / "service.json").read_text())
-            except (OSError, ValueError):
-                record = None
-            if record and record.get("pid") == self.proc.pid:
-                break
-            time.sleep(0.05)
-        else:
-            raise AssertionError(f"no service.json within {START_TIMEOUT_S} s: "
-                                 f"{self.stderr()}")
+        record, self.key = wait_for_service(self.home, self.proc, self.stderr,
+                                            START_TIMEOUT_S)
         self.record = record
         self.url = record["url"]
-        self.key = (self.home / "service.key").read_text().strip()
         verify = ssl.create_default_context(cafile=record["cafile"]) if record.get("cafile") \
             else True
         self.client = httpx.Client(base_url=self.url, timeout=30, verify=verify,
@@ -144,12 +130,6 @@ def shared(tmp_path_factory):
         yield s
     finally:
         s.stop()
-
-
-def run_cli(home: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HPCBATCH_HOME=str(home))
-    return subprocess.run([sys.executable, "-m", "hpcbatch.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
 
 
 def concrete(path: str) -> str:

@@ -31,7 +31,6 @@ After the last restart the job ends and, from the marker file and the store:
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import signal
@@ -44,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import FAST_TIMINGS, processes_with
+from helpers import FAST_TIMINGS, processes_with, wait_for_service
 
 import hpcbatch
 from hpcbatch.state import DEFAULT_PREFETCH
@@ -89,21 +88,7 @@ class Server:
         self.batch: hpcbatch.Batch | None = None
 
     def wait_ready(self) -> hpcbatch.Batch:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"serve exited {self.proc.returncode}: {self.stderr()}")
-            try:
-                record = json.loads((self.home / "service.json").read_text())
-            except (OSError, ValueError):
-                record = None
-            if record and record.get("pid") == self.proc.pid:
-                break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no service.json within {START_TIMEOUT_S} s: "
-                                     f"{self.stderr()}")
-            time.sleep(0.05)
-        key = (self.home / "service.key").read_text().strip()
+        record, key = wait_for_service(self.home, self.proc, self.stderr, START_TIMEOUT_S)
         self.batch = hpcbatch.Batch(url=record["url"], key=key)
         return self.batch
 

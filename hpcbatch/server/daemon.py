@@ -31,12 +31,13 @@ from typing import Any, TextIO
 
 from hpcbatch._version import __version__
 from hpcbatch.errors import CoordinatorBusy, HpcBatchError, ValidationError
+from hpcbatch.remote import SERVICE_FILE as SERVICE_JSON
+from hpcbatch.remote import SERVICE_KEY_FILE as SERVICE_KEY
+from hpcbatch.remote import service_record
 
 log = logging.getLogger("hpcbatch.server")
 
 DEFAULT_BIND = "127.0.0.1:8470"
-SERVICE_JSON = "service.json"
-SERVICE_KEY = "service.key"
 GRACEFUL_S = 5.0  # requests in flight at SIGTERM get this long to finish
 
 
@@ -62,29 +63,6 @@ def is_loopback(host: str) -> bool:
                        for info in socket.getaddrinfo(host, None))
         except (OSError, ValueError):
             return False
-
-
-def _pid_alive(pid: Any) -> bool:
-    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def read_service_json(home: Path) -> dict | None:
-    """The running service's record in the home, or None (none, or its pid is gone)."""
-    try:
-        data = json.loads((home / SERVICE_JSON).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or not _pid_alive(data.get("pid")):
-        return None
-    return data
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -199,7 +177,7 @@ def serve(home: str | os.PathLike, bind: str = DEFAULT_BIND, *, tls_cert: str | 
     from hpcbatch.service import LocalService
     from hpcbatch.timings import Timings
 
-    running = read_service_json(home)
+    running = service_record(home)
     if running is not None and running.get("pid") != os.getpid():
         raise CoordinatorBusy(f"a service is already running on {home} (pid "
                               f"{running.get('pid')}, {running.get('url')}); stop it first "
@@ -305,4 +283,4 @@ def _status(signals: list[int]) -> int:
 
 
 __all__ = ["DEFAULT_BIND", "SERVICE_JSON", "SERVICE_KEY", "is_loopback", "parse_bind",
-           "read_service_json", "serve"]
+           "serve"]
