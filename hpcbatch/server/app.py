@@ -233,7 +233,8 @@ class _Gate:
                             f") is read-only; {method} needs a key that may write")(
                     scope, receive, logged_send)
                 return
-            limit = self.max_upload if path.startswith("/v1/uploads/") else self.max_body
+            limit = self.max_upload if path.startswith(("/v1/uploads/", "/v1/storage/")) \
+                else self.max_body
             length = headers.get(b"content-length")
             if length is not None and length.isdigit() and int(length) > limit:
                 await error(413, "PayloadTooLarge", str(_TooLarge(limit).detail))(
@@ -1190,6 +1191,9 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
                 if chunk:
                     yield chunk
         return JSON({"path": await call(lambda s: s.upload(name, chunks(), sha256))})
+
+    from hpcbatch.server.storage_routes import add_routes as add_storage_routes
+    add_storage_routes(v1, call)
 
     app.include_router(v1)
     app.add_middleware(_Gate, keys=keys, max_body=max_body_bytes, max_upload=max_upload_bytes)
