@@ -80,6 +80,8 @@ class Coordinator:
         self._last_tick = 0.0
         self._last_poll = 0.0
         self._deferred: list[Any] = []  # a query left to the next turn (see _turn)
+        from hpcbatch.staging import Stager, cache_bytes_from_env
+        self.stager = Stager(self.home, cache_bytes_from_env())  # resource files
 
     # ---- life cycle and commands (any thread) ------------------------------------
 
@@ -587,13 +589,16 @@ class Coordinator:
                     spec.common_resource_files), dest) for which, dest in ins.groups]
 
         def work() -> None:
+            from hpcbatch.staging import StagingError
             error = None
             try:
                 if chan is None:
                     raise OSError("its agent is gone")
                 for files, dest in groups:
                     if files:
-                        chan.put_files([(f["source"], f["file_path"]) for f in files], dest)
+                        self.stager.stage(chan, files, dest, f"node {ins.node_id}")
+            except StagingError as exc:  # the pre_processing_error's detail
+                error = f"resource files for node {ins.node_id}: {exc}"
             except Exception as exc:  # noqa: BLE001 - reported as the task's failure
                 error = f"copying resource files to node {ins.node_id} failed: {exc}"
             self.inbox.put(("staged", ins.seq, ins.run, ins.token, error))

@@ -36,6 +36,11 @@ LAUNCH_TIMEOUT = "HPCBATCH_LAUNCH_TIMEOUT_S"
 # the pool's MPI installation on the nodes (its bin/mpiexec), set by the agent for tasks
 MPI_PREFIX = "HPCBATCH_MPI_PREFIX"
 
+# storage: the cap of each node's cache of resource files (MiB), and of the task
+# stdout/stderr the coordinator keeps per attempt (bytes; the tail is kept beyond it)
+NODE_CACHE_MB = "HPCBATCH_NODE_CACHE_MB"
+LOG_CAP_BYTES = "HPCBATCH_LOG_CAP_BYTES"
+
 # set by launchers so a kernel can measure launch time from the submit side
 LAUNCH_T0 = "HPCBATCH_LAUNCH_T0"
 

@@ -113,6 +113,8 @@ class FailureKind(enum.StrEnum):
     START_FAILED = "start_failed"
     NODE_LOST = "node_lost"
     KILLED = "killed"
+    PRE_PROCESSING_ERROR = "pre_processing_error"  # a resource file could not be fetched
+    FILE_UPLOAD_ERROR = "file_upload_error"  # an output file could not be uploaded
 
 
 def failure_text(kind: FailureKind | str | None, detail: str | None) -> str | None:
@@ -123,8 +125,9 @@ def failure_text(kind: FailureKind | str | None, detail: str | None) -> str | No
     kind = FailureKind(kind)
     if kind is FailureKind.KILLED:
         return f"killed:{detail or 'terminate'}"
-    if kind is FailureKind.START_FAILED and detail:
-        return f"start_failed: {detail}"
+    if kind in (FailureKind.START_FAILED, FailureKind.PRE_PROCESSING_ERROR,
+                FailureKind.FILE_UPLOAD_ERROR) and detail:
+        return f"{kind.value}: {detail}"
     if kind is FailureKind.EXIT_CODE and detail:  # e.g. which node's coordination command
         return f"exit_code: {detail}"
     return kind.value
@@ -280,48 +283,143 @@ class JobSpec:
         _check_int("job.max_task_retry_count", self.max_task_retry_count, -1)
 
 
+def _rel_path(field: str, value: Any, *, may_be_dir: bool = False) -> str:
+    """A relative path inside the task's directory, normalised ('' allowed where a
+    directory may be meant: the working directory itself)."""
+    if not isinstance(value, str) or value.startswith("/") or "\0" in value:
+        raise ValidationError(field, f"{value!r} must be a relative path inside the task's "
+                              "working directory")
+    norm = posixpath.normpath(value) if value else ""
+    if norm == "." and may_be_dir:
+        return ""
+    if norm in (".", "") and not may_be_dir or norm == ".." or norm.startswith("../"):
+        raise ValidationError(field, f"{value!r} leaves the task's working directory; use a "
+                              "relative path without '..'")
+    return norm + ("/" if may_be_dir and norm and value.endswith("/") else "")
+
+
+def _file_mode(field: str, value: Any) -> str | None:
+    """'0644' / '644' / '0o644' / 0o644 -> '0644'."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        mode = value
+    elif isinstance(value, str) and re.fullmatch(r"(0o?)?[0-7]{1,4}", value.strip()):
+        mode = int(value.strip().replace("0o", ""), 8)
+    else:
+        raise ValidationError(field, f"{value!r} is not an octal file mode such as '0644'")
+    if not 0 <= mode <= 0o777:
+        raise ValidationError(field, f"{value!r}: only permission bits (0000 to 0777)")
+    return f"{mode:04o}"
+
+
+# a resource file's other spellings (Azure Batch's names) -> ours
+RESOURCE_FILE_ALIASES = {"path": "file_path", "mode": "file_mode",
+                         "auto_storage_container_name": "container",
+                         "storage_container_url": "container_url", "http_url": "url"}
+
+
 @dataclasses.dataclass(frozen=True)
 class ResourceFile:
-    """A file on the coordinator's machine that is copied to the node before a task runs.
+    """A file copied to the node before a task runs, from exactly one of:
 
-    ``source`` is read when the task is dispatched (over SFTP to SSH nodes, by a copy
-    to local ones); ``file_path`` is where it lands, relative to the destination (the
-    task's working directory, or for ``common_resource_files`` the task's shared
-    directory); by default the source's file name. Its permission bits are kept.
+    * ``source``: a file on the coordinator's machine (its permission bits kept);
+    * ``container`` (+ ``blob_prefix``): every blob of a storage container whose name
+      starts with the prefix, placed under ``file_path`` (a directory; default the
+      working directory) by its full blob name (Azure Batch's
+      ``auto_storage_container_name``);
+    * ``container_url`` (+ ``blob_prefix``): the same from any fsspec URL of a folder
+      (``storage_container_url``);
+    * ``storage_path``: one blob, ``CONTAINER/BLOB``;
+    * ``url``: one file at an http(s) or fsspec URL (``http_url``).
+
+    ``file_path`` is relative to the task's working directory (or for
+    ``common_resource_files`` its shared directory); for one file by default its name.
+    ``file_mode`` ('0644') sets the permission bits (default: a source's own, else
+    0644). A path leaving the directory is refused here, when the task is given.
     """
 
-    source: str
+    source: str = ""
     file_path: str = ""
+    container: str | None = None
+    blob_prefix: str | None = None
+    container_url: str | None = None
+    storage_path: str | None = None
+    url: str | None = None
+    file_mode: str | None = None
+
+    @property
+    def kind(self) -> str:
+        for k in ("container", "container_url", "storage_path", "url"):
+            if getattr(self, k):
+                return k
+        return "source"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.source, str):
-            raise ValidationError("resource_file.source", f"must be a file path, not "
-                                  f"{self.source!r}")
-        if not self.source.strip():
-            raise ValidationError("resource_file.source", "is empty; give a file path")
-        src = Path(self.source).expanduser()
-        if not src.is_absolute():
-            src = Path.cwd() / src
-        object.__setattr__(self, "source", str(src))
-        dest = self.file_path or src.name
-        if not isinstance(dest, str) or dest.startswith("/") or "\0" in dest:
-            raise ValidationError("resource_file.file_path",
-                                  f"{dest!r} must be a relative path inside the task directory")
-        norm = posixpath.normpath(dest)
-        if norm in (".", "") or norm == ".." or norm.startswith("../"):
-            raise ValidationError("resource_file.file_path",
-                                  f"{dest!r} leaves the task directory; use a relative path "
-                                  "without '..'")
-        object.__setattr__(self, "file_path", norm)
+        from hpcbatch.storage import check_blob_name, check_container
+        given = [k for k in ("source", "container", "container_url", "storage_path", "url")
+                 if getattr(self, k)]
+        if len(given) != 1:
+            raise ValidationError("resource_file.source", "give exactly one of source, "
+                                  "container, container_url, storage_path or url"
+                                  + (f" (got {', '.join(given)})" if given else ""))
+        object.__setattr__(self, "file_mode", _file_mode("resource_file.file_mode",
+                                                         self.file_mode))
+        if self.blob_prefix is not None and not (self.container or self.container_url):
+            raise ValidationError("resource_file.blob_prefix", "goes with a container or "
+                                  "container_url")
+        kind = given[0]
+        if kind in ("container", "container_url"):
+            if kind == "container":
+                check_container(self.container, "resource_file.container")
+            elif not isinstance(self.container_url, str) or "://" not in self.container_url:
+                raise ValidationError("resource_file.container_url", f"{self.container_url!r} "
+                                      "is not a URL (file:///data, s3://bucket/prefix ...)")
+            check_blob_name(self.blob_prefix or "", "resource_file.blob_prefix", prefix=True)
+            path = _rel_path("resource_file.file_path", self.file_path or "", may_be_dir=True)
+            object.__setattr__(self, "file_path", path.rstrip("/"))
+            return
+        if kind == "storage_path":
+            container, _, blob = str(self.storage_path).partition("/")
+            check_container(container, "resource_file.storage_path")
+            check_blob_name(blob, "resource_file.storage_path")
+            default = blob.rpartition("/")[2]
+        elif kind == "url":
+            import urllib.parse
+            if not isinstance(self.url, str) or "://" not in self.url or "\0" in self.url:
+                raise ValidationError("resource_file.url", f"{self.url!r} is not a URL "
+                                      "(https://host/file, s3://bucket/key ...)")
+            default = posixpath.basename(urllib.parse.urlsplit(self.url).path)
+            if not default and not self.file_path:
+                raise ValidationError("resource_file.file_path", f"{self.url} names no file; "
+                                      "give a file_path")
+        else:
+            if not isinstance(self.source, str):
+                raise ValidationError("resource_file.source", f"must be a file path, not "
+                                      f"{self.source!r}")
+            if not self.source.strip():
+                raise ValidationError("resource_file.source", "is empty; give a file path")
+            src = Path(self.source).expanduser()
+            if not src.is_absolute():
+                src = Path.cwd() / src
+            object.__setattr__(self, "source", str(src))
+            default = src.name
+        object.__setattr__(self, "file_path",
+                           _rel_path("resource_file.file_path", self.file_path or default))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Only the fields given (what a user would write)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, "")}
 
     @classmethod
     def check_list(cls, field: str, value: Any) -> tuple[ResourceFile, ...]:
-        """Coerce a list of ResourceFile / {"source", "file_path"} / path strings, checking
-        that every source is a readable file now (bad input fails before it is stored)."""
+        """Coerce a list of ResourceFile / mappings / path strings, checking that every
+        local source is a readable file now (bad input fails before it is stored)."""
         if value is None:
             return ()
         if isinstance(value, (str, Mapping)) or not isinstance(value, Iterable):
             raise ValidationError(field, "must be a list of files")
+        known = [f.name for f in dataclasses.fields(cls)]
         out = []
         for i, item in enumerate(value):
             where = f"{field}[{i}]"
@@ -331,12 +429,11 @@ class ResourceFile:
                 elif isinstance(item, str):
                     rf = cls(item)
                 elif isinstance(item, Mapping):
-                    unknown = sorted(set(item) - {"source", "file_path"})
+                    item = {RESOURCE_FILE_ALIASES.get(k, k): v for k, v in item.items()}
+                    unknown = sorted(set(item) - set(known))
                     if unknown:
                         raise ValidationError(where, f"unknown field(s) {', '.join(unknown)}; "
-                                              "known: source, file_path")
-                    if "source" not in item:
-                        raise ValidationError(where, "needs a 'source' (the file to copy)")
+                                              f"known: {', '.join(known)}")
                     rf = cls(**item)
                 else:
                     raise ValidationError(where, f"{item!r} is not a file path or "
@@ -345,15 +442,118 @@ class ResourceFile:
                 if exc.field.startswith(field):
                     raise
                 raise ValidationError(f"{where}.{exc.field.split('.')[-1]}", exc.rule) from None
-            if not Path(rf.source).is_file():
+            if rf.kind == "source" and not Path(rf.source).is_file():
                 raise ValidationError(f"{where}.source", f"{rf.source} is not a file on this "
                                       "machine; give an existing file")
             out.append(rf)
-        dests = [rf.file_path for rf in out]
+        dests = [rf.file_path for rf in out if rf.kind not in ("container", "container_url")]
         dup = next((d for d in dests if dests.count(d) > 1), None)
         if dup is not None:
             raise ValidationError(field, f"two files go to {dup!r}; give each a file_path")
         return tuple(out)
+
+
+UPLOAD_CONDITIONS = ("task_success", "task_failure", "task_completion")
+OUTPUT_SUBSTITUTIONS = ("{job}", "{task}", "{attempt}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputFile:
+    """Files a task leaves, uploaded to a storage container after it exits and before it
+    is reported complete (Azure Batch's output files).
+
+    ``pattern`` is a glob relative to the working directory (``*.h5``, ``**/*.csv``,
+    ``out/result.txt``) and may reach the task's directory above it
+    (``../std*.txt``), never outside that. ``container`` and ``path`` say where: one
+    file matched by a pattern without wildcards goes to ``path`` itself (unless it ends
+    in '/'), every other match to ``path`` + its path below the pattern's fixed
+    directory. ``{job}``, ``{task}`` and ``{attempt}`` in ``path`` are replaced.
+    ``upload_condition``: ``task_success`` (exit code 0), ``task_failure`` or
+    ``task_completion`` (either; the default). A failed upload fails the attempt with
+    ``file_upload_error``.
+    """
+
+    pattern: str
+    container: str
+    path: str = ""
+    upload_condition: str = "task_completion"
+
+    def __post_init__(self) -> None:
+        from hpcbatch.storage import check_container
+        if not isinstance(self.pattern, str) or not self.pattern.strip() or \
+                self.pattern.startswith("/") or "\0" in self.pattern:
+            raise ValidationError("output_file.pattern", f"{self.pattern!r} must be a glob "
+                                  "relative to the working directory ('*.h5', '../std*.txt')")
+        parts = [p for p in self.pattern.split("/") if p not in ("", ".")]
+        depth = 0
+        for i, p in enumerate(parts):
+            if p == "..":
+                depth -= 1
+                if depth < -1 or any(q != ".." for q in parts[:i]):
+                    raise ValidationError("output_file.pattern", f"{self.pattern!r} leaves "
+                                          "the task's directory; '../' may only begin it, "
+                                          "once (the task directory holds std*.txt)")
+            else:
+                depth += 1
+        if not parts or parts[-1] == "..":
+            raise ValidationError("output_file.pattern", f"{self.pattern!r} names no file")
+        check_container(self.container, "output_file.container")
+        path = self.path or ""
+        if not isinstance(path, str) or path.startswith("/") or "\0" in path or any(
+                p in (".", "..") for p in path.split("/")):
+            raise ValidationError("output_file.path", f"{path!r} must be a relative blob path "
+                                  "without '.' or '..' parts ('{job}/{task}/')")
+        leftover = path
+        for sub in OUTPUT_SUBSTITUTIONS:
+            leftover = leftover.replace(sub, "")
+        if "{" in leftover or "}" in leftover:
+            subs = ", ".join(OUTPUT_SUBSTITUTIONS)
+            raise ValidationError("output_file.path", f"{path!r}: only {subs} may be "
+                                  "substituted")
+        _check_choice("output_file.upload_condition", self.upload_condition, UPLOAD_CONDITIONS)
+
+    @classmethod
+    def check_list(cls, field: str, value: Any) -> tuple[OutputFile, ...]:
+        """Coerce a list of OutputFile / mappings (``destination: {container, path}``
+        as Azure nests it, or flat)."""
+        if value is None:
+            return ()
+        if isinstance(value, (str, Mapping)) or not isinstance(value, Iterable):
+            raise ValidationError(field, "must be a list of output files")
+        out = []
+        known = ("pattern", "container", "path", "upload_condition", "destination")
+        for i, item in enumerate(value):
+            where = f"{field}[{i}]"
+            try:
+                if isinstance(item, OutputFile):
+                    out.append(item)
+                    continue
+                if not isinstance(item, Mapping):
+                    raise ValidationError(where, f"{item!r} is not an output file "
+                                          "{'pattern', 'destination': {'container', 'path'}}")
+                item = dict(item)
+                unknown = sorted(set(item) - set(known))
+                if unknown:
+                    raise ValidationError(where, f"unknown field(s) {', '.join(unknown)}; "
+                                          f"known: {', '.join(known)}")
+                dest = item.pop("destination", None)
+                if dest is not None:
+                    if not isinstance(dest, Mapping) or set(dest) - {"container", "path"}:
+                        raise ValidationError(f"{where}.destination", "must be "
+                                              "{'container': ..., 'path': ...}")
+                    item.update(dest)
+                if "pattern" not in item or "container" not in item:
+                    raise ValidationError(where, "needs a 'pattern' and a destination "
+                                          "container")
+                out.append(cls(**item))
+            except ValidationError as exc:
+                if exc.field.startswith(field):
+                    raise
+                raise ValidationError(f"{where}.{exc.field.split('.')[-1]}", exc.rule) from None
+        return tuple(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -401,6 +601,7 @@ class TaskSpec:
     max_wall_clock_time_s: float | None = None
     multi_instance: MultiInstanceSpec | None = None
     resource_files: tuple[ResourceFile, ...] = ()  # copied into the working directory
+    output_files: tuple[OutputFile, ...] = ()  # uploaded to storage after it exits
     # where the command runs: None, the task's own wd/ on its node; else an absolute path
     # on the node (the CLI's --workdir submit: the directory 'hpcbatch submit' ran in).
     # Kept as the task's HPCBATCH_TASK_WORKING_DIR (see TaskSpec.working_dir_of), so it
@@ -419,6 +620,8 @@ class TaskSpec:
                                                      WORKING_DIR_VAR: working_dir})
         object.__setattr__(self, "resource_files", ResourceFile.check_list(
             f"task {self.id}: resource_files", self.resource_files))
+        object.__setattr__(self, "output_files", OutputFile.check_list(
+            f"task {self.id}: output_files", self.output_files))
         mi = self.multi_instance
         if isinstance(mi, Mapping):
             known = {f.name for f in dataclasses.fields(MultiInstanceSpec)}

@@ -503,10 +503,12 @@ class RemoteService(RemoteStorageMethods, Service):
         d = {k: v for k, v in spec_to_dict(TaskSpec.coerce(task)).items()
              if k in ("id", "command_line") or _TASK_DEFAULTS.get(k, _MISSING) != v}
         for rf in d.get("resource_files") or ():
-            rf["source"] = self._upload_file(rf["source"])
+            if rf.get("source"):  # (a container, storage path or URL: read by the service)
+                rf["source"] = self._upload_file(rf["source"])
         mi = d.get("multi_instance")
         for rf in (mi or {}).get("common_resource_files") or ():
-            rf["source"] = self._upload_file(rf["source"])
+            if rf.get("source"):
+                rf["source"] = self._upload_file(rf["source"])
         return d
 
     def _tasks_stream(self, head: Mapping[str, Any], tasks: Iterable[Any], *, strict: bool,

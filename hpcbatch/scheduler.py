@@ -571,6 +571,7 @@ class Exit:
     start_failed: str | None = None
     node_lost: bool = False
     detail: str | None = None  # what failed where (a coordination command: node, stderr)
+    kind: str | None = None  # a FailureKind decided outside the process (files: pre/post)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -581,6 +582,8 @@ class Outcome:
 
 
 def failure_of(ex: Exit) -> str | None:
+    if ex.kind:
+        return ex.kind
     if ex.start_failed:
         return "start_failed"
     if ex.node_lost:

@@ -710,7 +710,7 @@ def _failure(ex: Exit, killed: str | None, terminated: bool, failed: bool
     if killed and not ex.timed_out:
         return FailureKind.KILLED, killed
     kind = FailureKind(failure_of(ex) or "exit_code")
-    if kind is FailureKind.START_FAILED:
+    if kind in (FailureKind.START_FAILED, FailureKind.PRE_PROCESSING_ERROR):
         return kind, ex.start_failed
     if kind is FailureKind.SIGNAL:
         return kind, str(ex.signal) + (f": {ex.detail}" if ex.detail else "")
@@ -1622,7 +1622,8 @@ class CoordinatorState:
                 return
             alloc.pending.discard(ev.run)
             if ev.error:
-                self._fail_alloc(att, Exit(None, start_failed=ev.error))
+                self._fail_alloc(att, Exit(None, start_failed=ev.error,
+                                           kind=FailureKind.PRE_PROCESSING_ERROR.value))
             elif not alloc.pending:
                 self._start_coordination(att)
             return
@@ -1631,7 +1632,8 @@ class CoordinatorState:
         if ev.error:
             if node is not None:
                 self._vacate(node, ev.run)
-            self._finish(att, Exit(None, start_failed=ev.error))
+            self._finish(att, Exit(None, start_failed=ev.error,
+                                   kind=FailureKind.PRE_PROCESSING_ERROR.value))
         elif run is not None:
             self._emit(run)
 

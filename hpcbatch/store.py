@@ -333,6 +333,7 @@ class DispatchSpec(NamedTuple):
     resource_files: list[dict[str, str]]
     coordination_command: str | None
     common_resource_files: list[dict[str, str]]
+    output_files: list[dict[str, str]] = []
 
 
 _TASKROW_SQL = ("t.seq, t.job_id, t.id, t.pool_id, t.neg_priority, t.required_slots, "
@@ -1190,7 +1191,8 @@ class Store:
                     max_wall_clock_time_s=s.get("max_wall_clock_time_s"),
                     resource_files=list(s.get("resource_files") or ()),
                     coordination_command=mi.get("coordination_command"),
-                    common_resource_files=list(mi.get("common_resource_files") or ()))
+                    common_resource_files=list(mi.get("common_resource_files") or ()),
+                    output_files=list(s.get("output_files") or ()))
         return out
 
     def mark_preparing(self, rows: Iterable[tuple[int, str, str, float]]) -> None:
@@ -1603,7 +1605,9 @@ def spec_to_dict(spec: Any) -> dict[str, Any]:
 
 
 _TASK_FIELDS = ("id", "command_line", "environment", "required_slots", "max_task_retry_count",
-                "max_wall_clock_time_s", "multi_instance", "resource_files")
+                "max_wall_clock_time_s", "multi_instance", "resource_files", "output_files")
+_RF_FIELDS = ("source", "file_path", "container", "blob_prefix", "container_url",
+              "storage_path", "url", "file_mode")
 _MI_FIELDS = ("instances", "coordination_command", "slots_per_instance",
               "common_resource_files")
 
@@ -1615,7 +1619,7 @@ def _fields(cls: type) -> tuple[str, ...]:
 def _fast_task_dict_ok() -> bool:
     from hpcbatch.models import MultiInstanceSpec, ResourceFile
     return (_fields(TaskSpec) == _TASK_FIELDS and _fields(MultiInstanceSpec) == _MI_FIELDS
-            and _fields(ResourceFile) == ("source", "file_path"))
+            and _fields(ResourceFile) == _RF_FIELDS)
 
 
 _FAST_TASK_DICT = _fast_task_dict_ok()  # else dataclasses.asdict (a new field: same JSON)
@@ -1632,11 +1636,16 @@ def _task_dict(t: TaskSpec) -> dict[str, Any]:
         "multi_instance": None if mi is None else {
             "instances": mi.instances, "coordination_command": mi.coordination_command,
             "slots_per_instance": mi.slots_per_instance,
-            "common_resource_files": [{"source": r.source, "file_path": r.file_path}
-                                      for r in mi.common_resource_files]},
-        "resource_files": [{"source": r.source, "file_path": r.file_path}
-                           for r in t.resource_files],
+            "common_resource_files": [_rf_dict(r) for r in mi.common_resource_files]},
+        "resource_files": [_rf_dict(r) for r in t.resource_files],
+        "output_files": [dataclasses.asdict(o) for o in t.output_files],
     }
+
+
+def _rf_dict(r: Any) -> dict[str, Any]:
+    return {"source": r.source, "file_path": r.file_path, "container": r.container,
+            "blob_prefix": r.blob_prefix, "container_url": r.container_url,
+            "storage_path": r.storage_path, "url": r.url, "file_mode": r.file_mode}
 
 
 def _task_rows(job_id: str, pool_id: str, neg_priority: int, job_retries: int,

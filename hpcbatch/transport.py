@@ -29,11 +29,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from hpcbatch import env as env_module
 from hpcbatch.launch import agent as agent_module
 from hpcbatch.launch import mpi as mpi_module
+from hpcbatch.launch import nodecache
 from hpcbatch.launch import protocol as P
 from hpcbatch.timings import Timings
 
@@ -45,7 +46,8 @@ PROTOCOL_PATH = Path(P.__file__)
 # so an agent.py that is there always has the rest beside it. mpi.py is hpcbatch-mpiexec
 # (the agent puts a shim for it on every task's PATH), env.py its variable names.
 UPLOADED = ((PROTOCOL_PATH, 0o644), (Path(env_module.__file__), 0o644),
-            (Path(mpi_module.__file__), 0o644), (AGENT_PATH, 0o755))
+            (Path(mpi_module.__file__), 0o644), (Path(nodecache.__file__), 0o644),
+            (AGENT_PATH, 0o755))
 WRITE_CHUNK = 1 << 20
 
 
@@ -82,8 +84,10 @@ class AgentChannel:
                  put_files: Callable[[Iterable[tuple[str, str]], str], None] | None = None,
                  last_words: Callable[[], str] | None = None, pid: int | None = None,
                  token: str = "", stall_s: float = 30.0, close_timeout_s: float = 15.0,
-                 max_queued_bytes: int = 64 << 20):
+                 max_queued_bytes: int = 64 << 20,
+                 stage_cached: Callable[[list[CachedFile], str, int], dict] | None = None):
         self.name = name
+        self._stage_cached = stage_cached
         self.pid = pid  # the agent's pid on this machine (a local agent), else None
         self.token = token
         self.stall_s = stall_s
@@ -250,6 +254,15 @@ class AgentChannel:
         keeping permission bits. Blocking: call it off the coordinator's loop."""
         self._put_files(files, dest_dir)
 
+    def stage_cached(self, files: list[CachedFile], dest_dir: str, cap_bytes: int) -> dict:
+        """Place files in dest_dir on the node through its cache (``<root>/cache``):
+        each not cached there yet is sent once (checked against its SHA-256 on the
+        node), then copied into place with its mode. Returns {"fetched": [sha256 ...],
+        "hits": n, "placed": n, "evicted": n}. Blocking: call it off the loop."""
+        if self._stage_cached is None:
+            raise OSError("this channel cannot stage files through a node cache")
+        return self._stage_cached(files, dest_dir, cap_bytes)
+
     def close(self, *, abort: bool = False) -> None:
         """End the channel without blocking the caller. Graceful: what is queued is
         written, then the agent's input ends (it stops its tasks: SIGTERM, SIGKILL after
@@ -325,6 +338,31 @@ def copy_local_files(files: Iterable[tuple[str, str]], dest_dir: str,
             os.close(fd)
 
 
+class CachedFile(NamedTuple):
+    """A file to place through a node's cache."""
+
+    source: str  # on this machine
+    sha256: str
+    rel: str  # relative to the destination directory
+    mode: int
+
+
+def _unique_missing(files: list[CachedFile], there: set[str]) -> list[CachedFile]:
+    seen, out = set(there), []
+    for f in files:
+        if f.sha256 not in seen:
+            seen.add(f.sha256)
+            out.append(f)
+    return out
+
+
+def _place_request(root: str, dest_dir: str, files: list[CachedFile],
+                   fetched: list[CachedFile], cap_bytes: int) -> dict:
+    return {"root": root, "dest_dir": dest_dir, "cap_bytes": cap_bytes,
+            "fetched": [f.sha256 for f in fetched],
+            "entries": [{"sha256": f.sha256, "rel": f.rel, "mode": f.mode} for f in files]}
+
+
 # ---- local agents --------------------------------------------------------------------
 
 class LocalTransport:
@@ -398,8 +436,26 @@ class LocalTransport:
         def put_files(files: Iterable[tuple[str, str]], dest_dir: str) -> None:
             copy_local_files(files, dest_dir, base=root)
 
+        def stage_cached(files: list[CachedFile], dest_dir: str, cap_bytes: int) -> dict:
+            cdir = nodecache.cache_dir(root)
+            os.makedirs(cdir, mode=0o700, exist_ok=True)
+            missing = _unique_missing(files, set(nodecache.have(root, [f.sha256 for f in files])))
+            for f in missing:
+                tmp = os.path.join(cdir, f".{f.sha256}.tmp-{secrets.token_hex(4)}")
+                try:
+                    with open(f.source, "rb") as src, open(tmp, "xb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+                    os.replace(tmp, os.path.join(cdir, f.sha256))
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+            out = nodecache.place(_place_request(root, dest_dir, files, missing, cap_bytes))
+            return {**out, "fetched": [f.sha256 for f in missing],
+                    "hits": len({f.sha256 for f in files}) - len(missing)}
+
         return AgentChannel(node_id, write, proc.stdout.readline, end_input=end_input,
                             finish=finish, unblock=unblock, put_files=put_files,
+                            stage_cached=stage_cached,
                             last_words=last_words, pid=proc.pid, token=token,
                             stall_s=timings.node_timeout_s,
                             close_timeout_s=timings.kill_grace_s + 10)
@@ -501,6 +557,39 @@ class SSHTransport:
             finally:
                 sftp.close()
 
+        def stage_cached(files: list[CachedFile], dest_dir: str, cap_bytes: int) -> dict:
+            import json
+
+            from hpcbatch.ssh import run, sftp_put
+            label = target.label
+            cdir = nodecache.cache_dir(root)
+            sftp = client.open_sftp()
+            try:
+                there = set()
+                for digest in {f.sha256 for f in files}:
+                    try:
+                        sftp.stat(f"{cdir}/{digest}")
+                        there.add(digest)
+                    except OSError:
+                        pass
+                missing = _unique_missing(files, there)
+                for f in missing:
+                    sftp_put(sftp, f.source, f"{cdir}/{f.sha256}", 0o600, label)
+            finally:
+                sftp.close()
+            request = _place_request(root, dest_dir, files, missing, cap_bytes)
+            code, out, err = run(client, [self.python, f"{remote}/nodecache.py", "place"],
+                                 timeout_s=600, stdin=json.dumps(request))
+            try:
+                answer = json.loads(out.strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                raise OSError(f"placing files on {label} failed (exit {code}): "
+                              f"{(err or out).strip()[-300:]}") from None
+            if "error" in answer:
+                raise OSError(answer["error"])
+            return {**answer, "fetched": [f.sha256 for f in missing],
+                    "hits": len({f.sha256 for f in files}) - len(missing)}
+
         def last_words() -> str:
             chan.status_event.wait(0.5)  # the exit status follows EOF closely
             err = b""
@@ -514,6 +603,7 @@ class SSHTransport:
         return AgentChannel(node_id, chan.sendall, reader.readline,
                             end_input=chan.shutdown_write, finish=finish, unblock=cut,
                             put_files=put_files, last_words=last_words, token=token,
+                            stage_cached=stage_cached,
                             stall_s=timings.node_timeout_s,
                             close_timeout_s=timings.kill_grace_s + 10)
 

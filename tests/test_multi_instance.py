@@ -186,8 +186,8 @@ def test_a_resource_file_gone_before_dispatch_fails_the_task_naming_it(batch, tm
     job.wait(timeout_s=30)
     t = job.task("t")
     assert t.result == "failure" and t.retry_count == 1
-    assert t.failure.startswith("start_failed: copying resource files") and "vanishing.txt" in \
-        t.failure
+    assert t.failure.startswith("pre_processing_error: resource files for node") and \
+        "vanishing.txt" in t.failure and t.failure_kind == "pre_processing_error"
 
 
 def test_a_missing_resource_file_is_refused_at_submit(batch, tmp_path):

@@ -472,11 +472,38 @@ class JobIn(_In):
 
 
 class ResourceFileIn(_In):
-    """A file on the service's machine (``PUT /v1/uploads`` puts one there) copied into
-    the task's working directory as ``file_path``."""
+    """A file copied into the task's working directory as ``file_path``, from one of:
+    ``source`` (a file on the service's machine: ``PUT /v1/uploads`` puts one there),
+    ``container`` (+ ``blob_prefix``: its blobs, by name, under the directory
+    ``file_path``), ``container_url`` (the same from an fsspec URL), ``storage_path``
+    (``CONTAINER/BLOB``), ``url`` (http(s) or fsspec). ``file_mode``: '0644'. Azure
+    Batch's names are taken too (auto_storage_container_name, storage_container_url,
+    http_url) and path/mode for file_path/file_mode."""
 
-    source: Annotated[str, _doc(pattern=NOT_BLANK)]
+    model_config = ConfigDict(extra="allow")
+    source: str = ""
     file_path: str = ""
+    container: str | None = None
+    blob_prefix: str | None = None
+    container_url: str | None = None
+    storage_path: str | None = None
+    url: str | None = None
+    file_mode: str | None = None
+
+
+class OutputFileIn(_In):
+    """Files matching ``pattern`` (relative to the working directory; may begin with
+    ``../``) uploaded to ``destination.container`` at ``destination.path`` ({job},
+    {task}, {attempt} replaced) when ``upload_condition`` holds, before the task
+    completes."""
+
+    model_config = ConfigDict(extra="allow")
+    pattern: str
+    destination: dict[str, str] | None = None
+    container: str | None = None
+    path: str | None = None
+    upload_condition: Annotated[str, _doc(enum=["task_success", "task_failure",
+                                                "task_completion"])] = "task_completion"
 
 
 ResourceFiles = Annotated[list[ResourceFileIn | str], _doc(
@@ -504,6 +531,7 @@ class TaskIn(_In):
     max_wall_clock_time_s: float | None = _int(None, exclusiveMinimum=0)
     multi_instance: MultiInstanceIn | None = None
     resource_files: ResourceFiles = []
+    output_files: list[OutputFileIn] = []
 
 
 class TaskCollectionIn(_In):
