@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from hpcbatch import agentlink as link
+from hpcbatch import env as E
 from hpcbatch import state as S
 from hpcbatch.errors import Conflict, HpcBatchError, NotFound, ValidationError
 from hpcbatch.home import HomeLock, default_home
 from hpcbatch.launch import protocol as P
-from hpcbatch.models import JobState, NodeState, PoolSpec, TaskState
+from hpcbatch.models import JobState, NodeState, PoolSpec, RunKind, TaskState
 from hpcbatch.providers import NodeDesc, provider_for
 from hpcbatch.store import Store
 from hpcbatch.timings import Timings
@@ -80,8 +81,14 @@ class Coordinator:
         self._last_tick = 0.0
         self._last_poll = 0.0
         self._deferred: list[Any] = []  # a query left to the next turn (see _turn)
+        from hpcbatch.collect import Collector, log_cap_from_env
         from hpcbatch.staging import Stager, cache_bytes_from_env
         self.stager = Stager(self.home, cache_bytes_from_env())  # resource files
+        # output files and kept logs: what each started task needs collected at its exit
+        self.collector = Collector(self.home, log_cap_from_env())
+        self._collect: dict[tuple[str, str, Any], tuple[Any, ...]] = {}
+        self._keeper = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="hpcbatch-logs")  # local nodes' logs, off the exit path
 
     # ---- life cycle and commands (any thread) ------------------------------------
 
@@ -249,7 +256,10 @@ class Coordinator:
     def _events(self, item: tuple, now: float) -> list[Any]:
         kind = item[0]
         if kind == "msg":
-            return link.events_of(*item[1:])
+            evs = link.events_of(*item[1:])
+            return self._hold_exits(evs) if self._collect else evs
+        if kind == "collected":
+            return [item[1]]
         if kind == "up":
             _, pool_id, node_id, gen, chan, token = item
             node = self.state.node(pool_id, node_id)
@@ -540,6 +550,14 @@ class Coordinator:
             key = (ins.pool_id, ins.node_id) if hasattr(ins, "node_id") else None
             token = self.channels[key][2] if key in self.channels else None
             if isinstance(ins, S.RunTask):
+                if ins.run.kind in (RunKind.TASK, RunKind.APPLICATION):
+                    spec = specs[ins.seq]
+                    self._collect[(ins.pool_id, ins.node_id, ins.run)] = (
+                        spec.output_files, ins.task_dir,
+                        spec.environment.get(E.TASK_WORKING_DIR) or
+                        ins.env.get(E.TASK_WORKING_DIR) or f"{ins.task_dir}/wd",
+                        ins.env.get(E.JOB_ID), ins.env.get(E.TASK_ID),
+                        int(ins.env.get(E.TASK_ATTEMPT) or 0))
                 inter = None
                 if ins.instance:
                     inter = self.providers[ins.pool_id].inter_node_env(
@@ -581,6 +599,53 @@ class Coordinator:
         if drained:
             with self.progress:
                 self.progress.notify_all()
+
+    def _hold_exits(self, evs: list[Any]) -> list[Any]:
+        """A task's exit waits (off the loop) until its output files are uploaded and
+        its logs kept, unless it has no outputs and runs on a local node (its logs are
+        then kept beside, the exit goes on at once)."""
+        out = []
+        for ev in evs:
+            entry = None
+            if isinstance(ev, S.RunExited):
+                entry = self._collect.pop((ev.pool_id, ev.node_id, ev.run), None)
+            chan_entry = self.channels.get((ev.pool_id, ev.node_id)) if entry else None
+            if entry is None or chan_entry is None or chan_entry[0] != ev.gen or \
+                    not entry[3]:
+                out.append(ev)
+                continue
+            outputs, tdir, wd, job_id, task_id, attempt = entry
+            chan = chan_entry[1]
+            ran = ev.start_failed is None
+            success = ran and ev.exit_code == 0 and ev.signal is None and \
+                not ev.timed_out and not ev.killed
+            kw = dict(job_id=job_id, task_id=task_id, attempt=attempt, task_dir=tdir, wd=wd,
+                      ran=ran, success=success, node_id=ev.node_id)
+            if not outputs and getattr(chan, "files_here", False):
+                self._keeper.submit(self._keep_quietly, chan, kw)
+                out.append(ev)
+                continue
+
+            def work(ev=ev, chan=chan, outputs=outputs, kw=kw) -> None:
+                try:
+                    error = self.collector.collect(chan, outputs=outputs, **kw)
+                except Exception as exc:  # noqa: BLE001 - the node's files unreachable
+                    error = f"output files of node {ev.node_id} unreachable: {exc}" \
+                        if outputs and kw["ran"] else None
+                    if not outputs:
+                        log.warning("task %s/%s: its logs were not kept: %s",
+                                    kw["job_id"], kw["task_id"], exc)
+                self.inbox.put(("collected", dataclasses.replace(ev, upload_error=error)
+                                if error else ev))
+            self._io(work)
+        return out
+
+    def _keep_quietly(self, chan: Any, kw: dict[str, Any]) -> None:
+        try:
+            self.collector.collect(chan, outputs=(), **kw)
+        except Exception as exc:  # noqa: BLE001 - the logs stay on the node
+            log.warning("task %s/%s: its logs were not kept: %s", kw["job_id"],
+                        kw["task_id"], exc)
 
     def _stage(self, ins: S.StageFiles, spec: Any) -> None:
         entry = self.channels.get((ins.pool_id, ins.node_id))
@@ -723,6 +788,7 @@ class Coordinator:
         except Exception:  # noqa: BLE001 - best effort on the way out
             log.exception("could not record the nodes offline")
         self.io.shutdown(wait=False, cancel_futures=True)
+        self._keeper.shutdown(wait=True)  # the logs of local tasks that just ended
         for fut in list(self.replies.values()):
             if not fut.done():
                 fut.set_exception(HpcBatchError("the coordinator stopped"))

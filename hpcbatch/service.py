@@ -541,6 +541,8 @@ class LocalService(LocalStorageMethods, Service):
             nodes = [n.node_id for n in provider.fixed_nodes()]
             nodes += [n["id"] for n in self.store.list_nodes(spec.id)]
             self.store.delete_job(job_id)
+            from hpcbatch.collect import forget
+            forget(self.home, job_id)  # its kept logs
             failed = provider.remove_trees(nodes, f"jobs/{job_id}")
             self._command(f"forgetting job {job_id!r}", "forget_job", job_id)
         return [f"{node}: task directories not removed ({why})" for node, why in failed.items()]
@@ -830,6 +832,8 @@ class LocalService(LocalStorageMethods, Service):
             if json.loads(row["spec"] or "{}").get("multi_instance"):
                 nodes.update(self._node_ids(spec))  # its directories are on every instance
             self.store.delete_task(row["seq"])
+            from hpcbatch.collect import forget
+            forget(self.home, job_id, task_id)
         failed = self._provider(spec).remove_trees(sorted(n for n in nodes if n),
                                                    f"jobs/{job_id}/{task_id}")
         for node, why in sorted(failed.items()):
@@ -865,8 +869,36 @@ class LocalService(LocalStorageMethods, Service):
         root = info.get("root") or provider.node_root(node)
         return provider, node, posixpath.join(root, "jobs", job_id, task_id)
 
+    def _kept(self, job_id: str, task_id: str, node: str | None) -> Path | None:
+        """The kept stdout/stderr of the task's latest attempt (see hpcbatch.collect),
+        when it has ended and they were kept."""
+        from hpcbatch.collect import latest_kept
+        if node is not None:
+            return None
+        kept = latest_kept(self.home, job_id, task_id)
+        if kept is None:
+            return None
+        row = self.store.get_task(job_id, task_id)
+        attempts = [a["attempt"] for a in self.store.attempts(job_id, task_id)]
+        if row["state"] != "completed" or not attempts or max(attempts) != int(kept.name):
+            return None
+        return kept
+
     def list_task_files(self, job_id: str, task_id: str, *,
                         node: str | None = None) -> list[FileView]:
+        """The files of the task's directory on its node; when the node cannot be read
+        (gone, down, its pool deleted), the stdout/stderr the coordinator kept."""
+        try:
+            return self._list_node_files(job_id, task_id, node=node)
+        except HpcBatchError:
+            kept = self._kept(job_id, task_id, node)
+            if kept is None:
+                raise
+        return [FileView(p.name, p.stat().st_size, p.stat().st_mtime, "file")
+                for p in sorted(kept.glob("std*.txt"))]
+
+    def _list_node_files(self, job_id: str, task_id: str, *,
+                         node: str | None = None) -> list[FileView]:
         provider, node, tdir = self._task_dir(job_id, task_id, "files", node)
         try:
             return [FileView(f.name, f.size, f.modified_at, f.kind)
@@ -882,6 +914,24 @@ class LocalService(LocalStorageMethods, Service):
 
     def read_task_file(self, job_id: str, task_id: str, name: str, *, offset: int = 0,
                        length: int | None = None, node: str | None = None) -> bytes:
+        """A byte range of a file of the task's directory. stdout.txt and stderr.txt of
+        an ended task come from what the coordinator kept (all of it, or the tail
+        beyond the cap, see hpcbatch.collect) when the node's copy cannot be read, or
+        at once when the kept copy is whole."""
+        from hpcbatch.collect import LOG_FILES
+        kept = self._kept(job_id, task_id, node) if name in LOG_FILES else None
+        if kept is not None and _kept_whole(kept, name):
+            return _read_kept(kept / name, offset, length)
+        try:
+            return self._read_node_file(job_id, task_id, name, offset=offset, length=length,
+                                        node=node)
+        except HpcBatchError:
+            if kept is None or not (kept / name).is_file():
+                raise
+        return _read_kept(kept / name, offset, length)
+
+    def _read_node_file(self, job_id: str, task_id: str, name: str, *, offset: int = 0,
+                        length: int | None = None, node: str | None = None) -> bytes:
         name = task_file_name(name)
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValidationError("offset", f"{offset!r} must be a whole number >= 0")
@@ -1041,6 +1091,23 @@ class LocalService(LocalStorageMethods, Service):
         finally:
             tmp.unlink(missing_ok=True)
         return str(dest)
+
+
+def _kept_whole(kept: Path, name: str) -> bool:
+    try:
+        info = json.loads((kept / "kept.json").read_text())["files"][name]
+    except (OSError, ValueError, KeyError):
+        return False
+    return info.get("kept_from") == 0 and (kept / name).is_file()
+
+
+def _read_kept(path: Path, offset: int, length: int | None) -> bytes:
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValidationError("offset", f"{offset!r} must be a whole number >= 0")
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        f.seek(offset)
+        return f.read() if length is None else f.read(length)
 
 
 def _start_coordinator(home: Path, timings: Timings, prefetch: int | None):

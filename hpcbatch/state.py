@@ -309,6 +309,7 @@ class RunExited:
     end: float | None = None
     usage: tuple[tuple[str, Any], ...] = ()
     stderr_tail: str | None = None  # a failed coordination command's last stderr bytes
+    upload_error: str | None = None  # its output files could not be uploaded (why)
 
 
 @_ev
@@ -697,8 +698,14 @@ def _coordination_failed(node_id: str, ev: RunExited) -> str:
 
 
 def _exit_of(ev: RunExited) -> Exit:
-    return Exit(exit_code=ev.exit_code, signal=ev.signal, timed_out=ev.timed_out,
-                start_failed=ev.start_failed)
+    ex = Exit(exit_code=ev.exit_code, signal=ev.signal, timed_out=ev.timed_out,
+              start_failed=ev.start_failed)
+    if ev.upload_error:  # the command's own failure, if any, comes first
+        if failure_of(ex) is None:
+            return dataclasses.replace(ex, kind=FailureKind.FILE_UPLOAD_ERROR.value,
+                                       detail=ev.upload_error)
+        return dataclasses.replace(ex, detail=f"and {ev.upload_error}")
+    return ex
 
 
 def _failure(ex: Exit, killed: str | None, terminated: bool, failed: bool
@@ -712,6 +719,8 @@ def _failure(ex: Exit, killed: str | None, terminated: bool, failed: bool
     kind = FailureKind(failure_of(ex) or "exit_code")
     if kind in (FailureKind.START_FAILED, FailureKind.PRE_PROCESSING_ERROR):
         return kind, ex.start_failed
+    if kind is FailureKind.FILE_UPLOAD_ERROR:
+        return kind, ex.detail
     if kind is FailureKind.SIGNAL:
         return kind, str(ex.signal) + (f": {ex.detail}" if ex.detail else "")
     return kind, ex.detail

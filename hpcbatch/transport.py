@@ -85,9 +85,12 @@ class AgentChannel:
                  last_words: Callable[[], str] | None = None, pid: int | None = None,
                  token: str = "", stall_s: float = 30.0, close_timeout_s: float = 15.0,
                  max_queued_bytes: int = 64 << 20,
-                 stage_cached: Callable[[list[CachedFile], str, int], dict] | None = None):
+                 stage_cached: Callable[[list[CachedFile], str, int], dict] | None = None,
+                 node_files: Callable[[], Any] | None = None, files_here: bool = False):
         self.name = name
         self._stage_cached = stage_cached
+        self._node_files = node_files
+        self.files_here = files_here  # the node's files are on this machine (a local node)
         self.pid = pid  # the agent's pid on this machine (a local agent), else None
         self.token = token
         self.stall_s = stall_s
@@ -263,6 +266,13 @@ class AgentChannel:
             raise OSError("this channel cannot stage files through a node cache")
         return self._stage_cached(files, dest_dir, cap_bytes)
 
+    def node_files(self) -> Any:
+        """A context manager giving a :class:`NodeFiles` of the node (one SFTP session
+        over the agent's own connection for an SSH node). Blocking: off the loop."""
+        if self._node_files is None:
+            raise OSError("this channel cannot read the node's files")
+        return self._node_files()
+
     def close(self, *, abort: bool = False) -> None:
         """End the channel without blocking the caller. Graceful: what is queued is
         written, then the agent's input ends (it stops its tasks: SIGTERM, SIGKILL after
@@ -345,6 +355,28 @@ class CachedFile(NamedTuple):
     sha256: str
     rel: str  # relative to the destination directory
     mode: int
+
+
+class NodeFiles:
+    """A node's files as the coordinator reads them after a task: ``match`` (output
+    file patterns -> files of the task directory, see nodecache.match), ``open`` (a
+    regular file, never through a symbolic link), ``size``."""
+
+    def __init__(self, match: Callable[[dict], dict], open_: Callable[[str], Any],
+                 close: Callable[[], None] = lambda: None):
+        self.match = match
+        self.open = open_
+        self._close = close
+
+    def __enter__(self) -> NodeFiles:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._close()
+
+
+def _open_local_nofollow(path: str) -> Any:
+    return os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb")
 
 
 def _unique_missing(files: list[CachedFile], there: set[str]) -> list[CachedFile]:
@@ -453,9 +485,12 @@ class LocalTransport:
             return {**out, "fetched": [f.sha256 for f in missing],
                     "hits": len({f.sha256 for f in files}) - len(missing)}
 
+        def node_files() -> NodeFiles:
+            return NodeFiles(nodecache.match, _open_local_nofollow)
+
         return AgentChannel(node_id, write, proc.stdout.readline, end_input=end_input,
                             finish=finish, unblock=unblock, put_files=put_files,
-                            stage_cached=stage_cached,
+                            stage_cached=stage_cached, node_files=node_files, files_here=True,
                             last_words=last_words, pid=proc.pid, token=token,
                             stall_s=timings.node_timeout_s,
                             close_timeout_s=timings.kill_grace_s + 10)
@@ -590,6 +625,31 @@ class SSHTransport:
             return {**answer, "fetched": [f.sha256 for f in missing],
                     "hits": len({f.sha256 for f in files}) - len(missing)}
 
+        def node_files() -> NodeFiles:
+            import json
+            import stat as stat_module
+
+            from hpcbatch.ssh import run
+            sftp = client.open_sftp()
+
+            def match(request: dict) -> dict:
+                code, out, err = run(client, [self.python, f"{remote}/nodecache.py", "match"],
+                                     timeout_s=300, stdin=json.dumps(request))
+                try:
+                    answer = json.loads(out.strip().splitlines()[-1])
+                except (ValueError, IndexError):
+                    raise OSError(f"matching output files on {target.label} failed (exit "
+                                  f"{code}): {(err or out).strip()[-300:]}") from None
+                if "error" in answer:
+                    raise OSError(answer["error"])
+                return answer
+
+            def open_(path: str) -> Any:
+                if stat_module.S_ISLNK(sftp.lstat(path).st_mode or 0):
+                    raise OSError(f"{path} is a symbolic link; not followed")
+                return sftp.open(path, "rb")
+            return NodeFiles(match, open_, sftp.close)
+
         def last_words() -> str:
             chan.status_event.wait(0.5)  # the exit status follows EOF closely
             err = b""
@@ -603,7 +663,7 @@ class SSHTransport:
         return AgentChannel(node_id, chan.sendall, reader.readline,
                             end_input=chan.shutdown_write, finish=finish, unblock=cut,
                             put_files=put_files, last_words=last_words, token=token,
-                            stage_cached=stage_cached,
+                            stage_cached=stage_cached, node_files=node_files,
                             stall_s=timings.node_timeout_s,
                             close_timeout_s=timings.kill_grace_s + 10)
 

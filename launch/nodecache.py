@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""A node's cache of resource files, and placing them in task directories.
+"""A node's cache of resource files, placing them in task directories, and finding a
+task's output files.
 
 Standard library only: uploaded to nodes beside ``agent.py``. The coordinator puts a
 file it sends into ``<node root>/cache/<sha256>`` (SFTP, or a copy on this machine),
@@ -148,7 +149,53 @@ def evict(cdir: str, cap_bytes: int, keep: set[str] = frozenset()) -> int:
     return gone
 
 
+def _fixed_dir(pattern: str) -> str:
+    """The leading directories of a glob that hold no wildcard ('out/**/*.h5' -> 'out')."""
+    parts = pattern.split("/")[:-1]
+    fixed = []
+    for p in parts:
+        if any(c in p for c in "*?["):
+            break
+        fixed.append(p)
+    return "/".join(fixed)
+
+
+def match(request: dict) -> dict:
+    """``request``: task_dir, wd (the working directory, absolute), patterns. Returns
+    {"matches": [[pattern index, path relative to the task dir, path below the
+    pattern's fixed part, size] ...]}: regular files only (a symbolic link is skipped),
+    never outside the task directory."""
+    import glob
+    tdir = os.path.realpath(request["task_dir"])
+    wd = request["wd"]
+    out = []
+    for i, pattern in enumerate(request["patterns"]):
+        base = os.path.normpath(os.path.join(wd, _fixed_dir(pattern)))
+        for hit in sorted(glob.glob(pattern, root_dir=wd, recursive=True)):
+            path = os.path.normpath(os.path.join(wd, hit))
+            real = os.path.realpath(path)
+            if real != path or not real.startswith(tdir + os.sep):
+                continue  # through a link, or outside the task's directory
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if not os.path.isfile(path) or os.path.islink(path):
+                continue
+            out.append([i, os.path.relpath(path, tdir), os.path.relpath(path, base),
+                        st.st_size])
+    return {"matches": out}
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["match"]:
+        try:
+            out = match(json.load(sys.stdin))
+        except (OSError, ValueError, KeyError) as exc:
+            print(json.dumps({"error": str(exc)}))
+            return 1
+        print(json.dumps(out))
+        return 0
     if argv[:1] == ["place"]:
         try:
             out = place(json.load(sys.stdin))

@@ -1,0 +1,229 @@
+"""Resource files from storage, output files to storage, and task logs kept by the
+coordinator, on local nodes and on real sshd nodes.
+
+* resource files from a container by prefix (full blob names under file_path), a
+  storage path, a file:// URL and a real HTTP server, each with its mode; refused at
+  input: a path with '..', a bad mode, two sources; recorded on the task as
+  pre_processing_error naming the file: no blob under the prefix, a container that does
+  not exist, an HTTP 404; the other tasks of the job unaffected
+* the node cache: a second task on the same node gets the file without it being sent
+  again (the stager's counts, and the cached copy's inode unchanged)
+* output files with each upload condition, {job}/{task}/{attempt}, '../std*.txt'; an
+  upload to a deleted container is the attempt's file_upload_error
+* logs: kept per attempt under the home (the tail beyond the cap), read after the
+  pool is deleted and after the node's sshd and agent are killed
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+from helpers import FAST_TIMINGS
+
+import hpcbatch
+from hpcbatch.errors import ValidationError
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def http_files(tmp_path):
+    """A real HTTP server on loopback serving tmp_path/www; yields (base URL, folder)."""
+    www = tmp_path / "www"
+    www.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(www), **kw)
+
+        def log_message(self, *a):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", www
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+LIST = "find data y u -type f -exec stat -c '%n %a' {} + | sort; cat data/x/a.txt"
+
+
+def test_resource_files_from_storage_and_urls_with_modes(batch, tmp_path, http_files):
+    base, www = http_files
+    (www / "u.bin").write_bytes(b"from http")
+    (tmp_path / "f.txt").write_bytes(b"from file url")
+    batch.storage.create("in")
+    batch.storage.put_bytes("in", "x/a.txt", b"AAA")
+    batch.storage.put_bytes("in", "x/sub/b.sh", b"#!/bin/sh\necho B\n")
+    batch.storage.put_bytes("in", "other.txt", b"not under x/")
+    job = batch.jobs.create("rf")
+    job.add_tasks([
+        {"id": "ok", "command_line": LIST + "; ./data/x/sub/b.sh", "resource_files": [
+            {"container": "in", "blob_prefix": "x/", "path": "data/", "mode": "0750"},
+            {"storage_path": "in/other.txt", "file_path": "y/o.txt", "file_mode": "0400"},
+            {"http_url": f"{base}/u.bin", "file_path": "u/u.bin"},
+            {"url": f"file://{tmp_path}/f.txt", "file_path": "u/f.txt", "mode": "0600"}]},
+        {"id": "noblob", "command_line": "true",
+         "resource_files": [{"container": "in", "blob_prefix": "nothing/"}]},
+        {"id": "nocontainer", "command_line": "true",
+         "resource_files": [{"auto_storage_container_name": "missing"}]},
+        {"id": "http404", "command_line": "true",
+         "resource_files": [{"url": f"{base}/absent.bin"}]},
+        {"id": "fine", "command_line": "echo fine"},
+    ])
+    job.wait(timeout_s=60)
+    ok = job.task("ok")
+    assert ok.result == "success", ok.view
+    assert ok.stdout().splitlines() == [
+        "data/x/a.txt 750", "data/x/sub/b.sh 750", "u/f.txt 600", "u/u.bin 644",
+        "y/o.txt 400", "AAAB"]
+    failures = {t.id: (t.failure_kind, t.failure) for t in job.tasks() if t.id != "ok"}
+    assert failures["fine"] == (None, None)
+    assert failures["noblob"][0] == "pre_processing_error"
+    assert "no blob of container 'in' starts with 'nothing/'" in failures["noblob"][1]
+    assert failures["nocontainer"][0] == "pre_processing_error"
+    assert "container 'missing' does not exist" in failures["nocontainer"][1]
+    assert failures["http404"][0] == "pre_processing_error"
+    assert "absent.bin: HTTP 404" in failures["http404"][1]
+    # never a silent empty file
+    assert not any(p.name == "absent.bin" for p in Path(batch.home).rglob("absent.bin"))
+
+
+@pytest.mark.parametrize("rf, field", [
+    ({"container": "in", "path": "../up"}, "resource_files[0].file_path"),
+    ({"storage_path": "in/../etc/passwd"}, "resource_files[0].storage_path"),
+    ({"source": "/etc/hostname", "file_path": "/abs"}, "resource_files[0].file_path"),
+    ({"container": "in", "file_mode": "rwx"}, "resource_files[0].file_mode"),
+    ({"container": "in", "url": "https://x/y"}, "resource_files[0].source"),
+    ({"container": "in", "blob_prefix": "../"}, "resource_files[0].blob_prefix"),
+])
+def test_bad_resource_files_are_refused_at_input(batch, rf, field):
+    job = batch.jobs.create("bad")
+    with pytest.raises(ValidationError) as e:
+        job.add_tasks([{"id": "t", "command_line": "true", "resource_files": [rf]}])
+    assert e.value.field == f"task t: {field}"
+    assert job.tasks() == [] or list(job.tasks()) == []
+
+
+def test_a_second_task_on_the_node_takes_the_file_from_its_cache(make_batch, tmp_path):
+    batch = make_batch(local_slots=1)
+    data = os.urandom(3 << 20)
+    batch.storage.create("in")
+    batch.storage.put_bytes("in", "big.bin", data)
+    job = batch.jobs.create("cache")
+    rf = [{"storage_path": "in/big.bin"}]
+    job.add_task("first", "sha256sum big.bin", resource_files=rf)
+    job.wait(timeout_s=60)
+    stager = batch.coordinator.stager
+    assert stager.counts == {"fetched": 1, "hits": 0, "bytes_sent": len(data)}
+    node_root = Path(job.task("first").task_dir).parent.parent.parent
+    cached = node_root / "cache" / sha(data)
+    assert cached.is_file()
+    ino = cached.stat().st_ino
+    job.add_task("second", "sha256sum big.bin", resource_files=rf)
+    job.wait(timeout_s=60)
+    assert stager.counts == {"fetched": 1, "hits": 1, "bytes_sent": len(data)}
+    assert cached.stat().st_ino == ino  # the same copy: not fetched again
+    for t in ("first", "second"):
+        assert job.task(t).stdout().split()[0] == sha(data)
+
+
+def test_output_files_by_condition_and_an_upload_to_a_deleted_container(batch):
+    batch.storage.create("out")
+    batch.storage.create("doomed")
+    batch.storage.delete("doomed")
+    job = batch.jobs.create("o")
+    conds = [{"pattern": "r/*.txt", "destination": {"container": "out",
+                                                    "path": "{job}/{task}/" + c + "/"},
+              "upload_condition": c}
+             for c in ("task_success", "task_failure", "task_completion")]
+    make = "mkdir -p r/s; echo $HPCBATCH_TASK_ID > r/1.txt; echo deep > r/s/2.txt; echo log"
+    job.add_tasks([
+        {"id": "good", "command_line": make, "output_files": conds + [
+            {"pattern": "../std*.txt", "destination": {"container": "out",
+                                                       "path": "{job}/{task}/logs"}},
+            {"pattern": "**/2.txt", "container": "out", "path": "{job}/deep/"},
+            {"pattern": "r/1.txt", "container": "out", "path": "{job}/{task}/one.txt"}]},
+        {"id": "bad", "command_line": make + "; exit 4", "max_task_retry_count": 1,
+         "output_files": [dict(c, destination={"container": "out",
+                                               "path": "{job}/{task}/{attempt}/" +
+                                               c["upload_condition"] + "/"})
+                          for c in conds]},
+        {"id": "lost", "command_line": make,
+         "output_files": [{"pattern": "r/1.txt", "container": "doomed"}]},
+        {"id": "bystander", "command_line": "echo unaffected"},
+    ])
+    job.wait(timeout_s=60)
+    names = {b.name for b in batch.storage.ls("out")}
+    assert names == {
+        "o/good/task_success/1.txt", "o/good/task_completion/1.txt",
+        "o/good/logs/stdout.txt", "o/good/logs/stderr.txt", "o/deep/r/s/2.txt",
+        "o/good/one.txt",
+        "o/bad/0/task_failure/1.txt", "o/bad/0/task_completion/1.txt",
+        "o/bad/1/task_failure/1.txt", "o/bad/1/task_completion/1.txt"}
+    assert batch.storage.get_bytes("out", "o/good/one.txt") == b"good\n"
+    assert batch.storage.get_bytes("out", "o/good/logs/stdout.txt") == b"log\n"
+    lost = job.task("lost")
+    assert (lost.result, lost.failure_kind, lost.exit_code) == \
+        ("failure", "file_upload_error", 0)
+    assert "container 'doomed' does not exist" in lost.failure
+    bad = job.task("bad")
+    assert (bad.failure_kind, bad.retry_count) == ("exit_code", 1)
+    assert job.task("bystander").result == "success"
+
+
+def test_an_output_pattern_leaving_the_task_directory_is_refused(batch):
+    job = batch.jobs.create("esc")
+    for pattern in ("../../x", "a/../../b", "/etc/*"):
+        with pytest.raises(ValidationError, match="output_files"):
+            job.add_tasks([{"id": "t", "command_line": "true", "output_files": [
+                {"pattern": pattern, "container": "out"}]}])
+    with pytest.raises(ValidationError, match="only .* may be substituted"):
+        job.add_tasks([{"id": "t", "command_line": "true", "output_files": [
+            {"pattern": "x", "container": "out", "path": "{node}/x"}]}])
+
+
+def test_logs_are_kept_capped_and_read_after_the_nodes_files_are_gone(home, monkeypatch):
+    monkeypatch.setenv("HPCBATCH_LOG_CAP_BYTES", "1000")
+    with hpcbatch.Batch(home, **FAST_TIMINGS) as batch:
+        batch.pools.create("temp", target_nodes=1)
+        job = batch.jobs.create("logs", pool="temp")
+        job.add_task("small", "echo out; echo err >&2")
+        job.add_task("big", "seq 1 2000")  # 8,893 bytes
+        job.wait(timeout_s=60)
+        kept = Path(home) / "logs" / "logs" / "big" / "0"
+        poll_kept = [Path(home) / "logs" / "logs" / t / "0" / "kept.json"
+                     for t in ("small", "big")]
+        from helpers import poll
+        poll(lambda: all(p.is_file() for p in poll_kept), timeout_s=20, what="kept logs")
+        info = json.loads((kept / "kept.json").read_text())["files"]["stdout.txt"]
+        assert info["size"] == 8893 and info["kept_from"] == 8893 - 1000
+        assert (kept / "stdout.txt").read_bytes().endswith(b"1999\n2000\n")
+        assert len((kept / "stdout.txt").read_bytes()) == 1000
+        assert (kept / "stdout.txt").stat().st_mode & 0o777 == 0o600
+        # the node's files go (a node reimaged, removed, its disk lost; a pool can only
+        # be deleted once its jobs are)
+        node_root = Path(job.task("small").task_dir).parent.parent.parent
+        shutil.rmtree(node_root / "jobs")
+        assert not Path(job.task("small").task_dir).exists()
+        assert job.task("small").stdout() == "out\n"
+        assert job.task("small").stderr() == "err\n"
+        assert job.task("big").stdout().endswith("1999\n2000\n")  # the tail
+        job_files = batch.service.list_task_files("logs", "small")
+        assert sorted(f.name for f in job_files) == ["stderr.txt", "stdout.txt"]
+        batch.jobs.delete("logs")
+        assert not (Path(home) / "logs" / "logs").exists()
+        batch.pools.delete("temp")
