@@ -468,19 +468,23 @@ class LocalTransport:
         def put_files(files: Iterable[tuple[str, str]], dest_dir: str) -> None:
             copy_local_files(files, dest_dir, base=root)
 
+        send_lock = threading.Lock()
+
         def stage_cached(files: list[CachedFile], dest_dir: str, cap_bytes: int) -> dict:
             cdir = nodecache.cache_dir(root)
             os.makedirs(cdir, mode=0o700, exist_ok=True)
-            missing = _unique_missing(files, set(nodecache.have(root, [f.sha256 for f in files])))
-            for f in missing:
-                tmp = os.path.join(cdir, f".{f.sha256}.tmp-{secrets.token_hex(4)}")
-                try:
-                    with open(f.source, "rb") as src, open(tmp, "xb") as dst:
-                        shutil.copyfileobj(src, dst, 1 << 20)
-                    os.replace(tmp, os.path.join(cdir, f.sha256))
-                finally:
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
+            with send_lock:  # two tasks wanting the same file: it is copied once
+                missing = _unique_missing(files, set(nodecache.have(
+                    root, [f.sha256 for f in files])))
+                for f in missing:
+                    tmp = os.path.join(cdir, f".{f.sha256}.tmp-{secrets.token_hex(4)}")
+                    try:
+                        with open(f.source, "rb") as src, open(tmp, "xb") as dst:
+                            shutil.copyfileobj(src, dst, 1 << 20)
+                        os.replace(tmp, os.path.join(cdir, f.sha256))
+                    finally:
+                        if os.path.exists(tmp):
+                            os.unlink(tmp)
             out = nodecache.place(_place_request(root, dest_dir, files, missing, cap_bytes))
             return {**out, "fetched": [f.sha256 for f in missing],
                     "hits": len({f.sha256 for f in files}) - len(missing)}
@@ -592,6 +596,8 @@ class SSHTransport:
             finally:
                 sftp.close()
 
+        send_lock = threading.Lock()
+
         def stage_cached(files: list[CachedFile], dest_dir: str, cap_bytes: int) -> dict:
             import json
 
@@ -600,16 +606,17 @@ class SSHTransport:
             cdir = nodecache.cache_dir(root)
             sftp = client.open_sftp()
             try:
-                there = set()
-                for digest in {f.sha256 for f in files}:
-                    try:
-                        sftp.stat(f"{cdir}/{digest}")
-                        there.add(digest)
-                    except OSError:
-                        pass
-                missing = _unique_missing(files, there)
-                for f in missing:
-                    sftp_put(sftp, f.source, f"{cdir}/{f.sha256}", 0o600, label)
+                with send_lock:  # two tasks wanting the same file: it is sent once
+                    there = set()
+                    for digest in {f.sha256 for f in files}:
+                        try:
+                            sftp.stat(f"{cdir}/{digest}")
+                            there.add(digest)
+                        except OSError:
+                            pass
+                    missing = _unique_missing(files, there)
+                    for f in missing:
+                        sftp_put(sftp, f.source, f"{cdir}/{f.sha256}", 0o600, label)
             finally:
                 sftp.close()
             request = _place_request(root, dest_dir, files, missing, cap_bytes)

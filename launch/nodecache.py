@@ -164,17 +164,18 @@ def match(request: dict) -> dict:
     """``request``: task_dir, wd (the working directory, absolute), patterns. Returns
     {"matches": [[pattern index, path relative to the task dir, path below the
     pattern's fixed part, size] ...]}: regular files only (a symbolic link is skipped),
-    never outside the task directory."""
+    never outside the task directory (or the working directory, where it is elsewhere)."""
     import glob
     tdir = os.path.realpath(request["task_dir"])
     wd = request["wd"]
+    inside = (tdir + os.sep, os.path.realpath(wd) + os.sep)  # (a working_dir elsewhere)
     out = []
     for i, pattern in enumerate(request["patterns"]):
         base = os.path.normpath(os.path.join(wd, _fixed_dir(pattern)))
         for hit in sorted(glob.glob(pattern, root_dir=wd, recursive=True)):
             path = os.path.normpath(os.path.join(wd, hit))
             real = os.path.realpath(path)
-            if real != path or not real.startswith(tdir + os.sep):
+            if real != path or not real.startswith(inside):
                 continue  # through a link, or outside the task's directory
             try:
                 st = os.lstat(path)

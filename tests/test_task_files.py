@@ -227,3 +227,69 @@ def test_logs_are_kept_capped_and_read_after_the_nodes_files_are_gone(home, monk
         batch.jobs.delete("logs")
         assert not (Path(home) / "logs" / "logs").exists()
         batch.pools.delete("temp")
+
+
+# ---------------------------------------------------------------- over SSH
+
+def _ssh_pool(batch, directory: Path, tmp_path: Path, pool: str, names: list[str]) -> None:
+    from test_ssh_pool import spec_for, wait_idle
+    batch.pools.create(pool, "ssh", spec=str(spec_for(directory, names, tmp_path)))
+    wait_idle(batch, pool, len(names))
+
+
+@pytest.mark.slow
+def test_ssh_nodes_fetch_by_prefix_once_per_node_and_upload_outputs(batch, ssh_cluster,
+                                                                    tmp_path):
+    data = os.urandom(2 << 20)
+    batch.storage.create("in")
+    batch.storage.create("out")
+    batch.storage.put_bytes("in", "set/big.bin", data)
+    batch.storage.put_bytes("in", "set/run.sh", b"#!/bin/sh\nsha256sum data/set/big.bin\n")
+    _ssh_pool(batch, ssh_cluster.directory, tmp_path, "sshrf", ["node1", "node2"])
+    job = batch.jobs.create("s", pool="sshrf")
+    rf = [{"container": "in", "blob_prefix": "set/", "path": "data", "mode": "0755"}]
+    out = [{"pattern": "res/*.txt", "destination": {"container": "out",
+                                                    "path": "{job}/{task}/"},
+            "upload_condition": "task_success"},
+           {"pattern": "../stderr.txt", "container": "out", "path": "{job}/{task}/err.txt",
+            "upload_condition": "task_failure"}]
+    cmd = ("mkdir res; ./data/set/run.sh > res/sum.txt; stat -c %a data/set/run.sh "
+           ">> res/sum.txt; echo $HPCBATCH_NODE_ID >> res/sum.txt")
+    job.add_tasks([{"id": f"t{i}", "command_line": cmd, "resource_files": rf,
+                    "output_files": out} for i in range(4)])
+    job.add_task("fails", "echo broken >&2; exit 2", output_files=out)
+    job.wait(timeout_s=120)
+    nodes = set()
+    for i in range(4):
+        t = job.task(f"t{i}")
+        assert t.result == "success", t.view
+        digest, mode, node = batch.storage.get_bytes(
+            "out", f"s/t{i}/sum.txt").decode().split("\n")[:3]
+        assert (digest.split()[0], mode) == (sha(data), "755")
+        nodes.add(node)
+    assert nodes == {"node1", "node2"}  # both nodes were used
+    assert batch.storage.get_bytes("out", "s/fails/err.txt") == b"broken\n"
+    assert not [b for b in batch.storage.ls("out", "s/fails/") if b.name.endswith("sum.txt")]
+    # 4 tasks x 2 files on 2 nodes: each file sent once per node, the rest from the cache
+    counts = batch.coordinator.stager.counts
+    assert counts["fetched"] == 4 and counts["hits"] == 4, counts
+    assert counts["bytes_sent"] == 2 * (len(data) + len(b"#!/bin/sh\nsha256sum "
+                                                         b"data/set/big.bin\n"))
+
+
+@pytest.mark.slow
+def test_logs_are_read_after_the_ssh_node_is_killed(batch, make_cluster, tmp_path):
+    from hpcbatch.launch.cluster import kill_node
+    info = make_cluster(1, "solo")
+    _ssh_pool(batch, info.directory, tmp_path, "solo", ["node1"])
+    job = batch.jobs.create("k", pool="solo")
+    job.add_task("t", "echo kept-out; echo kept-err >&2")
+    job.wait(timeout_s=60)
+    kill_node(info.directory, "node1")  # its sshd and everything of it, the agent too
+    from helpers import poll
+    poll(lambda: batch.pools.nodes("solo")[0]["state"] != "idle", timeout_s=30,
+         what="the node seen lost")
+    t = job.task("t")
+    assert t.stdout() == "kept-out\n" and t.stderr() == "kept-err\n"
+    assert sorted(f.name for f in batch.service.list_task_files("k", "t")) == [
+        "stderr.txt", "stdout.txt"]
