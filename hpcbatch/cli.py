@@ -208,9 +208,15 @@ def _task_options(fn):
                      help="A file of this machine copied into the task's wd/ before it "
                      "starts (as DEST; repeatable)."),
         click.option("--workdir", metavar="submit|task|PATH", help=WORKDIR_HELP),
+        *_storage_options(),
     )):
         fn = opt(fn)
     return fn
+
+
+def _storage_options() -> list:
+    from hpcbatch.cli_storage import task_file_options
+    return task_file_options()
 
 
 def parse_env(items: tuple[str, ...]) -> dict[str, str]:
@@ -277,8 +283,13 @@ def task_fields(*, nodes, coordination, common_files, env, files, slots) -> dict
                               ("--common-file", common_files)):
             if given:
                 raise ValidationError(option, "is for a multi-instance task; add --nodes N")
+    from hpcbatch.cli_storage import task_file_fields
     fields: dict[str, Any] = {"environment": parse_env(env),
                               "resource_files": parse_files("--file", files)}
+    more = task_file_fields()  # --resource, --output
+    fields["resource_files"] += more.get("resource_files", [])
+    if more.get("output_files"):
+        fields["output_files"] = more["output_files"]
     if nodes is not None:
         if coordination is not None and not coordination.strip():
             raise ValidationError("--coordination-command", "is empty; give a command line")

@@ -163,4 +163,109 @@ def delete(container: str, blob: str | None, prefix: bool) -> None:
     out.print(f"{len(names)} blob(s) deleted from {container}", markup=False)
 
 
-__all__ = ["storage"]
+# ---- --resource / --output of 'submit' and 'task add' -----------------------------------
+
+RESOURCE_HELP = ("A resource file from storage or a URL (repeatable): CONTAINER[/PREFIX/] "
+                 "(its blobs, by name), CONTAINER/BLOB (one), or URL (http(s)://, s3:// "
+                 "...), each [=DEST][@MODE] (DEST relative to the task's wd/, MODE like "
+                 "0755); or a JSON object of a resource file's fields.")
+OUTPUT_HELP = ("An output file (repeatable): PATTERN=CONTAINER[/PATH][@success|failure|"
+               "completion]: files matching the glob PATTERN (relative to wd/, may begin "
+               "'../') uploaded to CONTAINER at PATH ({job}, {task}, {attempt} replaced) "
+               "after the task ends; or a JSON object.")
+
+
+def parse_resource(option: str, item: str) -> dict[str, Any]:
+    import json
+    import re
+
+    from hpcbatch.errors import ValidationError
+    from hpcbatch.models import ResourceFile
+    if item.lstrip().startswith("{"):
+        try:
+            d = json.loads(item)
+        except ValueError as exc:
+            raise ValidationError(option, f"{item!r} is not JSON: {exc}") from None
+    else:
+        text, mode = item, None
+        m = re.search(r"@([0-7]{3,4})$", text)
+        if m:
+            text, mode = text[:m.start()], m.group(1)
+        text, eq, dest = text.rpartition("=") if "=" in text else (text, "", "")
+        if not text:
+            raise ValidationError(option, f"{item!r}: give CONTAINER[/PREFIX/], "
+                                  "CONTAINER/BLOB or URL before '='")
+        if "://" in text:
+            d = {"url": text}
+        else:
+            container, slash, rest = text.partition("/")
+            if not rest or rest.endswith("/"):
+                d = {"container": container, "blob_prefix": rest or None}
+            else:
+                d = {"storage_path": text}
+        if dest:
+            d["file_path"] = dest
+        if mode:
+            d["file_mode"] = mode
+    try:
+        return ResourceFile.check_list(option, [d])[0].to_dict()
+    except ValidationError as exc:
+        raise ValidationError(option, f"{item!r}: {exc.rule}") from None
+
+
+def parse_output(option: str, item: str) -> dict[str, Any]:
+    import json
+
+    from hpcbatch.errors import ValidationError
+    from hpcbatch.models import OutputFile
+    if item.lstrip().startswith("{"):
+        try:
+            d = json.loads(item)
+        except ValueError as exc:
+            raise ValidationError(option, f"{item!r} is not JSON: {exc}") from None
+    else:
+        pattern, eq, where = item.partition("=")
+        if not eq or not pattern or not where:
+            raise ValidationError(option, f"{item!r} is not PATTERN=CONTAINER[/PATH]"
+                                  "[@CONDITION]")
+        where, at, cond = where.rpartition("@") if "@" in where else (where, "", "")
+        container, _, path = where.partition("/")
+        d = {"pattern": pattern, "container": container, "path": path}
+        if cond:
+            d["upload_condition"] = cond if cond.startswith("task_") else f"task_{cond}"
+    try:
+        return OutputFile.check_list(option, [d])[0].to_dict()
+    except ValidationError as exc:
+        raise ValidationError(option, f"{item!r}: {exc.rule}") from None
+
+
+def _keep(key: str, parse: Any) -> Any:
+    def callback(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> None:
+        ctx.meta[key] = [parse(f"--{param.name}", v) for v in values]
+    return callback
+
+
+def task_file_options() -> list[Any]:
+    """--resource and --output for 'submit' and 'task add' (what they give is read back
+    by task_file_fields, inside the command)."""
+    return [click.option("--resource", multiple=True, metavar="SPEC", help=RESOURCE_HELP,
+                         expose_value=False, callback=_keep("hpcbatch.resource",
+                                                             parse_resource)),
+            click.option("--output", multiple=True, metavar="SPEC", help=OUTPUT_HELP,
+                         expose_value=False, callback=_keep("hpcbatch.output", parse_output))]
+
+
+def task_file_fields() -> dict[str, Any]:
+    """The TaskSpec fields --resource and --output gave (in the running command)."""
+    ctx = click.get_current_context(silent=True)
+    meta = ctx.meta if ctx is not None else {}
+    out: dict[str, Any] = {}
+    if meta.get("hpcbatch.resource"):
+        out["resource_files"] = list(meta["hpcbatch.resource"])
+    if meta.get("hpcbatch.output"):
+        out["output_files"] = list(meta["hpcbatch.output"])
+    return out
+
+
+__all__ = ["parse_output", "parse_resource", "storage", "task_file_fields",
+           "task_file_options"]

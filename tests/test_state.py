@@ -260,8 +260,20 @@ def test_a_task_with_files_runs_once_they_are_copied_and_fails_if_they_are_not()
     out = st.handle(S.FilesStaged(2.2, 1, RunId(1), tok, error="no such file"))
     fa = only(out, S.FinishAttempt)[0]
     assert (fa.outcome, fa.failure_kind, fa.failure_detail) == (
-        "failure", FailureKind.START_FAILED, "no such file")
+        "failure", FailureKind.PRE_PROCESSING_ERROR, "no such file")
 
+
+
+def test_an_output_upload_error_fails_a_successful_attempt_and_adds_to_a_failed_one():
+    st = pool_up(rows=[row(1), row(2)])
+    fa = only(st.handle(exited(1, code=0, upload_error="container 'out' does not exist")),
+              S.FinishAttempt)[0]
+    assert (fa.outcome, fa.exit_code, fa.failure_kind, fa.failure_detail) == (
+        "failure", 0, FailureKind.FILE_UPLOAD_ERROR, "container 'out' does not exist")
+    fa = only(st.handle(exited(2, code=3, upload_error="container 'out' does not exist")),
+              S.FinishAttempt)[0]
+    assert (fa.failure_kind, fa.failure_detail) == (
+        FailureKind.EXIT_CODE, "and container 'out' does not exist")
 
 # ---- prefetch, windows, bounded turns ----------------------------------------------
 

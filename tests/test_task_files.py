@@ -293,3 +293,32 @@ def test_logs_are_read_after_the_ssh_node_is_killed(batch, make_cluster, tmp_pat
     assert t.stdout() == "kept-out\n" and t.stderr() == "kept-err\n"
     assert sorted(f.name for f in batch.service.list_task_files("k", "t")) == [
         "stderr.txt", "stdout.txt"]
+
+
+def test_cli_submit_with_resource_and_output_options(tmp_path, home):
+    from helpers import run_cli
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("A\n")
+    (src / "sub" / "b.txt").write_text("B\n")
+    for args in (("storage", "create", "in"), ("storage", "create", "out"),
+                 ("storage", "upload", "in", str(src), "--name", "x")):
+        r = run_cli(home, *args)
+        assert r.returncode == 0, r.stderr
+    r = run_cli(home, "submit", "--job", "cj", "--workdir", "task",
+                "--resource", "in/x/=data@0700", "--resource", "in/x/a.txt=one.txt",
+                "--output", "data/**/*.txt=out/{job}/{task}/@success",
+                "--", "sh", "-c", "cat one.txt data/x/sub/b.txt; stat -c %a data/x/a.txt")
+    assert r.returncode == 0, r.stderr
+    r = run_cli(home, "task", "logs", "cj", "task-1")
+    assert r.stdout.split() == ["A", "B", "700"], r
+    r = run_cli(home, "storage", "ls", "out", "--json")
+    assert sorted(json.loads(x)["name"] for x in r.stdout.splitlines()) == [
+        "cj/task-1/x/a.txt", "cj/task-1/x/sub/b.txt"]
+    for args, words in ((("--resource", "in/../x"), "--resource: 'in/../x'"),
+                        (("--output", "x=out/a/../b"), "--output: 'x=out/a/../b'"),
+                        (("--output", "nonsense"), "is not PATTERN=CONTAINER"),
+                        (("--resource", "in/x/=../up"), "leaves the task")):
+        r = run_cli(home, "task", "add", "cj", "bad", *args, "true")
+        assert r.returncode == 2 and words in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
