@@ -21,6 +21,7 @@ attempt with ``pre_processing_error`` and that line.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import logging
@@ -72,6 +73,8 @@ class Stager:
         self._hashes: dict[tuple[str, int, int, int], str] = {}
         self._lock = threading.Lock()
         self.counts = {"fetched": 0, "hits": 0, "bytes_sent": 0}  # what nodes were sent
+        # the latest stagings: (what, seconds, bytes sent, files sent, cache hits)
+        self.history: collections.deque = collections.deque(maxlen=1000)
 
     # ---- what the task names -> files on this machine --------------------------------
 
@@ -227,12 +230,15 @@ class Stager:
             raise StagingError(str(exc)) from None
         sizes = {f.sha256: os.path.getsize(f.source) for f in placed}
         sent = sum(sizes[s] for s in out.get("fetched", ()))
+        elapsed = time.monotonic() - t0
         with self._lock:
+            self.history.append((what or dest_dir, elapsed, sent,
+                                 len(out.get("fetched", ())), out.get("hits", 0)))
             self.counts["fetched"] += len(out.get("fetched", ()))
             self.counts["hits"] += out.get("hits", 0)
             self.counts["bytes_sent"] += sent
         log.info("%s: %d resource file(s) placed in %.2f s; %d sent (%s bytes), %d from the "
-                 "node's cache", what or dest_dir, len(placed), time.monotonic() - t0,
+                 "node's cache", what or dest_dir, len(placed), elapsed,
                  len(out.get("fetched", ())), f"{sent:,}", out.get("hits", 0))
         return out
 

@@ -209,7 +209,9 @@ def test_dispatch_specs_and_open_counts(store, tmp_path):
     a, b = _seq(store, "j", "a"), _seq(store, "j", "b")
     specs = store.dispatch_specs([a, b, 999])
     assert specs[a] == DispatchSpec("echo a", {"A": "1"}, 9, [
-        {"source": str(src), "file_path": "in.txt"}], None, [])
+        {"source": str(src), "file_path": "in.txt", "container": None, "blob_prefix": None,
+         "container_url": None, "storage_path": None, "url": None, "file_mode": None}],
+        None, [])
     assert specs[b] == DispatchSpec("echo b", {}, None, [], None, [])
     assert set(specs) == {a, b}
     many = store.dispatch_specs(list(range(1, 1200)))  # more than one IN (...) chunk
