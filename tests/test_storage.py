@@ -282,3 +282,25 @@ def test_through_the_service_streamed_both_ways(serve, tmp_path):
         assert srv.client.get("/v1/storage/big/blobs/blob.bin").status_code == 404
         b.storage.delete("big")
         assert [c.name for c in b.storage.list()] == []
+        # tasks through the service: inputs from a container, outputs into another
+        b.storage.create("in")
+        b.storage.create("out")
+        b.storage.put_bytes("in", "d/x.txt", b"x-data")
+        job = b.jobs.create("svc")
+        job.add_task("t", "tr a-z A-Z < d/x.txt > up.txt", resource_files=[
+            {"container": "in", "blob_prefix": "d/"}], output_files=[
+            {"pattern": "up.txt", "destination": {"container": "out", "path": "{task}.txt"}}])
+        r = srv.client.post("/v1/jobs/svc/tasks", json={
+            "id": "rest", "command_line": "cat d/x.txt > copy.txt",
+            "resource_files": [{"auto_storage_container_name": "in", "blob_prefix": "d/",
+                                "file_mode": "0600"}],
+            "output_files": [{"pattern": "copy.txt", "destination": {
+                "container": "out", "path": "{job}/{task}/{attempt}/"}}]})
+        assert r.status_code == 201, r.text
+        r = srv.client.post("/v1/jobs/svc/tasks", json={
+            "id": "escape", "command_line": "true",
+            "resource_files": [{"container": "in", "file_path": "../x"}]})
+        assert r.status_code == 400 and "file_path" in r.json()["target"], r.text
+        job.wait(timeout_s=60)
+        assert b.storage.get_bytes("out", "t.txt") == b"X-DATA"
+        assert b.storage.get_bytes("out", "svc/rest/0/copy.txt") == b"x-data"
