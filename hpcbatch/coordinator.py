@@ -42,6 +42,9 @@ _BETWEEN = frozenset({S.CompleteUnstarted, S.TerminateJobTasks, S.CompleteJobIfD
                       S.ReactivateTask})
 
 
+KEEPER_BACKLOG = 10_000  # local tasks' logs waiting to be kept, at most
+
+
 class Coordinator:
     """The process-wide owner of state for one home directory."""
 
@@ -89,6 +92,8 @@ class Coordinator:
         self._collect: dict[tuple[str, str, Any], tuple[Any, ...]] = {}
         self._keeper = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="hpcbatch-logs")  # local nodes' logs, off the exit path
+        self._keeping = 0  # tasks queued on the keeper
+        self._keeping_lock = threading.Lock()
 
     # ---- life cycle and commands (any thread) ------------------------------------
 
@@ -622,7 +627,13 @@ class Coordinator:
             kw = dict(job_id=job_id, task_id=task_id, attempt=attempt, task_dir=tdir, wd=wd,
                       ran=ran, success=success, node_id=ev.node_id)
             if not outputs and getattr(chan, "files_here", False):
-                self._keeper.submit(self._keep_quietly, chan, kw)
+                # (its files stay on this machine: under a flood of short tasks the
+                # keeper may fall behind, then what it has not reached is left there)
+                with self._keeping_lock:
+                    room = self._keeping < KEEPER_BACKLOG
+                    self._keeping += room
+                if room:
+                    self._keeper.submit(self._keep_quietly, chan, kw)
                 out.append(ev)
                 continue
 
@@ -646,6 +657,9 @@ class Coordinator:
         except Exception as exc:  # noqa: BLE001 - the logs stay on the node
             log.warning("task %s/%s: its logs were not kept: %s", kw["job_id"],
                         kw["task_id"], exc)
+        finally:
+            with self._keeping_lock:
+                self._keeping -= 1
 
     def _stage(self, ins: S.StageFiles, spec: Any) -> None:
         entry = self.channels.get((ins.pool_id, ins.node_id))
@@ -788,7 +802,7 @@ class Coordinator:
         except Exception:  # noqa: BLE001 - best effort on the way out
             log.exception("could not record the nodes offline")
         self.io.shutdown(wait=False, cancel_futures=True)
-        self._keeper.shutdown(wait=True)  # the logs of local tasks that just ended
+        self._keeper.shutdown(wait=True, cancel_futures=True)  # (the one it is keeping)
         for fut in list(self.replies.values()):
             if not fut.done():
                 fut.set_exception(HpcBatchError("the coordinator stopped"))
