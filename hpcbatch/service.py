@@ -632,7 +632,8 @@ class LocalService(LocalStorageMethods, Service):
     # ---- tasks -----------------------------------------------------------
 
     def add_tasks(self, job_id: str, tasks: Iterable[TaskSpec | Mapping[str, Any]]) -> int:
-        n = self.store.add_tasks(job_id, tasks)  # read, checked and stored in chunks
+        from hpcbatch.storage_api import containers_checked
+        n = self.store.add_tasks(job_id, containers_checked(self.storage, tasks))
         self._notify()
         return n
 
@@ -655,7 +656,8 @@ class LocalService(LocalStorageMethods, Service):
             elif pool_id != job.pool_id:
                 raise ValidationError("pool", f"job {job.id!r} exists on pool {pool_id!r}, "
                                       f"not {job.pool_id!r}")
-            n = self.store.add_tasks(job.id, tasks)  # read, checked and stored in chunks
+            from hpcbatch.storage_api import containers_checked
+            n = self.store.add_tasks(job.id, containers_checked(self.storage, tasks))
         self._notify()
         return n
 

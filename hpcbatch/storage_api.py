@@ -38,6 +38,34 @@ from hpcbatch.storage import (
 SHA_HEADER = "X-Checksum-Sha256"
 
 
+def containers_checked(storage: Storage, tasks: Iterable[Any]) -> Iterator[Any]:
+    """The tasks, each coerced to a TaskSpec and refused (ValidationError naming the
+    field) when a resource or output file names a container that does not exist."""
+    from hpcbatch.errors import ValidationError
+    from hpcbatch.models import TaskSpec
+    known: dict[str, bool] = {}
+
+    def exists(name: str) -> bool:
+        if name not in known:
+            known[name] = storage.exists(name)
+        return known[name]
+    for t in tasks:
+        spec = TaskSpec.coerce(t)
+        for i, rf in enumerate(spec.resource_files):
+            name = rf.container or (rf.storage_path or "").partition("/")[0]
+            if name and not exists(name):
+                field = "container" if rf.container else "storage_path"
+                raise ValidationError(f"task {spec.id}: resource_files[{i}].{field}",
+                                      f"container {name!r} does not exist; 'hpcbatch "
+                                      f"storage create {name}' makes it")
+        for i, of in enumerate(spec.output_files):
+            if not exists(of.container):
+                raise ValidationError(f"task {spec.id}: output_files[{i}].container",
+                                      f"container {of.container!r} does not exist; "
+                                      f"'hpcbatch storage create {of.container}' makes it")
+        yield spec
+
+
 class LocalStorageMethods:
     """Mixed into LocalService (which has ``home``)."""
 

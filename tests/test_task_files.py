@@ -78,12 +78,25 @@ def test_resource_files_from_storage_and_urls_with_modes(batch, tmp_path, http_f
             {"url": f"file://{tmp_path}/f.txt", "file_path": "u/f.txt", "mode": "0600"}]},
         {"id": "noblob", "command_line": "true",
          "resource_files": [{"container": "in", "blob_prefix": "nothing/"}]},
-        {"id": "nocontainer", "command_line": "true",
-         "resource_files": [{"auto_storage_container_name": "missing"}]},
         {"id": "http404", "command_line": "true",
          "resource_files": [{"url": f"{base}/absent.bin"}]},
         {"id": "fine", "command_line": "echo fine"},
     ])
+    # a container that does not exist: refused at input, naming the field ...
+    for bad, field in (({"resource_files": [{"auto_storage_container_name": "missing"}]},
+                        "resource_files[0].container"),
+                       ({"resource_files": [{"storage_path": "missing/x"}]},
+                        "resource_files[0].storage_path"),
+                       ({"output_files": [{"pattern": "x", "container": "missing"}]},
+                        "output_files[0].container")):
+        with pytest.raises(ValidationError, match="container 'missing' does not exist") as e:
+            job.add_tasks([{"id": "refused", "command_line": "true", **bad}])
+        assert e.value.field == f"task refused: {field}"
+    # ... and where it is not checked at input (a collection), recorded on the task
+    added = batch.service.add_task_collection("rf", [{
+        "id": "nocontainer", "command_line": "true",
+        "resource_files": [{"auto_storage_container_name": "missing"}]}])
+    assert added.added == 1
     job.wait(timeout_s=60)
     ok = job.task("ok")
     assert ok.result == "success", ok.view
@@ -142,9 +155,13 @@ def test_a_second_task_on_the_node_takes_the_file_from_its_cache(make_batch, tmp
 
 
 def test_output_files_by_condition_and_an_upload_to_a_deleted_container(batch):
+    import shlex
+    import sys
     batch.storage.create("out")
     batch.storage.create("doomed")
-    batch.storage.delete("doomed")
+    # deleted by another client while the task runs
+    delete = shlex.join([sys.executable, "-m", "hpcbatch.cli", "--home", str(batch.home),
+                         "storage", "delete", "doomed"])
     job = batch.jobs.create("o")
     conds = [{"pattern": "r/*.txt", "destination": {"container": "out",
                                                     "path": "{job}/{task}/" + c + "/"},
@@ -162,7 +179,7 @@ def test_output_files_by_condition_and_an_upload_to_a_deleted_container(batch):
                                                "path": "{job}/{task}/{attempt}/" +
                                                c["upload_condition"] + "/"})
                           for c in conds]},
-        {"id": "lost", "command_line": make,
+        {"id": "lost", "command_line": f"{make}; {delete}",
          "output_files": [{"pattern": "r/1.txt", "container": "doomed"}]},
         {"id": "bystander", "command_line": "echo unaffected"},
     ])
