@@ -575,15 +575,23 @@ class SSHTransport:
         def finish(abort: bool) -> None:
             if abort:
                 cut()
+                close_bulk()
                 return
             # the agent stops its tasks on EOF and exits: wait (bounded) for its status
             if not chan.status_event.wait(timings.kill_grace_s + 10):
                 cut()
+                close_bulk()
                 return
             try:
                 chan.close()
             finally:
                 client.close()
+                close_bulk()
+
+        def close_bulk() -> None:
+            with bulk_lock:
+                while bulk_held:
+                    bulk_held.pop().close()
 
         def put_files(files: Iterable[tuple[str, str]], dest_dir: str) -> None:
             from hpcbatch.ssh import sftp_put
@@ -596,6 +604,23 @@ class SSHTransport:
             finally:
                 sftp.close()
 
+        bulk_lock = threading.Lock()
+        bulk_held: list[Any] = []
+
+        def bulk_client() -> Any:
+            """A second connection to the node for file transfers (resource files,
+            output files, logs), made at first use and kept: a 1 GiB transfer never
+            queues before the agent's heartbeats on its own connection."""
+            with bulk_lock:
+                if bulk_held:
+                    t = bulk_held[0].get_transport()
+                    if t is not None and t.is_active():
+                        return bulk_held[0]
+                    bulk_held.pop().close()
+                other = connect(target)
+                bulk_held.append(other)
+                return other
+
         send_lock = threading.Lock()
 
         def stage_cached(files: list[CachedFile], dest_dir: str, cap_bytes: int) -> dict:
@@ -604,7 +629,8 @@ class SSHTransport:
             from hpcbatch.ssh import run, sftp_put
             label = target.label
             cdir = nodecache.cache_dir(root)
-            sftp = client.open_sftp()
+            bulk = bulk_client()
+            sftp = bulk.open_sftp()
             try:
                 with send_lock:  # two tasks wanting the same file: it is sent once
                     there = set()
@@ -620,7 +646,7 @@ class SSHTransport:
             finally:
                 sftp.close()
             request = _place_request(root, dest_dir, files, missing, cap_bytes)
-            code, out, err = run(client, [self.python, f"{remote}/nodecache.py", "place"],
+            code, out, err = run(bulk, [self.python, f"{remote}/nodecache.py", "place"],
                                  timeout_s=600, stdin=json.dumps(request))
             try:
                 answer = json.loads(out.strip().splitlines()[-1])
@@ -637,10 +663,11 @@ class SSHTransport:
             import stat as stat_module
 
             from hpcbatch.ssh import run
-            sftp = client.open_sftp()
+            bulk = bulk_client()
+            sftp = bulk.open_sftp()
 
             def match(request: dict) -> dict:
-                code, out, err = run(client, [self.python, f"{remote}/nodecache.py", "match"],
+                code, out, err = run(bulk, [self.python, f"{remote}/nodecache.py", "match"],
                                      timeout_s=300, stdin=json.dumps(request))
                 try:
                     answer = json.loads(out.strip().splitlines()[-1])
