@@ -339,3 +339,39 @@ def test_cli_submit_with_resource_and_output_options(tmp_path, home):
         r = run_cli(home, "task", "add", "cj", "bad", *args, "true")
         assert r.returncode == 2 and words in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_the_node_cache_is_bounded_least_recently_used_first(tmp_path):
+    from hpcbatch.launch import nodecache
+    root = tmp_path / "root"
+    cache = root / "cache"
+    cache.mkdir(parents=True)
+    (root / "wd").mkdir()
+    now = __import__("time").time()
+    blobs = {}
+    for i in range(5):  # 5 x 1 MB, used at now-500, now-400, ... now-100
+        data = bytes([i]) * 1_000_000
+        digest = sha(data)
+        (cache / digest).write_bytes(data)
+        os.utime(cache / digest, (now - 500 + 100 * i, now - 500 + 100 * i))
+        blobs[i] = digest
+    # placing the oldest renews it; the cap (3 MB) then removes the next two oldest
+    out = nodecache.place({"root": str(root), "dest_dir": str(root / "wd"),
+                           "cap_bytes": 3_000_000, "fetched": [blobs[0]],
+                           "entries": [{"sha256": blobs[0], "rel": "a/b.bin", "mode": 0o640}]})
+    assert out == {"placed": 1, "evicted": 2}
+    assert sorted(p.name for p in cache.iterdir()) == sorted([blobs[0], blobs[3], blobs[4]])
+    placed = root / "wd" / "a" / "b.bin"
+    assert placed.read_bytes() == bytes([0]) * 1_000_000
+    assert placed.stat().st_mode & 0o777 == 0o640
+    # a damaged copy (its bytes do not hash to its name) is removed and refused
+    (cache / blobs[1]).write_bytes(b"not what was sent")
+    with pytest.raises(OSError, match="damaged on the way"):
+        nodecache.place({"root": str(root), "dest_dir": str(root / "wd"), "cap_bytes": 0,
+                         "fetched": [blobs[1]],
+                         "entries": [{"sha256": blobs[1], "rel": "x", "mode": 0o600}]})
+    assert not (cache / blobs[1]).exists() and not (root / "wd" / "x").exists()
+    with pytest.raises(OSError, match="must stay inside"):
+        nodecache.place({"root": str(root), "dest_dir": str(root / "wd"), "cap_bytes": 0,
+                         "fetched": [], "entries": [{"sha256": blobs[0], "rel": "../up",
+                                                     "mode": 0o600}]})
