@@ -5,9 +5,9 @@
   container or blob is a NotFound naming it
 * round trips (CLI with a directory, Python, REST) keep bytes and SHA-256; listing shows
   size, checksum and time; delete removes a blob or a whole container
-* atomicity: an upload whose stream breaks, or whose process is SIGKILLed mid-way,
-  leaves no visible blob (the old version stays readable); a checksum mismatch stores
-  nothing
+* atomicity: an upload whose stream breaks, or whose process (or HTTP client) is
+  SIGKILLed mid-way, leaves no visible blob (the old version stays readable); a checksum
+  mismatch stores nothing
 * a 200 MB upload and download through the service are streamed: the server's RSS does
   not grow by the blob
 * a container at an fsspec URL (file://, memory://) works the same way
@@ -282,6 +282,34 @@ def test_through_the_service_streamed_both_ways(serve, tmp_path):
         assert srv.client.get("/v1/storage/big/blobs/blob.bin").status_code == 404
         b.storage.delete("big")
         assert [c.name for c in b.storage.list()] == []
+        # a client killed half-way through an upload: no blob, its temporary file gone
+        b.storage.create("half")
+        gate = tmp_path / "half-sent"
+        script = textwrap.dedent(f"""
+            import pathlib, time, httpx
+            def body():
+                yield b"x" * (16 << 20)
+                pathlib.Path({str(gate)!r}).write_text("sent")
+                while True:
+                    time.sleep(1)
+                    yield b"y"
+            httpx.put({srv.url!r} + "/v1/storage/half/blobs/part.bin", content=body(),
+                      headers={{"Authorization": "Bearer {srv.key}"}}, timeout=600)
+        """)
+        client = subprocess.Popen([sys.executable, "-c", script])
+        try:
+            poll(gate.exists, timeout_s=60, what="half an upload sent")
+            tmp_dir = srv.home / "storage" / "half" / "tmp"
+            poll(lambda: os.listdir(tmp_dir) != [], timeout_s=30, what="the upload in flight")
+            assert b.storage.ls("half") == []
+            client.send_signal(signal.SIGKILL)
+            client.wait(10)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait(10)
+        poll(lambda: os.listdir(tmp_dir) == [], timeout_s=30, what="the partial upload removed")
+        assert b.storage.ls("half") == []
         # tasks through the service: inputs from a container, outputs into another
         b.storage.create("in")
         b.storage.create("out")
