@@ -59,6 +59,11 @@ FLAG_RESOURCE_FILES, FLAG_COORDINATION, FLAG_COMMON_FILES = 1, 2, 4
 # finish (what is queued on its agent and has not started is requeued)
 REQUEUE, TERMINATE, TASK_COMPLETION = "requeue", "terminate", "taskcompletion"
 RUNNING_OPTIONS = (REQUEUE, TERMINATE, TASK_COMPLETION)
+# a pool that shrinks (resize, autoscale) may also keep the leaving nodes' task
+# directories: like taskcompletion, and its jobs/ stay (the other options remove them
+# once the node is gone, as a Batch node's go with it)
+RETAINED_DATA = "retaineddata"
+DEALLOCATION_OPTIONS = (*RUNNING_OPTIONS, RETAINED_DATA)
 
 usable = frozenset({NodeState.IDLE, NodeState.RUNNING})
 AGENT_STOPPED = frozenset({KILLED_LEASE, KILLED_SHUTDOWN})  # an agent's own reasons to kill
@@ -191,12 +196,18 @@ class NodeLeaving:
 class PoolResized:
     """The pool's target size changed: nodes are added from ``nodes`` (the provider's
     nodes for the new size, in order; those the pool has are skipped) or, to shrink,
-    the idle ones leave first, then the least busy (their tasks requeued)."""
+    the nodes not in ``keep`` leave (a provider whose nodes at a size are the first of a
+    list: SSH), or else the idle ones first, then the least busy. What runs on a node
+    that leaves goes as ``running`` says (DEALLOCATION_OPTIONS); with taskcompletion or
+    retaineddata a node held by a running multi-instance task is the last chosen, and
+    its task is never cut short."""
     t: float
     pool_id: str
     target: int
     nodes: tuple[NodeInfo, ...] = ()
     reply: int = 0
+    running: str = REQUEUE
+    keep: tuple[str, ...] | None = None
 
 
 @_ev
@@ -577,6 +588,14 @@ class DropNode:
 
 
 @_ev
+class RemoveNodeData:
+    """The node left a pool that shrank (not with retaineddata): remove its task
+    directories (``<node root>/jobs``)."""
+    pool_id: str
+    node_id: str
+
+
+@_ev
 class JobDrained:
     job_id: str
 
@@ -624,6 +643,7 @@ class Node:
     fenced_runs: dict[RunId, int] = dataclasses.field(default_factory=dict)
     lost_reason: str = ""
     leaving: bool = False
+    drop_data: bool = False  # leaving: its task directories go once it is gone
     disabled: bool = False  # scheduling disabled: nothing new is placed here
     reconnecting: bool = False
     persisted: Any = None  # the PersistNode last emitted
@@ -848,8 +868,9 @@ class CoordinatorState:
             self._leave(node, ev.running)
         self._reply(ev.reply)
 
-    def _leave(self, node: Node, running: str) -> None:
+    def _leave(self, node: Node, running: str, drop_data: bool = False) -> None:
         node.leaving = True
+        node.drop_data = drop_data
         self._unplace(node)
         if node.runs and NodeState.LEAVING in _moves(node.state):
             self._set_node(node, NodeState.LEAVING,
@@ -864,6 +885,8 @@ class CoordinatorState:
         pool = self.pools.get(node.pool_id)
         if pool is None or pool.nodes.get(node.node_id) is not node:
             return
+        if node.drop_data:
+            self._emit(RemoveNodeData(node.pool_id, node.node_id))
         self._emit(StopAgent(node.pool_id, node.node_id, node.gen))
         pool.placer.remove_node(node.node_id)
         del pool.nodes[node.node_id]
@@ -886,18 +909,24 @@ class CoordinatorState:
                 if info.node_id not in pool.nodes:
                     self._add_node(pool, info)
                     more -= 1
-            if more > 0:
+            if more > 0 and ev.nodes:
                 self._emit(Log(logging.WARNING, f"pool {ev.pool_id}: {more} node(s) short of "
                                                 f"its target of {ev.target}"))
         elif len(staying) > ev.target:
             order = {nid: i for i, nid in enumerate(pool.nodes)}
-            # idle first (those that cannot take work before those that can), then the
-            # least busy; among equals the newest goes
-            staying.sort(key=lambda n: (bool(n.runs or n.fenced_runs),
+            gentle = ev.running in (TASK_COMPLETION, RETAINED_DATA)
+            # (keep: the provider names the nodes that stay.) Else idle first (those
+            # that cannot take work before those that can), then the least busy; among
+            # equals the newest goes. Letting tasks finish, a node of a running
+            # multi-instance task goes last.
+            staying.sort(key=lambda n: (n.node_id in ev.keep if ev.keep is not None
+                                        else False, gentle and n.held > 0,
+                                        bool(n.runs or n.fenced_runs),
                                         n.state in usable and not n.disabled,
                                         len(n.runs), -order[n.node_id]))
+            running = ev.running if ev.running in DEALLOCATION_OPTIONS else REQUEUE
             for node in staying[:len(staying) - ev.target]:
-                self._leave(node, REQUEUE)
+                self._leave(node, running, drop_data=running != RETAINED_DATA)
         self._reply(ev.reply)
 
     def _on_NodeSchedulingSet(self, ev: NodeSchedulingSet) -> None:
@@ -1812,7 +1841,7 @@ class CoordinatorState:
 
 
 _WHEN_LEFT = {REQUEUE: "are requeued", TERMINATE: "are terminated",
-              TASK_COMPLETION: "complete"}
+              TASK_COMPLETION: "complete", RETAINED_DATA: "complete"}
 
 
 def _moves(state: NodeState) -> frozenset:
