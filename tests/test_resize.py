@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from helpers import gate, poll, snapshot
 
 from hpcbatch.store import Store
@@ -170,6 +171,7 @@ def test_a_running_multi_instance_task_is_not_cut_short_unless_requeued(batch, t
     assert len((marks / "wide2").read_text().splitlines()) == 2
 
 
+@pytest.mark.slow  # (a dozen CLI processes)
 def test_resize_cli_errors_are_one_line_and_change_nothing(cli, home):
     assert cli("pool", "create", "p", "--nodes", "2").returncode == 0
     r = cli("pool", "resize", "p", "--target", "1", "--deallocation", "taskcompletion")
