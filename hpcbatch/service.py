@@ -794,9 +794,11 @@ class LocalService(Service):
         active, active_slots, running, running_slots = self.store.pool_task_slots(pool_id)
         nodes = [n for n in self.store.list_nodes(pool_id)]
         up = [n for n in nodes if n["state"] not in ("offline", "leaving")]
-        m = Metrics(active, running, active_slots, running_slots, len(up),
-                    sum(1 for n in up if n["state"] == "idle"), 0.0)
         now = time.time()
+        ended = self.store.pool_last_ended(pool_id)
+        since = 0.0 if running or ended is None else max(0.0, now - ended)
+        m = Metrics(active, running, active_slots, running_slots, len(up),
+                    sum(1 for n in up if n["state"] == "idle"), since)
         return evaluate_dry(formula, [(now, m)], 5.0, now, spec.target_nodes)
 
     def _node_ids(self, spec: PoolSpec) -> list[str]:

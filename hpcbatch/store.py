@@ -787,6 +787,11 @@ class Store:
             out[i], out[i + 1] = int(n), int(slots or 0)
         return out[0], out[1], out[2], out[3]
 
+    def pool_last_ended(self, pool_id: str) -> float | None:
+        """When a task of the pool last ended (None: none has). For a dry run."""
+        row = self._tuples("SELECT MAX(ended_at) FROM tasks WHERE pool_id=?", (pool_id,))
+        return row[0][0] if row else None
+
     def list_nodes(self, pool_id: str | None = None) -> list[dict[str, Any]]:
         if pool_id is None:
             return self.db.execute("SELECT * FROM nodes ORDER BY pool_id, id").fetchall()

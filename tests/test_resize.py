@@ -221,3 +221,26 @@ def test_resize_cli_errors_are_one_line_and_change_nothing(cli, home):
     r = cli("pool", "autoscale", "disable", "p")
     assert r.returncode == 0 and "autoscale off, target 1 node(s)" in r.stdout
     assert cli("pool", "resize", "p", "2").returncode == 0  # the positional still works
+
+
+def test_pending_work_is_counted_in_slots_by_the_coordinator_and_without_one(batch, home):
+    from hpcbatch.service import LocalService
+    batch.pools.create("s", task_slots_per_node=4, target_nodes=1)
+    batch.pools.resize("s", 0)
+    job = batch.jobs.create("j", pool="s")
+    job.add_tasks([{"id": f"two{i}", "command_line": "true", "required_slots": 2}
+                   for i in range(3)])  # 6 slots
+    job.add_task("wide3", "true", multi_instance={"instances": 2, "slots_per_instance": 3})
+    job.add_task("whole", "true", multi_instance={"instances": 2})  # 2 whole nodes: 8
+    formula = "$TargetNodes = ceil($ActiveTaskSlots / 4)"
+    want = {"$ActiveTasks": "5", "$ActiveTaskSlots": "20", "$PendingTaskSlots": "20",
+            "$RunningTasks": "0", "$TargetNodes": "5"}
+
+    def seen(result):
+        return {k: result["variables"][k].split()[0] for k in want}
+    poll(lambda: seen(batch.pools.evaluate_autoscale("s", formula)) == want,
+         what=f"the coordinator's counts: {seen(batch.pools.evaluate_autoscale('s', formula))}")
+    with LocalService(home) as svc:  # no coordinator: the store's counts
+        assert svc.coordinator is None
+        assert seen(svc.evaluate_autoscale("s", formula)) == want
+    assert batch.pools.get("s").target_nodes == 0  # a dry run changes nothing
