@@ -520,8 +520,9 @@ def pool_delete(pool_id: str) -> None:
 @click.option("--policy", type=click.Choice(["pack", "spread"]), default="pack",
               show_default=True)
 @click.option("--start-task", help="Command every node runs before it takes tasks.")
-@click.option("--nodes", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Local pools: simulated nodes on this machine (one agent each).")
+@click.option("--nodes", type=click.IntRange(0, 64), default=1, show_default=True,
+              help="Local pools: simulated nodes on this machine (one agent each; 0: "
+              "none until it is resized or autoscaled).")
 @click.option("--spec", type=click.Path(dir_okay=False), help="SSH pool from a pool.json "
               "(as 'hpcbatch cluster up' writes).")
 @click.option("--ssh", "hostlist", help="SSH pool from a host list: node[01-16],login1.")
