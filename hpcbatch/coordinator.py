@@ -588,11 +588,12 @@ class Coordinator:
             st.reactivate_task(w.seq)
         if preparing:
             st.mark_preparing(preparing)
-        for w in by.get(S.PersistNode, ()):
-            st.upsert_node(w.pool_id, w.node_id, w.state.value, w.slots, dict(w.info) or None,
-                           w.reason)
-        for w in by.get(S.DropNode, ()):
-            st.delete_node(w.pool_id, w.node_id)
+        for w in writes:  # in their order: a node dropped can come back in the same turn
+            if isinstance(w, S.PersistNode):
+                st.upsert_node(w.pool_id, w.node_id, w.state.value, w.slots,
+                               dict(w.info) or None, w.reason)
+            elif isinstance(w, S.DropNode):
+                st.delete_node(w.pool_id, w.node_id)
 
     def _keep_leases(self) -> None:
         """While the turn waits for the store's write lock (another process's long

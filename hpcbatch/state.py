@@ -702,6 +702,11 @@ class PoolState:
     dirty: bool = True
     hold_until: float | None = None  # PoolHeld: nothing placed before this ..
     suspects: set[str] = dataclasses.field(default_factory=set)  # .. or these are reaped
+    # its last resize: the target and the provider's nodes for it, so a node that still
+    # leaves when the pool grows again (an SSH host draining) is taken in once it is gone
+    target: int | None = None
+    offered: tuple[NodeInfo, ...] = ()
+    gens: dict[str, int] = dataclasses.field(default_factory=dict)  # of nodes gone
 
 
 def _coordination_failed(node_id: str, ev: RunExited) -> str:
@@ -843,8 +848,11 @@ class CoordinatorState:
         self._want_window(pool)
 
     def _add_node(self, pool: PoolState, info: NodeInfo) -> None:
+        # a node id that was in the pool before goes on from its last generation, so
+        # nothing its old agent still says is taken for the new one's
         node = Node(pool.info.pool_id, info.node_id, info.host, info.slots,
-                    retry_s=self.timings.reconnect_min_s, disabled=info.disabled)
+                    retry_s=self.timings.reconnect_min_s, disabled=info.disabled,
+                    gen=pool.gens.pop(info.node_id, 0))
         pool.nodes[info.node_id] = node
         pool.total_slots += node.slots
         # the placer breaks ties by the order nodes were first given: the pool's order,
@@ -865,6 +873,9 @@ class CoordinatorState:
             self._reply(ev.reply, f"node {ev.node_id!r} is not in pool {ev.pool_id!r}")
             return
         if not node.leaving:
+            pool = self.pools[ev.pool_id]
+            if pool.target is not None:  # the pool is one node smaller
+                pool.target = max(0, pool.target - 1)
             self._leave(node, ev.running)
         self._reply(ev.reply)
 
@@ -885,8 +896,6 @@ class CoordinatorState:
         pool = self.pools.get(node.pool_id)
         if pool is None or pool.nodes.get(node.node_id) is not node:
             return
-        if node.drop_data:
-            self._emit(RemoveNodeData(node.pool_id, node.node_id))
         self._emit(StopAgent(node.pool_id, node.node_id, node.gen))
         pool.placer.remove_node(node.node_id)
         del pool.nodes[node.node_id]
@@ -894,22 +903,23 @@ class CoordinatorState:
         pool.suspects.discard(node.node_id)
         self._dirty_nodes.pop(node.key, None)
         self._emit(DropNode(node.pool_id, node.node_id))
+        pool.gens[node.node_id] = node.gen
+        if pool.target is not None:  # the pool grew again meanwhile: maybe it comes back
+            self._fill(pool)
+        if node.drop_data and node.node_id not in pool.nodes:
+            self._emit(RemoveNodeData(node.pool_id, node.node_id))
 
     def _on_PoolResized(self, ev: PoolResized) -> None:
         pool = self.pools.get(ev.pool_id)
         if pool is None:
             self._reply(ev.reply)
             return
+        pool.target = ev.target
+        pool.offered = ev.nodes
         staying = [n for n in pool.nodes.values() if not n.leaving]
         if len(staying) < ev.target:
-            more = ev.target - len(staying)
-            for info in ev.nodes:
-                if more <= 0:
-                    break
-                if info.node_id not in pool.nodes:
-                    self._add_node(pool, info)
-                    more -= 1
-            if more > 0 and ev.nodes:
+            more = self._fill(pool)
+            if more > 0 and ev.nodes and not any(n.leaving for n in pool.nodes.values()):
                 self._emit(Log(logging.WARNING, f"pool {ev.pool_id}: {more} node(s) short of "
                                                 f"its target of {ev.target}"))
         elif len(staying) > ev.target:
@@ -928,6 +938,18 @@ class CoordinatorState:
             for node in staying[:len(staying) - ev.target]:
                 self._leave(node, running, drop_data=running != RETAINED_DATA)
         self._reply(ev.reply)
+
+    def _fill(self, pool: PoolState) -> int:
+        """Add the offered nodes the pool lacks for its target (a node still leaving is
+        taken in once it has gone); how many it is still short of."""
+        more = (pool.target or 0) - sum(1 for n in pool.nodes.values() if not n.leaving)
+        for info in pool.offered:
+            if more <= 0:
+                break
+            if info.node_id not in pool.nodes:
+                self._add_node(pool, info)
+                more -= 1
+        return max(0, more)
 
     def _on_NodeSchedulingSet(self, ev: NodeSchedulingSet) -> None:
         node = self.node(ev.pool_id, ev.node_id)

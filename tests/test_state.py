@@ -559,7 +559,7 @@ def test_resize_grows_with_the_providers_next_nodes_and_shrinks_idle_nodes_first
     out = st.handle(S.PoolResized(1.6, "p", 1, nodes))
     assert without(out, S.Reply) == [
         x for n in ("n5", "n4", "n3", "n2")  # (requeue: their task directories go too)
-        for x in (S.RemoveNodeData("p", n), S.StopAgent("p", n, 1), S.DropNode("p", n))]
+        for x in (S.StopAgent("p", n, 1), S.DropNode("p", n), S.RemoveNodeData("p", n))]
     assert list(st.pools["p"].nodes) == ["n1"]
 
 
@@ -575,6 +575,22 @@ def test_a_shrink_with_retaineddata_keeps_task_directories_and_spares_a_wide_tas
     assert st.pools["p"].nodes["n2"].leaving and not st.pools["p"].nodes["n3"].leaving
 
 
+def test_a_node_still_leaving_when_the_pool_grows_again_comes_back_once_gone():
+    st = pool_up((("n1", 1), ("n2", 1)), rows=[row(1), row(2)])  # t2 on n2
+    nodes = (S.NodeInfo("n1", "h-n1", 1), S.NodeInfo("n2", "h-n2", 1))
+    st.handle(S.PoolResized(1.5, "p", 1, nodes, keep=("n1",), running=S.TASK_COMPLETION))
+    assert st.pools["p"].nodes["n2"].leaving
+    out = st.handle(S.PoolResized(1.6, "p", 2, nodes, keep=("n1", "n2")))
+    assert only(out, S.StartAgent) == []  # n2 is still there, leaving
+    out = st.handle(exited(2, node="n2", code=0))
+    # gone, and back at once with the next generation; its directories stay (it is back)
+    assert only(out, S.StopAgent, S.DropNode, S.StartAgent, S.RemoveNodeData) == [
+        S.StopAgent("p", "n2", 1), S.DropNode("p", "n2"), S.StartAgent("p", "n2", 2)]
+    assert not st.pools["p"].nodes["n2"].leaving
+    # what the old agent (generation 1) still says is not the new one's
+    assert st.handle(S.AgentClosed(2.5, "p", "n2", 1)) == []
+
+
 def test_a_shrink_of_a_provider_that_names_its_nodes_drains_the_others():
     st = pool_up((("n1", 1), ("n2", 1), ("n3", 1)))
     out = st.handle(S.PoolResized(1.5, "p", 1, keep=("n3",), running=S.TASK_COMPLETION))
@@ -587,7 +603,7 @@ def test_shrinking_below_the_busy_nodes_requeues_their_work():
     out = st.handle(S.PoolResized(1.5, "p", 1))
     assert only(out, S.KillRun) == [S.KillRun("p", "n2", RunId(2), "requeue")]
     out = st.handle(exited(2, node="n2", code=None, signal=15, killed="requeue"))
-    assert [type(i) for i in out] == [S.RemoveNodeData, S.StopAgent, S.DropNode,
+    assert [type(i) for i in out] == [S.StopAgent, S.DropNode, S.RemoveNodeData,
                                       S.FinishAttempt]
     assert 2 in st.rows  # waits for n1
 
