@@ -40,6 +40,8 @@ from hpcbatch.errors import ValidationError
 MAX_FORMULA_CHARS = 8192  # Azure Batch's limits
 MAX_STATEMENTS = 100
 MAX_DEPTH = 64  # nested expressions
+MAX_TREE_DEPTH = 150  # of the parsed tree (a chain 1+1+1... nests too), so evaluating
+# it stays well inside Python's recursion limit
 
 # what happens to the tasks of a node that leaves (Batch's nodeDeallocationOption)
 DEALLOCATION_OPTIONS = ("requeue", "terminate", "taskcompletion", "retaineddata")
@@ -455,9 +457,34 @@ def _did_you_mean(name: str, known, prefix: str = "") -> str:
     return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 
+def _children(node: tuple) -> list[tuple]:
+    out = []
+    for child in node[3:]:
+        if isinstance(child, tuple) and child and isinstance(child[0], str) and \
+                len(child) >= 3 and isinstance(child[1], int):
+            out.append(child)
+        elif isinstance(child, tuple):
+            out.extend(c for c in child if isinstance(c, tuple) and c and
+                       isinstance(c[0], str) and len(c) >= 3 and isinstance(c[1], int))
+    return out
+
+
+def _check_depth(top: tuple) -> None:
+    stack = [(top, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_TREE_DEPTH:
+            raise FormulaError(node[1], node[2], f"the statement is too deep (more than "
+                               f"{MAX_TREE_DEPTH} operations in a chain); split it with "
+                               "variables")
+        stack.extend((c, depth + 1) for c in _children(node))
+
+
 def parse(text: str) -> Formula:
     """The formula's statements; FormulaError (line:col) when it does not parse."""
     statements = _Parser(tokenize(text)).statements()
+    for st in statements:
+        _check_depth(st)
     if not statements:
         raise FormulaError(1, 1, "the formula is empty; set $TargetNodes, e.g. "
                            "'$TargetNodes = min(4, $PendingTasks)'")

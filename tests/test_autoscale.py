@@ -233,6 +233,9 @@ def test_limits():
         A.parse("$TargetNodes = " + "(" * 100 + "1" + ")" * 100)
     with pytest.raises(A.FormulaError, match="nests more than"):
         A.parse("$TargetNodes = " + "-" * 100 + "1")
+    with pytest.raises(A.FormulaError, match="too deep"):  # a chain nests as deep
+        A.parse("$TargetNodes = " + "+".join(["1"] * 2000))
+    assert run("$TargetNodes = " + "+".join(["1"] * 100)).target_nodes == 100
     with pytest.raises(A.FormulaError, match="characters; at most 8192"):
         A.parse("$TargetNodes = 1 " + " " * 9000)
     with pytest.raises(A.FormulaError, match="more than 100 statements"):
@@ -262,3 +265,24 @@ def test_deallocation_names_and_intervals():
     for bad in ("0.5s", "fast", "-1s", "8d", True):
         with pytest.raises(A.ValidationError, match="interval"):
             parse_interval(bad)
+
+
+def test_random_text_is_a_formula_error_or_a_result_never_a_crash():
+    import random
+    rng = random.Random(12)
+    pieces = ["$TargetNodes", "=", "$PendingTasks", ".GetSample(", "GetSamplePercent(",
+              "(", ")", "1", "0", "-", "+", "*", "/", "%", "?", ":", "&&", "||", "!", ",",
+              ";", "\n", "60s", "min(", "avg(", "x", "x =", "\"requeue\"", "1e308", ".5",
+              "TimeInterval_Minute", "$NodeDeallocationOption", "==", "<", "//", "/*"]
+    outcomes = set()
+    for _ in range(3000):
+        text = " ".join(rng.choice(pieces) for _ in range(rng.randint(1, 14)))
+        if rng.random() < 0.5:
+            text = f"{text}\n$TargetNodes = 1"
+        try:
+            run(text, PendingTasks=[1, 2, 3])
+            outcomes.add("ok")
+        except A.FormulaError as exc:
+            assert "\n" not in str(exc) and str(exc).startswith("formula: line "), text
+            outcomes.add(exc.stage)
+    assert outcomes == {"ok", "syntax", "evaluation"}
