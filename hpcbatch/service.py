@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcbatch import env as E
-from hpcbatch.errors import Conflict, HpcBatchError, NotFound, ValidationError
+from hpcbatch.errors import Conflict, CoordinatorBusy, HpcBatchError, NotFound, ValidationError
 from hpcbatch.home import default_home
 from hpcbatch.models import JobSpec, PoolSpec, TaskSpec, check_id
 from hpcbatch.timings import Timings
@@ -788,7 +788,13 @@ class LocalService(Service):
         parse(formula)
         if self.coordinator is not None:
             fut = self.coordinator.evaluate_autoscale(pool_id, formula)
-            result = fut.result(timeout=self.command_timeout_s)
+            try:
+                result = fut.result(timeout=self.command_timeout_s)
+            except CoordinatorBusy:  # another process's: its counts, from the store
+                result = None
+            except concurrent.futures.TimeoutError:
+                raise HpcBatchError(f"the coordinator did not evaluate the formula within "
+                                    f"{self.command_timeout_s:g} s; ask again") from None
             if result is not None:
                 return result
         active, active_slots, running, running_slots = self.store.pool_task_slots(pool_id)

@@ -223,7 +223,8 @@ def test_resize_cli_errors_are_one_line_and_change_nothing(cli, home):
     assert cli("pool", "resize", "p", "2").returncode == 0  # the positional still works
 
 
-def test_pending_work_is_counted_in_slots_by_the_coordinator_and_without_one(batch, home):
+def test_pending_work_is_counted_in_slots_by_the_coordinator_and_without_one(
+        batch, make_batch, home):
     from hpcbatch.service import LocalService
     batch.pools.create("s", task_slots_per_node=4, target_nodes=1)
     batch.pools.resize("s", 0)
@@ -243,4 +244,6 @@ def test_pending_work_is_counted_in_slots_by_the_coordinator_and_without_one(bat
     with LocalService(home) as svc:  # no coordinator: the store's counts
         assert svc.coordinator is None
         assert seen(svc.evaluate_autoscale("s", formula)) == want
+    beside = make_batch()  # its coordinator would be the other process's: the store's
+    assert seen(beside.pools.evaluate_autoscale("s", formula)) == want
     assert batch.pools.get("s").target_nodes == 0  # a dry run changes nothing
