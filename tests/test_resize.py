@@ -12,6 +12,9 @@ Cases:
 * a running multi-instance task: with task_completion its nodes go last and only once it
   ends (never cut short); with requeue its attempt ends and it runs again
 * each resize is recorded (pool show: when, from -> to, deallocation)
+* pending work counted in slots, by the coordinator's samples and by the store's dry run
+* a formula that fails at evaluation in the loop: recorded with its line:col, the pool
+  unchanged; a new formula replaces it at once and is obeyed
 * bad input, each exit 2 with one line and nothing changed: --target -1, an unknown
   --deallocation, a target given twice or not at all, a pool that autoscales
 """
@@ -247,3 +250,22 @@ def test_pending_work_is_counted_in_slots_by_the_coordinator_and_without_one(
     beside = make_batch()  # its coordinator would be the other process's: the store's
     assert seen(beside.pools.evaluate_autoscale("s", formula)) == want
     assert batch.pools.get("s").target_nodes == 0  # a dry run changes nothing
+
+
+def test_a_formula_that_fails_in_the_loop_is_recorded_and_changes_nothing(batch):
+    batch.pools.create("f", task_slots_per_node=1, target_nodes=2)
+    wait_idle(batch, "f", 2)
+    batch.pools.enable_autoscale("f", "$x = 1\n$TargetNodes = 5 / ($IdleNodes - 2)",
+                                 interval_s="1s")
+
+    def errors():
+        return [e for e in batch.pools.get("f").autoscale_events if e["error"]]
+    poll(lambda: len(errors()) >= 2, what="two failed evaluations")
+    failed = errors()
+    assert failed[0]["kind"] == "evaluation" and failed[0]["result"] is None
+    assert failed[0]["error"].startswith("formula: line 2:18: division by zero")
+    assert batch.pools.get("f").target_nodes == 2 and len(node_ids(batch, "f")) == 2
+    # a good formula replaces it at once, and is obeyed
+    batch.pools.enable_autoscale("f", "$TargetNodes = $IdleNodes - 1", interval_s=1)
+    poll(lambda: batch.pools.get("f").target_nodes == 1, what="resized by the new formula")
+    poll(lambda: len(node_ids(batch, "f")) == 1, what="one node left")
