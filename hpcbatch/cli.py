@@ -506,6 +506,9 @@ def pool_show(pool_id: str) -> None:
     rows = [[n.id, n.state + (" (reconnecting)" if n.reconnecting else ""), n.slots,
              n.hostname or "", n.reason or ""] for n in nodes]
     out.print(table(["node", "state", "slots", "host", "reason"], rows, keep=("node",)))
+    from hpcbatch.cli_autoscale import show_lines
+    for line in show_lines(p):
+        out.print(line, markup=False, soft_wrap=True)
 
 
 @pool.command("delete")
@@ -528,8 +531,9 @@ def pool_delete(pool_id: str) -> None:
 @click.option("--policy", type=click.Choice(["pack", "spread"]), default="pack",
               show_default=True)
 @click.option("--start-task", help="Command every node runs before it takes tasks.")
-@click.option("--nodes", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Local pools: simulated nodes on this machine (one agent each).")
+@click.option("--nodes", type=click.IntRange(0, 64), default=1, show_default=True,
+              help="Local pools: simulated nodes on this machine (one agent each; 0: "
+              "none until it is resized or autoscaled).")
 @click.option("--spec", type=click.Path(dir_okay=False), help="SSH pool from a pool.json "
               "(as 'hpcbatch cluster up' writes).")
 @click.option("--ssh", "hostlist", help="SSH pool from a host list: node[01-16],login1.")
@@ -896,13 +900,28 @@ RUNNING_CHOICES = ("requeue", "terminate", "taskcompletion")  # hpcbatch.state.R
 
 @pool.command("resize")
 @click.argument("pool_id")
-@click.argument("target_nodes", type=int)
-def pool_resize(pool_id: str, target_nodes: int) -> None:
-    """Grow or shrink POOL to TARGET_NODES nodes (idle nodes leave first; the tasks of
-    busy ones that leave are requeued). An SSH pool's host list is its size."""
+@click.argument("target_nodes", type=int, required=False)
+@click.option("--target", "target", type=int, help="The number of nodes (0 and up; or "
+              "give it as TARGET_NODES).")
+@click.option("--deallocation", default="requeue", show_default=True,
+              help="What becomes of the running tasks of a node that leaves: requeue "
+              "(killed, run again), terminate (killed, failed), task_completion (left to "
+              "finish), retained_data (left to finish, task directories kept).")
+def pool_resize(pool_id: str, target_nodes: int | None, target: int | None,
+                deallocation: str) -> None:
+    """Grow or shrink POOL to TARGET_NODES nodes. A node that leaves first takes no new
+    work; idle nodes leave first. An SSH pool's host list is its capacity: the first
+    TARGET_NODES hosts are in, the others drained and left idle."""
+    if (target_nodes is None) == (target is None):
+        raise ValidationError("--target", "give the number of nodes once: --target N (or "
+                              "as TARGET_NODES)")
+    n = target if target is not None else target_nodes
+    from hpcbatch.autoscale import normalize_option
+    deallocation = normalize_option(deallocation, "--deallocation")
     with _service() as service:
-        p = service.resize_pool(pool_id, target_nodes)
-    out.print(f"pool {pool_id}: target {p.target_nodes} node(s)", markup=False)
+        p = service.resize_pool(pool_id, n, deallocation=deallocation)
+    out.print(f"pool {pool_id}: target {p.target_nodes} node(s) (deallocation "
+              f"{deallocation})", markup=False)
 
 
 @cli.group()
@@ -1024,6 +1043,9 @@ def _register_optional() -> None:
 
 
 _register_optional()
+from hpcbatch.cli_autoscale import autoscale as _autoscale  # noqa: E402 - beside pool
+
+pool.add_command(_autoscale)
 if isinstance(cli.commands.get("results"), click.Group):
     cli.commands["results"].add_command(results_get)
 

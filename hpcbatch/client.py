@@ -335,6 +335,31 @@ class Pools:
     def list(self) -> list[PoolView]:
         return self._batch.service.list_pools()
 
+    def resize(self, pool_id: str, target_nodes: int, *,
+               deallocation: str = "requeue") -> PoolView:
+        """Grow or shrink the pool to ``target_nodes`` (0 and up). A node that leaves
+        first takes no new work; its running tasks are then killed and requeued
+        ("requeue"), killed and completed as failed ("terminate"), or left to finish
+        ("task_completion"; "retained_data" also keeps its task directories, which the
+        other options remove once it is gone). An SSH pool's host list is its capacity:
+        the first ``target_nodes`` hosts are in, the others drained and left idle."""
+        return self._batch.service.resize_pool(pool_id, target_nodes,
+                                               deallocation=deallocation)
+
+    def enable_autoscale(self, pool_id: str, formula: str, *,
+                         interval_s: float | str = 30.0) -> PoolView:
+        """Size the pool by an autoscale formula (see :mod:`hpcbatch.autoscale`),
+        evaluated at once and then every ``interval_s`` (or '30s', '5m')."""
+        return self._batch.service.enable_autoscale(pool_id, formula, interval_s=interval_s)
+
+    def disable_autoscale(self, pool_id: str) -> PoolView:
+        return self._batch.service.disable_autoscale(pool_id)
+
+    def evaluate_autoscale(self, pool_id: str, formula: str) -> dict[str, Any]:
+        """A dry run: {'target_nodes', 'deallocation', 'variables'}; the pool is
+        unchanged. FormulaError (a ValidationError naming line:col) when it fails."""
+        return self._batch.service.evaluate_autoscale(pool_id, formula)
+
     def nodes(self, pool_id: str | None = None) -> list[NodeView]:
         """The nodes (of one pool, or all), as last recorded; ``n["state"]`` and
         ``n.state`` both read."""

@@ -25,6 +25,7 @@ from typing import Any
 from hpcbatch import agentlink as link
 from hpcbatch import env as E
 from hpcbatch import state as S
+from hpcbatch.autoscaling import Autoscaler, evaluate_dry
 from hpcbatch.errors import Conflict, HpcBatchError, NotFound, ValidationError
 from hpcbatch.home import HomeLock, default_home
 from hpcbatch.launch import protocol as P
@@ -84,6 +85,7 @@ class Coordinator:
         self._last_tick = 0.0
         self._last_poll = 0.0
         self._deferred: list[Any] = []  # a query left to the next turn (see _turn)
+        self.autoscaler = Autoscaler(self.store, time.time())
         from hpcbatch.collect import Collector, log_cap_from_env
         from hpcbatch.staging import Stager, cache_bytes_from_env
         self.stager = Stager(self.home, cache_bytes_from_env())  # resource files
@@ -169,8 +171,9 @@ class Coordinator:
 
     # the service operations (resolved once the state has taken them; errors raised)
 
-    def resize_pool(self, pool_id: str, target_nodes: int) -> concurrent.futures.Future:
-        return self._command("resize", pool_id, target_nodes)
+    def resize_pool(self, pool_id: str, target_nodes: int,
+                    deallocation: str = S.REQUEUE) -> concurrent.futures.Future:
+        return self._command("resize", pool_id, target_nodes, deallocation)
 
     def remove_node(self, pool_id: str, node_id: str,
                     running: str = S.REQUEUE) -> concurrent.futures.Future:
@@ -186,6 +189,11 @@ class Coordinator:
     def reactivate_task(self, job_id: str, task_id: str) -> concurrent.futures.Future:
         return self._command("reactivate", job_id, task_id)
 
+    def evaluate_autoscale(self, pool_id: str, formula: str) -> concurrent.futures.Future:
+        """A dry run of a formula over the pool's samples and its metrics now: the
+        evaluation as a dict (None: the pool is not running here)."""
+        return self._command("asdry", pool_id, formula)
+
     # ---- the loop --------------------------------------------------------------
 
     def _run(self) -> None:
@@ -200,6 +208,7 @@ class Coordinator:
                 if now - self._last_tick >= TICK_S:
                     self._last_tick = now
                     events.append(S.Tick(now))
+                    events += self._autoscale(now)
                 if events or self._deferred:
                     self._turn(events)
         except BaseException as exc:  # surface to waiters instead of dying silently
@@ -290,6 +299,30 @@ class Coordinator:
             return [S.FilesStaged(now, *item[1:])]
         if kind == "work":
             return [S.WorkNoticed(now)]
+        if kind == "asdry":
+            _, pool_id, formula, fut = item
+            m = self.autoscaler.measure(self.state, pool_id, now)
+            if m is None:
+                fut.set_result(None)
+                return []
+            points, period = self.autoscaler.history(pool_id)
+            try:
+                fut.set_result(evaluate_dry(formula, [*points, (now, m)], period, now,
+                                            self.store.get_pool(pool_id).target_nodes))
+            except Exception as exc:  # noqa: BLE001 - the caller hears it
+                fut.set_exception(exc)
+            return []
+        if kind == "grown":
+            _, pool_id, granted, _error = item
+            if pool_id not in self.state.pools or self._stop.is_set():
+                provider = self.providers.get(pool_id)
+                if granted and provider is not None:  # nobody to run them: back at once
+                    self._io(provider.shrink, [d.node_id for d in granted])
+                return []
+            for d in granted:
+                self.descs[(pool_id, d.node_id)] = d
+            return [S.NodeGranted(now, pool_id, S.NodeInfo(d.node_id, d.host, d.slots))
+                    for d in granted]
         if kind == "pool":
             spec, fut = item[1:]
             try:
@@ -383,7 +416,7 @@ class Coordinator:
         pool = self.state.pools.get(pool_id)
         return [] if pool is None else [n for n, nd in pool.nodes.items() if not nd.leaving]
 
-    def _resize_events(self, now: float, pool_id: str, target: int,
+    def _resize_events(self, now: float, pool_id: str, target: int, running: str,
                        fut: concurrent.futures.Future) -> list[Any]:
         new = resized_spec(self.store.get_pool(pool_id), self.home, target)
         provider = self._change_pool(new)
@@ -391,14 +424,54 @@ class Coordinator:
         if pool is None:  # not started here (yet): the stored size is what it starts with
             fut.set_result(None)
             return []
-        # the provider's nodes for a size with room for every id the pool holds now, so
-        # an id still held by a leaving node is not needed
-        wide = dataclasses.replace(new, target_nodes=min(100_000, target + len(pool.nodes)))
-        nodes = provider_for(wide, self.home).fixed_nodes() if provider.fixed_nodes() else []
-        for d in nodes:
-            self.descs.setdefault((pool_id, d.node_id), d)
-        infos = tuple(S.NodeInfo(d.node_id, d.host, d.slots) for d in nodes)
-        return [S.PoolResized(now, pool_id, target, infos, self._reply(fut))]
+        keep = None
+        if provider.elastic:  # more nodes are asked of the provider, off the loop
+            infos: tuple[S.NodeInfo, ...] = ()
+            have = sum(1 for n in pool.nodes.values() if not n.leaving)
+            if target > have:
+                self._io(self._grow, provider, pool_id, target - have)
+        else:
+            # the provider's nodes for a size with room for every id the pool holds now,
+            # so an id still held by a leaving node is not needed
+            wide = dataclasses.replace(new, target_nodes=min(100_000,
+                                                             target + len(pool.nodes)))
+            nodes = provider_for(wide, self.home).fixed_nodes()
+            for d in nodes:
+                self.descs.setdefault((pool_id, d.node_id), d)
+            infos = tuple(S.NodeInfo(d.node_id, d.host, d.slots) for d in nodes)
+            if provider.ordered:  # its nodes at a size are the first of its list
+                keep = tuple(d.node_id for d in provider.fixed_nodes())
+        return [S.PoolResized(now, pool_id, target, infos, self._reply(fut), running, keep)]
+
+    def _grow(self, provider: Any, pool_id: str, n: int) -> None:
+        """On a worker thread: ask an elastic provider for n more nodes; each granted
+        one joins the pool (NodeGranted)."""
+        try:
+            granted = provider.grow(n)
+        except Exception as exc:  # noqa: BLE001 - said in the log and the pool's record
+            log.warning("pool %s: %d more node(s) were asked for and not granted: %s",
+                        pool_id, n, exc)
+            self.inbox.put(("grown", pool_id, (), str(exc)))
+            return
+        self.inbox.put(("grown", pool_id, tuple(granted), None))
+
+    def _autoscale(self, now: float) -> list[Any]:
+        """Sample the pools, evaluate their formulas when due, resize as they say."""
+        try:
+            decisions = self.autoscaler.tick(self.state, now)
+        except Exception:  # noqa: BLE001 - autoscaling never stops the loop
+            log.exception("autoscale")
+            return []
+        events: list[Any] = []
+        for pool_id, target, running, record in decisions:
+            try:
+                events += self._resize_events(now, pool_id, target, running,
+                                              concurrent.futures.Future())
+            except HpcBatchError as exc:
+                self.autoscaler.record(pool_id, "resize", record, str(exc), now)
+                continue
+            self.autoscaler.record(pool_id, "resize", record, None, now)
+        return events
 
     def _change_pool(self, spec: PoolSpec) -> Any:
         """Store the pool's new spec and use a provider made from it; nodes it no longer
@@ -432,7 +505,8 @@ class Coordinator:
         was resized, or a node removed) are forgotten."""
         for ev in added:
             listed = {n.node_id for n in ev.nodes}
-            if listed:
+            provider = self.providers.get(ev.pool.pool_id)
+            if listed or (provider is not None and not provider.elastic):
                 for n in self.store.list_nodes(ev.pool.pool_id):
                     if n["id"] not in listed:
                         self.store.delete_node(ev.pool.pool_id, n["id"])
@@ -455,6 +529,8 @@ class Coordinator:
         nodes = provider.fixed_nodes()
         for d in nodes:
             self.descs[(spec.id, d.node_id)] = d
+        if provider.elastic and spec.target_nodes and spec.id not in self.state.pools:
+            self._io(self._grow, provider, spec.id, spec.target_nodes)
         info = S.PoolInfo(spec.id, spec.task_slots_per_node, spec.scheduling_policy,
                           spec.start_task)
         disabled = {n["id"] for n in self.store.list_nodes(spec.id)
@@ -529,11 +605,12 @@ class Coordinator:
             st.reactivate_task(w.seq)
         if preparing:
             st.mark_preparing(preparing)
-        for w in by.get(S.PersistNode, ()):
-            st.upsert_node(w.pool_id, w.node_id, w.state.value, w.slots, dict(w.info) or None,
-                           w.reason)
-        for w in by.get(S.DropNode, ()):
-            st.delete_node(w.pool_id, w.node_id)
+        for w in writes:  # in their order: a node dropped can come back in the same turn
+            if isinstance(w, S.PersistNode):
+                st.upsert_node(w.pool_id, w.node_id, w.state.value, w.slots,
+                               dict(w.info) or None, w.reason)
+            elif isinstance(w, S.DropNode):
+                st.delete_node(w.pool_id, w.node_id)
 
     def _keep_leases(self) -> None:
         """While the turn waits for the store's write lock (another process's long
@@ -578,7 +655,14 @@ class Coordinator:
             elif isinstance(ins, S.StopAgent):
                 entry = self._stop_agent(key, ins.gen, sends.pop(key, []), abort=ins.lost)
                 if self.state.node(*key) is None:  # it left the pool
+                    provider = self._provider_of(*key)
                     self._forget_node(key, entry)
+                    if provider is not None and provider.elastic:  # given back
+                        self._io(provider.shrink, [ins.node_id])
+            elif isinstance(ins, S.RemoveNodeData):
+                provider = self._provider_of(*key)
+                if provider is not None:
+                    self._io(self._remove_node_data, provider, ins.node_id)
             elif isinstance(ins, S.FenceNode):
                 gen, token = self.tokens.get(key, (None, ""))
                 self._io(self._fence, ins, token if gen == ins.gen else "")
@@ -756,6 +840,13 @@ class Coordinator:
                 store.close()
         self._io(forget)
 
+    def _remove_node_data(self, provider: Any, node_id: str) -> None:
+        try:
+            provider.remove_tree(node_id, "jobs")
+        except Exception as exc:  # noqa: BLE001 - a warning: the node has left anyway
+            log.warning("pool %s: the task directories of node %s, which left it, could "
+                        "not be removed: %s", provider.pool_id, node_id, exc)
+
     def _fence(self, ins: S.FenceNode, token: str) -> None:
         provider = self._provider_of(ins.pool_id, ins.node_id)
         sure = False
@@ -815,14 +906,15 @@ class Coordinator:
 def resized_spec(spec: PoolSpec, home: Path, target: int) -> PoolSpec:
     """The pool's spec at ``target`` nodes; ValidationError when its provider's nodes are
     not set by its size (a fixed host list) or the size is out of its range."""
+    if isinstance(target, bool) or not isinstance(target, int) or target < 0:
+        raise ValidationError("target_nodes", f"{target!r} is not a number of nodes >= 0")
     new = dataclasses.replace(spec, target_nodes=target)  # validates the number
     provider = provider_for(new, home)
-    nodes = provider.fixed_nodes()
-    if nodes and len(nodes) != target:
-        raise ValidationError("target_nodes", f"pool {spec.id!r} has a fixed list of "
-                              f"{len(nodes)} host(s), which defines its size; remove a node "
-                              "with 'hpcbatch node remove', or create a pool with the hosts "
-                              "you want")
+    capacity = provider.capacity()
+    if capacity is not None and target > capacity:
+        raise ValidationError("target_nodes", f"pool {spec.id!r} has {capacity} host(s) in "
+                              f"its host list, fewer than the target of {target}; resize it "
+                              f"to at most {capacity}, or create a pool with more hosts")
     most = getattr(type(provider), "MAX_NODES", None)
     if most is not None and target > most:
         raise ValidationError("target_nodes", f"{target} is more than the {most} nodes a "
@@ -845,7 +937,9 @@ def spec_without_node(spec: PoolSpec, home: Path, node_id: str,
         raise ValidationError("node", f"{node_id!r} is the last node of pool {spec.id!r}; a "
                               "pool keeps at least one (delete the pool instead)")
     smaller = dataclasses.replace(spec, target_nodes=spec.target_nodes - 1)
-    if len(provider_for(smaller, home).fixed_nodes()) == smaller.target_nodes:
+    # (an SSH pool loses the host from its list: a resize would leave it listed, idle)
+    if not provider.ordered and \
+            len(provider_for(smaller, home).fixed_nodes()) == smaller.target_nodes:
         return smaller
     hosts = spec.provider_config.get("hosts")
     if isinstance(hosts, list) and node_id in listed:
@@ -853,7 +947,7 @@ def spec_without_node(spec: PoolSpec, home: Path, node_id: str,
                   "hosts": [h for h in hosts if not (isinstance(h, dict) and
                                                      h.get("name") == node_id)]}
         new = dataclasses.replace(spec, provider_config=config,
-                                  target_nodes=len(config["hosts"]))
+                                  target_nodes=spec.target_nodes - 1)
         if [d.node_id for d in provider_for(new, home).fixed_nodes()] == \
                 [n for n in listed if n != node_id]:
             return new

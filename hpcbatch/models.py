@@ -259,7 +259,7 @@ class PoolSpec:
         _check_choice("pool.provider", self.provider, PROVIDERS)
         _check_int("pool.task_slots_per_node", self.task_slots_per_node, 1, 1024)
         _check_choice("pool.scheduling_policy", self.scheduling_policy, POLICIES)
-        _check_int("pool.target_nodes", self.target_nodes, 1, 100_000)
+        _check_int("pool.target_nodes", self.target_nodes, 0, 100_000)  # 0: scaled down
         if self.start_task is not None and not str(self.start_task).strip():
             raise ValidationError("pool.start_task", "is empty; give a command line or omit it")
 

@@ -338,10 +338,27 @@ class RemoteService(RemoteStorageMethods, Service):
             nodes += [NodeView.from_dict(n) for n in items]
         return nodes
 
-    def resize_pool(self, pool_id: str, target_nodes: int) -> PoolView:
+    def resize_pool(self, pool_id: str, target_nodes: int, *,
+                    deallocation: str = "requeue") -> PoolView:
         return PoolView.from_dict(self._post(f"/v1/pools/{_seg(pool_id, 'pool')}/resize",
-                                             {"target_nodes": target_nodes},
+                                             {"target_nodes": target_nodes,
+                                              "deallocation": deallocation},
                                              timeout=self._bulk_timeout()))
+
+    def enable_autoscale(self, pool_id: str, formula: str, *,
+                         interval_s: float = 30.0) -> PoolView:
+        from hpcbatch.autoscaling import parse_interval
+        return PoolView.from_dict(self._post(
+            f"/v1/pools/{_seg(pool_id, 'pool')}/enableautoscale",
+            {"formula": formula, "interval_s": parse_interval(interval_s)}))
+
+    def disable_autoscale(self, pool_id: str) -> PoolView:
+        return PoolView.from_dict(self._post(
+            f"/v1/pools/{_seg(pool_id, 'pool')}/disableautoscale"))
+
+    def evaluate_autoscale(self, pool_id: str, formula: str) -> dict[str, Any]:
+        return self._post(f"/v1/pools/{_seg(pool_id, 'pool')}/evaluateautoscale",
+                          {"formula": formula})
 
     def _node_path(self, pool_id: str, node_id: str) -> str:
         return f"/v1/pools/{_seg(pool_id, 'pool')}/nodes/{_seg(node_id, 'node')}"

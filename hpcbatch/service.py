@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcbatch import env as E
-from hpcbatch.errors import Conflict, HpcBatchError, NotFound, ValidationError
+from hpcbatch.errors import Conflict, CoordinatorBusy, HpcBatchError, NotFound, ValidationError
 from hpcbatch.home import default_home
 from hpcbatch.models import JobSpec, PoolSpec, TaskSpec, check_id
 from hpcbatch.storage_api import LocalStorageMethods
@@ -287,10 +287,34 @@ class Service(abc.ABC):
     # ---- reactivate and delete
 
     @abc.abstractmethod
-    def resize_pool(self, pool_id: str, target_nodes: int) -> PoolView:
-        """Change the pool's target size: nodes are added, or (shrinking) the idle ones
-        leave first and the work of busy ones that leave is requeued. A pool whose nodes
-        are a fixed host list (SSH) is refused: its host list is its size."""
+    def resize_pool(self, pool_id: str, target_nodes: int, *,
+                    deallocation: str = "requeue") -> PoolView:
+        """Change the pool's target size (0 and up): nodes are added, or (shrinking) nodes
+        leave: they stop taking work, then what runs there goes as ``deallocation``
+        says: 'requeue' (killed, requeued: not a retry), 'terminate' (killed, completed
+        as killed:terminate), 'taskcompletion' (left to finish) or 'retaineddata' (left
+        to finish, and the node's task directories kept; the other options remove them
+        once it is gone). With the last two a node of a running multi-instance task goes
+        last and only once that task has ended. An SSH pool's host list is its
+        capacity: a smaller target takes the first hosts in and leaves the others idle;
+        a larger one is refused. A pool that autoscales is refused (disable it first)."""
+
+    @abc.abstractmethod
+    def enable_autoscale(self, pool_id: str, formula: str, *,
+                         interval_s: float = 30.0) -> PoolView:
+        """Size the pool by an autoscale formula (hpcbatch.autoscale), evaluated at once
+        and then every ``interval_s`` (1 s .. 7 days) by the coordinator. The formula is
+        checked first (a FormulaError naming line:col, nothing changed)."""
+
+    @abc.abstractmethod
+    def disable_autoscale(self, pool_id: str) -> PoolView:
+        """Stop autoscaling the pool; it keeps the size it has."""
+
+    @abc.abstractmethod
+    def evaluate_autoscale(self, pool_id: str, formula: str) -> dict[str, Any]:
+        """A dry run over the pool's samples (with no coordinator: its counts now):
+        {'target_nodes', 'deallocation', 'variables'}; the pool is unchanged. A
+        FormulaError (line:col) when the formula does not parse or evaluate."""
 
     @abc.abstractmethod
     def disable_node_scheduling(self, pool_id: str, node_id: str, *,
@@ -345,7 +369,9 @@ class Service(abc.ABC):
         self.close()
 
 
-def pool_view(spec: PoolSpec, nodes: Iterable[Mapping[str, Any]], home: Path) -> PoolView:
+def pool_view(spec: PoolSpec, nodes: Iterable[Mapping[str, Any]], home: Path,
+              autoscale: Mapping[str, Any] | None = None,
+              events: Sequence[Mapping[str, Any]] = ()) -> PoolView:
     from hpcbatch.providers import provider_for
     states: dict[str, int] = {}
     for n in nodes:
@@ -357,7 +383,8 @@ def pool_view(spec: PoolSpec, nodes: Iterable[Mapping[str, Any]], home: Path) ->
         where, notes, python = "?", (f"provider config: {exc}",), ""
     return PoolView(spec.id, spec.provider, spec.task_slots_per_node, spec.scheduling_policy,
                     spec.target_nodes, spec.start_task, spec.inter_node_communication,
-                    dict(spec.provider_config), states, where, notes, python)
+                    dict(spec.provider_config), states, where, notes, python,
+                    autoscale, tuple(events))
 
 
 class LocalService(LocalStorageMethods, Service):
@@ -492,13 +519,23 @@ class LocalService(LocalStorageMethods, Service):
 
     def get_pool(self, pool_id: str) -> PoolView:
         spec = self.store.get_pool(pool_id)
-        return pool_view(spec, self.store.list_nodes(pool_id), self.home)
+        return pool_view(spec, self.store.list_nodes(pool_id), self.home,
+                         self._autoscale_of(pool_id), self.store.pool_events(pool_id))
+
+    def _autoscale_of(self, pool_id: str) -> dict[str, Any] | None:
+        row = self.store.get_autoscale(pool_id)
+        return None if row is None else {k: row[k] for k in ("formula", "interval_s",
+                                                            "enabled_at")}
 
     def list_pools(self) -> list[PoolView]:
         nodes: dict[str, list] = {}
         for n in self.store.list_nodes():
             nodes.setdefault(n["pool_id"], []).append(n)
-        return [pool_view(p, nodes.get(p.id, []), self.home) for p in self.store.list_pools()]
+        scaled = {r["pool_id"]: r for r in self.store.list_autoscale()}
+        return [pool_view(p, nodes.get(p.id, []), self.home,
+                          {k: scaled[p.id][k] for k in ("formula", "interval_s", "enabled_at")}
+                          if p.id in scaled else None)
+                for p in self.store.list_pools()]
 
     def delete_pool(self, pool_id: str) -> list[str]:
         if pool_id == LOCAL_POOL:
@@ -701,24 +738,79 @@ class LocalService(LocalStorageMethods, Service):
     # ---- reactivate and delete. Through the coordinator when one runs here; with none,
     # ---- in the store, holding the home's lock (the next coordinator goes by it).
 
-    def resize_pool(self, pool_id: str, target_nodes: int) -> PoolView:
+    def resize_pool(self, pool_id: str, target_nodes: int, *,
+                    deallocation: str = "requeue") -> PoolView:
+        from hpcbatch.autoscale import normalize_option
         from hpcbatch.coordinator import resized_spec
+        deallocation = normalize_option(deallocation)
         if isinstance(target_nodes, bool) or not isinstance(target_nodes, int) or \
-                target_nodes < 1:
+                target_nodes < 0:
             raise ValidationError("target_nodes", f"{target_nodes!r} is not a number of "
-                                  "nodes >= 1")
+                                  "nodes >= 0")
         new = resized_spec(self.store.get_pool(pool_id), self.home, target_nodes)
+        if self.store.get_autoscale(pool_id) is not None:
+            raise Conflict(f"pool {pool_id!r} is sized by its autoscale formula; "
+                           f"'hpcbatch pool autoscale disable {pool_id}' first")
+        old = self.store.get_pool(pool_id).target_nodes
         if self.coordinator is not None:
             self._command(f"the resize of pool {pool_id!r}", "resize_pool", pool_id,
-                          target_nodes)
+                          target_nodes, deallocation)
         else:
             with self._exclusive():
                 self.store.set_pool_spec(new)
-                listed = {d.node_id for d in self._provider(new).fixed_nodes()}
+                provider = self._provider(new)
+                listed = {d.node_id for d in provider.fixed_nodes()}
                 for n in self.store.list_nodes(pool_id):
-                    if listed and n["id"] not in listed:
+                    if not provider.elastic and n["id"] not in listed:
                         self.store.delete_node(pool_id, n["id"])
+        self.store.record_pool_event(pool_id, "resize", {
+            "from": old, "to": target_nodes, "deallocation": deallocation, "by": "resize"},
+            None)
         return self.get_pool(pool_id)
+
+    def enable_autoscale(self, pool_id: str, formula: str, *,
+                         interval_s: float = 30.0) -> PoolView:
+        from hpcbatch.autoscale import check
+        from hpcbatch.autoscaling import parse_interval
+        self.store.get_pool(pool_id)
+        interval_s = parse_interval(interval_s)
+        check(formula)
+        self.store.set_autoscale(pool_id, formula, interval_s)
+        if self.coordinator is None:
+            pass  # stored: the next coordinator of this home evaluates it (an embedded
+            # Batch has started its own just now, in looking)
+        return self.get_pool(pool_id)
+
+    def disable_autoscale(self, pool_id: str) -> PoolView:
+        self.store.get_pool(pool_id)
+        self.store.clear_autoscale(pool_id)
+        return self.get_pool(pool_id)
+
+    def evaluate_autoscale(self, pool_id: str, formula: str) -> dict[str, Any]:
+        from hpcbatch.autoscale import parse
+        from hpcbatch.autoscaling import Metrics, evaluate_dry
+        spec = self.store.get_pool(pool_id)
+        parse(formula)
+        if self.coordinator is not None:
+            fut = self.coordinator.evaluate_autoscale(pool_id, formula)
+            try:
+                result = fut.result(timeout=self.command_timeout_s)
+            except CoordinatorBusy:  # another process's: its counts, from the store
+                result = None
+            except concurrent.futures.TimeoutError:
+                raise HpcBatchError(f"the coordinator did not evaluate the formula within "
+                                    f"{self.command_timeout_s:g} s; ask again") from None
+            if result is not None:
+                return result
+        active, active_slots, running, running_slots = self.store.pool_task_slots(pool_id)
+        nodes = [n for n in self.store.list_nodes(pool_id)]
+        up = [n for n in nodes if n["state"] not in ("offline", "leaving")]
+        now = time.time()
+        ended = self.store.pool_last_ended(pool_id)
+        since = 0.0 if running or ended is None else max(0.0, now - ended)
+        m = Metrics(active, running, active_slots, running_slots, len(up),
+                    sum(1 for n in up if n["state"] == "idle"), since)
+        return evaluate_dry(formula, [(now, m)], 5.0, now, spec.target_nodes)
 
     def _node_ids(self, spec: PoolSpec) -> list[str]:
         """The pool's nodes: as its provider lists them, and any other recorded (a local

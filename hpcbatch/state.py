@@ -59,6 +59,11 @@ FLAG_RESOURCE_FILES, FLAG_COORDINATION, FLAG_COMMON_FILES = 1, 2, 4
 # finish (what is queued on its agent and has not started is requeued)
 REQUEUE, TERMINATE, TASK_COMPLETION = "requeue", "terminate", "taskcompletion"
 RUNNING_OPTIONS = (REQUEUE, TERMINATE, TASK_COMPLETION)
+# a pool that shrinks (resize, autoscale) may also keep the leaving nodes' task
+# directories: like taskcompletion, and its jobs/ stay (the other options remove them
+# once the node is gone, as a Batch node's go with it)
+RETAINED_DATA = "retaineddata"
+DEALLOCATION_OPTIONS = (*RUNNING_OPTIONS, RETAINED_DATA)
 
 usable = frozenset({NodeState.IDLE, NodeState.RUNNING})
 AGENT_STOPPED = frozenset({KILLED_LEASE, KILLED_SHUTDOWN})  # an agent's own reasons to kill
@@ -191,12 +196,18 @@ class NodeLeaving:
 class PoolResized:
     """The pool's target size changed: nodes are added from ``nodes`` (the provider's
     nodes for the new size, in order; those the pool has are skipped) or, to shrink,
-    the idle ones leave first, then the least busy (their tasks requeued)."""
+    the nodes not in ``keep`` leave (a provider whose nodes at a size are the first of a
+    list: SSH), or else the idle ones first, then the least busy. What runs on a node
+    that leaves goes as ``running`` says (DEALLOCATION_OPTIONS); with taskcompletion or
+    retaineddata a node held by a running multi-instance task is the last chosen, and
+    its task is never cut short."""
     t: float
     pool_id: str
     target: int
     nodes: tuple[NodeInfo, ...] = ()
     reply: int = 0
+    running: str = REQUEUE
+    keep: tuple[str, ...] | None = None
 
 
 @_ev
@@ -578,6 +589,14 @@ class DropNode:
 
 
 @_ev
+class RemoveNodeData:
+    """The node left a pool that shrank (not with retaineddata): remove its task
+    directories (``<node root>/jobs``)."""
+    pool_id: str
+    node_id: str
+
+
+@_ev
 class JobDrained:
     job_id: str
 
@@ -625,6 +644,7 @@ class Node:
     fenced_runs: dict[RunId, int] = dataclasses.field(default_factory=dict)
     lost_reason: str = ""
     leaving: bool = False
+    drop_data: bool = False  # leaving: its task directories go once it is gone
     disabled: bool = False  # scheduling disabled: nothing new is placed here
     reconnecting: bool = False
     persisted: Any = None  # the PersistNode last emitted
@@ -683,6 +703,11 @@ class PoolState:
     dirty: bool = True
     hold_until: float | None = None  # PoolHeld: nothing placed before this ..
     suspects: set[str] = dataclasses.field(default_factory=set)  # .. or these are reaped
+    # its last resize: the target and the provider's nodes for it, so a node that still
+    # leaves when the pool grows again (an SSH host draining) is taken in once it is gone
+    target: int | None = None
+    offered: tuple[NodeInfo, ...] = ()
+    gens: dict[str, int] = dataclasses.field(default_factory=dict)  # of nodes gone
 
 
 def _coordination_failed(node_id: str, ev: RunExited) -> str:
@@ -832,8 +857,11 @@ class CoordinatorState:
         self._want_window(pool)
 
     def _add_node(self, pool: PoolState, info: NodeInfo) -> None:
+        # a node id that was in the pool before goes on from its last generation, so
+        # nothing its old agent still says is taken for the new one's
         node = Node(pool.info.pool_id, info.node_id, info.host, info.slots,
-                    retry_s=self.timings.reconnect_min_s, disabled=info.disabled)
+                    retry_s=self.timings.reconnect_min_s, disabled=info.disabled,
+                    gen=pool.gens.pop(info.node_id, 0))
         pool.nodes[info.node_id] = node
         pool.total_slots += node.slots
         # the placer breaks ties by the order nodes were first given: the pool's order,
@@ -854,11 +882,15 @@ class CoordinatorState:
             self._reply(ev.reply, f"node {ev.node_id!r} is not in pool {ev.pool_id!r}")
             return
         if not node.leaving:
+            pool = self.pools[ev.pool_id]
+            if pool.target is not None:  # the pool is one node smaller
+                pool.target = max(0, pool.target - 1)
             self._leave(node, ev.running)
         self._reply(ev.reply)
 
-    def _leave(self, node: Node, running: str) -> None:
+    def _leave(self, node: Node, running: str, drop_data: bool = False) -> None:
         node.leaving = True
+        node.drop_data = drop_data
         self._unplace(node)
         if node.runs and NodeState.LEAVING in _moves(node.state):
             self._set_node(node, NodeState.LEAVING,
@@ -880,34 +912,53 @@ class CoordinatorState:
         pool.suspects.discard(node.node_id)
         self._dirty_nodes.pop(node.key, None)
         self._emit(DropNode(node.pool_id, node.node_id))
+        pool.gens[node.node_id] = node.gen
+        if pool.target is not None:  # the pool grew again meanwhile: maybe it comes back
+            self._fill(pool)
+        if node.drop_data and node.node_id not in pool.nodes:
+            self._emit(RemoveNodeData(node.pool_id, node.node_id))
 
     def _on_PoolResized(self, ev: PoolResized) -> None:
         pool = self.pools.get(ev.pool_id)
         if pool is None:
             self._reply(ev.reply)
             return
+        pool.target = ev.target
+        pool.offered = ev.nodes
         staying = [n for n in pool.nodes.values() if not n.leaving]
         if len(staying) < ev.target:
-            more = ev.target - len(staying)
-            for info in ev.nodes:
-                if more <= 0:
-                    break
-                if info.node_id not in pool.nodes:
-                    self._add_node(pool, info)
-                    more -= 1
-            if more > 0:
+            more = self._fill(pool)
+            if more > 0 and ev.nodes and not any(n.leaving for n in pool.nodes.values()):
                 self._emit(Log(logging.WARNING, f"pool {ev.pool_id}: {more} node(s) short of "
                                                 f"its target of {ev.target}"))
         elif len(staying) > ev.target:
             order = {nid: i for i, nid in enumerate(pool.nodes)}
-            # idle first (those that cannot take work before those that can), then the
-            # least busy; among equals the newest goes
-            staying.sort(key=lambda n: (bool(n.runs or n.fenced_runs),
+            gentle = ev.running in (TASK_COMPLETION, RETAINED_DATA)
+            # (keep: the provider names the nodes that stay.) Else idle first (those
+            # that cannot take work before those that can), then the least busy; among
+            # equals the newest goes. Letting tasks finish, a node of a running
+            # multi-instance task goes last.
+            staying.sort(key=lambda n: (n.node_id in ev.keep if ev.keep is not None
+                                        else False, gentle and n.held > 0,
+                                        bool(n.runs or n.fenced_runs),
                                         n.state in usable and not n.disabled,
                                         len(n.runs), -order[n.node_id]))
+            running = ev.running if ev.running in DEALLOCATION_OPTIONS else REQUEUE
             for node in staying[:len(staying) - ev.target]:
-                self._leave(node, REQUEUE)
+                self._leave(node, running, drop_data=running != RETAINED_DATA)
         self._reply(ev.reply)
+
+    def _fill(self, pool: PoolState) -> int:
+        """Add the offered nodes the pool lacks for its target (a node still leaving is
+        taken in once it has gone); how many it is still short of."""
+        more = (pool.target or 0) - sum(1 for n in pool.nodes.values() if not n.leaving)
+        for info in pool.offered:
+            if more <= 0:
+                break
+            if info.node_id not in pool.nodes:
+                self._add_node(pool, info)
+                more -= 1
+        return max(0, more)
 
     def _on_NodeSchedulingSet(self, ev: NodeSchedulingSet) -> None:
         node = self.node(ev.pool_id, ev.node_id)
@@ -1823,7 +1874,7 @@ class CoordinatorState:
 
 
 _WHEN_LEFT = {REQUEUE: "are requeued", TERMINATE: "are terminated",
-              TASK_COMPLETION: "complete"}
+              TASK_COMPLETION: "complete", RETAINED_DATA: "complete"}
 
 
 def _moves(state: NodeState) -> frozenset:

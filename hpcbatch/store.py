@@ -226,6 +226,27 @@ CREATE INDEX tasks_by_state ON tasks (job_id, state, seq, exit_code);
 INSERT OR IGNORE INTO meta VALUES ('query_key', lower(hex(randomblob(32))));
 """
 
+# Schema 4: a pool's autoscale formula (at most one per pool) and what its evaluations
+# and resizes did (kept bounded: the newest AUTOSCALE_EVENTS_KEPT per pool).
+SCHEMA_V4 = """
+CREATE TABLE autoscale (
+    pool_id TEXT PRIMARY KEY,
+    formula TEXT NOT NULL,
+    interval_s REAL NOT NULL,
+    enabled_at REAL NOT NULL
+);
+CREATE TABLE pool_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    pool_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    result TEXT,
+    error TEXT
+);
+CREATE INDEX pool_events_by_pool ON pool_events (pool_id, id);
+"""
+AUTOSCALE_EVENTS_KEPT = 200
+
 
 def _script(sql: str) -> Callable[[sqlite3.Connection], None]:
     def step(db: sqlite3.Connection) -> None:
@@ -253,6 +274,7 @@ MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], None]]] = [
     (1, _script(SCHEMA_V1)),
     (2, _script(SCHEMA_V2)),
     (3, _script(SCHEMA_V3)),
+    (4, _script(SCHEMA_V4)),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -702,7 +724,74 @@ class Store:
             self.check_pool_deletable(pool_id)
             db.execute("DELETE FROM nodes WHERE pool_id=?", (pool_id,))
             db.execute("DELETE FROM agents WHERE pool_id=?", (pool_id,))
+            db.execute("DELETE FROM autoscale WHERE pool_id=?", (pool_id,))
+            db.execute("DELETE FROM pool_events WHERE pool_id=?", (pool_id,))
             db.execute("DELETE FROM pools WHERE id=?", (pool_id,))
+
+    # ---- autoscale (hpcbatch.autoscaling) ----------------------------------------
+
+    def set_autoscale(self, pool_id: str, formula: str, interval_s: float) -> None:
+        with self.transaction() as db:
+            self.get_pool(pool_id)
+            db.execute("INSERT INTO autoscale VALUES (?, ?, ?, ?) ON CONFLICT (pool_id) DO "
+                       "UPDATE SET formula=excluded.formula, interval_s=excluded.interval_s, "
+                       "enabled_at=excluded.enabled_at",
+                       (pool_id, formula, float(interval_s), time.time()))
+
+    def clear_autoscale(self, pool_id: str) -> bool:
+        with self.transaction() as db:
+            return db.execute("DELETE FROM autoscale WHERE pool_id=?",
+                              (pool_id,)).rowcount > 0
+
+    def get_autoscale(self, pool_id: str) -> dict[str, Any] | None:
+        return self.db.execute("SELECT * FROM autoscale WHERE pool_id=?",
+                               (pool_id,)).fetchone()
+
+    def list_autoscale(self) -> list[dict[str, Any]]:
+        return self.db.execute("SELECT * FROM autoscale ORDER BY pool_id").fetchall()
+
+    def record_pool_event(self, pool_id: str, kind: str, result: Mapping[str, Any] | None,
+                          error: str | None, at: float | None = None) -> None:
+        """An autoscale evaluation or a resize (``kind``), what it gave or its error; the
+        newest AUTOSCALE_EVENTS_KEPT of the pool are kept."""
+        with self.transaction() as db:
+            cur = db.execute("INSERT INTO pool_events (pool_id, at, kind, result, error) "
+                             "VALUES (?, ?, ?, ?, ?)",
+                             (pool_id, time.time() if at is None else at, kind,
+                              None if result is None else json.dumps(result), error))
+            db.execute("DELETE FROM pool_events WHERE pool_id=? AND id <= ?",
+                       (pool_id, cur.lastrowid - AUTOSCALE_EVENTS_KEPT))
+
+    def pool_events(self, pool_id: str, limit: int = 20) -> list[dict[str, Any]]:
+        """The pool's newest events, newest first."""
+        rows = self.db.execute("SELECT at, kind, result, error FROM pool_events WHERE "
+                               "pool_id=? ORDER BY id DESC LIMIT ?",
+                               (pool_id, int(limit))).fetchall()
+        for r in rows:
+            r["result"] = json.loads(r["result"]) if r["result"] else None
+        return rows
+
+    def pool_task_slots(self, pool_id: str) -> tuple[int, int, int, int]:
+        """(tasks active, slots they need, tasks placed (preparing or running), slots
+        they use) of the pool's jobs: an ordinary task its required slots, a
+        multi-instance one instances x slots per instance (0: a whole node, counted as
+        ``task_slots_per_node``). For a dry run; the coordinator samples its state."""
+        per_node = self.get_pool(pool_id).task_slots_per_node
+        rows = self._tuples(
+            "SELECT state = 'active', COUNT(*), SUM(CASE WHEN instances > 0 THEN instances * "
+            "(CASE WHEN slots_per_instance > 0 THEN slots_per_instance ELSE ? END) ELSE "
+            "required_slots END) FROM tasks WHERE pool_id=? AND state != 'completed' "
+            "GROUP BY state = 'active'", (per_node, pool_id))
+        out = [0, 0, 0, 0]
+        for active, n, slots in rows:
+            i = 0 if active else 2
+            out[i], out[i + 1] = int(n), int(slots or 0)
+        return out[0], out[1], out[2], out[3]
+
+    def pool_last_ended(self, pool_id: str) -> float | None:
+        """When a task of the pool last ended (None: none has). For a dry run."""
+        row = self._tuples("SELECT MAX(ended_at) FROM tasks WHERE pool_id=?", (pool_id,))
+        return row[0][0] if row else None
 
     def list_nodes(self, pool_id: str | None = None) -> list[dict[str, Any]]:
         if pool_id is None:
@@ -1564,10 +1653,13 @@ def _finished(by_seq: Mapping[int, tuple[str, int, str | None]]) -> Callable[[tu
 def _check_fits(t: TaskSpec, pool: PoolSpec) -> None:
     """Conflict when the task could never start on the pool."""
     mi = t.multi_instance
-    if mi is not None and mi.instances > pool.target_nodes:
+    # the most nodes it can have: its target, or a longer host list it can be resized
+    # to; a pool at 0 (scaled down) waits for whatever it grows to
+    most = max(pool.target_nodes, len(pool.provider_config.get("hosts") or ()))
+    if mi is not None and pool.target_nodes and mi.instances > most:
         raise Conflict(
             f"task {t.id}: multi_instance.instances {mi.instances} is more than "
-            f"the {pool.target_nodes} nodes of pool {pool.id!r}; it could never "
+            f"the {most} nodes of pool {pool.id!r}; it could never "
             "start (lower instances or grow the pool)")
     if mi is not None and mi.slots_per_instance > pool.task_slots_per_node:
         raise Conflict(

@@ -117,6 +117,10 @@ class PoolView(_View):
     where: str = ""  # where its nodes are, in words ("node1, node2", "2 local node(s)")
     notes: tuple[str, ...] = ()  # what 'pool show' says about the provider's set-up
     node_python: str = ""  # the python that runs hpcbatch on its nodes
+    # its autoscale formula ({formula, interval_s, enabled_at}; None: sized by hand) and
+    # its newest evaluations and resizes ({at, kind, result, error}, newest first)
+    autoscale: Mapping[str, Any] | None = None
+    autoscale_events: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def nodes(self) -> int:

@@ -105,8 +105,10 @@ def test_shrinking_below_the_busy_nodes_requeues_a_task_that_then_runs_once(batc
 
 
 def test_resize_input_is_checked(batch):
-    with pytest.raises(ValidationError, match="target_nodes"):
-        batch.service.resize_pool("local", 0)
+    with pytest.raises(ValidationError, match="target_nodes: -1 is not a number of nodes"):
+        batch.service.resize_pool("local", -1)
+    with pytest.raises(ValidationError, match="deallocation: 'later' is not one of"):
+        batch.service.resize_pool("local", 2, deallocation="later")
     with pytest.raises(ValidationError, match="at most|more than the 64"):
         batch.service.resize_pool("local", 65)
     with pytest.raises(NotFound, match="pool 'nope'"):
@@ -320,7 +322,7 @@ def test_cli_operations_in_the_store_and_their_one_line_errors(cli, home):
     finally:
         store.close()
     for args, needle in [
-        (("pool", "resize", "p", "0"), "target_nodes"),
+        (("pool", "resize", "p", "--target", "-1"), "target_nodes"),
         (("pool", "resize", "p", "many"), "TARGET_NODES"),
         (("pool", "resize", "nope", "2"), "pool 'nope'"),
         (("node", "disable", "p", "local-9"), "node 'local-9' is not in pool 'p'"),
@@ -358,7 +360,8 @@ def test_an_ssh_pools_host_list_is_its_size_and_a_host_can_be_removed(ssh_cluste
     path.write_text(json.dumps(spec))
     batch.pools.create("duo", "ssh", spec=str(path), task_slots_per_node=1)
     wait_idle(batch, "duo", 2)
-    with pytest.raises(ValidationError, match="fixed list of 2 host"):
+    with pytest.raises(ValidationError, match="has 2 host.s. in its host list, fewer than "
+                       "the target of 3"):
         batch.service.resize_pool("duo", 3)
     job = batch.jobs.create("j", pool="duo")
     job.add_task("t", f"test -e {tmp_path / 'moved'} || {{ touch {tmp_path / 'moved'}; "

@@ -570,11 +570,44 @@ def test_resize_grows_with_the_providers_next_nodes_and_shrinks_idle_nodes_first
     # to 1: the idle ones go first (the newest first), the busy n1 stays
     out = st.handle(S.PoolResized(1.6, "p", 1, nodes))
     assert without(out, S.Reply) == [
-        S.StopAgent("p", "n5", 1), S.DropNode("p", "n5"),
-        S.StopAgent("p", "n4", 1), S.DropNode("p", "n4"),
-        S.StopAgent("p", "n3", 1), S.DropNode("p", "n3"),
-        S.StopAgent("p", "n2", 1), S.DropNode("p", "n2")]
+        x for n in ("n5", "n4", "n3", "n2")  # (requeue: their task directories go too)
+        for x in (S.StopAgent("p", n, 1), S.DropNode("p", n), S.RemoveNodeData("p", n))]
     assert list(st.pools["p"].nodes) == ["n1"]
+
+
+def test_a_shrink_with_retaineddata_keeps_task_directories_and_spares_a_wide_tasks_nodes():
+    st = pool_up((("n1", 1), ("n2", 1), ("n3", 1)))
+    st.pools["p"].nodes["n3"].held = 1  # (as if a multi-instance task held it)
+    st.pools["p"].nodes["n3"].runs[RunId(9)] = 1
+    st.pools["p"].nodes["n2"].runs[RunId(8)] = 1
+    out = st.handle(S.PoolResized(1.5, "p", 1, running=S.RETAINED_DATA))
+    # n1 (idle) goes at once, then n2 (busy, not held); n3's wide task is never cut
+    assert only(out, S.RemoveNodeData, S.KillRun) == []
+    assert only(out, S.DropNode) == [S.DropNode("p", "n1")]
+    assert st.pools["p"].nodes["n2"].leaving and not st.pools["p"].nodes["n3"].leaving
+
+
+def test_a_node_still_leaving_when_the_pool_grows_again_comes_back_once_gone():
+    st = pool_up((("n1", 1), ("n2", 1)), rows=[row(1), row(2)])  # t2 on n2
+    nodes = (S.NodeInfo("n1", "h-n1", 1), S.NodeInfo("n2", "h-n2", 1))
+    st.handle(S.PoolResized(1.5, "p", 1, nodes, keep=("n1",), running=S.TASK_COMPLETION))
+    assert st.pools["p"].nodes["n2"].leaving
+    out = st.handle(S.PoolResized(1.6, "p", 2, nodes, keep=("n1", "n2")))
+    assert only(out, S.StartAgent) == []  # n2 is still there, leaving
+    out = st.handle(exited(2, node="n2", code=0))
+    # gone, and back at once with the next generation; its directories stay (it is back)
+    assert only(out, S.StopAgent, S.DropNode, S.StartAgent, S.RemoveNodeData) == [
+        S.StopAgent("p", "n2", 1), S.DropNode("p", "n2"), S.StartAgent("p", "n2", 2)]
+    assert not st.pools["p"].nodes["n2"].leaving
+    # what the old agent (generation 1) still says is not the new one's
+    assert st.handle(S.AgentClosed(2.5, "p", "n2", 1)) == []
+
+
+def test_a_shrink_of_a_provider_that_names_its_nodes_drains_the_others():
+    st = pool_up((("n1", 1), ("n2", 1), ("n3", 1)))
+    out = st.handle(S.PoolResized(1.5, "p", 1, keep=("n3",), running=S.TASK_COMPLETION))
+    assert only(out, S.DropNode) == [S.DropNode("p", "n2"), S.DropNode("p", "n1")]
+    assert list(st.pools["p"].nodes) == ["n3"]
 
 
 def test_shrinking_below_the_busy_nodes_requeues_their_work():
@@ -582,7 +615,8 @@ def test_shrinking_below_the_busy_nodes_requeues_their_work():
     out = st.handle(S.PoolResized(1.5, "p", 1))
     assert only(out, S.KillRun) == [S.KillRun("p", "n2", RunId(2), "requeue")]
     out = st.handle(exited(2, node="n2", code=None, signal=15, killed="requeue"))
-    assert [type(i) for i in out] == [S.StopAgent, S.DropNode, S.FinishAttempt]
+    assert [type(i) for i in out] == [S.StopAgent, S.DropNode, S.RemoveNodeData,
+                                      S.FinishAttempt]
     assert 2 in st.rows  # waits for n1
 
 

@@ -108,6 +108,12 @@ class Provider(abc.ABC):
 
     name: ClassVar[str]
     options: ClassVar[frozenset[str]] = frozenset()  # make_spec's provider options
+    # elastic: nodes come from grow() and go back through shrink() (Slurm); else the
+    # nodes at a target are fixed_nodes() of the spec at that target
+    elastic: ClassVar[bool] = False
+    # ordered: the nodes at target N are the first N of a fixed list (an SSH host list):
+    # a shrink drains the others, whatever they run; else the state picks who leaves
+    ordered: ClassVar[bool] = False
 
     def __init__(self, spec: PoolSpec, home: str | os.PathLike):
         self.spec = spec
@@ -187,8 +193,17 @@ class Provider(abc.ABC):
         """The pool's nodes when the provider has a fixed set (local, SSH); [] for an
         elastic provider, whose nodes come from grow()."""
 
+    def capacity(self) -> int | None:
+        """The most nodes the pool can have (an SSH pool: its host list); None: no
+        limit beyond the provider's own (a resize above it is refused)."""
+        return None
+
     def grow(self, n: int) -> list[NodeDesc]:
-        """Ask for n more nodes (elastic providers; the Slurm issue fills this in)."""
+        """Ask for n more nodes (elastic providers; the Slurm issue fills this in).
+        Called on a worker thread of the coordinator, may block; returns the nodes
+        granted (fewer than n, or none, is fine: each joins the pool as it is granted;
+        a later resize or autoscale evaluation asks again). The coordinator calls
+        ``shrink`` with a node's id once it has left the pool (its agent stopped)."""
         raise NotImplementedError(f"pool {self.pool_id!r}: {self.name} pools have a fixed "
                                   "set of nodes; they cannot grow")
 

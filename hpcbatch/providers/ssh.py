@@ -250,10 +250,17 @@ class SSHProvider(Provider):
             "on: pool key + ssh_config on every node (HPCBATCH_SSH_CONFIG)"
             if self.spec.inter_node_communication else "off: the nodes' own SSH set-up")]
 
+    ordered = True
+
     def fixed_nodes(self) -> list[NodeDesc]:
+        """The first ``target_nodes`` hosts of the host list (the list is the pool's
+        capacity: a smaller target leaves the other hosts idle, outside the pool)."""
         return [NodeDesc(t.name, t.name, self.spec.task_slots_per_node,
                          {"hostname": t.hostname, "port": t.port})
-                for t in self._targets.values()]
+                for t in list(self._targets.values())[:self.spec.target_nodes]]
+
+    def capacity(self) -> int:
+        return len(self._targets)
 
     def preflight(self, *, trust_on_first_use: bool = False,
                   timeout_s: float = 30.0) -> GroupResult:

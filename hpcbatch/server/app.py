@@ -452,7 +452,18 @@ class PoolIn(_In):
 
 
 class ResizeIn(_In):
-    target_nodes: Int = _int(..., minimum=1, maximum=100_000)
+    target_nodes: Int = _int(..., minimum=0, maximum=100_000)
+    deallocation: Annotated[str, _doc(enum=["requeue", "terminate", "taskcompletion",
+                                            "retaineddata"])] = "requeue"
+
+
+class AutoscaleIn(_In):
+    formula: Annotated[str, _doc(maxLength=8192)]
+    interval_s: float = Field(30.0, json_schema_extra={"minimum": 1})
+
+
+class EvaluateIn(_In):
+    formula: Annotated[str, _doc(maxLength=8192)]
 
 
 Running = Literal["requeue", "terminate", "taskcompletion"]
@@ -906,7 +917,25 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
 
     @v1.post("/pools/{pool_id}/resize", response_model=PoolView, tags=["pools"])
     async def resize_pool(pool_id: IdPath, body: ResizeIn) -> JSON:
-        return JSON(_plain(await call(lambda s: s.resize_pool(pool_id, body.target_nodes))))
+        """Grow or shrink the pool; ``deallocation`` says what becomes of the tasks of a
+        node that leaves (requeue, terminate, taskcompletion, retaineddata)."""
+        return JSON(_plain(await call(lambda s: s.resize_pool(
+            pool_id, body.target_nodes, deallocation=body.deallocation))))
+
+    @v1.post("/pools/{pool_id}/enableautoscale", response_model=PoolView, tags=["pools"])
+    async def enable_autoscale(pool_id: IdPath, body: AutoscaleIn) -> JSON:
+        """Size the pool by an autoscale formula, evaluated every ``interval_s``."""
+        return JSON(_plain(await call(lambda s: s.enable_autoscale(
+            pool_id, body.formula, interval_s=body.interval_s))))
+
+    @v1.post("/pools/{pool_id}/disableautoscale", response_model=PoolView, tags=["pools"])
+    async def disable_autoscale(pool_id: IdPath) -> JSON:
+        return JSON(_plain(await call(lambda s: s.disable_autoscale(pool_id))))
+
+    @v1.post("/pools/{pool_id}/evaluateautoscale", tags=["pools"])
+    async def evaluate_autoscale(pool_id: IdPath, body: EvaluateIn) -> JSON:
+        """A dry run of a formula: every variable's value; the pool is unchanged."""
+        return JSON(await call(lambda s: s.evaluate_autoscale(pool_id, body.formula)))
 
     @v1.get("/pools/{pool_id}/nodes", response_model=Items[NodeView], tags=["pools"])
     async def list_nodes(pool_id: IdPath) -> JSON:
