@@ -756,6 +756,9 @@ class RemoteService(Service):
     def get_run(self, run_id: str) -> RunView:
         return RunView.from_dict(self._get(f"/v1/runs/{_seg(run_id, 'kernel run')}"))
 
+    def list_runs(self) -> list[RunView]:
+        return [RunView.from_dict(r) for r in self._get("/v1/runs")]
+
     def read_run_result(self, run_id: str) -> bytes:
         return self._send("GET", f"/v1/runs/{_seg(run_id, 'kernel run')}/result",
                           timeout=self._bulk_timeout()).content

@@ -276,6 +276,10 @@ class Service(abc.ABC):
     def read_run_result(self, run_id: str) -> bytes:
         """The run's HDF5 result file."""
 
+    @abc.abstractmethod
+    def list_runs(self) -> list[RunView]:
+        """Every kernel run whose job is still there, oldest first."""
+
     # ---- files a client sends ---------------------------------------------
 
     @abc.abstractmethod
@@ -1004,7 +1008,9 @@ class LocalService(Service):
         base = dict(id=run_id, kernel=rec["kernel"], job_id=run_id, task_id="kernel",
                     params=rec.get("params") or {}, ranks=rec.get("ranks") or 1,
                     nodes=rec.get("nodes"), pool_id=rec.get("pool_id") or LOCAL_POOL,
-                    created_at=rec.get("created_at"))
+                    created_at=rec.get("created_at"),
+                    function={k: rec["function"][k] for k in ("name", "sha256")}
+                    if rec.get("function") else None)
         if task.state != "completed":
             return RunView(state="running", **base)
         if not task.succeeded:
@@ -1023,6 +1029,15 @@ class LocalService(Service):
         return RunView(state="succeeded", reduced=reduced_summary(res),
                        attrs=_plain(dict(res.attrs)), timings=_plain(dict(res.timings)),
                        result_size=out.stat().st_size, **base)
+
+    def list_runs(self) -> list[RunView]:
+        found = []
+        for path in (self.home / "runs").glob("run-*.json"):
+            try:
+                found.append(self.get_run(path.stem))
+            except NotFound:  # its job was deleted, or the record is not a run's
+                continue
+        return sorted(found, key=lambda r: (r.created_at or 0, r.id))
 
     def read_run_result(self, run_id: str) -> bytes:
         run = self.get_run(run_id)

@@ -58,6 +58,12 @@ def test_a_lambdas_rank_sum_is_reduced_and_the_result_file_reads_with_h5ls(batch
         digest = f.attrs["function_sha256"]
     run = batch.service.get_run(res.job_id)  # what listings show: the function's name
     assert run.kernel == name and run.attrs["function_sha256"] == digest
+    assert dict(run.function) == {"name": name, "sha256": digest}
+    assert [r.id for r in batch.service.list_runs()] == [res.job_id]
+    listed = run_cli(batch.home, "results", "list", columns="400")  # no folded names
+    assert listed.returncode == 0, listed.stderr
+    row = next(ln for ln in listed.stdout.splitlines() if res.job_id in ln)
+    assert f"fn {name}" in row and "succeeded" in row and "rank_sum=3" in row
     # `hpcbatch results show` names the function and its hash
     shown = run_cli(batch.home, "results", "show", str(out))
     assert shown.returncode == 0, shown.stderr
@@ -254,6 +260,8 @@ def test_a_function_run_through_a_real_service_travels_as_an_upload(tmp_path):
             assert res.path == tmp_path / "remote.h5" and res.path.is_file()
             run = remote.service.get_run(res.job_id)
             assert run.state == "succeeded" and run.params == {"k": 1}
+            assert run.function["name"].endswith("<lambda>")
+            assert [r.id for r in remote.service.list_runs()] == [res.job_id]
             # the packed function is an upload in the service's home, named by its hash
             uploads = list((served.home / "uploads").glob(f"*/{kfn.FILE_NAME}"))
             assert len(uploads) == 1

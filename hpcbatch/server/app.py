@@ -1162,6 +1162,11 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
         return JSON(_plain(await call(lambda s: s.start_run(body.kernel, **kw))),
                     status_code=202)
 
+    @v1.get("/runs", response_model=list[RunView], tags=["runs"])
+    async def list_runs() -> JSON:
+        """Every kernel run whose job is still there, oldest first."""
+        return JSON([_plain(r) for r in await call(lambda s: s.list_runs())])
+
     @v1.get("/runs/{run_id}", response_model=RunView, tags=["runs"])
     async def get_run(run_id: RunPath) -> JSON:
         return JSON(_plain(await call(lambda s: s.get_run(run_id))))
