@@ -84,6 +84,8 @@ def _not_installed(module_name: str) -> Any:
     if module is None or not path:
         return None
     path = os.path.realpath(path)
+    if {"site-packages", "dist-packages"} & set(Path(path).parts):
+        return None  # installed (a venv's, the system's, Debian's apt packages)
     installed = {os.path.realpath(p) for key in ("stdlib", "platstdlib", "purelib", "platlib")
                  if (p := sysconfig.get_paths().get(key))}
     if any(path.startswith(p + os.sep) for p in installed):
