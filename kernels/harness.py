@@ -252,6 +252,15 @@ def _run(kernel, params: dict[str, Any], output: Path, args, launch_t0: float, *
         me = (host_name(), socket.gethostname(), t_ready - launch_t0, t_computed - t_ready)
         everyone = comm.gather(me, root=0)
         final = kernel.finalize(reduced, params) if rank == 0 else None
+    except api.ReduceError as exc:
+        if load is None:
+            _abort(comm, rank, f"{kernel.name}: reduce")
+        # what the function returned does not reduce: the why, without the harness's frames
+        sys.stderr.write(f"[rank {rank}] {kernel.name}: reduce failed:\n[rank {rank}] "
+                         f"hpcbatch.kernels.api.ReduceError: {exc}\n")
+        sys.stderr.flush()
+        comm.Abort(1)
+        os._exit(1)
     except BaseException:
         _abort(comm, rank, f"{kernel.name}: reduce")
     t_reduced = time.time()
