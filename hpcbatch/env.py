@@ -36,6 +36,11 @@ LAUNCH_TIMEOUT = "HPCBATCH_LAUNCH_TIMEOUT_S"
 # the pool's MPI installation on the nodes (its bin/mpiexec), set by the agent for tasks
 MPI_PREFIX = "HPCBATCH_MPI_PREFIX"
 
+# hpcbatch-mpiexec -> each rank: TOKEN@ADDRESS:PORT of the primary's launch listener; a
+# rank about to MPI_Abort says so there, and hpcbatch-mpiexec ends an mpiexec that has
+# not ended ABORT_GRACE seconds later (PRRTE can hang after an abort across nodes)
+LAUNCH_ABORT = "HPCBATCH_LAUNCH_ABORT"
+
 # set by launchers so a kernel can measure launch time from the submit side
 LAUNCH_T0 = "HPCBATCH_LAUNCH_T0"
 

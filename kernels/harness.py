@@ -95,6 +95,21 @@ def host_name() -> str:
     return socket.gethostname()
 
 
+def _tell_launcher(rank: int) -> None:
+    """Before MPI_Abort: tell hpcbatch-mpiexec (when it started this rank), so an mpiexec
+    that hangs after the abort (PRRTE across nodes can) is stopped, not waited for."""
+    from hpcbatch.env import LAUNCH_ABORT
+    token, _, where = os.environ.get(LAUNCH_ABORT, "").partition("@")
+    host, _, port = where.rpartition(":")
+    if not (token and host and port.isdigit()):
+        return
+    try:
+        with socket.create_connection((host, int(port)), timeout=2) as sock:
+            sock.sendall(f"{token} abort {rank}\n".encode())
+    except OSError:
+        pass
+
+
 def _abort(comm, rank: int, where: str, skip: int = 0) -> None:
     """Print the exception being handled (less its ``skip`` innermost harness frames),
     every line prefixed ``[rank N]``, and abort every rank."""
@@ -108,6 +123,7 @@ def _abort(comm, rank: int, where: str, skip: int = 0) -> None:
     sys.stderr.write("".join(f"[rank {rank}] {line}\n" for line in lines))
     sys.stderr.flush()
     sys.stdout.flush()
+    _tell_launcher(rank)
     comm.Abort(1)
     os._exit(1)  # Abort does not return; this is belt and braces
 
@@ -259,6 +275,7 @@ def _run(kernel, params: dict[str, Any], output: Path, args, launch_t0: float, *
         sys.stderr.write(f"[rank {rank}] {kernel.name}: reduce failed:\n[rank {rank}] "
                          f"hpcbatch.kernels.api.ReduceError: {exc}\n")
         sys.stderr.flush()
+        _tell_launcher(rank)
         comm.Abort(1)
         os._exit(1)
     except BaseException:
