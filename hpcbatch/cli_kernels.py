@@ -149,6 +149,29 @@ def results_show(path: str) -> None:
     out.print(text, markup=False, soft_wrap=True)
 
 
+@results.command("list")
+def results_list() -> None:
+    """The kernel runs of this home (or the running service): what ran (a kernel, or a
+    Python function by its qualified name), its state, ranks, nodes and reduced values."""
+    import datetime as dt
+
+    from hpcbatch.cli import _service
+    with _service() as service:
+        runs = service.list_runs()
+    t = Table(title=f"kernel runs ({len(runs)})")
+    for col in ("run", "kernel / function", "state", "ranks", "nodes", "pool", "started",
+                "reduced"):
+        t.add_column(col, overflow="fold")
+    for r in runs:
+        what = f"fn {r.kernel}" if r.function else r.kernel
+        started = dt.datetime.fromtimestamp(r.created_at).strftime("%Y-%m-%d %H:%M:%S") \
+            if r.created_at else ""
+        values = ", ".join(f"{k}={_fmt(v)}" for k, v in list(r.reduced.items())[:4])
+        t.add_row(r.id, what, r.state, str(r.ranks), str(r.nodes or 1), r.pool_id, started,
+                  values if r.state != "failed" else (r.error or "")[:120])
+    out.print(t)
+
+
 def _say_waiting(text: str) -> None:
     """What the run waits for, one line on stderr each time it changes (no silent wait)."""
     if text:

@@ -568,18 +568,22 @@ class Batch:
         """Tasks found in flight when this coordinator started (they run again)."""
         return self._service.requeued_at_start
 
-    def run_kernel(self, kernel: str, *, ranks: int | None = None,
+    def run_kernel(self, kernel: Any, *, ranks: int | None = None,
                    params: dict[str, Any] | None = None, output: str | os.PathLike | None = None,
                    **kw: Any):
         """Run an MPI kernel with its reduce and return its result file, read back.
 
         ``batch.run_kernel("pi", ranks=4, params={"samples": 10**7}, output="pi.h5")``
-        returns a ``KernelResult`` with ``.reduced`` (dict of arrays), ``.path``,
-        ``.timings`` and ``.attrs`` (provenance). ``kernel`` may be a built-in
-        name, a dotted module or a path to a .py file. Other keywords: ``pool``,
+        returns a ``KernelResult`` with ``.reduced`` (dict of arrays; ``res["pi"]`` too),
+        ``.path``, ``.timings`` and ``.attrs`` (provenance). ``kernel`` may be a built-in
+        name, a dotted module or a path to a .py file, or a Python function
+        ``fn(comm, **params)`` returning a dict on every rank, with
+        ``outputs={name: reduce}`` (sum, prod, min, max, mean, concat, gather, or
+        f(a, b) -> c): ``batch.run_kernel(lambda comm: {"n": comm.rank}, ranks=2,
+        outputs={"n": "sum"})``. Other keywords: ``pool``,
         ``nodes`` + ``ranks_per_node`` (multi-node), ``oversubscribe``,
         ``progress``, ``timeout_s``, ``retries``. Raises ``KernelRunError`` (with the
-        ranks' stderr) when the kernel fails.
+        ranks' stderr, and for a rank that raised its ``traceback``) when it fails.
         """
         from hpcbatch.kernelrun import run_kernel
         return run_kernel(self, kernel, ranks=ranks, params=params, output=output, **kw)

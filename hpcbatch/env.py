@@ -40,6 +40,10 @@ MPI_PREFIX = "HPCBATCH_MPI_PREFIX"
 # stdout/stderr the coordinator keeps per attempt (bytes; the tail is kept beyond it)
 NODE_CACHE_MB = "HPCBATCH_NODE_CACHE_MB"
 LOG_CAP_BYTES = "HPCBATCH_LOG_CAP_BYTES"
+# hpcbatch-mpiexec -> each rank: TOKEN@ADDRESS:PORT of the primary's launch listener; a
+# rank about to MPI_Abort says so there, and hpcbatch-mpiexec ends an mpiexec that has
+# not ended ABORT_GRACE seconds later (PRRTE can hang after an abort across nodes)
+LAUNCH_ABORT = "HPCBATCH_LAUNCH_ABORT"
 
 # set by launchers so a kernel can measure launch time from the submit side
 LAUNCH_T0 = "HPCBATCH_LAUNCH_T0"

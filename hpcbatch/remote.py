@@ -754,24 +754,30 @@ class RemoteService(RemoteStorageMethods, Service):
 
     # ---- kernel runs -----------------------------------------------------
 
-    def start_run(self, kernel: str, *, ranks: int | None = None,
+    def start_run(self, kernel: str | None, *, ranks: int | None = None,
                   params: Mapping[str, Any] | list[str] | None = None,
                   pool: str = LOCAL_POOL, nodes: int | None = None,
                   ranks_per_node: int = 1, oversubscribe: bool = False,
                   timeout_s: float | None = None, retries: int = 0,
-                  compress: bool = False) -> RunView:
+                  compress: bool = False, function: str | None = None) -> RunView:
         """``params``: name: value, or NAME=VALUE words (as the CLI takes them: the
-        service reads them by the kernel's parameter types)."""
+        service reads them by the kernel's parameter types). ``function``: an uploaded
+        packed function's SHA-256 instead of a kernel."""
         if isinstance(params, Mapping):
             params = dict(params)
         body = {"kernel": kernel, "ranks": ranks, "params": params, "pool": pool,
                 "nodes": nodes, "ranks_per_node": ranks_per_node,
                 "oversubscribe": oversubscribe, "timeout_s": timeout_s, "retries": retries,
                 "compress": compress}
+        if function is not None:
+            body["function"] = function
         return RunView.from_dict(self._post("/v1/runs", body))
 
     def get_run(self, run_id: str) -> RunView:
         return RunView.from_dict(self._get(f"/v1/runs/{_seg(run_id, 'kernel run')}"))
+
+    def list_runs(self) -> list[RunView]:
+        return [RunView.from_dict(r) for r in self._get("/v1/runs")]
 
     def read_run_result(self, run_id: str) -> bytes:
         return self._send("GET", f"/v1/runs/{_seg(run_id, 'kernel run')}/result",

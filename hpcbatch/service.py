@@ -257,15 +257,16 @@ class Service(abc.ABC):
     # ---- kernel runs -------------------------------------------------------
 
     @abc.abstractmethod
-    def start_run(self, kernel: str, *, ranks: int | None = None,
+    def start_run(self, kernel: str | None, *, ranks: int | None = None,
                   params: Mapping[str, Any] | list[str] | None = None,
                   pool: str = LOCAL_POOL, nodes: int | None = None,
                   ranks_per_node: int = 1, oversubscribe: bool = False,
                   timeout_s: float | None = None, retries: int = 0,
-                  compress: bool = False) -> RunView:
+                  compress: bool = False, function: str | None = None) -> RunView:
         """Submit a kernel run (its own job of one task) and return at once; its result
         file is written in the service's home (``read_run_result``); ``compress``: its
-        datasets gzipped."""
+        datasets gzipped. ``function``: instead of a kernel, the SHA-256 of an uploaded
+        packed function (``upload("function.pkl", ...)``; its params travel in it)."""
 
     @abc.abstractmethod
     def get_run(self, run_id: str) -> RunView:
@@ -275,6 +276,10 @@ class Service(abc.ABC):
     @abc.abstractmethod
     def read_run_result(self, run_id: str) -> bytes:
         """The run's HDF5 result file."""
+
+    @abc.abstractmethod
+    def list_runs(self) -> list[RunView]:
+        """Every kernel run whose job is still there, oldest first."""
 
     # ---- files a client sends ---------------------------------------------
 
@@ -1064,26 +1069,35 @@ class LocalService(LocalStorageMethods, Service):
         secure_dir(path)
         return path
 
-    def start_run(self, kernel: str, *, ranks: int | None = None,
+    def start_run(self, kernel: str | None, *, ranks: int | None = None,
                   params: Mapping[str, Any] | list[str] | None = None,
                   pool: str = LOCAL_POOL, nodes: int | None = None,
                   ranks_per_node: int = 1, oversubscribe: bool = False,
                   timeout_s: float | None = None, retries: int = 0,
-                  compress: bool = False, output: str | os.PathLike | None = None,
+                  compress: bool = False, function: str | None = None,
+                  output: str | os.PathLike | None = None,
                   default_dir: Path | None = None) -> RunView:
         """``output`` (this machine's path) or ``default_dir`` for the result; by default
         <home>/runs/<run id>.h5."""
         from hpcbatch.kernelrun import plan_run
         if params is not None and not isinstance(params, Mapping | list):
             raise ValidationError("params", "must be an object of name: value")
+        if kernel is None and function is None:
+            raise ValidationError("kernel", "is required: a built-in kernel's name, a module, "
+                                  "a .py file, or (function=) an uploaded function")
+        packed = self._uploaded_function(kernel, params, function) if function is not None \
+            else None
         plan = plan_run(self, kernel, ranks=ranks,
                         params=dict(params) if isinstance(params, Mapping) else params,
                         output=output, pool=pool, nodes=nodes, ranks_per_node=ranks_per_node,
                         oversubscribe=oversubscribe, timeout_s=timeout_s, compress=compress,
-                        retries=retries, default_dir=default_dir or self._runs_dir())
+                        retries=retries, default_dir=default_dir or self._runs_dir(),
+                        function=packed)
         record = {"kernel": plan.kernel, "params": plan.params, "ranks": plan.ranks,
                   "nodes": plan.nodes, "pool_id": pool, "output": str(plan.output),
                   "created_at": time.time()}
+        if plan.function:
+            record["function"] = plan.function
         path = self._runs_dir() / f"{plan.job.id}.json"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -1094,6 +1108,27 @@ class LocalService(LocalStorageMethods, Service):
             path.unlink(missing_ok=True)
             raise
         return self.get_run(plan.job.id)
+
+    def _uploaded_function(self, kernel: str | None, params: Any,
+                           function: Any) -> tuple[Path, dict[str, Any]]:
+        """The uploaded packed function ``function`` names (its SHA-256) and its header,
+        read without unpickling anything."""
+        from hpcbatch.kernels.function import FILE_NAME, read_header
+        if kernel is not None or params:
+            raise ValidationError("function", "give a kernel or a function, not both (a "
+                                  "function's params travel in its upload)")
+        if not isinstance(function, str) or not SHA256.fullmatch(function):
+            raise ValidationError("function", f"{function!r} is not the SHA-256 of an "
+                                  "upload (64 of 0-9a-f)")
+        path = self.home / "uploads" / function / FILE_NAME
+        if not path.is_file() or path.is_symlink():
+            raise NotFound(f"no uploaded function {function}; upload it first as "
+                           f"{FILE_NAME} (PUT /v1/uploads/{function}?name={FILE_NAME})")
+        try:
+            header, _ = read_header(path)
+        except ValueError as exc:
+            raise ValidationError("function", str(exc)) from None
+        return path, header
 
     def _run_record(self, run_id: str) -> dict[str, Any]:
         if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
@@ -1118,12 +1153,15 @@ class LocalService(LocalStorageMethods, Service):
         base = dict(id=run_id, kernel=rec["kernel"], job_id=run_id, task_id="kernel",
                     params=rec.get("params") or {}, ranks=rec.get("ranks") or 1,
                     nodes=rec.get("nodes"), pool_id=rec.get("pool_id") or LOCAL_POOL,
-                    created_at=rec.get("created_at"))
+                    created_at=rec.get("created_at"),
+                    function={k: rec["function"][k] for k in ("name", "sha256")}
+                    if rec.get("function") else None)
         if task.state != "completed":
             return RunView(state="running", **base)
         if not task.succeeded:
             message, _ = failure_message(self, rec["kernel"], base["ranks"], run_id,
-                                         base["pool_id"])
+                                         base["pool_id"],
+                                         "function" if rec.get("function") else "kernel")
             return RunView(state="failed", error=message, **base)
         from hpcbatch.kernelrun import _plain
         from hpcbatch.kernels.results import read_result
@@ -1136,6 +1174,15 @@ class LocalService(LocalStorageMethods, Service):
         return RunView(state="succeeded", reduced=reduced_summary(res),
                        attrs=_plain(dict(res.attrs)), timings=_plain(dict(res.timings)),
                        result_size=out.stat().st_size, **base)
+
+    def list_runs(self) -> list[RunView]:
+        found = []
+        for path in (self.home / "runs").glob("run-*.json"):
+            try:
+                found.append(self.get_run(path.stem))
+            except NotFound:  # its job was deleted, or the record is not a run's
+                continue
+        return sorted(found, key=lambda r: (r.created_at or 0, r.id))
 
     def read_run_result(self, run_id: str) -> bytes:
         run = self.get_run(run_id)

@@ -244,7 +244,9 @@ class RunView(_View):
     """A kernel run: one task of its own job (``job_id``, ``task_id``). ``state``
     running, succeeded or failed; once it succeeded ``reduced`` holds the reduced values
     (scalars, short arrays as lists), ``attrs`` the result file's provenance and
-    ``timings`` its phases; ``error`` says why it failed."""
+    ``timings`` its phases; ``error`` says why it failed. ``function``: for a Python
+    function's run (``kernel`` is then its qualified name), its name and the SHA-256
+    of its pickled bytes."""
 
     id: str
     kernel: str
@@ -261,6 +263,7 @@ class RunView(_View):
     timings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     error: str | None = None
     result_size: int | None = None
+    function: Mapping[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -18,11 +18,14 @@ A kernel is a module (a built-in in ``hpcbatch.kernels``, any importable module,
     not stored (mandelbrot's gathered rows, from which ``finalize`` builds the image).
     ``reduce`` is one of
 
-    * ``"sum"``, ``"min"``, ``"max"``: elementwise over ranks (``comm.Reduce``);
+    * ``"sum"``, ``"prod"``, ``"min"``, ``"max"``: elementwise over ranks
+      (``comm.Reduce``);
     * ``"mean"``: the sum divided by the number of ranks (ints become float64);
     * ``"concat"``: every rank's array in rank order, joined along axis 0
       (``comm.Gatherv``); lengths may differ, trailing dimensions may not; a scalar
       counts as one row;
+    * ``"gather"``: every rank's value as one row, in rank order: shape
+      ``(ranks, *shape)`` (``comm.Gather``; every rank the same shape);
     * a callable ``f(a, b) -> c``: associative, applied left to right in rank order
       (``f(f(r0, r1), r2) ...``) on rank 0, after a pickled ``comm.gather``.
 
@@ -80,9 +83,9 @@ from typing import Any
 
 import numpy as np
 
-BUILTIN_REDUCES = ("sum", "min", "max", "mean", "concat")
+BUILTIN_REDUCES = ("sum", "prod", "min", "max", "mean", "concat", "gather")
 PARAM_TYPES = (int, float, str, bool)
-_NOT_KERNELS = {"api", "harness", "results", "__main__"}
+_NOT_KERNELS = {"api", "harness", "results", "function", "__main__"}
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 # one Reduce call moves at most this many elements (MPI counts are C ints)
@@ -464,26 +467,30 @@ def _check(outputs: dict[str, Output], metas: list[dict]) -> dict[str, tuple]:
     return plan
 
 
-def reduce_outputs(comm, outputs: dict[str, Output], local: dict[str, Any]) -> dict | None:
+def reduce_outputs(comm, outputs: dict[str, Output], local: dict[str, Any], *,
+                   source: str = "run()") -> dict | None:
     """Apply each output's reduce across ``comm``; the results land on rank 0.
 
     Collective: every rank must call it. Returns ``{name: np.ndarray}`` on rank 0 and
     None elsewhere. A rank whose ``local`` lacks an output or holds a value that cannot
     be combined makes every rank raise :class:`ReduceError` (no rank is left waiting).
+    ``source``: what returned ``local``, as the errors name it.
     """
     from mpi4py import MPI
-    mpi_ops = {"sum": MPI.SUM, "min": MPI.MIN, "max": MPI.MAX, "mean": MPI.SUM}
+    mpi_ops = {"sum": MPI.SUM, "prod": MPI.PROD, "min": MPI.MIN, "max": MPI.MAX,
+               "mean": MPI.SUM}
     root = comm.rank == 0
     arrays: dict[str, np.ndarray] = {}
     meta: dict[str, Any] = {}
     if not isinstance(local, dict):
+        meta = {n: f"{source} returned {type(local).__name__}, not a dict of outputs"
+                for n in outputs}
         local = {}
-        meta = {n: "run() did not return a dict" for n in outputs}
     for name, out in outputs.items():
         if name in meta:
             continue
         if name not in local:
-            meta[name] = ("run() returned no value for it (it returned: "
+            meta[name] = (f"{source} returned no value for it (it returned: "
                           f"{', '.join(map(repr, local)) or 'nothing'})")
             continue
         if callable(out.reduce):
@@ -512,6 +519,12 @@ def reduce_outputs(comm, outputs: dict[str, Output], local: dict[str, Any]) -> d
             continue
         wire = _wire_dtype(dtype, op)
         arr = np.asarray(arrays[name], dtype=wire, order="C")
+        if op == "gather":
+            recv = np.empty((comm.size, *shape), dtype=wire) if root else None
+            comm.Gather(arr.reshape(-1), recv, root=0)
+            if root:
+                result[name] = recv.astype(dtype, copy=False)
+            continue
         if op == "concat":
             rows, tail = shape
             send = arr.reshape((-1, *tail)) if arr.size else np.empty((0, *tail), wire)

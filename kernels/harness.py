@@ -1,13 +1,18 @@
 """Run a kernel on every rank, reduce to rank 0, write the HDF5 result file.
 
     mpiexec -n 4 python -m hpcbatch.kernels pi --param samples=1e7 --output pi.h5 [--json]
+    mpiexec -n 4 python -m hpcbatch.kernels --function function.pkl --output fn.h5
     python -m hpcbatch.kernels --list [--json]
 
 The kernel and its parameters are checked before MPI is initialised: a bad kernel,
 parameter or value prints one line ``error: ...`` on stderr (once, from rank 0 when
-under mpiexec) and exits 2. If any rank raises, its traceback goes to stderr, every
-line prefixed ``[rank N]``, and the job is aborted with ``MPI_Abort(1)``, so mpiexec
-exits non-zero at once instead of leaving the other ranks waiting.
+under mpiexec) and exits 2. ``--function FILE`` runs a packed Python function
+(``hpcbatch.kernels.function``: what ``batch.run_kernel(fn, ...)`` sends) instead of a
+kernel module; it is unpickled on every rank once MPI is up, so a rank that cannot
+(another Python, a missing module) aborts the run like a rank that raises. If any
+rank raises, its traceback goes to stderr, every line prefixed ``[rank N]``, and the
+job is aborted with ``MPI_Abort(1)``, so mpiexec exits non-zero at once instead of
+leaving the other ranks waiting.
 
 Phases timed (seconds, in the result file's ``timings``): ``launch`` from the process
 start (or from ``HPCBATCH_LAUNCH_T0``, an epoch time a launcher sets before starting
@@ -90,11 +95,35 @@ def host_name() -> str:
     return socket.gethostname()
 
 
-def _abort(comm, rank: int, where: str) -> None:
-    lines = [f"{where} failed:", *traceback.format_exc().rstrip().splitlines()]
+def _tell_launcher(rank: int) -> None:
+    """Before MPI_Abort: tell hpcbatch-mpiexec (when it started this rank), so an mpiexec
+    that hangs after the abort (PRRTE across nodes can) is stopped, not waited for."""
+    from hpcbatch.env import LAUNCH_ABORT
+    token, _, where = os.environ.get(LAUNCH_ABORT, "").partition("@")
+    host, _, port = where.rpartition(":")
+    if not (token and host and port.isdigit()):
+        return
+    try:
+        with socket.create_connection((host, int(port)), timeout=2) as sock:
+            sock.sendall(f"{token} abort {rank}\n".encode())
+    except OSError:
+        pass
+
+
+def _abort(comm, rank: int, where: str, skip: int = 0) -> None:
+    """Print the exception being handled (less its ``skip`` innermost harness frames),
+    every line prefixed ``[rank N]``, and abort every rank."""
+    exc = sys.exc_info()[1]
+    tb = exc.__traceback__ if exc is not None else None
+    for _ in range(skip):
+        tb = tb.tb_next if tb is not None and tb.tb_next is not None else tb
+    text = "".join(traceback.format_exception(type(exc), exc, tb)) if exc is not None \
+        else traceback.format_exc()
+    lines = [f"{where} failed:", *text.rstrip().splitlines()]
     sys.stderr.write("".join(f"[rank {rank}] {line}\n" for line in lines))
     sys.stderr.flush()
     sys.stdout.flush()
+    _tell_launcher(rank)
     comm.Abort(1)
     os._exit(1)  # Abort does not return; this is belt and braces
 
@@ -150,10 +179,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compress", action="store_true", help="gzip datasets above 1 MiB")
     ap.add_argument("--json", action="store_true", help="print a JSON summary (rank 0)")
     ap.add_argument("--list", action="store_true", help="list the built-in kernels and exit")
+    ap.add_argument("--function", metavar="FILE",
+                    help="a packed Python function (batch.run_kernel(fn, ...)) to run instead "
+                    "of a kernel")
     args = ap.parse_args(argv)
     if args.list:
         print(catalogue(args.json))
         return 0
+    if args.function:
+        if args.kernel:
+            ap.error("give a kernel or --function FILE, not both")
+        if not args.output:
+            ap.error("--output FILE.h5 is required")
+        from hpcbatch.kernels import function
+        fn_file = function.find(args.function)
+        try:
+            header, _ = function.read_header(fn_file)
+        except ValueError as exc:
+            _error(str(exc))
+        output = _output(args.output)
+        return _run(None, {}, output, args, _launch_t0(),
+                    load=lambda: function.load(fn_file), name=header["name"])
     if not args.kernel:
         ap.error("give a kernel name (see --list)")
     if not args.output:
@@ -163,11 +209,19 @@ def main(argv: list[str] | None = None) -> int:
         params = api.parse_params(kernel, args.param)
     except ValueError as exc:
         _error(str(exc))
-    output = Path(args.output).expanduser().resolve()
+    return _run(kernel, params, _output(args.output), args, _launch_t0())
+
+
+def _output(text: str) -> Path:
+    output = Path(text).expanduser().resolve()
     if output.is_dir():
         _error(f"--output {output} is a directory; give a file name such as result.h5")
     if not output.parent.is_dir():
         _error(f"--output: directory {output.parent} does not exist")
+    return output
+
+
+def _launch_t0() -> float:
     launch_t0 = process_start_time()
     if os.environ.get(LAUNCH_T0_ENV):
         try:
@@ -175,10 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             _error(f"{LAUNCH_T0_ENV}={os.environ[LAUNCH_T0_ENV]!r} is not an epoch time "
                    "in seconds")
-    return _run(kernel, params, output, args, launch_t0)
+    return launch_t0
 
 
-def _run(kernel, params: dict[str, Any], output: Path, args, launch_t0: float) -> int:
+def _run(kernel, params: dict[str, Any], output: Path, args, launch_t0: float, *,
+         load=None, name: str | None = None) -> int:
+    """``load``: for a function run, unpickles (kernel, params) once MPI is up."""
     import numpy as np
     from mpi4py import MPI
 
@@ -186,10 +242,21 @@ def _run(kernel, params: dict[str, Any], output: Path, args, launch_t0: float) -
 
     comm = MPI.COMM_WORLD
     rank, size = comm.rank, comm.size
+    recorded = params
+    if load is not None:
+        try:
+            kernel, params = load()
+        except BaseException:
+            _abort(comm, rank, f"{name}: unpickling the function")
+        recorded = kernel.header["params"]
+    # what the errors call it: the function's own name (its module is in the provenance)
+    source = f"{kernel.name.rsplit('.', 1)[-1]}()" if load is not None else "run()"
     t_ready = time.time()
     try:
         local = kernel.run(comm, **params)
     except BaseException:
+        if load is not None:  # the user's frames only: not this one or FunctionKernel.run
+            _abort(comm, rank, f"{kernel.name}()", skip=2)
         _abort(comm, rank, f"{kernel.name}: run()")
     t_computed = time.time()
 
@@ -197,10 +264,20 @@ def _run(kernel, params: dict[str, Any], output: Path, args, launch_t0: float) -
         # the reduce is timed from when the slowest rank is done, not from rank 0's end
         comm.Barrier()
         t_all_computed = time.time()
-        reduced = api.reduce_outputs(comm, kernel.outputs, local)
+        reduced = api.reduce_outputs(comm, kernel.outputs, local, source=source)
         me = (host_name(), socket.gethostname(), t_ready - launch_t0, t_computed - t_ready)
         everyone = comm.gather(me, root=0)
         final = kernel.finalize(reduced, params) if rank == 0 else None
+    except api.ReduceError as exc:
+        if load is None:
+            _abort(comm, rank, f"{kernel.name}: reduce")
+        # what the function returned does not reduce: the why, without the harness's frames
+        sys.stderr.write(f"[rank {rank}] {kernel.name}: reduce failed:\n[rank {rank}] "
+                         f"hpcbatch.kernels.api.ReduceError: {exc}\n")
+        sys.stderr.flush()
+        _tell_launcher(rank)
+        comm.Abort(1)
+        os._exit(1)
     except BaseException:
         _abort(comm, rank, f"{kernel.name}: reduce")
     t_reduced = time.time()
@@ -240,13 +317,16 @@ def _run(kernel, params: dict[str, Any], output: Path, args, launch_t0: float) -
             attrs = {"kernel": kernel.name,
                      "description": kernel.description.splitlines()[0]
                      if kernel.description else kernel.name,
-                     "params": params, "ranks": size, "node_ids": hosts,
+                     "params": recorded, "ranks": size,
+                     "nodes": len(set(hosts)), "node_ids": hosts,
                      "hostnames": [e[1] for e in everyone],
                      "mpi_library": MPI.Get_library_version().replace("\0", "").strip()
                      .splitlines()[0].strip(),
                      "mpi4py_version": mpi4py.__version__, "numpy_version": np.__version__,
                      "h5py_version": h5py.__version__, "hpcbatch_version": __version__,
                      "start_utc": results.utc(launch_t0)}
+            if load is not None:
+                attrs.update(kernel.provenance())
             results.write_result(
                 output, reduced=final, reduces=reduces, attrs=attrs, timings=timings,
                 per_rank={n: [p[n] for p in small] for n in keep if n not in big},
@@ -257,7 +337,7 @@ def _run(kernel, params: dict[str, Any], output: Path, args, launch_t0: float) -
             if args.json:
                 print(json.dumps({"kernel": kernel.name, "output": str(output), "ranks": size,
                                   "run_id": run_id, "node_ids": hosts,
-                                  "hostnames": attrs["hostnames"], "params": params,
+                                  "hostnames": attrs["hostnames"], "params": recorded,
                                   "timings": timings,
                                   "reduced": {k: _jsonable(v) for k, v in final.items()}}))
             sys.stdout.flush()

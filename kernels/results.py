@@ -10,9 +10,13 @@ tool reads it without parsing JSON. Layout (format ``hpcbatch-result/2``)::
                            (str[ranks]: the host name each rank saw,
                            socket.gethostname()), mpi_library, mpi4py_version,
                            numpy_version, h5py_version, hpcbatch_version, start_utc,
-                           end_utc (ISO 8601 UTC)
+                           end_utc (ISO 8601 UTC), nodes (how many distinct node_ids);
+                           for a Python function's run also function (its qualified
+                           name), function_sha256 (of its pickled bytes),
+                           function_python, cloudpickle_version
     /params                one attribute per kernel parameter, in its own type (int64,
-                           float64, str, bool); f["params"].attrs["samples"]
+                           float64, str, bool); f["params"].attrs["samples"] (a
+                           function's params that are not scalars: a short description)
     /timings               one attribute per phase (launch, compute, reduce, write), in
                            seconds (the group's attribute units = "s")
     /result/<name>         the final outputs; attributes reduce (the op over ranks, or
@@ -518,6 +522,8 @@ def describe(path: str | Path) -> str:
     lines = [f"{res.path}",
              f"  kernel    {a.get('kernel')}  ranks {a.get('ranks')}"
              + (f"  run {a['run_id']}" if a.get("run_id") else ""),
+             *([f"  function  {a['function']}  sha256 {a.get('function_sha256')}  python "
+                f"{a.get('function_python')}"] if a.get("function") else []),
              "  params    " + (", ".join(f"{k}={_fmt_param(v)}"
                                          for k, v in res.params.items()) or "(none)")]
     node_ids = a.get("node_ids") or []

@@ -107,6 +107,8 @@ def _load_env():
 
 E = _load_env()
 LAUNCH_TIMEOUT_ENV = getattr(E, "LAUNCH_TIMEOUT", "HPCBATCH_LAUNCH_TIMEOUT_S")
+LAUNCH_ABORT_ENV = getattr(E, "LAUNCH_ABORT", "HPCBATCH_LAUNCH_ABORT")
+ABORT_GRACE_S = 10.0  # after a rank said it aborts, mpiexec has this long to end
 MPI_PREFIX_ENV = getattr(E, "MPI_PREFIX", "HPCBATCH_MPI_PREFIX")
 
 
@@ -407,6 +409,7 @@ def _report(table: dict, index: int, rank: int, problem: str | None) -> bool:
             last = exc
             continue
         with sock:
+            table["reached"] = addr  # where this rank's harness reports an abort
             sock.settimeout(None)  # the launch deadline is the primary's
             sock.sendall(msg)
             answer = b""
@@ -457,6 +460,7 @@ def rank_main(argv: list[str]) -> int:
             problem = f"cannot enter its working directory {wd}: {exc.strerror or exc}"
     if not _report(table, index, -1 if rank is None else rank, problem):
         return 3
+    env[LAUNCH_ABORT_ENV] = f"{table['token']}@{table['reached']}:{table['port']}"
     if program and program[0] in PYTHON_NAMES:
         program = [sys.executable, *program[1:]]
     try:
@@ -588,7 +592,51 @@ class Launch:
         for conn in list(self.waiting):
             self._drop(conn)
         self.sel.close()
-        self.sock.close()
+        if not go:
+            self.sock.close()
+            return
+        # the listener stays: a rank about to MPI_Abort says so here (abort_notice)
+        import threading
+        self.aborted: tuple[float, int] | None = None
+        threading.Thread(target=self._hear_aborts, daemon=True).start()
+
+    def _hear_aborts(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.settimeout(2)
+                    line = conn.recv(256).split(b"\n", 1)[0].decode()
+                except (OSError, UnicodeDecodeError):
+                    continue
+            token, _, rank = line.partition(" abort ")
+            if token == self.token and rank.isdigit() and self.aborted is None:
+                self.aborted = (time.monotonic(), int(rank))
+
+    def wait_ended(self, proc: subprocess.Popen) -> int:
+        """mpiexec's exit status; an mpiexec still there ABORT_GRACE_S after a rank said
+        it aborts is stopped (1)."""
+        try:
+            while True:
+                try:
+                    return proc.wait(0.25)
+                except subprocess.TimeoutExpired:
+                    pass
+                except InterruptedError:
+                    continue
+                seen = getattr(self, "aborted", None)
+                if seen and time.monotonic() - seen[0] > ABORT_GRACE_S:
+                    sys.stderr.write(f"hpcbatch-mpiexec: rank {seen[1]} aborted and mpiexec "
+                                     f"had not ended {ABORT_GRACE_S:g} s later; stopping "
+                                     "it\n")
+                    sys.stderr.flush()
+                    _stop(proc)
+                    return 1
+        finally:
+            self.sock.close()
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
@@ -629,11 +677,7 @@ def run_launch(cmd: list[str], env: dict[str, str], launch: Launch | None) -> in
             return 2
         if why == "":
             return proc.wait()
-        while True:
-            try:
-                return proc.wait()
-            except InterruptedError:
-                continue
+        return launch.wait_ended(proc)
     finally:
         for s, h in old.items():
             signal.signal(s, h)

@@ -24,6 +24,7 @@ from helpers import run_cli, unavailable
 
 from hpcbatch.launch import cluster as ct
 from hpcbatch.launch import mpi
+from hpcbatch.timings import Timings
 
 FLAVOUR = mpi.detect_flavour(mpi.default_mpiexec())
 LIBRARY = {"openmpi": "Open MPI", "mpich": "MPICH"}.get(FLAVOUR)
@@ -112,3 +113,59 @@ def test_each_rank_started_through_ssh_on_its_node(cluster, home, tmp_path):
                     (nd.hostname, nd.port) for nd in cluster.nodes]
         if cluster.netns:
             assert f["result/own_hostname"][()].tolist() == [True, True, True]
+
+
+# ---- Python functions across the nodes (batch.run_kernel(fn, nodes=3, outputs=...)) ----
+# (with the production timings, as the CLI tests above run: FAST_TIMINGS' 2 s node
+# timeout loses loopback SSH agents on a loaded 2-core machine)
+
+def test_a_function_across_three_nodes(cluster, home, make_batch, tmp_path):
+    import os
+
+    import numpy as np
+    _pool(home, cluster)
+    weights = np.array([0.5, 1.5, 2.0])  # a closure: it travels pickled to every node
+
+    def where(comm, scale):
+        node = int(os.environ["HPCBATCH_NODE"].removeprefix("node"))
+        return {"node": node, "energy": weights[comm.rank] * scale, "ranks": comm.size}
+    batch = make_batch(timings=Timings())  # as the CLI runs: SSH nodes on a busy box
+    out = tmp_path / "where-fn.h5"
+    res = batch.run_kernel(where, pool="mpi3", nodes=3, params={"scale": 2.0},
+                           outputs={"node": "gather", "energy": "sum", "ranks": "max"},
+                           output=out)
+    assert res["node"].tolist() == [1, 2, 3]  # one rank on each node, in rank order
+    assert res["energy"] == 8.0 and res["ranks"] == 3
+    with h5py.File(out, "r") as f:
+        assert f.attrs["function"].endswith("where") and f.attrs["nodes"] == 3
+        assert list(f.attrs["node_ids"]) == ["node1", "node2", "node3"]
+
+
+def test_a_function_raising_on_a_remote_node_fails_with_its_traceback(cluster, home,
+                                                                       make_batch):
+    from helpers import poll, processes_with
+
+    from hpcbatch.kernelrun import KernelRunError
+    _pool(home, cluster)
+
+    def fragile(comm):
+        if comm.rank == 2:
+            raise RuntimeError("node3 has no data")
+        comm.Barrier()  # ranks 0 and 1 wait: the abort must end them on their nodes
+        return {"x": 1}
+    batch = make_batch(timings=Timings())  # as the CLI runs: SSH nodes on a busy box
+    t0 = time.monotonic()
+    with pytest.raises(KernelRunError) as info:
+        batch.run_kernel(fragile, pool="mpi3", nodes=3, outputs={"x": "sum"}, timeout_s=120)
+    took = time.monotonic() - t0
+    err = info.value
+    assert err.rank == 2 and "RuntimeError: node3 has no data" in err.traceback, str(err)
+    assert 'raise RuntimeError("node3 has no data")' in err.traceback
+    assert "[rank 2] RuntimeError: node3 has no data" in str(err)
+    stopped = "aborted and mpiexec had not ended" in err.stderr  # PRRTE hung: stopped
+    print(f"{LIBRARY} 3-node function abort: {took:.2f} s"
+          + (" (mpiexec hung after the abort and was stopped)" if stopped else ""))
+    assert took < 90, f"{took:.1f} s: a rank was left waiting"
+    # nothing of the run is left on any node (their processes are on this machine)
+    poll(lambda: processes_with({"HPCBATCH_JOB_ID": err.task.job_id}) == [], timeout_s=15,
+         what="no process of the failed run left")

@@ -564,8 +564,11 @@ class SubmitIn(_In):
 
 
 class RunIn(_In):
-    kernel: Annotated[str, _doc(description="a built-in kernel's name (pi, heat, ...) or a "
-                                "kernel file on the service's machine")]
+    kernel: Annotated[str | None, _doc(description="a built-in kernel's name (pi, heat, ...) "
+                                       "or a kernel file on the service's machine")] = None
+    function: str | None = _int(None, pattern=r"^[0-9a-f]{64}$", description=(
+        "instead of a kernel: the SHA-256 of a packed Python function uploaded as "
+        "function.pkl (PUT /v1/uploads); its params travel in it"))
     ranks: Int | None = _int(None, minimum=1)
     params: dict[str, Any] | list[str] | None = None
     pool: str | None = None
@@ -1216,6 +1219,11 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
         kw = {k: v for k, v in body.model_dump(exclude={"kernel"}).items() if v is not None}
         return JSON(_plain(await call(lambda s: s.start_run(body.kernel, **kw))),
                     status_code=202)
+
+    @v1.get("/runs", response_model=list[RunView], tags=["runs"])
+    async def list_runs() -> JSON:
+        """Every kernel run whose job is still there, oldest first."""
+        return JSON([_plain(r) for r in await call(lambda s: s.list_runs())])
 
     @v1.get("/runs/{run_id}", response_model=RunView, tags=["runs"])
     async def get_run(run_id: RunPath) -> JSON:
