@@ -208,6 +208,9 @@ def _task_options(fn):
                      help="A file of this machine copied into the task's wd/ before it "
                      "starts (as DEST; repeatable)."),
         click.option("--workdir", metavar="submit|task|PATH", help=WORKDIR_HELP),
+        click.option("--app", "apps", multiple=True, metavar="NAME[:VERSION]",
+                     help="An application package (hpcbatch app) unpacked on its node "
+                     "first: $HPCBATCH_APP_<NAME>, its bin/ on PATH (repeatable)."),
     )):
         fn = opt(fn)
     return fn
@@ -270,7 +273,8 @@ def resolve_workdir(workdir: str | None, provider: str | None) -> str | None:
     return os.path.normpath(path)
 
 
-def task_fields(*, nodes, coordination, common_files, env, files, slots) -> dict[str, Any]:
+def task_fields(*, nodes, coordination, common_files, env, files, slots,
+                apps=()) -> dict[str, Any]:
     """TaskSpec fields from the shared options (--slots: per node with --nodes)."""
     if nodes is None:
         for option, given in (("--coordination-command", coordination),
@@ -279,6 +283,8 @@ def task_fields(*, nodes, coordination, common_files, env, files, slots) -> dict
                 raise ValidationError(option, "is for a multi-instance task; add --nodes N")
     fields: dict[str, Any] = {"environment": parse_env(env),
                               "resource_files": parse_files("--file", files)}
+    if apps:
+        fields["application_package_references"] = list(apps)
     if nodes is not None:
         if coordination is not None and not coordination.strip():
             raise ValidationError("--coordination-command", "is empty; give a command line")
@@ -334,7 +340,7 @@ class _StrictCommand(click.Command):
 @_task_options
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def submit(each_line, array, job_id, pool_id, slots, retries, timeout_s, priority, no_wait,
-           progress, nodes, coordination, common_files, env, files, workdir,
+           progress, nodes, coordination, common_files, env, files, workdir, apps,
            command) -> None:
     """Run command-line tasks and summarise them. The command goes after --, verbatim;
     by default it runs in this directory on the local pool (--workdir).
@@ -357,7 +363,7 @@ def submit(each_line, array, job_id, pool_id, slots, retries, timeout_s, priorit
                               "max_wall_clock_time_s": timeout_s,
                               **task_fields(nodes=nodes, coordination=coordination,
                                             common_files=common_files, env=env, files=files,
-                                            slots=slots)}
+                                            slots=slots, apps=apps)}
     values = {E.JOB_ID: job_id, E.POOL_ID: pool_id}
 
     def specs_in(wdir: str | None) -> list[TaskSpec]:
@@ -542,9 +548,12 @@ def pool_delete(pool_id: str) -> None:
               "MPI reaches every node (default: on). Off: the nodes' own SSH set-up is used.")
 @click.option("--trust-on-first-use", is_flag=True,
               help="Record unknown host keys into --known-hosts instead of refusing them.")
+@click.option("--app", "apps", multiple=True, metavar="NAME[:VERSION]",
+              help="An application package every node gets before its start task, for "
+              "all the pool's tasks (repeatable; see hpcbatch app).")
 def pool_create(pool_id, slots, policy, start_task, nodes, spec, hostlist, user, key,
                 known_hosts, ssh_config, port, python, mpi_prefix, node_root, authorized_keys,
-                inter_node, trust_on_first_use) -> None:
+                inter_node, trust_on_first_use, apps) -> None:
     """Create a pool: local (this machine) or SSH (--spec or --ssh).
 
     An SSH pool's hosts are all contacted first (host keys checked strictly); nothing
@@ -560,7 +569,7 @@ def pool_create(pool_id, slots, policy, start_task, nodes, spec, hostlist, user,
             pool_id, provider_of_options(ssh_options), task_slots_per_node=slots,
             scheduling_policy=policy, target_nodes=nodes, start_task=start_task,
             inter_node_communication=inter_node, trust_on_first_use=trust_on_first_use,
-            **ssh_options)
+            **ssh_options, **({"application_package_references": list(apps)} if apps else {}))
     trust = "; inter-node SSH on" if p.inter_node_communication else ""
     out.print(f"pool {pool_id} created: {p.where}; {slots} slot(s) per node, {policy}{trust}",
               soft_wrap=True, markup=False)
@@ -800,11 +809,11 @@ def task_attempts(job_id, task_id) -> None:
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True))
 @_task_options
 def task_add(job_id, task_id, command, slots, retries, timeout_s, nodes, coordination,
-             common_files, env, files, workdir) -> None:
+             common_files, env, files, workdir, apps) -> None:
     """Add one task to JOB: hpcbatch task add JOB TASK [OPTIONS] -- CMD ARGS..."""
     check_seconds("--timeout", timeout_s)
     fields = task_fields(nodes=nodes, coordination=coordination, common_files=common_files,
-                         env=env, files=files, slots=slots)
+                         env=env, files=files, slots=slots, apps=apps)
     resolve_workdir(workdir, "local")  # a bad --workdir: said before anything is read
     with _service() as service:
         pool_id = service.get_job(job_id).pool_id
@@ -1004,7 +1013,7 @@ def _register_optional() -> None:
     import importlib
     for mod, name in (("hpcbatch.cli_cluster", "cluster"), ("hpcbatch.cli_kernels", "run"),
                       ("hpcbatch.cli_kernels", "results"), ("hpcbatch.cli_serve", "serve"),
-                      ("hpcbatch.cli_serve", "keys")):
+                      ("hpcbatch.cli_serve", "keys"), ("hpcbatch.cli_apps", "app")):
         try:
             cmd = getattr(importlib.import_module(mod), name)
         except (ImportError, AttributeError):

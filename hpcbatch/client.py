@@ -518,6 +518,8 @@ class Batch:
             self.home = self._service.home
         self.pools = Pools(self)
         self.jobs = Jobs(self)
+        from hpcbatch.apps import Apps
+        self.apps = Apps(self)  # application packages
 
     @property
     def service(self) -> Service:

@@ -24,6 +24,7 @@ from typing import Any
 
 from hpcbatch import agentlink as link
 from hpcbatch import state as S
+from hpcbatch.apps import AppRef, AppStore, node_env
 from hpcbatch.errors import Conflict, HpcBatchError, NotFound, ValidationError
 from hpcbatch.home import HomeLock, default_home
 from hpcbatch.launch import protocol as P
@@ -80,6 +81,12 @@ class Coordinator:
         self._last_tick = 0.0
         self._last_poll = 0.0
         self._deferred: list[Any] = []  # a query left to the next turn (see _turn)
+        self.apps = AppStore(self.home)
+        # application package archives already on each node (node -> node archive paths),
+        # with a lock per node so two tasks' copies do not both send one archive
+        self._node_apps: dict[tuple[str, str], set[str]] = {}
+        self._node_apps_lock: dict[tuple[str, str], threading.Lock] = {}
+        self._pool_apps: dict[str, tuple[AppRef, ...]] = {}  # each pool's own references
 
     # ---- life cycle and commands (any thread) ------------------------------------
 
@@ -256,6 +263,7 @@ class Coordinator:
                 return []
             self.channels[(pool_id, node_id)] = (gen, chan, token)
             self.tokens[(pool_id, node_id)] = (gen, token)
+            self._node_apps.pop((pool_id, node_id), None)  # a new agent: look again
             with self.store.transaction():
                 self.store.record_agent(pool_id, node_id, token, getattr(chan, "pid", None),
                                         self.descs[(pool_id, node_id)].host,
@@ -271,6 +279,8 @@ class Coordinator:
             return [S.NodeReaped(now, *item[1:])]
         if kind == "staged":
             return [S.FilesStaged(now, *item[1:])]
+        if kind == "appsstaged":
+            return [S.NodeAppsStaged(now, *item[1:])]
         if kind == "work":
             return [S.WorkNoticed(now)]
         if kind == "pool":
@@ -438,8 +448,9 @@ class Coordinator:
         nodes = provider.fixed_nodes()
         for d in nodes:
             self.descs[(spec.id, d.node_id)] = d
+        self._pool_apps[spec.id] = spec.application_package_references
         info = S.PoolInfo(spec.id, spec.task_slots_per_node, spec.scheduling_policy,
-                          spec.start_task)
+                          spec.start_task, bool(spec.application_package_references))
         disabled = {n["id"] for n in self.store.list_nodes(spec.id)
                     if json.loads(n["info"] or "{}").get("scheduling") == "disabled"}
         return S.PoolAdded(time.time(), info, tuple(
@@ -542,9 +553,19 @@ class Coordinator:
                 if ins.instance:
                     inter = self.providers[ins.pool_id].inter_node_env(
                         ins.node_id, self.state.node(*key).root or "")
-                sends.setdefault(key, []).append(
-                    link.run_message(ins, specs[ins.seq], token, inter))
-            elif isinstance(ins, S.RunStartTask | S.KillRun | S.Reap | S.Ping):
+                msg = link.run_message(ins, specs[ins.seq], token, inter)
+                refs = specs[ins.seq].application_package_references
+                if refs or self._pool_refs(ins.pool_id):
+                    msg = self._with_apps(msg, key, refs)
+                sends.setdefault(key, []).append(msg)
+            elif isinstance(ins, S.RunStartTask):
+                msg = link.message_of(ins, token)
+                if self._pool_refs(ins.pool_id):
+                    msg = self._with_apps(msg, key, ())
+                sends.setdefault(key, []).append(msg)
+            elif isinstance(ins, S.StageNodeApps):
+                self._stage_node_apps(ins)
+            elif isinstance(ins, S.KillRun | S.Reap | S.Ping):
                 sends.setdefault(key, []).append(link.message_of(ins, token))
             elif isinstance(ins, S.StageFiles):
                 self._stage(ins, specs[ins.seq])
@@ -584,19 +605,76 @@ class Coordinator:
         entry = self.channels.get((ins.pool_id, ins.node_id))
         chan = entry[1] if entry else None
         groups = [((spec.resource_files if which == "resource" else
-                    spec.common_resource_files), dest) for which, dest in ins.groups]
+                    spec.common_resource_files), dest) for which, dest in ins.groups
+                  if which != "apps"]
+        apps = [dest for which, dest in ins.groups if which == "apps"]
+        refs = spec.application_package_references
 
         def work() -> None:
             error = None
             try:
                 if chan is None:
                     raise OSError("its agent is gone")
+                for root in apps:
+                    self._put_apps((ins.pool_id, ins.node_id), chan, root,
+                                   self._resolve_apps(ins.pool_id, refs))
                 for files, dest in groups:
                     if files:
                         chan.put_files([(f["source"], f["file_path"]) for f in files], dest)
             except Exception as exc:  # noqa: BLE001 - reported as the task's failure
                 error = f"copying resource files to node {ins.node_id} failed: {exc}"
             self.inbox.put(("staged", ins.seq, ins.run, ins.token, error))
+        self._io(work)
+
+    # ---- application packages (hpcbatch.apps) ---------------------------------------
+
+    def _pool_refs(self, pool_id: str) -> tuple[AppRef, ...]:
+        return self._pool_apps.get(pool_id, ())
+
+    def _resolve_apps(self, pool_id: str, refs: Any) -> list[Any]:
+        """The pool's packages and then the task's (which win for the same name),
+        resolved to stored versions; NotFound when one is gone."""
+        return self.apps.resolve_all([*self._pool_refs(pool_id),
+                                      *AppRef.check_list("apps", refs)])
+
+    def _with_apps(self, msg: P.Run, key: tuple[str, str], refs: Any) -> P.Run:
+        """The Run with its packages to unpack, their variables and PATH (bin/)."""
+        root = (self.state.node(*key).root if self.state.node(*key) else None) or ""
+        try:
+            apps = self._resolve_apps(key[0], refs)
+        except HpcBatchError as exc:  # deleted since it was staged: the run says so
+            log.warning("node %s: %s", key[1], exc)
+            return msg
+        return dataclasses.replace(msg, env={**node_env(apps, root), **msg.env},
+                                   apps=tuple(a.wire(root) for a in apps))
+
+    def _put_apps(self, key: tuple[str, str], chan: Any, root: str, apps: list[Any]) -> None:
+        """Copy each package's archive to the node once (per agent); blocking."""
+        lock = self._node_apps_lock.setdefault(key, threading.Lock())
+        with lock:
+            have = self._node_apps.setdefault(key, set())
+            for app in apps:
+                there = app.node_archive(root)
+                if there not in have:
+                    chan.put_files([(app.archive, there.rsplit("/", 1)[1])],
+                                   there.rsplit("/", 1)[0])
+                    have.add(there)
+
+    def _stage_node_apps(self, ins: S.StageNodeApps) -> None:
+        key = (ins.pool_id, ins.node_id)
+        entry = self.channels.get(key)
+        node = self.state.node(*key)
+        root = (node.root if node else None) or ""
+
+        def work() -> None:
+            error = None
+            try:
+                if entry is None:
+                    raise OSError("its agent is gone")
+                self._put_apps(key, entry[1], root, self._resolve_apps(ins.pool_id, ()))
+            except Exception as exc:  # noqa: BLE001 - reported on the node
+                error = f"copying them to node {ins.node_id} failed: {exc}"
+            self.inbox.put(("appsstaged", ins.pool_id, ins.node_id, ins.gen, error))
         self._io(work)
 
     def _io(self, fn: Any, *args: Any) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from hpcbatch.apps import AppRef
 from hpcbatch.env import TASK_WORKING_DIR
 from hpcbatch.errors import ValidationError
 
@@ -248,9 +249,13 @@ class PoolSpec:
     # SSH pools: bootstrap makes a pool key pair and an ssh_config of node aliases on
     # every node, so MPI on the primary reaches the others (HPCBATCH_SSH_CONFIG)
     inter_node_communication: bool = False
+    # application packages every node gets (before its start task), for all its tasks
+    application_package_references: tuple[AppRef, ...] = ()
 
     def __post_init__(self) -> None:
         check_id("pool.id", self.id)
+        object.__setattr__(self, "application_package_references", AppRef.check_list(
+            "pool.application_package_references", self.application_package_references))
         if not isinstance(self.inter_node_communication, bool):
             raise ValidationError("pool.inter_node_communication", "must be true or false")
         _check_choice("pool.provider", self.provider, PROVIDERS)
@@ -401,6 +406,8 @@ class TaskSpec:
     max_wall_clock_time_s: float | None = None
     multi_instance: MultiInstanceSpec | None = None
     resource_files: tuple[ResourceFile, ...] = ()  # copied into the working directory
+    # application packages unpacked on its node(s) before it starts (see hpcbatch.apps)
+    application_package_references: tuple[AppRef, ...] = ()
     # where the command runs: None, the task's own wd/ on its node; else an absolute path
     # on the node (the CLI's --workdir submit: the directory 'hpcbatch submit' ran in).
     # Kept as the task's HPCBATCH_TASK_WORKING_DIR (see TaskSpec.working_dir_of), so it
@@ -419,6 +426,9 @@ class TaskSpec:
                                                      WORKING_DIR_VAR: working_dir})
         object.__setattr__(self, "resource_files", ResourceFile.check_list(
             f"task {self.id}: resource_files", self.resource_files))
+        object.__setattr__(self, "application_package_references", AppRef.check_list(
+            f"task {self.id}: application_package_references",
+            self.application_package_references))
         mi = self.multi_instance
         if isinstance(mi, Mapping):
             known = {f.name for f in dataclasses.fields(MultiInstanceSpec)}

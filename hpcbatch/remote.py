@@ -311,6 +311,12 @@ class RemoteService(Service):
                 "scheduling_policy": scheduling_policy, "target_nodes": target_nodes,
                 "start_task": start_task, "inter_node_communication": inter_node_communication,
                 "trust_on_first_use": trust_on_first_use, "options": provider_options}
+        refs = provider_options.get("application_package_references")
+        if refs:  # AppRef / "NAME:VERSION" as JSON
+            from hpcbatch.apps import AppRef
+            provider_options["application_package_references"] = [
+                {"application_id": r.application_id, "version": r.version}
+                for r in AppRef.check_list("pool.application_package_references", refs)]
         return PoolView.from_dict(self._post("/v1/pools", body, timeout=self._bulk_timeout()))
 
     def get_pool(self, pool_id: str) -> PoolView:
@@ -781,6 +787,36 @@ class RemoteService(Service):
                          headers={"Content-Type": "application/octet-stream"},
                          timeout=self._bulk_timeout())
         return str(out["path"])
+
+    # ---- application packages (hpcbatch.apps) ----------------------------
+
+    def upload_app(self, name: str, version: str, archive: str | os.PathLike, *,
+                   default: bool = False) -> Any:
+        """The archive streamed to PUT /v1/uploads, then kept by POST /v1/apps."""
+        from hpcbatch.apps import AppView, check_name, check_version
+        check_name("name", name)
+        check_version("version", version)
+        path = Path(archive).expanduser().absolute()
+        if not path.is_file():
+            raise ValidationError("archive", f"{path} is not a file on this machine")
+        there = self._upload_file(str(path))
+        return AppView(**self._post("/v1/apps", {"name": name, "version": version,
+                                                 "source": there, "default": bool(default)},
+                                    timeout=self._bulk_timeout()))
+
+    def list_apps(self, name: str | None = None) -> list[Any]:
+        from hpcbatch.apps import AppView
+        return [AppView(**d) for d in self._get("/v1/apps", name=name)["items"]]
+
+    def delete_app(self, name: str, version: str | None = None) -> list[str]:
+        params = {"version": version} if version is not None else None
+        return list(self._json("DELETE", f"/v1/apps/{_seg(name, 'application')}",
+                               params=params)["deleted"])
+
+    def set_default_app(self, name: str, version: str) -> Any:
+        from hpcbatch.apps import AppView
+        return AppView(**self._post(f"/v1/apps/{_seg(name, 'application')}/default",
+                                    {"version": version}))
 
     # ---- the service itself ---------------------------------------------
 

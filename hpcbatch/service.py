@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import concurrent.futures
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -282,6 +283,22 @@ class Service(abc.ABC):
         """Store a client's file (its bytes in ``chunks``, their SHA-256 ``sha256``) where
         the service can read it; returns the path a ResourceFile.source names."""
 
+    # ---- application packages (hpcbatch.apps) ------------------------------
+
+    def upload_app(self, name: str, version: str, archive: str | os.PathLike, *,
+                   default: bool = False) -> Any:
+        """Check and keep a .zip/.tar.gz (a path on the caller's machine) as NAME VERSION."""
+        raise NotImplementedError
+
+    def list_apps(self, name: str | None = None) -> list[Any]:
+        raise NotImplementedError
+
+    def delete_app(self, name: str, version: str | None = None) -> list[str]:
+        raise NotImplementedError
+
+    def set_default_app(self, name: str, version: str) -> Any:
+        raise NotImplementedError
+
     # ---- service operations: pool size, node scheduling, job terminate, task
     # ---- reactivate and delete
 
@@ -475,11 +492,16 @@ class LocalService(Service):
         with contextlib.suppress(NotFound):
             self.store.get_pool(pool_id)
             raise Conflict(f"pool {pool_id!r} already exists; pick another id")
+        app_refs = provider_options.pop("application_package_references", None)
         spec = provider_class(provider).make_spec(
             pool_id, task_slots_per_node=task_slots_per_node,
             scheduling_policy=scheduling_policy, target_nodes=target_nodes,
             start_task=start_task, inter_node_communication=inter_node_communication,
             **provider_options)
+        if app_refs:
+            spec = dataclasses.replace(spec, application_package_references=app_refs)
+            self._apps().check_refs("pool.application_package_references",
+                                    spec.application_package_references)
         failed = provider_for(spec, self.home).preflight(
             trust_on_first_use=trust_on_first_use).failed
         if failed:
@@ -629,13 +651,14 @@ class LocalService(Service):
     # ---- tasks -----------------------------------------------------------
 
     def add_tasks(self, job_id: str, tasks: Iterable[TaskSpec | Mapping[str, Any]]) -> int:
-        n = self.store.add_tasks(job_id, tasks)  # read, checked and stored in chunks
+        n = self.store.add_tasks(job_id, self._apps_checked(tasks))  # read, checked, stored
         self._notify()
         return n
 
     def add_task_collection(self, job_id: str, tasks: Iterable[TaskSpec | Mapping[str, Any]],
                             *, atomic: bool = True) -> AddResult:
-        added, errors = self.store.add_task_collection(job_id, tasks, atomic=atomic)
+        added, errors = self.store.add_task_collection(job_id, self._apps_checked(tasks),
+                                                       atomic=atomic)
         if added:
             self._notify()
         return AddResult(added, tuple(TaskError.from_error(i, task_id, exc)
@@ -652,9 +675,48 @@ class LocalService(Service):
             elif pool_id != job.pool_id:
                 raise ValidationError("pool", f"job {job.id!r} exists on pool {pool_id!r}, "
                                       f"not {job.pool_id!r}")
-            n = self.store.add_tasks(job.id, tasks)  # read, checked and stored in chunks
+            n = self.store.add_tasks(job.id, self._apps_checked(tasks))  # read in chunks
         self._notify()
         return n
+
+    # ---- application packages --------------------------------------------
+
+    def _apps(self) -> Any:
+        from hpcbatch.apps import AppStore
+        return AppStore(self.home)
+
+    def _apps_checked(self, tasks: Iterable[Any]) -> Iterator[Any]:
+        """The tasks, each that names application packages checked against the stored
+        ones (a missing one is a ValidationError naming the task, before anything is
+        stored)."""
+        from hpcbatch.apps import AppRef
+        store, seen = None, set()
+        for t in tasks:
+            refs = (t.application_package_references if isinstance(t, TaskSpec) else
+                    t.get("application_package_references") if isinstance(t, Mapping)
+                    else None)
+            if refs:
+                tid = t.id if isinstance(t, TaskSpec) else t.get("id")
+                field = f"task {tid}: application_package_references"
+                todo = [r for r in AppRef.check_list(field, refs) if r not in seen]
+                if todo:
+                    store = store or self._apps()
+                    store.check_refs(field, todo)
+                    seen.update(todo)
+            yield t
+
+    def upload_app(self, name: str, version: str, archive: str | os.PathLike, *,
+                   default: bool = False) -> Any:
+        return self._apps().upload(name, version, archive, default=default)
+
+    def list_apps(self, name: str | None = None) -> list[Any]:
+        return self._apps().list(name)
+
+    def delete_app(self, name: str, version: str | None = None) -> list[str]:
+        return self._apps().delete(name, version)
+
+    def set_default_app(self, name: str, version: str) -> Any:
+        return self._apps().set_default(name, version)
 
     def get_task(self, job_id: str, task_id: str) -> TaskView:
         return TaskView.from_row(self.store.get_task(job_id, task_id))

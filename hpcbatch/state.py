@@ -53,6 +53,7 @@ WINDOW_MAX = 50_000  # .. at most this many (memory stays bounded whatever is st
 PLACE_BUDGET = 20_000  # placements per turn (bounded turns)
 NEW_WORK_SLICE = 5000  # new tasks read per query (a 1M-task submit is read in slices)
 FLAG_RESOURCE_FILES, FLAG_COORDINATION, FLAG_COMMON_FILES = 1, 2, 4
+FLAG_APPS = 8  # the task names application packages: their archives go to its node(s)
 # what happens to the tasks on a node whose scheduling is disabled or that leaves the pool
 # (Azure Batch's nodeDisableSchedulingOption / nodeDeallocationOption): killed and
 # requeued (not a retry), killed and completed as failed (killed:terminate), or left to
@@ -113,6 +114,7 @@ class PoolInfo:
     slots_per_node: int
     policy: str = "pack"
     start_task: str | None = None
+    apps: bool = False  # it names application packages: every node gets them first
 
 
 @_ev
@@ -372,6 +374,16 @@ class FilesStaged:
 
 
 @_ev
+class NodeAppsStaged:
+    """The pool's application package archives reached the node (or ``error``)."""
+    t: float
+    pool_id: str
+    node_id: str
+    gen: int
+    error: str | None = None
+
+
+@_ev
 class TerminateAsked:
     t: float
     seq: int
@@ -485,6 +497,15 @@ class StageFiles:
     run: RunId
     token: int
     groups: tuple[tuple[str, str], ...]
+
+
+@_ev
+class StageNodeApps:
+    """Copy the pool's application package archives to a node that said hello (its
+    agent unpacks them when a run first needs them); answered by NodeAppsStaged."""
+    pool_id: str
+    node_id: str
+    gen: int
 
 
 @_ev
@@ -1137,12 +1158,32 @@ class CoordinatorState:
         node.info = dict(ev.info)
         node.info["root"] = ev.root
         pool = self.pools[node.pool_id]
+        if pool.info.apps:  # the pool's packages first: its start task may use them
+            self._emit(StageNodeApps(node.pool_id, node.node_id, node.gen))
+            node.reconnecting = False
+            self._set_node(node, NodeState.STARTING, "copying its application packages")
+            return
+        self._after_apps(node)
+
+    def _on_NodeAppsStaged(self, ev: NodeAppsStaged) -> None:
+        node = self._live(ev)
+        if node is None or node.state is not NodeState.STARTING or not node.connected:
+            return
+        if ev.error:
+            self._unusable(node, f"application packages: {ev.error}")
+            return
+        self._after_apps(node)
+
+    def _after_apps(self, node: Node) -> None:
+        """The node has its pool's packages (if any): its start task, or ready."""
+        pool = self.pools[node.pool_id]
         start_task = pool.info.start_task
         if start_task:
-            tdir = posixpath.join(ev.root, "starttask")
+            root = node.root or ""
+            tdir = posixpath.join(root, "starttask")
             env = {E.POOL_ID: node.pool_id, E.NODE_ID: node.node_id, E.TASK_DIR: tdir,
                    E.TASK_WORKING_DIR: posixpath.join(tdir, "wd"),
-                   E.NODE_SHARED_DIR: posixpath.join(ev.root, "shared")}
+                   E.NODE_SHARED_DIR: posixpath.join(root, "shared")}
             self._emit(RunStartTask(node.pool_id, node.node_id, start_task, tdir,
                                     tuple(sorted(env.items()))))
             node.reconnecting = False
@@ -1413,12 +1454,17 @@ class CoordinatorState:
         self._emit(MarkPreparing(row.seq, node.node_id, tdir, self.now))
         msg = RunTask(node.pool_id, node.node_id, row.seq, run, tdir,
                       self._task_env(row, node, tdir, row.attempt), slots)
-        if row.flags & FLAG_RESOURCE_FILES:
+        if row.flags & (FLAG_RESOURCE_FILES | FLAG_APPS):
             att.pending_run = msg
             token = self._next_token()
             att.staging[run] = token
+            groups = []
+            if row.flags & FLAG_RESOURCE_FILES:
+                groups.append(("resource", posixpath.join(tdir, "wd")))
+            if row.flags & FLAG_APPS:
+                groups.append(("apps", node.root or ""))
             self._emit(StageFiles(node.pool_id, node.node_id, row.seq, run, token,
-                                  (("resource", posixpath.join(tdir, "wd")),)))
+                                  tuple(groups)))
         else:
             self._emit(msg)
 
@@ -1649,11 +1695,11 @@ class CoordinatorState:
         for i, node in enumerate(nodes):
             self._occupy(node, RunId(row.seq, RunKind.INSTANCE, i), slots[i])
         self._emit(MarkPreparing(row.seq, primary.node_id, tdir, self.now))
-        if row.flags & (FLAG_COMMON_FILES | FLAG_RESOURCE_FILES):
+        if row.flags & (FLAG_COMMON_FILES | FLAG_RESOURCE_FILES | FLAG_APPS):
             alloc.phase = MIPhase.STAGING
             for i, node in enumerate(nodes):
                 ntdir = posixpath.join(node.root or "", "jobs", row.job_id, row.task_id)
-                groups = []
+                groups = [("apps", node.root or "")] if row.flags & FLAG_APPS else []
                 if row.flags & FLAG_COMMON_FILES:
                     groups.append(("common", posixpath.join(ntdir, "shared")))
                 if i == 0 and row.flags & FLAG_RESOURCE_FILES:

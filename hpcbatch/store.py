@@ -267,6 +267,7 @@ TASK_COLUMNS = (
 FLAG_RESOURCE_FILES = 1
 FLAG_COORDINATION = 2
 FLAG_COMMON_FILES = 4
+FLAG_APPS = 8  # it names application packages
 
 OUTCOMES = ("success", "failure", "retry", "requeue")
 OPEN_STATES = ("active", "preparing", "running")
@@ -333,6 +334,7 @@ class DispatchSpec(NamedTuple):
     resource_files: list[dict[str, str]]
     coordination_command: str | None
     common_resource_files: list[dict[str, str]]
+    application_package_references: list[dict[str, Any]] = []
 
 
 _TASKROW_SQL = ("t.seq, t.job_id, t.id, t.pool_id, t.neg_priority, t.required_slots, "
@@ -1190,7 +1192,9 @@ class Store:
                     max_wall_clock_time_s=s.get("max_wall_clock_time_s"),
                     resource_files=list(s.get("resource_files") or ()),
                     coordination_command=mi.get("coordination_command"),
-                    common_resource_files=list(mi.get("common_resource_files") or ()))
+                    common_resource_files=list(mi.get("common_resource_files") or ()),
+                    application_package_references=list(
+                        s.get("application_package_references") or ()))
         return out
 
     def mark_preparing(self, rows: Iterable[tuple[int, str, str, float]]) -> None:
@@ -1603,7 +1607,8 @@ def spec_to_dict(spec: Any) -> dict[str, Any]:
 
 
 _TASK_FIELDS = ("id", "command_line", "environment", "required_slots", "max_task_retry_count",
-                "max_wall_clock_time_s", "multi_instance", "resource_files")
+                "max_wall_clock_time_s", "multi_instance", "resource_files",
+                "application_package_references")
 _MI_FIELDS = ("instances", "coordination_command", "slots_per_instance",
               "common_resource_files")
 
@@ -1636,6 +1641,9 @@ def _task_dict(t: TaskSpec) -> dict[str, Any]:
                                       for r in mi.common_resource_files]},
         "resource_files": [{"source": r.source, "file_path": r.file_path}
                            for r in t.resource_files],
+        "application_package_references": [
+            {"application_id": a.application_id, "version": a.version}
+            for a in t.application_package_references],
     }
 
 
@@ -1645,6 +1653,8 @@ def _task_rows(job_id: str, pool_id: str, neg_priority: int, job_retries: int,
     for t in specs:
         mi = t.multi_instance
         flags = FLAG_RESOURCE_FILES if t.resource_files else 0
+        if t.application_package_references:
+            flags |= FLAG_APPS
         if mi is not None:
             if mi.coordination_command is not None:
                 flags |= FLAG_COORDINATION
@@ -1658,7 +1668,8 @@ def _task_rows(job_id: str, pool_id: str, neg_priority: int, job_retries: int,
 
 
 __all__ = [
-    "DispatchSpec", "FLAG_COMMON_FILES", "FLAG_COORDINATION", "FLAG_RESOURCE_FILES",
+    "DispatchSpec", "FLAG_APPS", "FLAG_COMMON_FILES", "FLAG_COORDINATION",
+    "FLAG_RESOURCE_FILES",
     "MIGRATIONS", "SCHEMA_VERSION", "Store", "TaskRow", "parse_failure",
     "secure_dir", "spec_to_dict", "storage_full",
 ]

@@ -45,7 +45,8 @@ PROTOCOL_PATH = Path(P.__file__)
 # so an agent.py that is there always has the rest beside it. mpi.py is hpcbatch-mpiexec
 # (the agent puts a shim for it on every task's PATH), env.py its variable names.
 UPLOADED = ((PROTOCOL_PATH, 0o644), (Path(env_module.__file__), 0o644),
-            (Path(mpi_module.__file__), 0o644), (AGENT_PATH, 0o755))
+            (Path(mpi_module.__file__), 0o644), (AGENT_PATH, 0o755),
+            (AGENT_PATH.with_name("appunpack.py"), 0o644))  # application packages
 WRITE_CHUNK = 1 << 20
 
 

@@ -482,6 +482,17 @@ ResourceFiles = Annotated[list[ResourceFileIn | str], _doc(
     description="files on the service's machine (each must exist there)")]
 
 
+class AppRefIn(_In):
+    """An application package (``hpcbatch app upload``); no version: its default."""
+
+    application_id: Id
+    version: str | None = None
+
+
+AppRefs = Annotated[list[AppRefIn | str], _doc(
+    description="application packages ('NAME' or 'NAME:VERSION' also taken)")]
+
+
 class MultiInstanceIn(_In):
     instances: Int = _int(..., minimum=1, maximum=100_000)
     coordination_command: Annotated[str | None, _doc(pattern=NOT_BLANK)] = None
@@ -503,6 +514,7 @@ class TaskIn(_In):
     max_wall_clock_time_s: float | None = _int(None, exclusiveMinimum=0)
     multi_instance: MultiInstanceIn | None = None
     resource_files: ResourceFiles = []
+    application_package_references: AppRefs = []
 
 
 class TaskCollectionIn(_In):
@@ -1190,6 +1202,9 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
                 if chunk:
                     yield chunk
         return JSON({"path": await call(lambda s: s.upload(name, chunks(), sha256))})
+
+    from hpcbatch.server.apps_routes import add_routes as add_app_routes
+    add_app_routes(v1, call, JSON, _plain, app.state.home)
 
     app.include_router(v1)
     app.add_middleware(_Gate, keys=keys, max_body=max_body_bytes, max_upload=max_upload_bytes)
