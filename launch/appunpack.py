@@ -17,6 +17,7 @@ archive's sha256) and does nothing. Each unpack adds a line to ``APP_DIR/unpack.
 from __future__ import annotations
 
 import fcntl
+import gzip
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ import sys
 import tarfile
 import time
 import zipfile
+import zlib
 
 MARKER = ".hpcbatch-app.json"
 FORMATS = ("zip", "tar.gz")
@@ -109,6 +111,9 @@ def _entries(path: str, fmt: str) -> list[tuple[str, str, str, int]]:
                     else:
                         out.append((info.filename, "file", "", (mode & 0o777) or 0o644))
         else:
+            with gzip.open(path) as whole:  # to its end: the gzip CRC and length checked
+                while whole.read(1 << 20):
+                    pass
             with tarfile.open(path, "r:gz") as tf:
                 for m in tf:
                     if m.issym():
@@ -127,7 +132,8 @@ def _entries(path: str, fmt: str) -> list[tuple[str, str, str, int]]:
                                            "special file")
     except ArchiveError:
         raise
-    except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, ValueError) as exc:
+    except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, ValueError,
+            zlib.error) as exc:
         raise ArchiveError(f"not a readable {fmt} archive ({exc})") from None
     return out
 

@@ -238,8 +238,9 @@ def test_ssh_nodes_get_the_package_over_sftp(batch, ssh_cluster, tmp_path):
 
 def test_the_service_takes_an_app_over_http(tmp_path, home):
     """hpcbatch serve: the archive is streamed (PUT /v1/uploads), then kept (POST)."""
-    import hpcbatch
     from helpers import wait_for_service
+
+    import hpcbatch
     log = tmp_path / "serve.err"
     with open(log, "wb") as f:
         proc = subprocess.Popen([sys.executable, "-m", "hpcbatch.cli", "serve", "--home",
