@@ -661,12 +661,15 @@ def job_show(job_id: str) -> None:
     with _service() as service:
         j = service.get_job(job_id)
         c = service.job_counts(job_id)
+        jt = service.job_task_status(job_id)
     out.print(f"job [bold]{job_id}[/]  pool {j.pool_id}  state {j.state}  priority "
               f"{j.priority}  on_all_tasks_complete {j.on_all_tasks_complete}")
     out.print(f"tasks {c['total']}: active {c['active']}, preparing {c['preparing']}, "
               f"running {c['running']}, completed "
               f"{c['completed']} (succeeded {c['succeeded']}, failed {c['failed']}); "
               f"retries {c['retries']}, requeues {c['requeues']}")
+    from hpcbatch.cli_apps import print_job_tasks
+    print_job_tasks(jt)
 
 
 @job.command("delete")
@@ -690,11 +693,39 @@ def job_delete(job_id: str) -> None:
               type=click.Choice(["no_action", "terminate_job"]), default="no_action",
               show_default=True, help="terminate_job: the job completes once all its tasks "
               "have (no_action: it stays active for more tasks until 'job terminate').")
-def job_create(job_id, pool_id, priority, retries, on_complete) -> None:
+@click.option("--prep-command", metavar="CMD", help="Job preparation task: runs on a node "
+              "before the job's first task there, in $HPCBATCH_JOB_PREP_DIR (which the "
+              "job's tasks on that node share).")
+@click.option("--prep-no-wait", is_flag=True, help="Tasks need not wait for it to succeed "
+              "(by default they wait, and a node where it fails skips the job).")
+@click.option("--prep-retries", type=click.IntRange(0, 100), default=0, show_default=True)
+@click.option("--prep-timeout", type=click.FloatRange(min=0, min_open=True),
+              help="Wall-clock limit of the preparation task, in seconds.")
+@click.option("--prep-env", multiple=True, metavar="K=V")
+@click.option("--prep-file", multiple=True, metavar="SRC[:DEST]",
+              help="A file copied into $HPCBATCH_JOB_PREP_DIR first (repeatable).")
+@click.option("--release-command", metavar="CMD", help="Job release task: runs on every "
+              "node that ran the job's tasks when the job completes or is terminated.")
+@click.option("--release-timeout", type=click.FloatRange(min=0, min_open=True),
+              default=900, show_default=True, help="Its wall-clock limit, in seconds.")
+def job_create(job_id, pool_id, priority, retries, on_complete, prep_command, prep_no_wait,
+               prep_retries, prep_timeout, prep_env, prep_file, release_command,
+               release_timeout) -> None:
     """Create an empty job (add tasks with 'hpcbatch task add')."""
+    prep = release = None
+    if prep_command is not None:
+        prep = {"command_line": prep_command, "wait_for_success": not prep_no_wait,
+                "max_task_retry_count": prep_retries, "max_wall_clock_time_s": prep_timeout,
+                "environment": parse_env(prep_env),
+                "resource_files": parse_files("--prep-file", prep_file)}
+    elif prep_no_wait or prep_timeout or prep_env or prep_file or prep_retries:
+        raise ValidationError("--prep-command", "the --prep-* options need --prep-command")
+    if release_command is not None:
+        release = {"command_line": release_command, "max_wall_clock_time_s": release_timeout}
     with _service(create=True) as service:
         service.create_job(job_id, pool_id, priority=priority, max_task_retry_count=retries,
-                           on_all_tasks_complete=on_complete)
+                           on_all_tasks_complete=on_complete, preparation_task=prep,
+                           release_task=release)
     out.print(f"job {job_id} created on pool {pool_id}")
 
 

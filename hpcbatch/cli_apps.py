@@ -74,3 +74,25 @@ def app_set_default(name: str, version: str) -> None:
     with _service() as service:
         v = service.set_default_app(name, version)
     out.print(f"application {v.name}: default version {v.version}", markup=False)
+
+
+def print_job_tasks(status: dict) -> None:
+    """``job show``: the job's preparation and release tasks, and a row per node and kind
+    (the logs: hpcbatch task logs JOB jobpreparation|jobrelease --node NODE)."""
+    for name in ("preparation_task", "release_task"):
+        spec = status.get(name)
+        if spec:
+            extra = ""
+            if name == "preparation_task":
+                extra = (f"  wait_for_success {str(spec['wait_for_success']).lower()}"
+                         f"  retries {spec['max_task_retry_count']}")
+            limit = spec.get("max_wall_clock_time_s")
+            out.print(f"{name.replace('_', ' ')}: {spec['command_line']}{extra}"
+                      + (f"  limit {limit:g} s" if limit else ""), markup=False)
+    nodes = status.get("nodes") or []
+    if nodes:
+        rows = [[n["node_id"], n["kind"], n["state"],
+                 "" if n["exit_code"] is None else str(n["exit_code"]), str(n["retry_count"]),
+                 n["failure"] or ""] for n in nodes]
+        out.print(table(["node", "task", "state", "exit", "retries", "reason"], rows,
+                        keep=("node", "task", "state")))

@@ -28,7 +28,7 @@ from hpcbatch.apps import AppRef, AppStore, node_env
 from hpcbatch.errors import Conflict, HpcBatchError, NotFound, ValidationError
 from hpcbatch.home import HomeLock, default_home
 from hpcbatch.launch import protocol as P
-from hpcbatch.models import JobState, NodeState, PoolSpec, TaskState
+from hpcbatch.models import JobState, NodeState, PoolSpec, RunKind, TaskState
 from hpcbatch.providers import NodeDesc, provider_for
 from hpcbatch.store import Store
 from hpcbatch.timings import Timings
@@ -458,9 +458,7 @@ class Coordinator:
 
     def _jobs_known(self, jobs: list[dict]) -> S.JobsKnown:
         self.jobs.update(j["id"] for j in jobs)
-        return S.JobsKnown(time.time(), tuple(
-            S.JobInfo(j["id"], j["pool_id"], j["spec"].priority,
-                      j["spec"].on_all_tasks_complete == "terminate_job") for j in jobs))
+        return S.JobsKnown(time.time(), tuple(map(_job_info, jobs)))
 
     def _answer_window(self, ins: S.LoadWindow) -> list[Any]:
         rows = self.store.runnable_window(ins.pool_id, ins.after, ins.limit)
@@ -528,6 +526,9 @@ class Coordinator:
                            w.reason)
         for w in by.get(S.DropNode, ()):
             st.delete_node(w.pool_id, w.node_id)
+        for w in by.get(S.PersistJobTask, ()):
+            st.upsert_job_task(w.job_id, w.pool_id, w.node_id, w.kind, w.state, w.t,
+                               w.task_dir, w.exit_code, w.detail, w.retry_count)
 
     def _keep_leases(self) -> None:
         """While the turn waits for the store's write lock (another process's long
@@ -565,6 +566,10 @@ class Coordinator:
                 sends.setdefault(key, []).append(msg)
             elif isinstance(ins, S.StageNodeApps):
                 self._stage_node_apps(ins)
+            elif isinstance(ins, S.RunJobTask):
+                msg = self._job_task_run(ins, token)
+                if msg is not None:
+                    sends.setdefault(key, []).append(msg)
             elif isinstance(ins, S.KillRun | S.Reap | S.Ping):
                 sends.setdefault(key, []).append(link.message_of(ins, token))
             elif isinstance(ins, S.StageFiles):
@@ -659,6 +664,46 @@ class Coordinator:
                     chan.put_files([(app.archive, there.rsplit("/", 1)[1])],
                                    there.rsplit("/", 1)[0])
                     have.add(there)
+
+    # ---- job preparation and release tasks --------------------------------------------
+
+    def _job_task_run(self, ins: S.RunJobTask, token: str | None) -> P.Run | None:
+        """The Run of a job's preparation or release task (None: sent later, after its
+        resource files reach the node, by a worker thread)."""
+        key = (ins.pool_id, ins.node_id)
+        spec = self.store.get_job(ins.job_id)["spec"]
+        task = spec.preparation_task if ins.run.kind is RunKind.JOB_PREP else \
+            spec.release_task
+        env = {**task.environment, **dict(ins.env)}
+        if token:
+            env[P.AGENT_TOKEN_ENV] = token
+        msg = P.Run(ins.run.wire, task.command_line, ins.task_dir, env,
+                    task.max_wall_clock_time_s, 1, cwd=ins.task_dir)
+        if self._pool_refs(ins.pool_id):
+            msg = self._with_apps(msg, key, ())
+        if not task.resource_files:
+            return msg
+        entry = self.channels.get(key)
+        gen = self.state.node(*key).gen if self.state.node(*key) else 0
+
+        def work() -> None:
+            error = None
+            try:
+                if entry is None:
+                    raise OSError("its agent is gone")
+                entry[1].put_files([(f.source, f.file_path) for f in task.resource_files],
+                                   ins.task_dir)
+            except Exception as exc:  # noqa: BLE001 - reported as its failure to start
+                error = f"copying its resource files to node {ins.node_id} failed: {exc}"
+            if error is None:
+                entry[1].send_many([msg])
+                return
+            now = time.time()
+            self.inbox.put(("msg", ins.pool_id, ins.node_id, gen, P.Events((P.Exited(
+                id=msg.id, exit_code=None, start_failed=error, start=now, end=now),)), "",
+                now))
+        self._io(work)
+        return None
 
     def _stage_node_apps(self, ins: S.StageNodeApps) -> None:
         key = (ins.pool_id, ins.node_id)
@@ -801,6 +846,17 @@ class Coordinator:
                 fut.set_exception(HpcBatchError("the coordinator stopped"))
         self.store.close()
         self.lock.release()
+
+
+def _job_info(j: dict[str, Any]) -> S.JobInfo:
+    spec = j["spec"]
+    prep = spec.preparation_task
+    return S.JobInfo(j["id"], j["pool_id"], spec.priority,
+                     spec.on_all_tasks_complete == "terminate_job", prep is not None,
+                     prep.wait_for_success if prep else True,
+                     prep.max_task_retry_count if prep else 0,
+                     prep.rerun_on_node_reboot_after_success if prep else True,
+                     spec.release_task is not None)
 
 
 # ---- the service operations' rules (the service applies them too, with no coordinator) --

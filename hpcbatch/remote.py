@@ -368,11 +368,27 @@ class RemoteService(Service):
 
     def create_job(self, job_id: str, pool_id: str = LOCAL_POOL, *, priority: int = 0,
                    on_all_tasks_complete: str = "no_action",
-                   max_task_retry_count: int = 0) -> JobView:
-        return JobView.from_dict(self._post("/v1/jobs", {
-            "id": job_id, "pool_id": pool_id, "priority": priority,
-            "on_all_tasks_complete": on_all_tasks_complete,
-            "max_task_retry_count": max_task_retry_count}))
+                   max_task_retry_count: int = 0, preparation_task: Any = None,
+                   release_task: Any = None) -> JobView:
+        import dataclasses
+        spec = JobSpec(job_id, pool_id, priority=priority,  # checked here first
+                       on_all_tasks_complete=on_all_tasks_complete,
+                       max_task_retry_count=max_task_retry_count,
+                       preparation_task=preparation_task, release_task=release_task)
+        body = {"id": job_id, "pool_id": pool_id, "priority": priority,
+                "on_all_tasks_complete": on_all_tasks_complete,
+                "max_task_retry_count": max_task_retry_count}
+        for name in ("preparation_task", "release_task"):
+            task = getattr(spec, name)
+            if task is not None:
+                d = dataclasses.asdict(task)
+                for rf in d["resource_files"]:  # this machine's files, uploaded
+                    rf["source"] = self._upload_file(rf["source"])
+                body[name] = d
+        return JobView.from_dict(self._post("/v1/jobs", body))
+
+    def job_task_status(self, job_id: str) -> dict[str, Any]:
+        return self._get(f"/v1/jobs/{_seg(job_id, 'job')}/preparationandreleasestatus")
 
     def get_job(self, job_id: str) -> JobView:
         return JobView.from_dict(self._get(f"/v1/jobs/{_seg(job_id, 'job')}"))

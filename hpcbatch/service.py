@@ -32,7 +32,14 @@ from typing import Any
 from hpcbatch import env as E
 from hpcbatch.errors import Conflict, HpcBatchError, NotFound, ValidationError
 from hpcbatch.home import default_home
-from hpcbatch.models import JobSpec, PoolSpec, TaskSpec, check_id
+from hpcbatch.models import (
+    JOB_PREPARATION_ID,
+    JOB_TASK_IDS,
+    JobSpec,
+    PoolSpec,
+    TaskSpec,
+    check_id,
+)
 from hpcbatch.timings import Timings
 from hpcbatch.views import (
     AddResult,
@@ -105,7 +112,13 @@ class Service(abc.ABC):
     @abc.abstractmethod
     def create_job(self, job_id: str, pool_id: str = LOCAL_POOL, *, priority: int = 0,
                    on_all_tasks_complete: str = "no_action",
-                   max_task_retry_count: int = 0) -> JobView: ...
+                   max_task_retry_count: int = 0, preparation_task: Any = None,
+                   release_task: Any = None) -> JobView: ...
+
+    def job_task_status(self, job_id: str) -> dict[str, Any]:
+        """The job's preparation and release tasks: their specs and, per node, how each
+        ran there (Azure Batch's preparation and release task status)."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def get_job(self, job_id: str) -> JobView: ...
@@ -540,11 +553,24 @@ class LocalService(Service):
 
     def create_job(self, job_id: str, pool_id: str = LOCAL_POOL, *, priority: int = 0,
                    on_all_tasks_complete: str = "no_action",
-                   max_task_retry_count: int = 0) -> JobView:
-        self.store.create_job(JobSpec(job_id, pool_id, priority=priority,
-                                      on_all_tasks_complete=on_all_tasks_complete,
-                                      max_task_retry_count=max_task_retry_count))
+                   max_task_retry_count: int = 0, preparation_task: Any = None,
+                   release_task: Any = None) -> JobView:
+        spec = JobSpec(job_id, pool_id, priority=priority,
+                       on_all_tasks_complete=on_all_tasks_complete,
+                       max_task_retry_count=max_task_retry_count,
+                       preparation_task=preparation_task, release_task=release_task)
+        check_job_task_files(spec)
+        self.store.create_job(spec)
         return self.get_job(job_id)
+
+    def job_task_status(self, job_id: str) -> dict[str, Any]:
+        spec = self.store.get_job(job_id)["spec"]
+        return {"job_id": job_id,
+                "preparation_task": None if spec.preparation_task is None else
+                dataclasses.asdict(spec.preparation_task),
+                "release_task": None if spec.release_task is None else
+                dataclasses.asdict(spec.release_task),
+                "nodes": self.store.job_tasks(job_id)}
 
     def get_job(self, job_id: str) -> JobView:
         return JobView.from_row(self.store.get_job(job_id))
@@ -669,6 +695,7 @@ class LocalService(Service):
         with self.store.transaction():
             pool_id = self.store.job_pool_id(job.id)
             if pool_id is None:
+                check_job_task_files(job)
                 self.store.create_job(job)
             elif not existing_ok:
                 raise Conflict(f"job {job.id!r} already exists; pick another job id")
@@ -902,6 +929,8 @@ class LocalService(Service):
                   ) -> tuple[Any, str, str]:
         """The provider, node and directory of the task's latest attempt (``node``: that
         node's copy of the directory, as a multi-instance task has on each instance)."""
+        if task_id in JOB_TASK_IDS:
+            return self._job_task_dir(job_id, task_id, what, node)
         row = self.store.get_task(job_id, task_id)
         where = f"task {job_id}/{task_id}"
         if not row.get("task_dir"):
@@ -925,6 +954,21 @@ class LocalService(Service):
             info = json.loads(info or "{}")
         root = info.get("root") or provider.node_root(node)
         return provider, node, posixpath.join(root, "jobs", job_id, task_id)
+
+    def _job_task_dir(self, job_id: str, which: str, what: str, node: str | None
+                      ) -> tuple[Any, str, str]:
+        """The directory of the job's preparation or release task on ``node`` (default:
+        the first node it ran on)."""
+        kind = "preparation" if which == JOB_PREPARATION_ID else "release"
+        rows = [r for r in self.store.job_tasks(job_id) if r["kind"] == kind and r["task_dir"]]
+        if node is not None:
+            check_id("node", node)
+            rows = [r for r in rows if r["node_id"] == node]
+        if not rows:
+            on = f" on node {node}" if node else ""
+            raise NotFound(f"job {job_id}'s {kind} task has not run{on}; it has no {what}")
+        spec = self.store.get_pool(self.store.get_job(job_id)["pool_id"])
+        return self._provider(spec), rows[0]["node_id"], rows[0]["task_dir"]
 
     def list_task_files(self, job_id: str, task_id: str, *,
                         node: str | None = None) -> list[FileView]:
@@ -1102,6 +1146,17 @@ class LocalService(Service):
         finally:
             tmp.unlink(missing_ok=True)
         return str(dest)
+
+
+def check_job_task_files(spec: JobSpec) -> None:
+    """The resource files of the job's preparation and release tasks exist here."""
+    for name in ("preparation_task", "release_task"):
+        task = getattr(spec, name)
+        for i, rf in enumerate(task.resource_files if task else ()):
+            if not Path(rf.source).is_file():
+                raise ValidationError(f"job.{name}.resource_files[{i}].source",
+                                      f"{rf.source} is not a file on this machine; give an "
+                                      "existing file")
 
 
 def _start_coordinator(home: Path, timings: Timings, prefetch: int | None):

@@ -227,6 +227,25 @@ INSERT OR IGNORE INTO meta VALUES ('query_key', lower(hex(randomblob(32))));
 """
 
 
+# Schema 4: a job's preparation and release tasks, one row per (job, node, kind).
+SCHEMA_V4 = """
+CREATE TABLE job_node_tasks (
+    job_id TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    pool_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    exit_code INTEGER,
+    failure TEXT,
+    task_dir TEXT,
+    retry_count INTEGER NOT NULL DEFAULT 0,
+    started_at REAL,
+    ended_at REAL,
+    PRIMARY KEY (job_id, node_id, kind)
+) WITHOUT ROWID;
+"""
+
+
 def _script(sql: str) -> Callable[[sqlite3.Connection], None]:
     def step(db: sqlite3.Connection) -> None:
         # statement by statement: executescript() would COMMIT the migration's transaction
@@ -253,6 +272,7 @@ MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], None]]] = [
     (1, _script(SCHEMA_V1)),
     (2, _script(SCHEMA_V2)),
     (3, _script(SCHEMA_V3)),
+    (4, _script(SCHEMA_V4)),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -775,7 +795,43 @@ class Store:
                        "(SELECT seq FROM tasks WHERE job_id=?)", (job_id,))
             db.execute("DELETE FROM tasks WHERE job_id=?", (job_id,))
             db.execute("DELETE FROM job_counts WHERE job_id=?", (job_id,))
+            db.execute("DELETE FROM job_node_tasks WHERE job_id=?", (job_id,))
             db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+
+    def upsert_job_task(self, job_id: str, pool_id: str, node_id: str, kind: str, state: str,
+                        t: float, task_dir: str = "", exit_code: int | None = None,
+                        failure: str | None = None, retry_count: int = 0) -> None:
+        """A job's preparation or release task on a node: running (its start), or how it
+        ended (succeeded, failed, skipped)."""
+        with self.transaction() as db:
+            if state == "running":
+                db.execute(
+                    "INSERT INTO job_node_tasks (job_id, node_id, kind, pool_id, state, "
+                    "task_dir, retry_count, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (job_id, node_id, kind) DO UPDATE SET state=excluded.state, "
+                    "task_dir=excluded.task_dir, retry_count=excluded.retry_count, "
+                    "started_at=excluded.started_at, exit_code=NULL, failure=NULL, "
+                    "ended_at=NULL", (job_id, node_id, kind, pool_id, state, task_dir or None,
+                                      retry_count, t))
+            else:
+                db.execute(
+                    "INSERT INTO job_node_tasks (job_id, node_id, kind, pool_id, state, "
+                    "exit_code, failure, task_dir, retry_count, ended_at) VALUES "
+                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, node_id, kind) DO "
+                    "UPDATE SET state=excluded.state, exit_code=excluded.exit_code, "
+                    "failure=excluded.failure, task_dir=COALESCE(excluded.task_dir, task_dir),"
+                    " retry_count=excluded.retry_count, ended_at=excluded.ended_at",
+                    (job_id, node_id, kind, pool_id, state, exit_code, failure,
+                     task_dir or None, retry_count, t))
+
+    def job_tasks(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's preparation and release tasks, by node then kind."""
+        self.get_job(job_id)
+        names = ("job_id", "node_id", "kind", "pool_id", "state", "exit_code", "failure",
+                 "task_dir", "retry_count", "started_at", "ended_at")
+        return [dict(zip(names, row)) for row in self._tuples(
+            f"SELECT {', '.join(names)} FROM job_node_tasks WHERE job_id=? "
+            "ORDER BY node_id, kind", (job_id,))]
 
     def set_job_state(self, job_id: str, state: JobState) -> None:
         """Move a job to ``state`` (through the transitions table: an illegal move raises)."""

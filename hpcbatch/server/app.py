@@ -468,6 +468,13 @@ class JobIn(_In):
     on_all_tasks_complete: Annotated[str, _doc(enum=["no_action", "terminate_job"])] = \
         "no_action"
     max_task_retry_count: Int = _int(0, minimum=-1, description="-1: no limit")
+    preparation_task: dict[str, Any] | None = Field(None, description=(
+        "runs on a node before the job's tasks there: command_line, environment, "
+        "resource_files, wait_for_success, max_task_retry_count, max_wall_clock_time_s, "
+        "rerun_on_node_reboot_after_success"))
+    release_task: dict[str, Any] | None = Field(None, description=(
+        "runs on every node that ran the job's tasks when the job ends: command_line, "
+        "environment, resource_files, max_wall_clock_time_s (default 900)"))
 
 
 class ResourceFileIn(_In):
@@ -924,6 +931,11 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
         kw = body.model_dump(exclude={"id", "pool_id"})
         return JSON(_plain(await call(lambda s: s.create_job(body.id, body.pool_id, **kw))),
                     status_code=201)
+
+    @v1.get("/jobs/{job_id}/preparationandreleasestatus", tags=["jobs"])
+    async def job_task_status(job_id: IdPath) -> JSON:
+        """The job's preparation and release tasks and, per node, how each ran there."""
+        return JSON(_plain(await call(lambda s: s.job_task_status(job_id))))
 
     @v1.get("/jobs", response_model=PageOut, tags=["jobs"])
     async def list_jobs(filter: Annotated[str | None, Query()] = None,  # noqa: A002
