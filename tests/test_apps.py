@@ -256,11 +256,19 @@ def test_the_service_takes_an_app_over_http(tmp_path, home):
             bad.write_bytes(b"\x1f\x8b not gzip")
             with pytest.raises(ValidationError, match="nothing was stored"):
                 b.apps.upload("tool", "2.0", bad)
-            job = b.jobs.create("remote")
-            job.add_task("t", "mytool over-http",
+            prepfile = tmp_path / "prep-input.txt"
+            prepfile.write_text("from the client\n")
+            job = b.jobs.create("remote", preparation_task={
+                "command_line": "cat prep-input.txt > copied", "resource_files": [
+                    str(prepfile)]})
+            job.add_task("t", 'mytool over-http; cat "$HPCBATCH_JOB_PREP_DIR/copied"',
                          application_package_references=[{"application_id": "tool"}])
             job.wait(timeout_s=60)
-            assert job.task("t").stdout() == "tool 1.0 over-http\n"
+            assert job.task("t").stdout() == "tool 1.0 over-http\nfrom the client\n"
+            status = job.preparation_and_release()
+            assert status["preparation_task"]["command_line"] == "cat prep-input.txt > copied"
+            assert [(n["node_id"], n["kind"], n["state"]) for n in status["nodes"]] == \
+                [("local-1", "preparation", "succeeded")]
             assert [a.version for a in b.apps.list()] == ["1.0"]
             assert b.apps.delete("tool", "1.0") == ["tool:1.0"]
             with pytest.raises(NotFound):

@@ -1,0 +1,182 @@
+"""Job preparation and release tasks with real agents: local pools, the CLI, and the
+session's three sshd nodes (tests/conftest_ssh.py)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from helpers import task_row
+
+from hpcbatch.errors import ValidationError
+
+
+def node_dir(home: Path, pool: str, node: str, job: str, which: str) -> Path:
+    return home / "nodes" / pool / node / "jobs" / job / which
+
+
+def by_node(status: dict) -> dict[tuple[str, str], dict]:
+    return {(n["node_id"], n["kind"]): n for n in status["nodes"]}
+
+
+def test_prep_runs_once_per_node_before_the_jobs_tasks_and_release_after(
+        make_batch, tmp_path, home):
+    batch = make_batch()
+    log = tmp_path / "preps.log"
+    batch.pools.create("three", target_nodes=3, task_slots_per_node=2,
+                       scheduling_policy="spread")
+    job = batch.jobs.create(
+        "prepped", pool="three", on_all_tasks_complete="terminate_job",
+        preparation_task={"command_line": f'echo "$HPCBATCH_NODE_ID" >> "{log}"; '
+                          'sleep 0.3; echo ready > ready; pwd -P'},
+        release_task={"command_line": 'ls "$HPCBATCH_JOB_PREP_DIR" > listed; '
+                      'echo "released $HPCBATCH_NODE_ID"'})
+    # each task fails unless its node's preparation task finished first, in the directory
+    # HPCBATCH_JOB_PREP_DIR names
+    job.add_tasks({"id": f"t{i}", "command_line":
+                   'test -e "$HPCBATCH_JOB_PREP_DIR/ready" && echo "$HPCBATCH_NODE_ID"'}
+                  for i in range(9))
+    job.wait(timeout_s=90)
+    tasks = list(job.tasks())
+    assert all(t.succeeded for t in tasks), [(t.id, t.failure) for t in tasks]
+    ran_on = {t.stdout().strip() for t in tasks}
+    assert sorted(log.read_text().split()) == sorted(ran_on)  # once per node
+    assert batch.jobs.get("prepped").state == "completed"
+    status = by_node(job.preparation_and_release())
+    for n in ran_on:
+        prep = node_dir(home, "three", n, "prepped", "jobpreparation")
+        assert (prep / "ready").read_text() == "ready\n"
+        assert (prep / "stdout.txt").read_text().strip() == str(prep.resolve())
+        rel = node_dir(home, "three", n, "prepped", "jobrelease")
+        assert (rel / "stdout.txt").read_text() == f"released {n}\n"
+        assert "ready" in (rel / "listed").read_text().split()
+        assert status[(n, "preparation")]["state"] == "succeeded"
+        assert status[(n, "release")]["state"] == "succeeded"
+    # the logs of both, by node, through the service
+    one = sorted(ran_on)[0]
+    assert batch.service.read_task_file("prepped", "jobrelease", "stdout.txt",
+                                        node=one) == f"released {one}\n".encode()
+
+
+def test_a_failing_prep_makes_its_node_skip_the_job(cli, home, tmp_path):
+    assert cli("pool", "create", "skip", "--nodes", "3").returncode == 0
+    r = cli("job", "create", "picky", "--pool", "skip", "--on-all-tasks-complete",
+            "terminate_job", "--prep-command",
+            'if [ "$HPCBATCH_NODE_ID" = local-2 ]; then echo "no GPU here" >&2; exit 7; fi')
+    assert r.returncode == 0, r.stderr
+    r = cli("submit", "--job", "picky", "--pool", "skip", "--array", "1-6", "--",
+            'echo "$HPCBATCH_NODE_ID"', timeout_s=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    nodes = {task_row(home, "picky", f"task-{i}")["node_id"] for i in range(1, 7)}
+    assert "local-2" not in nodes and nodes <= {"local-1", "local-3"}
+    shown = cli("job", "show", "picky").stdout
+    assert "│ local-2 │ preparation │ failed    │ 7    │" in shown, shown
+    assert "exited with 7" in shown
+    logs = cli("task", "logs", "picky", "jobpreparation", "--node", "local-2", "--stderr")
+    assert logs.stdout == "no GPU here\n"
+
+
+def test_a_job_no_node_can_prepare_fails_its_tasks_and_does_not_hang(cli, home):
+    assert cli("pool", "create", "none", "--nodes", "2").returncode == 0
+    assert cli("job", "create", "doomed", "--pool", "none", "--on-all-tasks-complete",
+               "terminate_job", "--prep-command", "exit 3", "--prep-retries", "1"
+               ).returncode == 0
+    t0 = time.monotonic()
+    r = cli("submit", "--job", "doomed", "--pool", "none", "--array", "1-4", "--", "true",
+            timeout_s=120)
+    assert r.returncode == 1 and time.monotonic() - t0 < 90
+    shown = cli("task", "show", "doomed", "task-1").stdout
+    assert "the job preparation task failed on every node of pool none" in shown, shown
+    assert "local-1: exited with 3; local-2: exited with 3" in shown
+    shown = cli("job", "show", "doomed").stdout
+    assert "state completed" in shown and shown.count("│ preparation │ failed") == 2, shown
+
+
+def test_release_on_terminate_with_its_wall_clock_limit(make_batch, tmp_path, home):
+    batch = make_batch()
+    batch.pools.create("rel", target_nodes=2, task_slots_per_node=1)
+    job = batch.jobs.create("endless", pool="rel", release_task={
+        "command_line": 'echo "$HPCBATCH_NODE_ID" > marker; exec sleep 600',
+        "max_wall_clock_time_s": 1.0})
+    started = tmp_path / "started"
+    started.mkdir()
+    job.add_tasks({"id": f"t{i}", "command_line":
+                   f'touch "{started}/$HPCBATCH_TASK_ID"; exec sleep 600'} for i in range(2))
+    deadline = time.monotonic() + 60
+    while len(list(started.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(list(started.iterdir())) == 2
+    t0 = time.monotonic()
+    batch.service.terminate_job("endless")
+    deadline = time.monotonic() + 60
+    while batch.jobs.get("endless").state != "completed" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert batch.jobs.get("endless").state == "completed"
+    assert time.monotonic() - t0 < 30  # the 600 s release task was cut at its 1 s limit
+    status = by_node(job.preparation_and_release())
+    for n in ("local-1", "local-2"):
+        assert (node_dir(home, "rel", n, "endless", "jobrelease") / "marker").read_text() \
+            == f"{n}\n"
+        assert status[(n, "release")]["state"] == "failed"
+        assert "timed out" in status[(n, "release")]["failure"]
+
+
+def test_bad_prep_and_release_input_is_refused(batch, tmp_path, cli):
+    with pytest.raises(ValidationError, match="job.preparation_task.command_line"):
+        batch.jobs.create("bad1", preparation_task={"command_line": " "})
+    with pytest.raises(ValidationError, match="unknown field"):
+        batch.jobs.create("bad2", preparation_task={"command_line": "x", "wait": True})
+    with pytest.raises(ValidationError, match="is not a file on this machine"):
+        batch.jobs.create("bad3", preparation_task={"command_line": "x", "resource_files":
+                                                    [str(tmp_path / "missing")]})
+    with pytest.raises(ValidationError, match="job.release_task.max_wall_clock_time_s"):
+        batch.jobs.create("bad4", release_task={"command_line": "x",
+                                                "max_wall_clock_time_s": -1})
+    r = cli("submit", "--job", "j", "--", "true")
+    assert r.returncode == 0
+    r = cli("task", "add", "j", "jobpreparation", "--", "true")
+    assert r.returncode == 2 and "pick another id" in r.stderr
+
+
+def test_prep_resource_files_and_a_pool_app(make_batch, tmp_path, home):
+    from test_apps import tool_archive
+    batch = make_batch()
+    batch.apps.upload("tool", "1.0", tool_archive(tmp_path, "1.0"))
+    batch.pools.create("pa", application_package_references=["tool"])
+    data = tmp_path / "input.dat"
+    data.write_text("payload\n")
+    job = batch.jobs.create("files", pool="pa", on_all_tasks_complete="terminate_job",
+                            preparation_task={"command_line": "mytool prep > tool.out",
+                                              "resource_files": [{"source": str(data),
+                                                                  "file_path": "in/i.dat"}]})
+    job.add_task("t", 'cat "$HPCBATCH_JOB_PREP_DIR/in/i.dat" "$HPCBATCH_JOB_PREP_DIR/tool.out"')
+    job.wait(timeout_s=60)
+    assert job.task("t").stdout() == "payload\ntool 1.0 prep\n"
+
+
+@pytest.mark.slow
+def test_prep_and_release_on_each_ssh_node(batch, ssh_cluster, tmp_path):
+    from test_ssh_pool import ssh_pool
+    ssh_pool(batch, ssh_cluster.directory, tmp_path, "jt", ["node1", "node2", "node3"],
+             scheduling_policy="spread")
+    job = batch.jobs.create(
+        "sshprep", pool="jt", on_all_tasks_complete="terminate_job",
+        preparation_task={"command_line": 'echo "$HPCBATCH_NODE" > where'},
+        release_task={"command_line": 'cat "$HPCBATCH_JOB_PREP_DIR/where" > released'})
+    job.add_tasks({"id": f"t{i}", "command_line": 'cat "$HPCBATCH_JOB_PREP_DIR/where"'}
+                  for i in range(6))
+    job.wait(timeout_s=120)
+    assert {t.stdout().strip() for t in job.tasks()} == {"node1", "node2", "node3"}
+    deadline = time.monotonic() + 60
+    while batch.jobs.get("sshprep").state != "completed" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    status = job.preparation_and_release()
+    assert sorted((n["node_id"], n["kind"], n["state"]) for n in status["nodes"]) == sorted(
+        (f"node{i}", k, "succeeded") for i in (1, 2, 3) for k in ("preparation", "release"))
+    for i in (1, 2, 3):
+        rel = next(n for n in status["nodes"] if n["node_id"] == f"node{i}"
+                   and n["kind"] == "release")
+        got = batch.service.read_task_file("sshprep", "jobrelease", "released",
+                                           node=f"node{i}")
+        assert got == f"node{i}\n".encode(), rel
