@@ -415,9 +415,18 @@ class Coordinator:
     def _finish_terminating(self) -> None:
         """At start: a job left terminating by an earlier coordinator completes (its tasks
         in flight then were requeued just now: they are completed as terminated)."""
+        released = self.store.end_running_job_tasks(time.time())
         for job in self.store.list_jobs():
             if job["state"] == JobState.TERMINATING.value:
                 self.store.terminate_job_tasks(job["id"], time.time(), in_flight=True)
+                self.store.set_job_state(job["id"], JobState.COMPLETED)
+            elif released and job["state"] == JobState.ACTIVE.value and \
+                    job["spec"].release_task is not None and \
+                    job["spec"].on_all_tasks_complete == "terminate_job" and \
+                    self.store.unfinished(job["id"]) == 0 and \
+                    self.store.task_counts(job["id"])["total"] > 0:
+                # its tasks were done and its release tasks ran when the coordinator
+                # stopped: it completes (they were stopped, as recorded)
                 self.store.set_job_state(job["id"], JobState.COMPLETED)
 
     def _drop_stale_nodes(self, added: list[S.PoolAdded]) -> None:

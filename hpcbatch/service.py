@@ -384,6 +384,9 @@ def pool_view(spec: PoolSpec, nodes: Iterable[Mapping[str, Any]], home: Path) ->
         where, notes, python = provider.where(), tuple(provider.notes()), provider.node_python
     except HpcBatchError as exc:  # a stored config this version cannot read: say so
         where, notes, python = "?", (f"provider config: {exc}",), ""
+    if spec.application_package_references:  # (pool show prints the notes)
+        notes += ("application packages: " + ", ".join(
+            r.label for r in spec.application_package_references),)
     return PoolView(spec.id, spec.provider, spec.task_slots_per_node, spec.scheduling_policy,
                     spec.target_nodes, spec.start_task, spec.inter_node_communication,
                     dict(spec.provider_config), states, where, notes, python)
@@ -646,7 +649,7 @@ class LocalService(Service):
             if on_progress is not None and now >= next_progress:
                 on_progress(self.store.task_counts(job_id))
                 next_progress = now + PROGRESS_EVERY_S
-            if self.store.unfinished(job_id) == 0:
+            if self.store.unfinished(job_id) == 0 and not self.store.job_releasing(job_id):
                 counts = self.store.task_counts(job_id)
                 if on_progress is not None:
                     on_progress(counts)

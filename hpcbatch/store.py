@@ -824,6 +824,19 @@ class Store:
                     (job_id, node_id, kind, pool_id, state, exit_code, failure,
                      task_dir or None, retry_count, t))
 
+    def job_releasing(self, job_id: str) -> bool:
+        """Whether a release task of the job still runs (the job completes after it)."""
+        return bool(self._tuples("SELECT 1 FROM job_node_tasks WHERE job_id=? AND "
+                                 "kind='release' AND state='running' LIMIT 1", (job_id,)))
+
+    def end_running_job_tasks(self, t: float) -> int:
+        """At a coordinator's start: preparation and release tasks recorded running were
+        stopped with the coordinator before them (their agents stop their tasks)."""
+        with self.transaction() as db:
+            return db.execute(
+                "UPDATE job_node_tasks SET state='failed', ended_at=?, failure='stopped: "
+                "the coordinator stopped while it ran' WHERE state='running'", (t,)).rowcount
+
     def job_tasks(self, job_id: str) -> list[dict[str, Any]]:
         """The job's preparation and release tasks, by node then kind."""
         self.get_job(job_id)

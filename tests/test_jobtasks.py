@@ -180,3 +180,23 @@ def test_prep_and_release_on_each_ssh_node(batch, ssh_cluster, tmp_path):
         got = batch.service.read_task_file("sshprep", "jobrelease", "released",
                                            node=f"node{i}")
         assert got == f"node{i}\n".encode(), rel
+
+
+def test_a_coordinator_stopped_during_the_release_completes_the_job_at_its_restart(
+        make_batch, home):
+    batch = make_batch()
+    job = batch.jobs.create("cut", on_all_tasks_complete="terminate_job",
+                            release_task={"command_line": "exec sleep 600"})
+    job.add_task("t", "true")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(
+            n["kind"] == "release" and n["state"] == "running"
+            for n in batch.service.job_task_status("cut")["nodes"]):
+        time.sleep(0.05)
+    assert batch.jobs.get("cut").state == "active"  # held by its release task
+    batch.close()  # its agents stop the release task
+    again = make_batch()
+    again.jobs.get("cut").wait(timeout_s=60)  # (starts its coordinator)
+    rel = by_node(again.service.job_task_status("cut"))[("local-1", "release")]
+    assert rel["state"] == "failed" and "coordinator stopped" in rel["failure"]
+    assert again.jobs.get("cut").state == "completed"
