@@ -600,7 +600,11 @@ class RemoteService(Service):
         import dataclasses
         if not isinstance(job, JobSpec):
             raise ValidationError("job", f"must be a JobSpec, not {type(job).__name__}")
-        out = self._post_tasks("/v1/submit", {"job": dataclasses.asdict(job),
+        body = dataclasses.asdict(job)
+        for name in ("preparation_task", "release_task"):
+            for rf in (body.get(name) or {}).get("resource_files") or ():
+                rf["source"] = self._upload_file(rf["source"])  # this machine's files
+        out = self._post_tasks("/v1/submit", {"job": body,
                                               "existing_ok": bool(existing_ok)},
                                tasks, strict=True)
         return int(out["added"])

@@ -269,6 +269,14 @@ def test_the_service_takes_an_app_over_http(tmp_path, home):
             assert status["preparation_task"]["command_line"] == "cat prep-input.txt > copied"
             assert [(n["node_id"], n["kind"], n["state"]) for n in status["nodes"]] == \
                 [("local-1", "preparation", "succeeded")]
+            from hpcbatch.models import JobSpec
+            b.service.submit(JobSpec("sub", "local", on_all_tasks_complete="terminate_job",
+                                     preparation_task={"command_line": "echo p > p.txt"},
+                                     release_task={"command_line": "true"}),
+                             [{"id": "t", "command_line": 'cat "$HPCBATCH_JOB_PREP_DIR/p.txt"'}])
+            b.jobs.get("sub").wait(timeout_s=60)
+            assert b.jobs.get("sub").task("t").stdout() == "p\n"
+            assert b.jobs.get("sub").state == "completed"
             assert [a.version for a in b.apps.list()] == ["1.0"]
             assert b.apps.delete("tool", "1.0") == ["tool:1.0"]
             with pytest.raises(NotFound):

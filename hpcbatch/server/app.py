@@ -983,7 +983,8 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
             raise _Invalid(f"{where}: {first.get('msg')}", where) from None
         spec = JobSpec(job.id, job.pool_id, priority=job.priority,
                        on_all_tasks_complete=job.on_all_tasks_complete,
-                       max_task_retry_count=job.max_task_retry_count)
+                       max_task_retry_count=job.max_task_retry_count,
+                       preparation_task=job.preparation_task, release_task=job.release_task)
         tasks = (msgspec.json.decode(t) for t in body.tasks)
         n = await call(lambda s: s.submit(spec, tasks, existing_ok=body.existing_ok))
         return JSON({"added": n})
