@@ -37,6 +37,7 @@ log = logging.getLogger("hpcbatch.coordinator")
 DEFAULT_PREFETCH = S.DEFAULT_PREFETCH
 TICK_S = 0.25
 MAX_ITEMS_PER_TURN = 5000
+APP_CACHE_S = 1.0  # how long a resolved application package reference is reused
 # the writes _write makes between a turn's finished attempts and its placements
 _BETWEEN = frozenset({S.CompleteUnstarted, S.TerminateJobTasks, S.CompleteJobIfDone,
                       S.ReactivateTask})
@@ -87,6 +88,7 @@ class Coordinator:
         self._node_apps: dict[tuple[str, str], set[str]] = {}
         self._node_apps_lock: dict[tuple[str, str], threading.Lock] = {}
         self._pool_apps: dict[str, tuple[AppRef, ...]] = {}  # each pool's own references
+        self._app_cache: dict[tuple, tuple[float, list[Any]]] = {}  # see _resolve_apps
 
     # ---- life cycle and commands (any thread) ------------------------------------
 
@@ -647,9 +649,20 @@ class Coordinator:
 
     def _resolve_apps(self, pool_id: str, refs: Any) -> list[Any]:
         """The pool's packages and then the task's (which win for the same name),
-        resolved to stored versions; NotFound when one is gone."""
-        return self.apps.resolve_all([*self._pool_refs(pool_id),
+        resolved to stored versions; NotFound when one is gone. Kept for a second (a
+        pool's every task would otherwise read the package files again)."""
+        key = (pool_id, tuple((r["application_id"], r.get("version")) if isinstance(r, dict)
+                              else r for r in refs or ()))
+        now = time.monotonic()
+        hit = self._app_cache.get(key)
+        if hit is not None and now - hit[0] < APP_CACHE_S:
+            return hit[1]
+        apps = self.apps.resolve_all([*self._pool_refs(pool_id),
                                       *AppRef.check_list("apps", refs)])
+        if len(self._app_cache) > 1000:
+            self._app_cache.clear()
+        self._app_cache[key] = (now, apps)
+        return apps
 
     def _with_apps(self, msg: P.Run, key: tuple[str, str], refs: Any) -> P.Run:
         """The Run with its packages to unpack, their variables and PATH (bin/)."""
