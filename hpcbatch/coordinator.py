@@ -625,6 +625,18 @@ class Coordinator:
                   if which != "apps"]
         apps = [dest for which, dest in ins.groups if which == "apps"]
         refs = spec.application_package_references
+        if apps and chan is not None and not any(files for files, _ in groups):
+            # only packages, all on the node already (the usual case after the first
+            # task there): answered at once, without a worker thread's round trip
+            have = self._node_apps.get((ins.pool_id, ins.node_id), ())
+            try:
+                there = all(a.node_archive(root) in have for root in apps
+                            for a in self._resolve_apps(ins.pool_id, refs))
+            except HpcBatchError:
+                there = False
+            if there:
+                self.inbox.put(("staged", ins.seq, ins.run, ins.token, None))
+                return
 
         def work() -> None:
             error = None
