@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from hpcbatch.env import APP_PREFIX
 from hpcbatch.errors import Conflict, NotFound, ValidationError
 from hpcbatch.launch import appunpack
 
@@ -35,7 +36,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 NAME_RULE = "use 1 to 64 letters, digits, '-' or '_'"
 VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 VERSION_RULE = "use 1 to 64 letters, digits, '.', '-' or '_', starting with a letter or digit"
-ENV_PREFIX = "HPCBATCH_APP_"  # (see hpcbatch.env.APP_PREFIX)
+ENV_PREFIX = APP_PREFIX
 
 
 def check_name(field: str, name: Any) -> str:
