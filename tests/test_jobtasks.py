@@ -3,13 +3,17 @@ session's three sshd nodes (tests/conftest_ssh.py)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import task_row
+from helpers import gate, poll, task_row
 
 from hpcbatch.errors import ValidationError
+from hpcbatch.store import Store
 
 
 def node_dir(home: Path, pool: str, node: str, job: str, which: str) -> Path:
@@ -60,14 +64,36 @@ def test_prep_runs_once_per_node_before_the_jobs_tasks_and_release_after(
 
 
 def test_a_failing_prep_makes_its_node_skip_the_job(cli, home, tmp_path):
-    assert cli("pool", "create", "skip", "--nodes", "3").returncode == 0
+    assert cli("pool", "create", "skip", "--nodes", "3", "--policy", "spread"
+               ).returncode == 0
     r = cli("job", "create", "picky", "--pool", "skip", "--on-all-tasks-complete",
             "terminate_job", "--prep-command",
             'if [ "$HPCBATCH_NODE_ID" = local-2 ]; then echo "no GPU here" >&2; exit 7; fi')
     assert r.returncode == 0, r.stderr
-    r = cli("submit", "--job", "picky", "--pool", "skip", "--array", "1-6", "--",
-            'echo "$HPCBATCH_NODE_ID"', timeout_s=120)
+    # every task holds at a gate: each node takes one (one slot each), so local-2 gets
+    # one too, prepares, fails, and its task goes back to wait for another node
+    go = tmp_path / "go"
+    r = cli("submit", "--job", "picky", "--pool", "skip", "--array", "1-6", "--no-wait",
+            "--", f'{gate(go)}; echo "$HPCBATCH_NODE_ID"')
     assert r.returncode == 0, r.stdout + r.stderr
+    waiter = subprocess.Popen([sys.executable, "-m", "hpcbatch.cli", "job", "wait", "picky"],
+                              env={**os.environ, "HPCBATCH_HOME": str(home)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def failed_there():
+            store = Store(home / "state.db")
+            try:
+                return any(n["node_id"] == "local-2" and n["state"] == "failed"
+                           for n in store.job_tasks("picky"))
+            finally:
+                store.close()
+        poll(failed_there, timeout_s=60, what="local-2's preparation task failed")
+        go.touch()
+        assert waiter.wait(120) == 0, waiter.stdout.read()
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.wait()
     nodes = {task_row(home, "picky", f"task-{i}")["node_id"] for i in range(1, 7)}
     assert "local-2" not in nodes and nodes <= {"local-1", "local-3"}
     shown = cli("job", "show", "picky").stdout
