@@ -712,7 +712,7 @@ class Coordinator:
         if token:
             env[P.AGENT_TOKEN_ENV] = token
         msg = P.Run(ins.run.wire, task.command_line, ins.task_dir, env,
-                    task.max_wall_clock_time_s, 1, cwd=ins.task_dir)
+                    task.max_wall_clock_time_s, 0, cwd=ins.task_dir)  # (takes no slot)
         if self._pool_refs(ins.pool_id):
             msg = self._with_apps(msg, key, ())
         if not task.resource_files:

@@ -226,3 +226,21 @@ def test_a_coordinator_stopped_during_the_release_completes_the_job_at_its_resta
     rel = by_node(again.service.job_task_status("cut"))[("local-1", "release")]
     assert rel["state"] == "failed" and "coordinator stopped" in rel["failure"]
     assert again.jobs.get("cut").state == "completed"
+
+
+def test_a_release_task_takes_no_slot(make_batch, tmp_path, home):
+    """The node's only slot is busy with another job's task: the release runs anyway."""
+    batch = make_batch()
+    batch.pools.create("one", target_nodes=1, task_slots_per_node=1)
+    rel = batch.jobs.create("rel", pool="one", on_all_tasks_complete="terminate_job",
+                            release_task={"command_line": f'touch "{tmp_path}/released"'})
+    busy = batch.jobs.create("busy", pool="one", priority=-1)
+    go = tmp_path / "go"
+    rel.add_task("quick", "true")
+    busy.add_task("long", gate(go))
+    poll(lambda: (tmp_path / "released").exists(), timeout_s=60,
+         what="the release task, beside the busy slot")
+    assert busy.task("long").state == "running"
+    go.touch()
+    busy.wait(timeout_s=60)
+    assert batch.jobs.get("rel").state == "completed"
