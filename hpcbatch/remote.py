@@ -451,7 +451,9 @@ class RemoteService(Service):
                 now = time.monotonic()
             last = now
             counts = self.job_counts(job_id)
-            if counts["completed"] >= counts["total"]:
+            if counts["completed"] >= counts["total"] and not any(  # (its release tasks too)
+                    n["kind"] == "release" and n["state"] == "running"
+                    for n in self.job_task_status(job_id)["nodes"]):
                 if on_progress is not None:
                     on_progress(counts)
                 return counts
