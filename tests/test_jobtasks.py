@@ -244,3 +244,24 @@ def test_a_release_task_takes_no_slot(make_batch, tmp_path, home):
     go.touch()
     busy.wait(timeout_s=60)
     assert batch.jobs.get("rel").state == "completed"
+
+
+@pytest.mark.slow
+def test_the_readme_example_runs_as_written(tmp_path):
+    """README's 'Application packages, job preparation and release' blocks, verbatim."""
+    import re
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text[text.index("### Application packages, job preparation and release"):]
+    (bash, _), (py, _) = [(b, k) for k, b in re.findall(r"```(bash|python)\n(.*?)```",
+                                                         section, re.S)[:2]]
+    script = tmp_path / "example.sh"
+    script.write_text(f"set -e\n{bash}\npython - <<'PYEOF'\n{py}PYEOF\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HPCBATCH_")}
+    env["TMPDIR"] = str(tmp_path)  # (its mktemp -d folders)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    r = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "│ local-2 │ release     │ succeeded │" in r.stdout, r.stdout[-3000:]
+    assert "\ncleaned\n" in r.stdout
+    assert "release succeeded" in r.stdout.rsplit("cleaned", 1)[1], r.stdout[-2000:]
