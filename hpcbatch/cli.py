@@ -209,6 +209,9 @@ def _task_options(fn):
                      "starts (as DEST; repeatable)."),
         click.option("--workdir", metavar="submit|task|PATH", help=WORKDIR_HELP),
         *_storage_options(),
+        click.option("--app", "apps", multiple=True, metavar="NAME[:VERSION]",
+                     help="An application package (hpcbatch app) unpacked on its node "
+                     "first: $HPCBATCH_APP_<NAME>, its bin/ on PATH (repeatable)."),
     )):
         fn = opt(fn)
     return fn
@@ -276,7 +279,8 @@ def resolve_workdir(workdir: str | None, provider: str | None) -> str | None:
     return os.path.normpath(path)
 
 
-def task_fields(*, nodes, coordination, common_files, env, files, slots) -> dict[str, Any]:
+def task_fields(*, nodes, coordination, common_files, env, files, slots,
+                apps=()) -> dict[str, Any]:
     """TaskSpec fields from the shared options (--slots: per node with --nodes)."""
     if nodes is None:
         for option, given in (("--coordination-command", coordination),
@@ -290,6 +294,8 @@ def task_fields(*, nodes, coordination, common_files, env, files, slots) -> dict
     fields["resource_files"] += more.get("resource_files", [])
     if more.get("output_files"):
         fields["output_files"] = more["output_files"]
+    if apps:
+        fields["application_package_references"] = list(apps)
     if nodes is not None:
         if coordination is not None and not coordination.strip():
             raise ValidationError("--coordination-command", "is empty; give a command line")
@@ -345,7 +351,7 @@ class _StrictCommand(click.Command):
 @_task_options
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def submit(each_line, array, job_id, pool_id, slots, retries, timeout_s, priority, no_wait,
-           progress, nodes, coordination, common_files, env, files, workdir,
+           progress, nodes, coordination, common_files, env, files, workdir, apps,
            command) -> None:
     """Run command-line tasks and summarise them. The command goes after --, verbatim;
     by default it runs in this directory on the local pool (--workdir).
@@ -368,7 +374,7 @@ def submit(each_line, array, job_id, pool_id, slots, retries, timeout_s, priorit
                               "max_wall_clock_time_s": timeout_s,
                               **task_fields(nodes=nodes, coordination=coordination,
                                             common_files=common_files, env=env, files=files,
-                                            slots=slots)}
+                                            slots=slots, apps=apps)}
     values = {E.JOB_ID: job_id, E.POOL_ID: pool_id}
 
     def specs_in(wdir: str | None) -> list[TaskSpec]:
@@ -557,9 +563,12 @@ def pool_delete(pool_id: str) -> None:
               "MPI reaches every node (default: on). Off: the nodes' own SSH set-up is used.")
 @click.option("--trust-on-first-use", is_flag=True,
               help="Record unknown host keys into --known-hosts instead of refusing them.")
+@click.option("--app", "apps", multiple=True, metavar="NAME[:VERSION]",
+              help="An application package every node gets before its start task, for "
+              "all the pool's tasks (repeatable; see hpcbatch app).")
 def pool_create(pool_id, slots, policy, start_task, nodes, spec, hostlist, user, key,
                 known_hosts, ssh_config, port, python, mpi_prefix, node_root, authorized_keys,
-                inter_node, trust_on_first_use) -> None:
+                inter_node, trust_on_first_use, apps) -> None:
     """Create a pool: local (this machine) or SSH (--spec or --ssh).
 
     An SSH pool's hosts are all contacted first (host keys checked strictly); nothing
@@ -575,7 +584,7 @@ def pool_create(pool_id, slots, policy, start_task, nodes, spec, hostlist, user,
             pool_id, provider_of_options(ssh_options), task_slots_per_node=slots,
             scheduling_policy=policy, target_nodes=nodes, start_task=start_task,
             inter_node_communication=inter_node, trust_on_first_use=trust_on_first_use,
-            **ssh_options)
+            **ssh_options, **({"application_package_references": list(apps)} if apps else {}))
     trust = "; inter-node SSH on" if p.inter_node_communication else ""
     out.print(f"pool {pool_id} created: {p.where}; {slots} slot(s) per node, {policy}{trust}",
               soft_wrap=True, markup=False)
@@ -667,12 +676,15 @@ def job_show(job_id: str) -> None:
     with _service() as service:
         j = service.get_job(job_id)
         c = service.job_counts(job_id)
+        jt = service.job_task_status(job_id)
     out.print(f"job [bold]{job_id}[/]  pool {j.pool_id}  state {j.state}  priority "
               f"{j.priority}  on_all_tasks_complete {j.on_all_tasks_complete}")
     out.print(f"tasks {c['total']}: active {c['active']}, preparing {c['preparing']}, "
               f"running {c['running']}, completed "
               f"{c['completed']} (succeeded {c['succeeded']}, failed {c['failed']}); "
               f"retries {c['retries']}, requeues {c['requeues']}")
+    from hpcbatch.cli_apps import print_job_tasks
+    print_job_tasks(jt)
 
 
 @job.command("delete")
@@ -696,11 +708,39 @@ def job_delete(job_id: str) -> None:
               type=click.Choice(["no_action", "terminate_job"]), default="no_action",
               show_default=True, help="terminate_job: the job completes once all its tasks "
               "have (no_action: it stays active for more tasks until 'job terminate').")
-def job_create(job_id, pool_id, priority, retries, on_complete) -> None:
+@click.option("--prep-command", metavar="CMD", help="Job preparation task: runs on a node "
+              "before the job's first task there, in $HPCBATCH_JOB_PREP_DIR (which the "
+              "job's tasks on that node share).")
+@click.option("--prep-no-wait", is_flag=True, help="Tasks need not wait for it to succeed "
+              "(by default they wait, and a node where it fails skips the job).")
+@click.option("--prep-retries", type=click.IntRange(0, 100), default=0, show_default=True)
+@click.option("--prep-timeout", type=click.FloatRange(min=0, min_open=True),
+              help="Wall-clock limit of the preparation task, in seconds.")
+@click.option("--prep-env", multiple=True, metavar="K=V")
+@click.option("--prep-file", multiple=True, metavar="SRC[:DEST]",
+              help="A file copied into $HPCBATCH_JOB_PREP_DIR first (repeatable).")
+@click.option("--release-command", metavar="CMD", help="Job release task: runs on every "
+              "node that ran the job's tasks when the job completes or is terminated.")
+@click.option("--release-timeout", type=click.FloatRange(min=0, min_open=True),
+              default=900, show_default=True, help="Its wall-clock limit, in seconds.")
+def job_create(job_id, pool_id, priority, retries, on_complete, prep_command, prep_no_wait,
+               prep_retries, prep_timeout, prep_env, prep_file, release_command,
+               release_timeout) -> None:
     """Create an empty job (add tasks with 'hpcbatch task add')."""
+    prep = release = None
+    if prep_command is not None:
+        prep = {"command_line": prep_command, "wait_for_success": not prep_no_wait,
+                "max_task_retry_count": prep_retries, "max_wall_clock_time_s": prep_timeout,
+                "environment": parse_env(prep_env),
+                "resource_files": parse_files("--prep-file", prep_file)}
+    elif prep_no_wait or prep_timeout or prep_env or prep_file or prep_retries:
+        raise ValidationError("--prep-command", "the --prep-* options need --prep-command")
+    if release_command is not None:
+        release = {"command_line": release_command, "max_wall_clock_time_s": release_timeout}
     with _service(create=True) as service:
         service.create_job(job_id, pool_id, priority=priority, max_task_retry_count=retries,
-                           on_all_tasks_complete=on_complete)
+                           on_all_tasks_complete=on_complete, preparation_task=prep,
+                           release_task=release)
     out.print(f"job {job_id} created on pool {pool_id}")
 
 
@@ -815,11 +855,11 @@ def task_attempts(job_id, task_id) -> None:
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True))
 @_task_options
 def task_add(job_id, task_id, command, slots, retries, timeout_s, nodes, coordination,
-             common_files, env, files, workdir) -> None:
+             common_files, env, files, workdir, apps) -> None:
     """Add one task to JOB: hpcbatch task add JOB TASK [OPTIONS] -- CMD ARGS..."""
     check_seconds("--timeout", timeout_s)
     fields = task_fields(nodes=nodes, coordination=coordination, common_files=common_files,
-                         env=env, files=files, slots=slots)
+                         env=env, files=files, slots=slots, apps=apps)
     resolve_workdir(workdir, "local")  # a bad --workdir: said before anything is read
     with _service() as service:
         pool_id = service.get_job(job_id).pool_id
@@ -1034,7 +1074,8 @@ def _register_optional() -> None:
     import importlib
     for mod, name in (("hpcbatch.cli_cluster", "cluster"), ("hpcbatch.cli_kernels", "run"),
                       ("hpcbatch.cli_kernels", "results"), ("hpcbatch.cli_serve", "serve"),
-                      ("hpcbatch.cli_serve", "keys"), ("hpcbatch.cli_storage", "storage")):
+                      ("hpcbatch.cli_serve", "keys"), ("hpcbatch.cli_storage", "storage"),
+                      ("hpcbatch.cli_apps", "app")):
         try:
             cmd = getattr(importlib.import_module(mod), name)
         except (ImportError, AttributeError):

@@ -174,6 +174,10 @@ class Job:
         """Validate and store tasks in one transaction (all or nothing)."""
         return self._batch.service.add_tasks(self.id, tasks)
 
+    def preparation_and_release(self) -> dict[str, Any]:
+        """Its preparation and release tasks and, per node, how each ran there."""
+        return self._batch.service.job_task_status(self.id)
+
     def counts(self) -> dict[str, int]:
         return self._batch.service.job_counts(self.id)
 
@@ -269,10 +273,15 @@ class Jobs:
         self._batch = batch
 
     def create(self, job_id: str, pool: str = LOCAL_POOL, *, priority: int = 0,
-               on_all_tasks_complete: str = "no_action", max_task_retry_count: int = 0) -> Job:
+               on_all_tasks_complete: str = "no_action", max_task_retry_count: int = 0,
+               preparation_task: Any = None, release_task: Any = None) -> Job:
+        """``preparation_task`` / ``release_task``: a JobPreparationTask / JobReleaseTask
+        or a mapping of their fields (``{"command_line": ...}``)."""
         self._batch.service.create_job(job_id, pool, priority=priority,
                                        on_all_tasks_complete=on_all_tasks_complete,
-                                       max_task_retry_count=max_task_retry_count)
+                                       max_task_retry_count=max_task_retry_count,
+                                       preparation_task=preparation_task,
+                                       release_task=release_task)
         return Job(self._batch, job_id)
 
     def get(self, job_id: str) -> Job:
@@ -545,6 +554,8 @@ class Batch:
         self.jobs = Jobs(self)
         from hpcbatch.storage_api import StorageClient
         self.storage = StorageClient(self)
+        from hpcbatch.apps import Apps
+        self.apps = Apps(self)  # application packages
 
     @property
     def service(self) -> Service:

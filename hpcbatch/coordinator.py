@@ -25,6 +25,7 @@ from typing import Any
 from hpcbatch import agentlink as link
 from hpcbatch import env as E
 from hpcbatch import state as S
+from hpcbatch.apps import AppRef, AppStore, node_env
 from hpcbatch.autoscaling import Autoscaler, evaluate_dry
 from hpcbatch.errors import Conflict, HpcBatchError, NotFound, ValidationError
 from hpcbatch.home import HomeLock, default_home
@@ -38,6 +39,7 @@ log = logging.getLogger("hpcbatch.coordinator")
 DEFAULT_PREFETCH = S.DEFAULT_PREFETCH
 TICK_S = 0.25
 MAX_ITEMS_PER_TURN = 5000
+APP_CACHE_S = 1.0  # how long a resolved application package reference is reused
 # the writes _write makes between a turn's finished attempts and its placements
 _BETWEEN = frozenset({S.CompleteUnstarted, S.TerminateJobTasks, S.CompleteJobIfDone,
                       S.ReactivateTask})
@@ -96,6 +98,13 @@ class Coordinator:
             1, thread_name_prefix="hpcbatch-logs")  # local nodes' logs, off the exit path
         self._keeping = 0  # tasks queued on the keeper
         self._keeping_lock = threading.Lock()
+        self.apps = AppStore(self.home)
+        # application package archives already on each node (node -> node archive paths),
+        # with a lock per node so two tasks' copies do not both send one archive
+        self._node_apps: dict[tuple[str, str], set[str]] = {}
+        self._node_apps_lock: dict[tuple[str, str], threading.Lock] = {}
+        self._pool_apps: dict[str, tuple[AppRef, ...]] = {}  # each pool's own references
+        self._app_cache: dict[tuple, tuple[float, list[Any]]] = {}  # see _resolve_apps
 
     # ---- life cycle and commands (any thread) ------------------------------------
 
@@ -282,6 +291,7 @@ class Coordinator:
                 return []
             self.channels[(pool_id, node_id)] = (gen, chan, token)
             self.tokens[(pool_id, node_id)] = (gen, token)
+            self._node_apps.pop((pool_id, node_id), None)  # a new agent: look again
             with self.store.transaction():
                 self.store.record_agent(pool_id, node_id, token, getattr(chan, "pid", None),
                                         self.descs[(pool_id, node_id)].host,
@@ -297,6 +307,8 @@ class Coordinator:
             return [S.NodeReaped(now, *item[1:])]
         if kind == "staged":
             return [S.FilesStaged(now, *item[1:])]
+        if kind == "appsstaged":
+            return [S.NodeAppsStaged(now, *item[1:])]
         if kind == "work":
             return [S.WorkNoticed(now)]
         if kind == "asdry":
@@ -495,9 +507,18 @@ class Coordinator:
     def _finish_terminating(self) -> None:
         """At start: a job left terminating by an earlier coordinator completes (its tasks
         in flight then were requeued just now: they are completed as terminated)."""
+        released = self.store.end_running_job_tasks(time.time())
         for job in self.store.list_jobs():
             if job["state"] == JobState.TERMINATING.value:
                 self.store.terminate_job_tasks(job["id"], time.time(), in_flight=True)
+                self.store.set_job_state(job["id"], JobState.COMPLETED)
+            elif released and job["state"] == JobState.ACTIVE.value and \
+                    job["spec"].release_task is not None and \
+                    job["spec"].on_all_tasks_complete == "terminate_job" and \
+                    self.store.unfinished(job["id"]) == 0 and \
+                    self.store.task_counts(job["id"])["total"] > 0:
+                # its tasks were done and its release tasks ran when the coordinator
+                # stopped: it completes (they were stopped, as recorded)
                 self.store.set_job_state(job["id"], JobState.COMPLETED)
 
     def _drop_stale_nodes(self, added: list[S.PoolAdded]) -> None:
@@ -531,8 +552,9 @@ class Coordinator:
             self.descs[(spec.id, d.node_id)] = d
         if provider.elastic and spec.target_nodes and spec.id not in self.state.pools:
             self._io(self._grow, provider, spec.id, spec.target_nodes)
+        self._pool_apps[spec.id] = spec.application_package_references
         info = S.PoolInfo(spec.id, spec.task_slots_per_node, spec.scheduling_policy,
-                          spec.start_task)
+                          spec.start_task, bool(spec.application_package_references))
         disabled = {n["id"] for n in self.store.list_nodes(spec.id)
                     if json.loads(n["info"] or "{}").get("scheduling") == "disabled"}
         return S.PoolAdded(time.time(), info, tuple(
@@ -540,9 +562,7 @@ class Coordinator:
 
     def _jobs_known(self, jobs: list[dict]) -> S.JobsKnown:
         self.jobs.update(j["id"] for j in jobs)
-        return S.JobsKnown(time.time(), tuple(
-            S.JobInfo(j["id"], j["pool_id"], j["spec"].priority,
-                      j["spec"].on_all_tasks_complete == "terminate_job") for j in jobs))
+        return S.JobsKnown(time.time(), tuple(map(_job_info, jobs)))
 
     def _answer_window(self, ins: S.LoadWindow) -> list[Any]:
         rows = self.store.runnable_window(ins.pool_id, ins.after, ins.limit)
@@ -611,6 +631,9 @@ class Coordinator:
                                dict(w.info) or None, w.reason)
             elif isinstance(w, S.DropNode):
                 st.delete_node(w.pool_id, w.node_id)
+        for w in by.get(S.PersistJobTask, ()):
+            st.upsert_job_task(w.job_id, w.pool_id, w.node_id, w.kind, w.state, w.t,
+                               w.task_dir, w.exit_code, w.detail, w.retry_count)
 
     def _keep_leases(self) -> None:
         """While the turn waits for the store's write lock (another process's long
@@ -644,9 +667,23 @@ class Coordinator:
                 if ins.instance:
                     inter = self.providers[ins.pool_id].inter_node_env(
                         ins.node_id, self.state.node(*key).root or "")
-                sends.setdefault(key, []).append(
-                    link.run_message(ins, specs[ins.seq], token, inter))
-            elif isinstance(ins, S.RunStartTask | S.KillRun | S.Reap | S.Ping):
+                msg = link.run_message(ins, specs[ins.seq], token, inter)
+                refs = specs[ins.seq].application_package_references
+                if refs or self._pool_refs(ins.pool_id):
+                    msg = self._with_apps(msg, key, refs)
+                sends.setdefault(key, []).append(msg)
+            elif isinstance(ins, S.RunStartTask):
+                msg = link.message_of(ins, token)
+                if self._pool_refs(ins.pool_id):
+                    msg = self._with_apps(msg, key, ())
+                sends.setdefault(key, []).append(msg)
+            elif isinstance(ins, S.StageNodeApps):
+                self._stage_node_apps(ins)
+            elif isinstance(ins, S.RunJobTask):
+                msg = self._job_task_run(ins, token)
+                if msg is not None:
+                    sends.setdefault(key, []).append(msg)
+            elif isinstance(ins, S.KillRun | S.Reap | S.Ping):
                 sends.setdefault(key, []).append(link.message_of(ins, token))
             elif isinstance(ins, S.StageFiles):
                 self._stage(ins, specs[ins.seq])
@@ -749,7 +786,22 @@ class Coordinator:
         entry = self.channels.get((ins.pool_id, ins.node_id))
         chan = entry[1] if entry else None
         groups = [((spec.resource_files if which == "resource" else
-                    spec.common_resource_files), dest) for which, dest in ins.groups]
+                    spec.common_resource_files), dest) for which, dest in ins.groups
+                  if which != "apps"]
+        apps = [dest for which, dest in ins.groups if which == "apps"]
+        refs = spec.application_package_references
+        if apps and chan is not None and not any(files for files, _ in groups):
+            # only packages, all on the node already (the usual case after the first
+            # task there): answered at once, without a worker thread's round trip
+            have = self._node_apps.get((ins.pool_id, ins.node_id), ())
+            try:
+                there = all(a.node_archive(root) in have for root in apps
+                            for a in self._resolve_apps(ins.pool_id, refs))
+            except HpcBatchError:
+                there = False
+            if there:
+                self.inbox.put(("staged", ins.seq, ins.run, ins.token, None))
+                return
 
         def work() -> None:
             from hpcbatch.staging import StagingError
@@ -757,6 +809,9 @@ class Coordinator:
             try:
                 if chan is None:
                     raise OSError("its agent is gone")
+                for root in apps:
+                    self._put_apps((ins.pool_id, ins.node_id), chan, root,
+                                   self._resolve_apps(ins.pool_id, refs))
                 for files, dest in groups:
                     if files:
                         self.stager.stage(chan, files, dest, f"node {ins.node_id}")
@@ -765,6 +820,108 @@ class Coordinator:
             except Exception as exc:  # noqa: BLE001 - reported as the task's failure
                 error = f"copying resource files to node {ins.node_id} failed: {exc}"
             self.inbox.put(("staged", ins.seq, ins.run, ins.token, error))
+        self._io(work)
+
+    # ---- application packages (hpcbatch.apps) ---------------------------------------
+
+    def _pool_refs(self, pool_id: str) -> tuple[AppRef, ...]:
+        return self._pool_apps.get(pool_id, ())
+
+    def _resolve_apps(self, pool_id: str, refs: Any) -> list[Any]:
+        """The pool's packages and then the task's (which win for the same name),
+        resolved to stored versions; NotFound when one is gone. Kept for a second (a
+        pool's every task would otherwise read the package files again)."""
+        key = (pool_id, tuple((r["application_id"], r.get("version")) if isinstance(r, dict)
+                              else r for r in refs or ()))
+        now = time.monotonic()
+        hit = self._app_cache.get(key)
+        if hit is not None and now - hit[0] < APP_CACHE_S:
+            return hit[1]
+        apps = self.apps.resolve_all([*self._pool_refs(pool_id),
+                                      *AppRef.check_list("apps", refs)])
+        if len(self._app_cache) > 1000:
+            self._app_cache.clear()
+        self._app_cache[key] = (now, apps)
+        return apps
+
+    def _with_apps(self, msg: P.Run, key: tuple[str, str], refs: Any) -> P.Run:
+        """The Run with its packages to unpack, their variables and PATH (bin/)."""
+        root = (self.state.node(*key).root if self.state.node(*key) else None) or ""
+        try:
+            apps = self._resolve_apps(key[0], refs)
+        except HpcBatchError as exc:  # deleted since it was staged: the run says so
+            log.warning("node %s: %s", key[1], exc)
+            return msg
+        return dataclasses.replace(msg, env={**node_env(apps, root), **msg.env},
+                                   apps=tuple(a.wire(root) for a in apps))
+
+    def _put_apps(self, key: tuple[str, str], chan: Any, root: str, apps: list[Any]) -> None:
+        """Copy each package's archive to the node once (per agent); blocking."""
+        lock = self._node_apps_lock.setdefault(key, threading.Lock())
+        with lock:
+            have = self._node_apps.setdefault(key, set())
+            for app in apps:
+                there = app.node_archive(root)
+                if there not in have:
+                    chan.put_files([(app.archive, there.rsplit("/", 1)[1])],
+                                   there.rsplit("/", 1)[0])
+                    have.add(there)
+
+    # ---- job preparation and release tasks --------------------------------------------
+
+    def _job_task_run(self, ins: S.RunJobTask, token: str | None) -> P.Run | None:
+        """The Run of a job's preparation or release task (None: sent later, after its
+        resource files reach the node, by a worker thread)."""
+        key = (ins.pool_id, ins.node_id)
+        spec = self.store.get_job(ins.job_id)["spec"]
+        task = spec.preparation_task if ins.run.kind is RunKind.JOB_PREP else \
+            spec.release_task
+        env = {**task.environment, **dict(ins.env)}
+        if token:
+            env[P.AGENT_TOKEN_ENV] = token
+        msg = P.Run(ins.run.wire, task.command_line, ins.task_dir, env,
+                    task.max_wall_clock_time_s, 0, cwd=ins.task_dir)  # (takes no slot)
+        if self._pool_refs(ins.pool_id):
+            msg = self._with_apps(msg, key, ())
+        if not task.resource_files:
+            return msg
+        entry = self.channels.get(key)
+        gen = self.state.node(*key).gen if self.state.node(*key) else 0
+
+        def work() -> None:
+            error = None
+            try:
+                if entry is None:
+                    raise OSError("its agent is gone")
+                entry[1].put_files([(f.source, f.file_path) for f in task.resource_files],
+                                   ins.task_dir)
+            except Exception as exc:  # noqa: BLE001 - reported as its failure to start
+                error = f"copying its resource files to node {ins.node_id} failed: {exc}"
+            if error is None:
+                entry[1].send_many([msg])
+                return
+            now = time.time()
+            self.inbox.put(("msg", ins.pool_id, ins.node_id, gen, P.Events((P.Exited(
+                id=msg.id, exit_code=None, start_failed=error, start=now, end=now),)), "",
+                now))
+        self._io(work)
+        return None
+
+    def _stage_node_apps(self, ins: S.StageNodeApps) -> None:
+        key = (ins.pool_id, ins.node_id)
+        entry = self.channels.get(key)
+        node = self.state.node(*key)
+        root = (node.root if node else None) or ""
+
+        def work() -> None:
+            error = None
+            try:
+                if entry is None:
+                    raise OSError("its agent is gone")
+                self._put_apps(key, entry[1], root, self._resolve_apps(ins.pool_id, ()))
+            except Exception as exc:  # noqa: BLE001 - reported on the node
+                error = f"copying them to node {ins.node_id} failed: {exc}"
+            self.inbox.put(("appsstaged", ins.pool_id, ins.node_id, ins.gen, error))
         self._io(work)
 
     def _io(self, fn: Any, *args: Any) -> None:
@@ -899,6 +1056,17 @@ class Coordinator:
                 fut.set_exception(HpcBatchError("the coordinator stopped"))
         self.store.close()
         self.lock.release()
+
+
+def _job_info(j: dict[str, Any]) -> S.JobInfo:
+    spec = j["spec"]
+    prep = spec.preparation_task
+    return S.JobInfo(j["id"], j["pool_id"], spec.priority,
+                     spec.on_all_tasks_complete == "terminate_job", prep is not None,
+                     prep.wait_for_success if prep else True,
+                     prep.max_task_retry_count if prep else 0,
+                     prep.rerun_on_node_reboot_after_success if prep else True,
+                     spec.release_task is not None)
 
 
 # ---- the service operations' rules (the service applies them too, with no coordinator) --

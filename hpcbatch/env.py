@@ -19,7 +19,10 @@ TASK_INDEX = "HPCBATCH_TASK_INDEX"
 TASK_DIR = "HPCBATCH_TASK_DIR"
 TASK_WORKING_DIR = "HPCBATCH_TASK_WORKING_DIR"
 NODE_SHARED_DIR = "HPCBATCH_NODE_SHARED_DIR"
-JOB_PREP_DIR = "HPCBATCH_JOB_PREP_DIR"
+JOB_PREP_DIR = "HPCBATCH_JOB_PREP_DIR"  # (only in a job with a preparation task)
+# an application package's directory on the node: APP_PREFIX + NAME + "_" + VERSION, and
+# APP_PREFIX + NAME for a reference to its default version (hpcbatch.apps.env_key)
+APP_PREFIX = "HPCBATCH_APP_"
 TASK_ATTEMPT = "HPCBATCH_TASK_ATTEMPT"
 
 # multi-instance tasks

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from hpcbatch.apps import AppRef
 from hpcbatch.env import TASK_WORKING_DIR
 from hpcbatch.errors import ValidationError
 
@@ -150,6 +151,8 @@ class RunKind(enum.StrEnum):
     STAGING = "s"  # copying its files to instance I (never on the wire)
     INSTANCE = "i"  # the slots instance I holds on its node (never on the wire)
     START_TASK = "start"  # a node's start task
+    JOB_PREP = "p"  # a job's preparation task on a node (seq: the state's number of the job)
+    JOB_RELEASE = "r"  # a job's release task on a node (likewise)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -169,8 +172,8 @@ class RunId:
             return self.seq
         if self.kind is RunKind.START_TASK:
             return self.START_WIRE
-        if self.kind is RunKind.APPLICATION:
-            return f"{self.seq}.a"
+        if self.kind in (RunKind.APPLICATION, RunKind.JOB_PREP, RunKind.JOB_RELEASE):
+            return f"{self.seq}.{self.kind.value}"
         return f"{self.seq}.{self.kind.value}{self.index}"
 
     @classmethod
@@ -188,6 +191,8 @@ class RunId:
         if part == "a":
             return cls(int(seq), RunKind.APPLICATION)
         kind, index = part[0], part[1:]
+        if part in ("p", "r"):
+            return cls(int(seq), RunKind(part))
         if kind not in ("c", "s") or not index.isdigit():
             raise ValueError(f"not a run id: {wire!r}")
         return cls(int(seq), RunKind(kind), int(index))
@@ -251,9 +256,13 @@ class PoolSpec:
     # SSH pools: bootstrap makes a pool key pair and an ssh_config of node aliases on
     # every node, so MPI on the primary reaches the others (HPCBATCH_SSH_CONFIG)
     inter_node_communication: bool = False
+    # application packages every node gets (before its start task), for all its tasks
+    application_package_references: tuple[AppRef, ...] = ()
 
     def __post_init__(self) -> None:
         check_id("pool.id", self.id)
+        object.__setattr__(self, "application_package_references", AppRef.check_list(
+            "pool.application_package_references", self.application_package_references))
         if not isinstance(self.inter_node_communication, bool):
             raise ValidationError("pool.inter_node_communication", "must be true or false")
         _check_choice("pool.provider", self.provider, PROVIDERS)
@@ -262,6 +271,116 @@ class PoolSpec:
         _check_int("pool.target_nodes", self.target_nodes, 0, 100_000)  # 0: scaled down
         if self.start_task is not None and not str(self.start_task).strip():
             raise ValidationError("pool.start_task", "is empty; give a command line or omit it")
+
+
+# the ids a job's preparation and release tasks go by in listings, logs and directories
+# (<node root>/jobs/<job>/jobpreparation): no task of a job may take them
+JOB_PREPARATION_ID, JOB_RELEASE_ID = "jobpreparation", "jobrelease"
+JOB_TASK_IDS = (JOB_PREPARATION_ID, JOB_RELEASE_ID)
+RELEASE_WALL_CLOCK_S = 900.0  # a release task's default limit (Azure Batch's 15 minutes)
+
+
+def _check_wall(field: str, wall: Any) -> None:
+    if wall is not None and (isinstance(wall, bool) or not isinstance(wall, int | float)
+                             or not math.isfinite(wall) or wall <= 0):
+        raise ValidationError(field, f"{wall!r} must be a number of seconds > 0")
+
+
+def _check_command(field: str, cmd: Any) -> None:
+    if not isinstance(cmd, str) or not cmd.strip():
+        raise ValidationError(field, "is empty; give a command line")
+    if "\0" in cmd:
+        raise ValidationError(field, "contains a NUL byte")
+    if len(cmd.encode(errors="replace")) > MAX_COMMAND_BYTES:
+        raise ValidationError(field, f"is longer than the {MAX_COMMAND_BYTES:,} bytes a "
+                              "process can be given; put it in a resource file")
+
+
+@dataclasses.dataclass(frozen=True)
+class JobPreparationTask:
+    """Runs on a node before the job's first task there, in the job's preparation
+    directory (``$HPCBATCH_JOB_PREP_DIR``, which the job's tasks on that node share).
+
+    ``wait_for_success``: the job's tasks on that node wait until it has succeeded; if
+    it fails (after ``max_task_retry_count`` retries) the node skips the job (its tasks
+    go to other nodes). Without it a failure is only recorded. With
+    ``rerun_on_node_reboot_after_success`` a node whose agent restarts runs it again."""
+
+    command_line: str
+    environment: dict[str, str] = dataclasses.field(default_factory=dict)
+    resource_files: tuple[ResourceFile, ...] = ()  # copied into HPCBATCH_JOB_PREP_DIR
+    wait_for_success: bool = True
+    max_task_retry_count: int = 0
+    max_wall_clock_time_s: float | None = None
+    rerun_on_node_reboot_after_success: bool = True
+
+    def __post_init__(self) -> None:
+        _check_command("job.preparation_task.command_line", self.command_line)
+        object.__setattr__(self, "environment", _check_env(
+            "job.preparation_task.environment", self.environment))
+        object.__setattr__(self, "resource_files", _file_list(
+            "job.preparation_task.resource_files", self.resource_files))
+        for name in ("wait_for_success", "rerun_on_node_reboot_after_success"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValidationError(f"job.preparation_task.{name}", "must be true or false")
+        _check_int("job.preparation_task.max_task_retry_count", self.max_task_retry_count,
+                   0, 100)
+        _check_wall("job.preparation_task.max_wall_clock_time_s", self.max_wall_clock_time_s)
+
+
+@dataclasses.dataclass(frozen=True)
+class JobReleaseTask:
+    """Runs on every node that ran the job's tasks once the job completes or is
+    terminated, in ``<node root>/jobs/<job>/jobrelease``, killed after
+    ``max_wall_clock_time_s`` (default 15 minutes); the job completes after it."""
+
+    command_line: str
+    environment: dict[str, str] = dataclasses.field(default_factory=dict)
+    resource_files: tuple[ResourceFile, ...] = ()
+    max_wall_clock_time_s: float = RELEASE_WALL_CLOCK_S
+
+    def __post_init__(self) -> None:
+        _check_command("job.release_task.command_line", self.command_line)
+        object.__setattr__(self, "environment", _check_env(
+            "job.release_task.environment", self.environment))
+        object.__setattr__(self, "resource_files", _file_list(
+            "job.release_task.resource_files", self.resource_files))
+        _check_wall("job.release_task.max_wall_clock_time_s", self.max_wall_clock_time_s)
+        if self.max_wall_clock_time_s is None:
+            raise ValidationError("job.release_task.max_wall_clock_time_s",
+                                  "a release task needs a limit (seconds > 0)")
+
+
+def _file_list(field: str, value: Any) -> tuple[ResourceFile, ...]:
+    """Resource files of a preparation or release task, checked in form only (a job's
+    spec is read back often; create_job checks that each source exists)."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, Mapping)) or not isinstance(value, Iterable):
+        raise ValidationError(field, "must be a list of files")
+    out = []
+    for i, item in enumerate(value):
+        try:
+            out.append(item if isinstance(item, ResourceFile) else ResourceFile(item)
+                       if isinstance(item, str) else ResourceFile(**item))
+        except TypeError:
+            raise ValidationError(f"{field}[{i}]", "is not a file path or {'source': ..., "
+                                  "'file_path': ...}") from None
+    return tuple(out)
+
+
+def _coerce(cls: type, field: str, value: Any) -> Any:
+    if value is None or isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValidationError(field, f"must be an object with a command_line, not {value!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown or "command_line" not in value:
+        raise ValidationError(field, f"unknown field(s) {', '.join(unknown)}; known: "
+                              f"{', '.join(sorted(known))}" if unknown else
+                              "needs a 'command_line'")
+    return cls(**value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +392,8 @@ class JobSpec:
     priority: int = 0
     on_all_tasks_complete: str = "no_action"
     max_task_retry_count: int = 0
+    preparation_task: JobPreparationTask | None = None
+    release_task: JobReleaseTask | None = None
 
     def __post_init__(self) -> None:
         check_id("job.id", self.id)
@@ -281,6 +402,10 @@ class JobSpec:
         _check_choice("job.on_all_tasks_complete", self.on_all_tasks_complete,
                       ON_ALL_TASKS_COMPLETE)
         _check_int("job.max_task_retry_count", self.max_task_retry_count, -1)
+        object.__setattr__(self, "preparation_task", _coerce(
+            JobPreparationTask, "job.preparation_task", self.preparation_task))
+        object.__setattr__(self, "release_task", _coerce(
+            JobReleaseTask, "job.release_task", self.release_task))
 
 
 def _rel_path(field: str, value: Any, *, may_be_dir: bool = False) -> str:
@@ -602,6 +727,8 @@ class TaskSpec:
     multi_instance: MultiInstanceSpec | None = None
     resource_files: tuple[ResourceFile, ...] = ()  # copied into the working directory
     output_files: tuple[OutputFile, ...] = ()  # uploaded to storage after it exits
+    # application packages unpacked on its node(s) before it starts (see hpcbatch.apps)
+    application_package_references: tuple[AppRef, ...] = ()
     # where the command runs: None, the task's own wd/ on its node; else an absolute path
     # on the node (the CLI's --workdir submit: the directory 'hpcbatch submit' ran in).
     # Kept as the task's HPCBATCH_TASK_WORKING_DIR (see TaskSpec.working_dir_of), so it
@@ -610,6 +737,9 @@ class TaskSpec:
 
     def __post_init__(self, working_dir: str | None = None) -> None:
         check_id("task.id", self.id)
+        if self.id in JOB_TASK_IDS:
+            raise ValidationError("task.id", f"{self.id!r} is the id of the job's "
+                                  f"{self.id[3:]} task in listings; pick another id")
         if working_dir is not None:
             if not isinstance(working_dir, str) or not working_dir.startswith("/") or \
                     "\0" in working_dir:
@@ -622,6 +752,9 @@ class TaskSpec:
             f"task {self.id}: resource_files", self.resource_files))
         object.__setattr__(self, "output_files", OutputFile.check_list(
             f"task {self.id}: output_files", self.output_files))
+        object.__setattr__(self, "application_package_references", AppRef.check_list(
+            f"task {self.id}: application_package_references",
+            self.application_package_references))
         mi = self.multi_instance
         if isinstance(mi, Mapping):
             known = {f.name for f in dataclasses.fields(MultiInstanceSpec)}

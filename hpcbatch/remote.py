@@ -312,6 +312,12 @@ class RemoteService(RemoteStorageMethods, Service):
                 "scheduling_policy": scheduling_policy, "target_nodes": target_nodes,
                 "start_task": start_task, "inter_node_communication": inter_node_communication,
                 "trust_on_first_use": trust_on_first_use, "options": provider_options}
+        refs = provider_options.get("application_package_references")
+        if refs:  # AppRef / "NAME:VERSION" as JSON
+            from hpcbatch.apps import AppRef
+            provider_options["application_package_references"] = [
+                {"application_id": r.application_id, "version": r.version}
+                for r in AppRef.check_list("pool.application_package_references", refs)]
         return PoolView.from_dict(self._post("/v1/pools", body, timeout=self._bulk_timeout()))
 
     def get_pool(self, pool_id: str) -> PoolView:
@@ -380,11 +386,27 @@ class RemoteService(RemoteStorageMethods, Service):
 
     def create_job(self, job_id: str, pool_id: str = LOCAL_POOL, *, priority: int = 0,
                    on_all_tasks_complete: str = "no_action",
-                   max_task_retry_count: int = 0) -> JobView:
-        return JobView.from_dict(self._post("/v1/jobs", {
-            "id": job_id, "pool_id": pool_id, "priority": priority,
-            "on_all_tasks_complete": on_all_tasks_complete,
-            "max_task_retry_count": max_task_retry_count}))
+                   max_task_retry_count: int = 0, preparation_task: Any = None,
+                   release_task: Any = None) -> JobView:
+        import dataclasses
+        spec = JobSpec(job_id, pool_id, priority=priority,  # checked here first
+                       on_all_tasks_complete=on_all_tasks_complete,
+                       max_task_retry_count=max_task_retry_count,
+                       preparation_task=preparation_task, release_task=release_task)
+        body = {"id": job_id, "pool_id": pool_id, "priority": priority,
+                "on_all_tasks_complete": on_all_tasks_complete,
+                "max_task_retry_count": max_task_retry_count}
+        for name in ("preparation_task", "release_task"):
+            task = getattr(spec, name)
+            if task is not None:
+                d = dataclasses.asdict(task)
+                for rf in d["resource_files"]:  # this machine's files, uploaded
+                    rf["source"] = self._upload_file(rf["source"])
+                body[name] = d
+        return JobView.from_dict(self._post("/v1/jobs", body))
+
+    def job_task_status(self, job_id: str) -> dict[str, Any]:
+        return self._get(f"/v1/jobs/{_seg(job_id, 'job')}/preparationandreleasestatus")
 
     def get_job(self, job_id: str) -> JobView:
         return JobView.from_dict(self._get(f"/v1/jobs/{_seg(job_id, 'job')}"))
@@ -447,7 +469,9 @@ class RemoteService(RemoteStorageMethods, Service):
                 now = time.monotonic()
             last = now
             counts = self.job_counts(job_id)
-            if counts["completed"] >= counts["total"]:
+            if counts["completed"] >= counts["total"] and not any(  # (its release tasks too)
+                    n["kind"] == "release" and n["state"] == "running"
+                    for n in self.job_task_status(job_id)["nodes"]):
                 if on_progress is not None:
                     on_progress(counts)
                 return counts
@@ -598,7 +622,11 @@ class RemoteService(RemoteStorageMethods, Service):
         import dataclasses
         if not isinstance(job, JobSpec):
             raise ValidationError("job", f"must be a JobSpec, not {type(job).__name__}")
-        out = self._post_tasks("/v1/submit", {"job": dataclasses.asdict(job),
+        body = dataclasses.asdict(job)
+        for name in ("preparation_task", "release_task"):
+            for rf in (body.get(name) or {}).get("resource_files") or ():
+                rf["source"] = self._upload_file(rf["source"])  # this machine's files
+        out = self._post_tasks("/v1/submit", {"job": body,
                                               "existing_ok": bool(existing_ok)},
                                tasks, strict=True)
         return int(out["added"])
@@ -807,6 +835,36 @@ class RemoteService(RemoteStorageMethods, Service):
                          headers={"Content-Type": "application/octet-stream"},
                          timeout=self._bulk_timeout())
         return str(out["path"])
+
+    # ---- application packages (hpcbatch.apps) ----------------------------
+
+    def upload_app(self, name: str, version: str, archive: str | os.PathLike, *,
+                   default: bool = False) -> Any:
+        """The archive streamed to PUT /v1/uploads, then kept by POST /v1/apps."""
+        from hpcbatch.apps import AppView, check_name, check_version
+        check_name("name", name)
+        check_version("version", version)
+        path = Path(archive).expanduser().absolute()
+        if not path.is_file():
+            raise ValidationError("archive", f"{path} is not a file on this machine")
+        there = self._upload_file(str(path))
+        return AppView(**self._post("/v1/apps", {"name": name, "version": version,
+                                                 "source": there, "default": bool(default)},
+                                    timeout=self._bulk_timeout()))
+
+    def list_apps(self, name: str | None = None) -> list[Any]:
+        from hpcbatch.apps import AppView
+        return [AppView(**d) for d in self._get("/v1/apps", name=name)["items"]]
+
+    def delete_app(self, name: str, version: str | None = None) -> list[str]:
+        params = {"version": version} if version is not None else None
+        return list(self._json("DELETE", f"/v1/apps/{_seg(name, 'application')}",
+                               params=params)["deleted"])
+
+    def set_default_app(self, name: str, version: str) -> Any:
+        from hpcbatch.apps import AppView
+        return AppView(**self._post(f"/v1/apps/{_seg(name, 'application')}/default",
+                                    {"version": version}))
 
     # ---- the service itself ---------------------------------------------
 

@@ -529,7 +529,9 @@ class RunQueue:
 
 def schedule_from_queue(queue: RunQueue, placer: Placer | Sequence[NodeSlots],
                         policy: str | None = None, *, lookahead: int = 64,
-                        budget: int | None = None) -> list[Assignment | Allocation]:
+                        budget: int | None = None,
+                        excluded: Callable[[Runnable], Iterable[str] | None] | None = None
+                        ) -> list[Assignment | Allocation]:
     """One round: place tasks from the queue in order while any unreserved slot is free.
 
     A task that cannot start yet is set aside and put back afterwards; at most
@@ -537,6 +539,8 @@ def schedule_from_queue(queue: RunQueue, placer: Placer | Sequence[NodeSlots],
     scanning the whole queue. At most ``budget`` tasks are placed (None: no limit),
     so a round's work is bounded by ``budget + lookahead`` placements tried.
     ``placer`` may also be a snapshot of NodeSlots (with ``policy``), the older form.
+    ``excluded(task)``: nodes that task may not go to (None: any), taken out of the
+    placer for its placement only.
     """
     if isinstance(placer, Placer):
         if policy is not None:
@@ -551,7 +555,8 @@ def schedule_from_queue(queue: RunQueue, placer: Placer | Sequence[NodeSlots],
     place, pop = placer.place, queue.pop
     while queue and len(skipped) < lookahead and len(out) < limit and placer.has_capacity:
         task = pop()
-        placed = place(task)
+        skip = excluded(task) if excluded is not None else None
+        placed = place(task) if not skip else _place_without(placer, task, skip)
         if placed is None:
             skipped.append(task)
         else:
@@ -559,6 +564,19 @@ def schedule_from_queue(queue: RunQueue, placer: Placer | Sequence[NodeSlots],
     for task in skipped:
         queue.push(task)
     return out
+
+
+def _place_without(placer: Placer, task: Runnable, skip: Iterable[str]
+                   ) -> Assignment | Allocation | None:
+    """Place the task on any node but those in ``skip`` (put back afterwards)."""
+    saved = [placer.node(n) for n in skip if n in placer]
+    for ns in saved:
+        placer.remove_node(ns.node_id)
+    try:
+        return placer.place(task)
+    finally:
+        for ns in saved:
+            placer.set_node(ns.node_id, ns.total_slots, ns.used_slots, ns.queue_slots)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import concurrent.futures
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -31,7 +32,14 @@ from typing import Any
 from hpcbatch import env as E
 from hpcbatch.errors import Conflict, CoordinatorBusy, HpcBatchError, NotFound, ValidationError
 from hpcbatch.home import default_home
-from hpcbatch.models import JobSpec, PoolSpec, TaskSpec, check_id
+from hpcbatch.models import (
+    JOB_PREPARATION_ID,
+    JOB_TASK_IDS,
+    JobSpec,
+    PoolSpec,
+    TaskSpec,
+    check_id,
+)
 from hpcbatch.storage_api import LocalStorageMethods
 from hpcbatch.timings import Timings
 from hpcbatch.views import (
@@ -105,7 +113,13 @@ class Service(abc.ABC):
     @abc.abstractmethod
     def create_job(self, job_id: str, pool_id: str = LOCAL_POOL, *, priority: int = 0,
                    on_all_tasks_complete: str = "no_action",
-                   max_task_retry_count: int = 0) -> JobView: ...
+                   max_task_retry_count: int = 0, preparation_task: Any = None,
+                   release_task: Any = None) -> JobView: ...
+
+    def job_task_status(self, job_id: str) -> dict[str, Any]:
+        """The job's preparation and release tasks: their specs and, per node, how each
+        ran there (Azure Batch's preparation and release task status)."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def get_job(self, job_id: str) -> JobView: ...
@@ -288,6 +302,22 @@ class Service(abc.ABC):
         """Store a client's file (its bytes in ``chunks``, their SHA-256 ``sha256``) where
         the service can read it; returns the path a ResourceFile.source names."""
 
+    # ---- application packages (hpcbatch.apps) ------------------------------
+
+    def upload_app(self, name: str, version: str, archive: str | os.PathLike, *,
+                   default: bool = False) -> Any:
+        """Check and keep a .zip/.tar.gz (a path on the caller's machine) as NAME VERSION."""
+        raise NotImplementedError
+
+    def list_apps(self, name: str | None = None) -> list[Any]:
+        raise NotImplementedError
+
+    def delete_app(self, name: str, version: str | None = None) -> list[str]:
+        raise NotImplementedError
+
+    def set_default_app(self, name: str, version: str) -> Any:
+        raise NotImplementedError
+
     # ---- service operations: pool size, node scheduling, job terminate, task
     # ---- reactivate and delete
 
@@ -386,6 +416,9 @@ def pool_view(spec: PoolSpec, nodes: Iterable[Mapping[str, Any]], home: Path,
         where, notes, python = provider.where(), tuple(provider.notes()), provider.node_python
     except HpcBatchError as exc:  # a stored config this version cannot read: say so
         where, notes, python = "?", (f"provider config: {exc}",), ""
+    if spec.application_package_references:  # (pool show prints the notes)
+        notes += ("application packages: " + ", ".join(
+            r.label for r in spec.application_package_references),)
     return PoolView(spec.id, spec.provider, spec.task_slots_per_node, spec.scheduling_policy,
                     spec.target_nodes, spec.start_task, spec.inter_node_communication,
                     dict(spec.provider_config), states, where, notes, python,
@@ -508,11 +541,16 @@ class LocalService(LocalStorageMethods, Service):
         with contextlib.suppress(NotFound):
             self.store.get_pool(pool_id)
             raise Conflict(f"pool {pool_id!r} already exists; pick another id")
+        app_refs = provider_options.pop("application_package_references", None)
         spec = provider_class(provider).make_spec(
             pool_id, task_slots_per_node=task_slots_per_node,
             scheduling_policy=scheduling_policy, target_nodes=target_nodes,
             start_task=start_task, inter_node_communication=inter_node_communication,
             **provider_options)
+        if app_refs:
+            spec = dataclasses.replace(spec, application_package_references=app_refs)
+            self._apps().check_refs("pool.application_package_references",
+                                    spec.application_package_references)
         failed = provider_for(spec, self.home).preflight(
             trust_on_first_use=trust_on_first_use).failed
         if failed:
@@ -561,11 +599,24 @@ class LocalService(LocalStorageMethods, Service):
 
     def create_job(self, job_id: str, pool_id: str = LOCAL_POOL, *, priority: int = 0,
                    on_all_tasks_complete: str = "no_action",
-                   max_task_retry_count: int = 0) -> JobView:
-        self.store.create_job(JobSpec(job_id, pool_id, priority=priority,
-                                      on_all_tasks_complete=on_all_tasks_complete,
-                                      max_task_retry_count=max_task_retry_count))
+                   max_task_retry_count: int = 0, preparation_task: Any = None,
+                   release_task: Any = None) -> JobView:
+        spec = JobSpec(job_id, pool_id, priority=priority,
+                       on_all_tasks_complete=on_all_tasks_complete,
+                       max_task_retry_count=max_task_retry_count,
+                       preparation_task=preparation_task, release_task=release_task)
+        check_job_task_files(spec)
+        self.store.create_job(spec)
         return self.get_job(job_id)
+
+    def job_task_status(self, job_id: str) -> dict[str, Any]:
+        spec = self.store.get_job(job_id)["spec"]
+        return {"job_id": job_id,
+                "preparation_task": None if spec.preparation_task is None else
+                dataclasses.asdict(spec.preparation_task),
+                "release_task": None if spec.release_task is None else
+                dataclasses.asdict(spec.release_task),
+                "nodes": self.store.job_tasks(job_id)}
 
     def get_job(self, job_id: str) -> JobView:
         return JobView.from_row(self.store.get_job(job_id))
@@ -643,7 +694,7 @@ class LocalService(LocalStorageMethods, Service):
             if on_progress is not None and now >= next_progress:
                 on_progress(self.store.task_counts(job_id))
                 next_progress = now + PROGRESS_EVERY_S
-            if self.store.unfinished(job_id) == 0:
+            if self.store.unfinished(job_id) == 0 and not self.store.job_releasing(job_id):
                 counts = self.store.task_counts(job_id)
                 if on_progress is not None:
                     on_progress(counts)
@@ -675,13 +726,15 @@ class LocalService(LocalStorageMethods, Service):
 
     def add_tasks(self, job_id: str, tasks: Iterable[TaskSpec | Mapping[str, Any]]) -> int:
         from hpcbatch.storage_api import containers_checked
-        n = self.store.add_tasks(job_id, containers_checked(self.storage, tasks))
+        n = self.store.add_tasks(job_id, containers_checked(self.storage,
+                                                            self._apps_checked(tasks)))
         self._notify()
         return n
 
     def add_task_collection(self, job_id: str, tasks: Iterable[TaskSpec | Mapping[str, Any]],
                             *, atomic: bool = True) -> AddResult:
-        added, errors = self.store.add_task_collection(job_id, tasks, atomic=atomic)
+        added, errors = self.store.add_task_collection(job_id, self._apps_checked(tasks),
+                                                       atomic=atomic)
         if added:
             self._notify()
         return AddResult(added, tuple(TaskError.from_error(i, task_id, exc)
@@ -692,6 +745,7 @@ class LocalService(LocalStorageMethods, Service):
         with self.store.transaction():
             pool_id = self.store.job_pool_id(job.id)
             if pool_id is None:
+                check_job_task_files(job)
                 self.store.create_job(job)
             elif not existing_ok:
                 raise Conflict(f"job {job.id!r} already exists; pick another job id")
@@ -699,9 +753,49 @@ class LocalService(LocalStorageMethods, Service):
                 raise ValidationError("pool", f"job {job.id!r} exists on pool {pool_id!r}, "
                                       f"not {job.pool_id!r}")
             from hpcbatch.storage_api import containers_checked
-            n = self.store.add_tasks(job.id, containers_checked(self.storage, tasks))
+            n = self.store.add_tasks(job.id, containers_checked(self.storage,
+                                                                self._apps_checked(tasks)))
         self._notify()
         return n
+
+    # ---- application packages --------------------------------------------
+
+    def _apps(self) -> Any:
+        from hpcbatch.apps import AppStore
+        return AppStore(self.home)
+
+    def _apps_checked(self, tasks: Iterable[Any]) -> Iterator[Any]:
+        """The tasks, each that names application packages checked against the stored
+        ones (a missing one is a ValidationError naming the task, before anything is
+        stored)."""
+        from hpcbatch.apps import AppRef
+        store, seen = None, set()
+        for t in tasks:
+            refs = (t.application_package_references if isinstance(t, TaskSpec) else
+                    t.get("application_package_references") if isinstance(t, Mapping)
+                    else None)
+            if refs:
+                tid = t.id if isinstance(t, TaskSpec) else t.get("id")
+                field = f"task {tid}: application_package_references"
+                todo = [r for r in AppRef.check_list(field, refs) if r not in seen]
+                if todo:
+                    store = store or self._apps()
+                    store.check_refs(field, todo)
+                    seen.update(todo)
+            yield t
+
+    def upload_app(self, name: str, version: str, archive: str | os.PathLike, *,
+                   default: bool = False) -> Any:
+        return self._apps().upload(name, version, archive, default=default)
+
+    def list_apps(self, name: str | None = None) -> list[Any]:
+        return self._apps().list(name)
+
+    def delete_app(self, name: str, version: str | None = None) -> list[str]:
+        return self._apps().delete(name, version)
+
+    def set_default_app(self, name: str, version: str) -> Any:
+        return self._apps().set_default(name, version)
 
     def get_task(self, job_id: str, task_id: str) -> TaskView:
         return TaskView.from_row(self.store.get_task(job_id, task_id))
@@ -944,6 +1038,8 @@ class LocalService(LocalStorageMethods, Service):
                   ) -> tuple[Any, str, str]:
         """The provider, node and directory of the task's latest attempt (``node``: that
         node's copy of the directory, as a multi-instance task has on each instance)."""
+        if task_id in JOB_TASK_IDS:
+            return self._job_task_dir(job_id, task_id, what, node)
         row = self.store.get_task(job_id, task_id)
         where = f"task {job_id}/{task_id}"
         if not row.get("task_dir"):
@@ -982,6 +1078,20 @@ class LocalService(LocalStorageMethods, Service):
         if row["state"] != "completed" or not attempts or max(attempts) != int(kept.name):
             return None
         return kept
+    def _job_task_dir(self, job_id: str, which: str, what: str, node: str | None
+                      ) -> tuple[Any, str, str]:
+        """The directory of the job's preparation or release task on ``node`` (default:
+        the first node it ran on)."""
+        kind = "preparation" if which == JOB_PREPARATION_ID else "release"
+        rows = [r for r in self.store.job_tasks(job_id) if r["kind"] == kind and r["task_dir"]]
+        if node is not None:
+            check_id("node", node)
+            rows = [r for r in rows if r["node_id"] == node]
+        if not rows:
+            on = f" on node {node}" if node else ""
+            raise NotFound(f"job {job_id}'s {kind} task has not run{on}; it has no {what}")
+        spec = self.store.get_pool(self.store.get_job(job_id)["pool_id"])
+        return self._provider(spec), rows[0]["node_id"], rows[0]["task_dir"]
 
     def list_task_files(self, job_id: str, task_id: str, *,
                         node: str | None = None) -> list[FileView]:
@@ -1249,6 +1359,15 @@ def _read_kept(path: Path, offset: int, length: int | None) -> bytes:
     with os.fdopen(fd, "rb") as f:
         f.seek(offset)
         return f.read() if length is None else f.read(length)
+def check_job_task_files(spec: JobSpec) -> None:
+    """The resource files of the job's preparation and release tasks exist here."""
+    for name in ("preparation_task", "release_task"):
+        task = getattr(spec, name)
+        for i, rf in enumerate(task.resource_files if task else ()):
+            if not Path(rf.source).is_file():
+                raise ValidationError(f"job.{name}.resource_files[{i}].source",
+                                      f"{rf.source} is not a file on this machine; give an "
+                                      "existing file")
 
 
 def _start_coordinator(home: Path, timings: Timings, prefetch: int | None):

@@ -26,6 +26,8 @@ from typing import Any
 from hpcbatch import env as E
 from hpcbatch.launch.protocol import KILLED_LEASE, KILLED_SHUTDOWN
 from hpcbatch.models import (
+    JOB_PREPARATION_ID,
+    JOB_RELEASE_ID,
     FailureKind,
     MIPhase,
     NodeState,
@@ -53,6 +55,7 @@ WINDOW_MAX = 50_000  # .. at most this many (memory stays bounded whatever is st
 PLACE_BUDGET = 20_000  # placements per turn (bounded turns)
 NEW_WORK_SLICE = 5000  # new tasks read per query (a 1M-task submit is read in slices)
 FLAG_RESOURCE_FILES, FLAG_COORDINATION, FLAG_COMMON_FILES = 1, 2, 4
+FLAG_APPS = 8  # the task names application packages: their archives go to its node(s)
 # what happens to the tasks on a node whose scheduling is disabled or that leaves the pool
 # (Azure Batch's nodeDisableSchedulingOption / nodeDeallocationOption): killed and
 # requeued (not a retry), killed and completed as failed (killed:terminate), or left to
@@ -118,6 +121,7 @@ class PoolInfo:
     slots_per_node: int
     policy: str = "pack"
     start_task: str | None = None
+    apps: bool = False  # it names application packages: every node gets them first
 
 
 @_ev
@@ -126,6 +130,12 @@ class JobInfo:
     pool_id: str
     priority: int = 0
     terminate_when_done: bool = False
+    # its preparation task (see hpcbatch.models.JobPreparationTask) and release task
+    prep: bool = False
+    prep_wait: bool = True
+    prep_retries: int = 0
+    prep_rerun: bool = True
+    release: bool = False
 
 
 @_ev
@@ -384,6 +394,16 @@ class FilesStaged:
 
 
 @_ev
+class NodeAppsStaged:
+    """The pool's application package archives reached the node (or ``error``)."""
+    t: float
+    pool_id: str
+    node_id: str
+    gen: int
+    error: str | None = None
+
+
+@_ev
 class TerminateAsked:
     t: float
     seq: int
@@ -456,6 +476,34 @@ class RunTask:
 
 
 @_ev
+class RunJobTask:
+    """Start a job's preparation or release task (``run.kind``) on the node: the shell
+    adds the command line, environment, files and limit from the job's spec."""
+    pool_id: str
+    node_id: str
+    job_id: str
+    run: RunId
+    task_dir: str
+    env: tuple[tuple[str, str], ...]
+
+
+@_ev
+class PersistJobTask:
+    """Record a job's preparation or release task on a node (``kind``: 'preparation' or
+    'release'; ``state``: running, succeeded, failed, skipped)."""
+    job_id: str
+    pool_id: str
+    node_id: str
+    kind: str
+    state: str
+    t: float
+    task_dir: str = ""
+    exit_code: int | None = None
+    detail: str | None = None
+    retry_count: int = 0
+
+
+@_ev
 class RunStartTask:
     pool_id: str
     node_id: str
@@ -497,6 +545,15 @@ class StageFiles:
     run: RunId
     token: int
     groups: tuple[tuple[str, str], ...]
+
+
+@_ev
+class StageNodeApps:
+    """Copy the pool's application package archives to a node that said hello (its
+    agent unpacks them when a run first needs them); answered by NodeAppsStaged."""
+    pool_id: str
+    node_id: str
+    gen: int
 
 
 @_ev
@@ -615,7 +672,7 @@ class Log:
 
 Instruction = Any  # one of the instruction classes above
 PERSIST = (PersistNode, MarkPreparing, MarkRunning, FinishAttempt, CompleteUnstarted,
-           CompleteJobIfDone, TerminateJobTasks, ReactivateTask, DropNode)
+           CompleteJobIfDone, TerminateJobTasks, ReactivateTask, DropNode, PersistJobTask)
 
 
 # ---- what the state keeps ----------------------------------------------------------
@@ -682,10 +739,28 @@ class Attempt:
     requeue: bool = False  # its node is disabled or leaves: however it ends, requeued
     staging: dict[RunId, int] = dataclasses.field(default_factory=dict)  # run -> token
     pending_run: RunTask | None = None  # sent once its files are staged
+    prep_wait: bool = False  # .. and its job's preparation task succeeded on its node
     alloc: Alloc | None = None
     # placed: preparing (files, agent queue, coordination) until its process starts
     task_state: TaskState = dataclasses.field(
         default_factory=lambda: TaskState.ACTIVE.check_move(TaskState.PREPARING))
+
+
+PREP, RELEASE = "preparation", "release"
+RUNNING, SUCCEEDED, FAILED, SKIPPED = "running", "succeeded", "failed", "skipped"
+
+
+@dataclasses.dataclass(slots=True)
+class JobNode:
+    """A job on one node: its preparation task there, whether its tasks ran there, and
+    its release task."""
+
+    prep: str | None = None  # None (not run), RUNNING, SUCCEEDED, FAILED
+    prep_tries: int = 0  # retries used
+    gen: int = 0  # the agent generation the preparation task ran under
+    waiting: list[int] = dataclasses.field(default_factory=list)  # held task seqs
+    ran: bool = False
+    release: str | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -720,6 +795,18 @@ def _coordination_failed(node_id: str, ev: RunExited) -> str:
                       [-3:] if line.strip())
     return (f"coordination command on node {node_id} {how}"
             + (f"; stderr: {tail[-300:]}" if tail else "; its stderr is empty"))
+
+
+def _job_task_failure(ev: RunExited) -> str:
+    if ev.start_failed:
+        return f"did not start: {ev.start_failed}"
+    if ev.timed_out:
+        return "timed out (its max_wall_clock_time_s)"
+    if ev.killed:
+        return f"killed ({ev.killed})"
+    if ev.signal:
+        return f"killed by signal {ev.signal}"
+    return f"exited with {ev.exit_code}"
 
 
 def _exit_of(ev: RunExited) -> Exit:
@@ -777,6 +864,15 @@ class CoordinatorState:
         # (job, task, "waiting for 3 nodes; node2 runs job/task"); replaced, never
         # changed in place, so another thread may read it (the service's wait_job)
         self.waiting: dict[int, tuple[str, str, str]] = {}
+        # job preparation and release tasks: a number per job (their run ids), each job's
+        # record per node, the nodes a job skips (its preparation task failed there: node
+        # -> why), jobs no node can run, and jobs whose release tasks run
+        self.job_nums: dict[str, int] = {}
+        self.num_jobs: dict[int, str] = {}
+        self.job_nodes: dict[tuple[str, str, str], JobNode] = {}
+        self.excluded: dict[str, dict[str, str]] = {}
+        self.dead: dict[str, str] = {}
+        self.releasing: dict[str, set[tuple[str, str]]] = {}
 
     # ---- entry point ---------------------------------------------------------------
 
@@ -846,6 +942,13 @@ class CoordinatorState:
         self.jobs.pop(ev.job_id, None)
         self.open.pop(ev.job_id, None)
         self.terminating.discard(ev.job_id)
+        num = self.job_nums.pop(ev.job_id, None)
+        self.num_jobs.pop(num, None)
+        for key in [k for k in self.job_nodes if k[0] == ev.job_id]:
+            del self.job_nodes[key]
+        self.excluded.pop(ev.job_id, None)
+        self.dead.pop(ev.job_id, None)
+        self.releasing.pop(ev.job_id, None)
 
     def _on_PoolAdded(self, ev: PoolAdded) -> None:
         if ev.pool.pool_id in self.pools:
@@ -1067,6 +1170,9 @@ class CoordinatorState:
         rows, attempts = self.rows, self.attempts
         fresh = {row.seq: row for row in ev.rows if row.seq not in rows
                  and row.seq not in attempts}
+        if self.dead:
+            for seq in [s for s, r in fresh.items() if r.job_id in self.dead]:
+                self._doom(fresh.pop(seq))
         rows.update(fresh)
         pool.queue.extend(Runnable(r.neg_priority, r.seq, r.required_slots, r.instances,
                                    r.slots_per_instance) for r in fresh.values())
@@ -1090,6 +1196,9 @@ class CoordinatorState:
         self._emit(LoadWindow(pool.info.pool_id, pool.cursor, size))
 
     def _enqueue(self, pool: PoolState, row: TaskRow) -> None:
+        if self.dead and row.job_id in self.dead:
+            self._doom(row)
+            return
         self.rows[row.seq] = row
         pool.queue.push(Runnable(row.neg_priority, row.seq, row.required_slots, row.instances,
                                  row.slots_per_instance))
@@ -1197,12 +1306,32 @@ class CoordinatorState:
         node.info = dict(ev.info)
         node.info["root"] = ev.root
         pool = self.pools[node.pool_id]
+        if pool.info.apps:  # the pool's packages first: its start task may use them
+            self._emit(StageNodeApps(node.pool_id, node.node_id, node.gen))
+            node.reconnecting = False
+            self._set_node(node, NodeState.STARTING, "copying its application packages")
+            return
+        self._after_apps(node)
+
+    def _on_NodeAppsStaged(self, ev: NodeAppsStaged) -> None:
+        node = self._live(ev)
+        if node is None or node.state is not NodeState.STARTING or not node.connected:
+            return
+        if ev.error:
+            self._unusable(node, f"application packages: {ev.error}")
+            return
+        self._after_apps(node)
+
+    def _after_apps(self, node: Node) -> None:
+        """The node has its pool's packages (if any): its start task, or ready."""
+        pool = self.pools[node.pool_id]
         start_task = pool.info.start_task
         if start_task:
-            tdir = posixpath.join(ev.root, "starttask")
+            root = node.root or ""
+            tdir = posixpath.join(root, "starttask")
             env = {E.POOL_ID: node.pool_id, E.NODE_ID: node.node_id, E.TASK_DIR: tdir,
                    E.TASK_WORKING_DIR: posixpath.join(tdir, "wd"),
-                   E.NODE_SHARED_DIR: posixpath.join(ev.root, "shared")}
+                   E.NODE_SHARED_DIR: posixpath.join(root, "shared")}
             self._emit(RunStartTask(node.pool_id, node.node_id, start_task, tdir,
                                     tuple(sorted(env.items()))))
             node.reconnecting = False
@@ -1251,6 +1380,7 @@ class CoordinatorState:
         self._emit(FenceNode(node.pool_id, node.node_id, node.gen,
                              tuple(sorted(set(node.pids.values())))))
         node.fence_until = self.now + self.timings.fence_wait_s
+        self._job_tasks_lost(node, reason)
         node.fenced_runs = dict(node.runs)
         node.lost_reason = reason
         node.connected = False
@@ -1381,7 +1511,9 @@ class CoordinatorState:
             pool.dirty = False
             if len(pool.queue) and budget > 0:
                 pool.placer.begin_round()
-                decisions = schedule_from_queue(pool.queue, pool.placer, budget=budget)
+                decisions = schedule_from_queue(
+                    pool.queue, pool.placer, budget=budget,
+                    excluded=self._skipped_nodes if self.excluded else None)
                 budget -= len(decisions)
                 for d in decisions:
                     row = self.rows.pop(d.seq)
@@ -1456,7 +1588,8 @@ class CoordinatorState:
             E.TASK_ID: row.task_id, E.TASK_DIR: tdir,
             E.TASK_WORKING_DIR: f"{tdir}/wd",
             E.NODE_SHARED_DIR: f"{root}/shared",
-            E.JOB_PREP_DIR: f"{root}/jobs/{row.job_id}/jobpreparation",
+            **({E.JOB_PREP_DIR: f"{root}/jobs/{row.job_id}/{JOB_PREPARATION_ID}"}
+               if row.job_id in self.jobs and self.jobs[row.job_id].prep else {}),
             E.TASK_ATTEMPT: str(attempt),
         }
 
@@ -1473,12 +1606,20 @@ class CoordinatorState:
         self._emit(MarkPreparing(row.seq, node.node_id, tdir, self.now))
         msg = RunTask(node.pool_id, node.node_id, row.seq, run, tdir,
                       self._task_env(row, node, tdir, row.attempt), slots)
-        if row.flags & FLAG_RESOURCE_FILES:
+        att.prep_wait = self._prep_first(row, node)
+        if att.prep_wait and not row.flags & (FLAG_RESOURCE_FILES | FLAG_APPS):
+            att.pending_run = msg  # sent once the job's preparation task succeeded here
+        elif row.flags & (FLAG_RESOURCE_FILES | FLAG_APPS):
             att.pending_run = msg
             token = self._next_token()
             att.staging[run] = token
+            groups = []
+            if row.flags & FLAG_RESOURCE_FILES:
+                groups.append(("resource", posixpath.join(tdir, "wd")))
+            if row.flags & FLAG_APPS:
+                groups.append(("apps", node.root or ""))
             self._emit(StageFiles(node.pool_id, node.node_id, row.seq, run, token,
-                                  (("resource", posixpath.join(tdir, "wd")),)))
+                                  tuple(groups)))
         else:
             self._emit(msg)
 
@@ -1518,6 +1659,9 @@ class CoordinatorState:
                 self._set_node(node, NodeState.START_TASK_FAILED,
                                f"start task {why}; see "
                                f"{posixpath.join(node.root or '', 'starttask', 'stderr.txt')}")
+            return
+        if run.kind in (RunKind.JOB_PREP, RunKind.JOB_RELEASE):
+            self._job_task_exited(node, ev)
             return
         att = self.attempts.get(run.seq)
         if run.kind in (RunKind.COORDINATION, RunKind.APPLICATION):
@@ -1588,6 +1732,8 @@ class CoordinatorState:
             self._emit(JobDrained(job_id))
             job = self.jobs.get(job_id)
             if job_id in self.terminating or (job is not None and job.terminate_when_done):
+                if self._start_release(job_id):
+                    return  # completed once its release tasks have ended
                 self.terminating.discard(job_id)
                 self._emit(CompleteJobIfDone(job_id))
 
@@ -1695,6 +1841,9 @@ class CoordinatorState:
             self._finish(att, Exit(None, start_failed=ev.error,
                                    kind=FailureKind.PRE_PROCESSING_ERROR.value))
         elif run is not None:
+            if att.prep_wait:  # its job's preparation task has not succeeded here yet
+                att.pending_run = run
+                return
             self._emit(run)
 
     # ---- multi-instance tasks --------------------------------------------------------
@@ -1708,14 +1857,18 @@ class CoordinatorState:
                       MIPhase.COORDINATION, set(), tdir)
         att = Attempt(row, primary.key, tdir, alloc=alloc)
         self.attempts[row.seq] = att
+        job = self.jobs.get(row.job_id)
         for i, node in enumerate(nodes):
             self._occupy(node, RunId(row.seq, RunKind.INSTANCE, i), slots[i])
+            if job is not None and job.release:  # (its preparation task: not for these)
+                self.job_nodes.setdefault((row.job_id, node.pool_id, node.node_id),
+                                          JobNode()).ran = True
         self._emit(MarkPreparing(row.seq, primary.node_id, tdir, self.now))
-        if row.flags & (FLAG_COMMON_FILES | FLAG_RESOURCE_FILES):
+        if row.flags & (FLAG_COMMON_FILES | FLAG_RESOURCE_FILES | FLAG_APPS):
             alloc.phase = MIPhase.STAGING
             for i, node in enumerate(nodes):
                 ntdir = posixpath.join(node.root or "", "jobs", row.job_id, row.task_id)
-                groups = []
+                groups = [("apps", node.root or "")] if row.flags & FLAG_APPS else []
                 if row.flags & FLAG_COMMON_FILES:
                     groups.append(("common", posixpath.join(ntdir, "shared")))
                 if i == 0 and row.flags & FLAG_RESOURCE_FILES:
@@ -1865,6 +2018,211 @@ class CoordinatorState:
                 self._emit(Reap(key[0], key[1], match))
         att.alloc = None
         self._finish(att, ex, killed=killed, start=start, end=end, usage=usage)
+
+    # ---- job preparation and release tasks ------------------------------------------
+
+    def _job_num(self, job_id: str) -> int:
+        num = self.job_nums.get(job_id)
+        if num is None:
+            num = self.job_nums[job_id] = len(self.job_nums) + 1
+            while num in self.num_jobs:
+                num += 1
+                self.job_nums[job_id] = num
+            self.num_jobs[num] = job_id
+        return num
+
+    def _job_task_env(self, job_id: str, node: Node, which: str, tdir: str,
+                      attempt: int = 0) -> tuple[tuple[str, str], ...]:
+        root = node.root or ""
+        return tuple(sorted({
+            E.POOL_ID: node.pool_id, E.NODE_ID: node.node_id, E.JOB_ID: job_id,
+            E.TASK_ID: which, E.TASK_DIR: tdir, E.TASK_WORKING_DIR: tdir,
+            E.NODE_SHARED_DIR: f"{root}/shared", E.TASK_ATTEMPT: str(attempt),
+            E.JOB_PREP_DIR: f"{root}/jobs/{job_id}/{JOB_PREPARATION_ID}"}.items()))
+
+    def _prep_first(self, row: TaskRow, node: Node) -> bool:
+        """The job's task is placed on the node: its preparation task runs there first
+        (if it has one, and has not run under this agent); True when the task waits."""
+        job = self.jobs.get(row.job_id)
+        if job is None or not (job.prep or job.release):
+            return False
+        key = (row.job_id, node.pool_id, node.node_id)
+        jn = self.job_nodes.get(key)
+        if jn is None:
+            jn = self.job_nodes[key] = JobNode()
+        jn.ran = True
+        if not job.prep:
+            return False
+        stale = jn.gen != node.gen
+        if jn.prep is None or (stale and (jn.prep == RUNNING or
+                                          (jn.prep == SUCCEEDED and job.prep_rerun))):
+            jn.prep_tries = 0
+            self._start_prep(row.job_id, node, jn)
+        if job.prep_wait and jn.prep != SUCCEEDED:
+            jn.waiting.append(row.seq)
+            return True
+        return False
+
+    def _start_prep(self, job_id: str, node: Node, jn: JobNode) -> None:
+        jn.prep = RUNNING
+        jn.gen = node.gen
+        tdir = f"{node.root or ''}/jobs/{job_id}/{JOB_PREPARATION_ID}"
+        self._emit(RunJobTask(node.pool_id, node.node_id, job_id,
+                              RunId(self._job_num(job_id), RunKind.JOB_PREP), tdir,
+                              self._job_task_env(job_id, node, JOB_PREPARATION_ID, tdir,
+                                                 jn.prep_tries)))
+        self._emit(PersistJobTask(job_id, node.pool_id, node.node_id, PREP, RUNNING, self.now,
+                                  tdir, retry_count=jn.prep_tries))
+
+    def _job_task_exited(self, node: Node, ev: RunExited) -> None:
+        job_id = self.num_jobs.get(ev.run.seq)
+        jn = self.job_nodes.get((job_id, node.pool_id, node.node_id)) if job_id else None
+        if jn is None:
+            return
+        ok = ev.exit_code == 0 and not ev.timed_out and not ev.start_failed
+        how = _job_task_failure(ev)
+        root = node.root or ""
+        if ev.run.kind is RunKind.JOB_RELEASE:
+            if jn.release != RUNNING:
+                return
+            jn.release = SUCCEEDED if ok else FAILED
+            self._emit(PersistJobTask(job_id, node.pool_id, node.node_id, RELEASE,
+                                      jn.release, self.now,
+                                      f"{root}/jobs/{job_id}/{JOB_RELEASE_ID}",
+                                      ev.exit_code, None if ok else how))
+            self._release_done(job_id, node.key)
+            return
+        if jn.prep != RUNNING or jn.gen != node.gen:
+            return
+        tdir = f"{root}/jobs/{job_id}/{JOB_PREPARATION_ID}"
+        job = self.jobs.get(job_id)
+        if ok:
+            jn.prep = SUCCEEDED
+            self._emit(PersistJobTask(job_id, node.pool_id, node.node_id, PREP, SUCCEEDED,
+                                      self.now, tdir, ev.exit_code, None, jn.prep_tries))
+            waiting, jn.waiting = jn.waiting, []
+            for seq in waiting:
+                att = self.attempts.get(seq)
+                if att is not None and att.prep_wait and att.node_key == node.key:
+                    att.prep_wait = False
+                    if not att.staging and att.pending_run is not None:
+                        run, att.pending_run = att.pending_run, None
+                        self._emit(run)
+            return
+        if job is not None and jn.prep_tries < job.prep_retries and not ev.killed:
+            jn.prep_tries += 1
+            self._start_prep(job_id, node, jn)
+            return
+        jn.prep = FAILED
+        self._emit(PersistJobTask(job_id, node.pool_id, node.node_id, PREP, FAILED, self.now,
+                                  tdir, ev.exit_code, how, jn.prep_tries))
+        if job is None or not job.prep_wait:
+            return  # recorded; the job's tasks there run anyway
+        why = f"job preparation task failed on node {node.node_id}: {how}"
+        self._emit(Log(logging.WARNING, f"job {job_id}: {why}; the node skips the job"))
+        self.excluded.setdefault(job_id, {})[node.node_id] = how
+        waiting, jn.waiting = jn.waiting, []
+        for seq in waiting:
+            att = self.attempts.get(seq)
+            if att is not None and att.prep_wait and att.node_key == node.key:
+                self._requeue_unstarted(att, node, why)
+        pool = self.pools.get(node.pool_id)
+        if pool is not None:
+            pool.dirty = True
+            self._check_runnable(pool, job_id)
+
+    def _requeue_unstarted(self, att: Attempt, node: Node, why: str) -> None:
+        """An attempt that never started goes back to the queue (not a retry)."""
+        row = att.row
+        att.pending_run = None
+        att.staging.clear()
+        self._vacate(node, RunId(row.seq))
+        del self.attempts[row.seq]
+        att.task_state.check_move(TaskState.ACTIVE)
+        self._emit(FinishAttempt(row.seq, "requeue", node.node_id, None, self.now, None, None,
+                                 FailureKind.START_FAILED, why, (), row.retry_count))
+        self._requeue_row(dataclasses.replace(row, attempt=row.attempt + 1))
+
+    def _skipped_nodes(self, task: Runnable) -> Iterable[str] | None:
+        """The nodes a queued task may not go to (its job's preparation failed there)."""
+        row = self.rows.get(task.seq)
+        return self.excluded.get(row.job_id) if row is not None else None
+
+    def _check_runnable(self, pool: PoolState, job_id: str) -> None:
+        """When the job's preparation task failed on every node of its pool, nothing can
+        run it: its tasks fail to start, saying so (queued now, and as they are read)."""
+        skipped = self.excluded.get(job_id, {})
+        nodes = [n for n in pool.nodes if not pool.nodes[n].leaving]
+        if not nodes or any(n not in skipped for n in nodes):
+            return
+        self.dead[job_id] = (f"the job preparation task failed on every node of pool "
+                             f"{pool.info.pool_id}: " + "; ".join(
+                                 f"{n}: {skipped[n]}" for n in sorted(nodes)))[:1000]
+        for seq in [s for s, r in self.rows.items() if r.job_id == job_id]:
+            pool.queue.discard({seq})
+            self._doom(self.rows.pop(seq))
+
+    def _doom(self, row: TaskRow) -> None:
+        self._emit(CompleteUnstarted(row.seq, FailureKind.START_FAILED, self.dead[row.job_id],
+                                     self.now))
+        self._completed_job(row.job_id)
+
+    def _start_release(self, job_id: str) -> bool:
+        """The job is done (completed or terminated): its release task on every node that
+        ran its tasks. True while release tasks run (the job completes after them)."""
+        if job_id in self.releasing:
+            return True
+        job = self.jobs.get(job_id)
+        mine = [(k[1], k[2], jn) for k, jn in self.job_nodes.items() if k[0] == job_id]
+        for pool_id, node_id, jn in mine:  # a preparation task still running is stopped
+            node = self.node(pool_id, node_id)
+            if jn.prep == RUNNING and node is not None and node.connected and \
+                    jn.gen == node.gen and node.fence_until is None:
+                self._emit(KillRun(pool_id, node_id,
+                                   RunId(self._job_num(job_id), RunKind.JOB_PREP), "terminate"))
+        if job is None or not job.release:
+            return False
+        running: set[tuple[str, str]] = set()
+        for pool_id, node_id, jn in mine:
+            if not jn.ran or jn.release is not None:
+                continue
+            node = self.node(pool_id, node_id)
+            tdir = f"{(node.root if node else None) or ''}/jobs/{job_id}/{JOB_RELEASE_ID}"
+            if node is None or not node.connected or node.fence_until is not None or \
+                    node.root is None or node.state not in usable:
+                jn.release = SKIPPED
+                self._emit(PersistJobTask(job_id, pool_id, node_id, RELEASE, SKIPPED, self.now,
+                                          tdir, detail="the node was not reachable"))
+                continue
+            jn.release = RUNNING
+            running.add(node.key)
+            self._emit(RunJobTask(pool_id, node_id, job_id,
+                                  RunId(self._job_num(job_id), RunKind.JOB_RELEASE), tdir,
+                                  self._job_task_env(job_id, node, JOB_RELEASE_ID, tdir)))
+            self._emit(PersistJobTask(job_id, pool_id, node_id, RELEASE, RUNNING, self.now,
+                                      tdir))
+        if running:
+            self.releasing[job_id] = running
+        return bool(running)
+
+    def _release_done(self, job_id: str, key: tuple[str, str]) -> None:
+        left = self.releasing.get(job_id)
+        if left is None:
+            return
+        left.discard(key)
+        if not left:
+            del self.releasing[job_id]
+            self.terminating.discard(job_id)
+            self._emit(CompleteJobIfDone(job_id))
+
+    def _job_tasks_lost(self, node: Node, reason: str) -> None:
+        """The node was lost: a release task running there has failed."""
+        for (job_id, pool_id, node_id), jn in list(self.job_nodes.items()):
+            if (pool_id, node_id) == node.key and jn.release == RUNNING:
+                jn.release = FAILED
+                self._emit(PersistJobTask(job_id, pool_id, node_id, RELEASE, FAILED, self.now,
+                                          detail=f"node lost: {reason}"))
+                self._release_done(job_id, node.key)
 
     # ---- views for the shell and tests -----------------------------------------------
 

@@ -248,6 +248,25 @@ CREATE INDEX pool_events_by_pool ON pool_events (pool_id, id);
 AUTOSCALE_EVENTS_KEPT = 200
 
 
+# Schema 5: a job's preparation and release tasks, one row per (job, node, kind).
+SCHEMA_V5 = """
+CREATE TABLE job_node_tasks (
+    job_id TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    pool_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    exit_code INTEGER,
+    failure TEXT,
+    task_dir TEXT,
+    retry_count INTEGER NOT NULL DEFAULT 0,
+    started_at REAL,
+    ended_at REAL,
+    PRIMARY KEY (job_id, node_id, kind)
+) WITHOUT ROWID;
+"""
+
+
 def _script(sql: str) -> Callable[[sqlite3.Connection], None]:
     def step(db: sqlite3.Connection) -> None:
         # statement by statement: executescript() would COMMIT the migration's transaction
@@ -275,6 +294,7 @@ MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], None]]] = [
     (2, _script(SCHEMA_V2)),
     (3, _script(SCHEMA_V3)),
     (4, _script(SCHEMA_V4)),
+    (5, _script(SCHEMA_V5)),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -289,6 +309,7 @@ TASK_COLUMNS = (
 FLAG_RESOURCE_FILES = 1
 FLAG_COORDINATION = 2
 FLAG_COMMON_FILES = 4
+FLAG_APPS = 8  # it names application packages
 
 OUTCOMES = ("success", "failure", "retry", "requeue")
 OPEN_STATES = ("active", "preparing", "running")
@@ -356,6 +377,7 @@ class DispatchSpec(NamedTuple):
     coordination_command: str | None
     common_resource_files: list[dict[str, str]]
     output_files: list[dict[str, str]] = []
+    application_package_references: list[dict[str, Any]] = []
 
 
 _TASKROW_SQL = ("t.seq, t.job_id, t.id, t.pool_id, t.neg_priority, t.required_slots, "
@@ -863,7 +885,56 @@ class Store:
                        "(SELECT seq FROM tasks WHERE job_id=?)", (job_id,))
             db.execute("DELETE FROM tasks WHERE job_id=?", (job_id,))
             db.execute("DELETE FROM job_counts WHERE job_id=?", (job_id,))
+            db.execute("DELETE FROM job_node_tasks WHERE job_id=?", (job_id,))
             db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+
+    def upsert_job_task(self, job_id: str, pool_id: str, node_id: str, kind: str, state: str,
+                        t: float, task_dir: str = "", exit_code: int | None = None,
+                        failure: str | None = None, retry_count: int = 0) -> None:
+        """A job's preparation or release task on a node: running (its start), or how it
+        ended (succeeded, failed, skipped)."""
+        with self.transaction() as db:
+            if state == "running":
+                db.execute(
+                    "INSERT INTO job_node_tasks (job_id, node_id, kind, pool_id, state, "
+                    "task_dir, retry_count, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (job_id, node_id, kind) DO UPDATE SET state=excluded.state, "
+                    "task_dir=excluded.task_dir, retry_count=excluded.retry_count, "
+                    "started_at=excluded.started_at, exit_code=NULL, failure=NULL, "
+                    "ended_at=NULL", (job_id, node_id, kind, pool_id, state, task_dir or None,
+                                      retry_count, t))
+            else:
+                db.execute(
+                    "INSERT INTO job_node_tasks (job_id, node_id, kind, pool_id, state, "
+                    "exit_code, failure, task_dir, retry_count, ended_at) VALUES "
+                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, node_id, kind) DO "
+                    "UPDATE SET state=excluded.state, exit_code=excluded.exit_code, "
+                    "failure=excluded.failure, task_dir=COALESCE(excluded.task_dir, task_dir),"
+                    " retry_count=excluded.retry_count, ended_at=excluded.ended_at",
+                    (job_id, node_id, kind, pool_id, state, exit_code, failure,
+                     task_dir or None, retry_count, t))
+
+    def job_releasing(self, job_id: str) -> bool:
+        """Whether a release task of the job still runs (the job completes after it)."""
+        return bool(self._tuples("SELECT 1 FROM job_node_tasks WHERE job_id=? AND "
+                                 "kind='release' AND state='running' LIMIT 1", (job_id,)))
+
+    def end_running_job_tasks(self, t: float) -> int:
+        """At a coordinator's start: preparation and release tasks recorded running were
+        stopped with the coordinator before them (their agents stop their tasks)."""
+        with self.transaction() as db:
+            return db.execute(
+                "UPDATE job_node_tasks SET state='failed', ended_at=?, failure='stopped: "
+                "the coordinator stopped while it ran' WHERE state='running'", (t,)).rowcount
+
+    def job_tasks(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's preparation and release tasks, by node then kind."""
+        self.get_job(job_id)
+        names = ("job_id", "node_id", "kind", "pool_id", "state", "exit_code", "failure",
+                 "task_dir", "retry_count", "started_at", "ended_at")
+        return [dict(zip(names, row)) for row in self._tuples(
+            f"SELECT {', '.join(names)} FROM job_node_tasks WHERE job_id=? "
+            "ORDER BY node_id, kind", (job_id,))]
 
     def set_job_state(self, job_id: str, state: JobState) -> None:
         """Move a job to ``state`` (through the transitions table: an illegal move raises)."""
@@ -1281,7 +1352,9 @@ class Store:
                     resource_files=list(s.get("resource_files") or ()),
                     coordination_command=mi.get("coordination_command"),
                     common_resource_files=list(mi.get("common_resource_files") or ()),
-                    output_files=list(s.get("output_files") or ()))
+                    output_files=list(s.get("output_files") or ()),
+                    application_package_references=list(
+                        s.get("application_package_references") or ()))
         return out
 
     def mark_preparing(self, rows: Iterable[tuple[int, str, str, float]]) -> None:
@@ -1697,7 +1770,8 @@ def spec_to_dict(spec: Any) -> dict[str, Any]:
 
 
 _TASK_FIELDS = ("id", "command_line", "environment", "required_slots", "max_task_retry_count",
-                "max_wall_clock_time_s", "multi_instance", "resource_files", "output_files")
+                "max_wall_clock_time_s", "multi_instance", "resource_files", "output_files",
+                "application_package_references")
 _RF_FIELDS = ("source", "file_path", "container", "blob_prefix", "container_url",
               "storage_path", "url", "file_mode")
 _MI_FIELDS = ("instances", "coordination_command", "slots_per_instance",
@@ -1731,6 +1805,9 @@ def _task_dict(t: TaskSpec) -> dict[str, Any]:
             "common_resource_files": [_rf_dict(r) for r in mi.common_resource_files]},
         "resource_files": [_rf_dict(r) for r in t.resource_files],
         "output_files": [dataclasses.asdict(o) for o in t.output_files],
+        "application_package_references": [
+            {"application_id": a.application_id, "version": a.version}
+            for a in t.application_package_references],
     }
 
 
@@ -1746,6 +1823,8 @@ def _task_rows(job_id: str, pool_id: str, neg_priority: int, job_retries: int,
     for t in specs:
         mi = t.multi_instance
         flags = FLAG_RESOURCE_FILES if t.resource_files else 0
+        if t.application_package_references:
+            flags |= FLAG_APPS
         if mi is not None:
             if mi.coordination_command is not None:
                 flags |= FLAG_COORDINATION
@@ -1759,7 +1838,8 @@ def _task_rows(job_id: str, pool_id: str, neg_priority: int, job_retries: int,
 
 
 __all__ = [
-    "DispatchSpec", "FLAG_COMMON_FILES", "FLAG_COORDINATION", "FLAG_RESOURCE_FILES",
+    "DispatchSpec", "FLAG_APPS", "FLAG_COMMON_FILES", "FLAG_COORDINATION",
+    "FLAG_RESOURCE_FILES",
     "MIGRATIONS", "SCHEMA_VERSION", "Store", "TaskRow", "parse_failure",
     "secure_dir", "spec_to_dict", "storage_full",
 ]

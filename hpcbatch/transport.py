@@ -47,7 +47,8 @@ PROTOCOL_PATH = Path(P.__file__)
 # (the agent puts a shim for it on every task's PATH), env.py its variable names.
 UPLOADED = ((PROTOCOL_PATH, 0o644), (Path(env_module.__file__), 0o644),
             (Path(mpi_module.__file__), 0o644), (Path(nodecache.__file__), 0o644),
-            (AGENT_PATH, 0o755))
+            (AGENT_PATH, 0o755),
+            (AGENT_PATH.with_name("appunpack.py"), 0o644))  # application packages
 WRITE_CHUNK = 1 << 20
 
 

@@ -87,6 +87,7 @@ P = _load_protocol()
 KILL_GRACE_S = 2.0
 MPI_PREFIX_ENV = "HPCBATCH_MPI_PREFIX"  # (hpcbatch.env.MPI_PREFIX; the agent knows no env.py)
 TASK_SHARED_DIR_ENV = "HPCBATCH_TASK_SHARED_DIR"  # (hpcbatch.env.TASK_SHARED_DIR)
+APP_MARKER = ".hpcbatch-app.json"  # (appunpack.MARKER): a package unpacked in full
 RECORD_EVERY_S = 0.2  # the agent's record is rewritten at most this often
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # a task's leader started within this of when the agent spawned it (the record keeps
@@ -703,6 +704,11 @@ class Agent:
         self.root_fd = -1
         self.pstart = proc_start_time(os.getpid())
         self.dir_fds: dict[str, int] = {}  # kept parents of task directories
+        # application packages: unpacked ones (their directories), unpackers running
+        # (pid -> directory, stderr file), and runs waiting for them
+        self.apps_done: set[str] = set()
+        self.installs: dict[int, tuple[str, str]] = {}
+        self.app_wait: list = []
 
     # ---- output ----------------------------------------------------------
 
@@ -765,6 +771,11 @@ class Agent:
     def handle(self, msg) -> None:
         kind = type(msg)
         if kind is P.Run:
+            if msg.apps:  # held until its packages are unpacked (or fails if they cannot be)
+                self.app_wait.append(msg)
+                if not self.apps_ready(msg):
+                    return
+                self.app_wait.remove(msg)
             self.queued.append(msg)
             self.start_queued()
         elif kind is P.Ping:
@@ -774,8 +785,12 @@ class Agent:
             if task is not None:
                 task.killed = msg.reason
                 self.terminate(task)
-            for queued in [q for q in self.queued if q.id == msg.id]:
-                self.queued.remove(queued)
+            for queued in [q for q in self.queued if q.id == msg.id] + \
+                    [q for q in self.app_wait if q.id == msg.id]:
+                if queued in self.app_wait:
+                    self.app_wait.remove(queued)
+                else:
+                    self.queued.remove(queued)
                 now = time.time()
                 self.events.append(P.Exited(id=msg.id, exit_code=None, killed=msg.reason,
                                             start=now, end=now))
@@ -784,6 +799,88 @@ class Agent:
             self.events.append(P.Reaped(match=msg.match, pids=tuple(sorted(set(pids)))))
         elif kind is P.Shutdown:
             self.running = False
+
+    # ---- application packages ----------------------------------------------
+
+    def apps_ready(self, msg) -> bool:
+        """Whether every package the run needs is unpacked; starts the unpackers of those
+        that are not (one per package, however many runs wait for it)."""
+        ready = True
+        busy = {d for d, _ in self.installs.values()}
+        for app in msg.apps:
+            d = app.get("dir", "")
+            if d in self.apps_done:
+                continue
+            try:
+                with open(os.path.join(d, APP_MARKER)) as f:
+                    if json.load(f).get("sha256") == app.get("sha256"):
+                        self.apps_done.add(d)
+                        continue
+            except (OSError, ValueError):
+                pass
+            ready = False
+            if d not in busy:
+                self.start_unpack(app)
+                busy.add(d)
+        return ready
+
+    def start_unpack(self, app: dict) -> None:
+        d = os.path.normpath(app.get("dir", ""))
+        archive = os.path.normpath(app.get("archive", ""))
+        err = ""
+        try:
+            for p in (d, archive):
+                if not p.startswith(self.root + os.sep):
+                    raise OSError(f"{p!r} is not inside the node root {self.root}")
+            parent, version = os.path.split(d)
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+            err = os.path.join(parent, f".{version}.unpack-stderr.txt")
+            fd = os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW |
+                         os.O_CLOEXEC, 0o600)
+            try:
+                here = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                    "appunpack.py")
+                argv = [sys.executable, here, "unpack", archive, parent, version,
+                        app.get("sha256", "")]
+                pid = os.posix_spawn(sys.executable, argv, self.base_env, file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, fd, 2)], setsigdef=RESET_SIGNALS)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self.apps_failed(d, f"application package {app.get('name')} "
+                                f"{app.get('version')} could not be unpacked: {_why(exc)}")
+            return
+        self.installs[pid] = (d, err)
+
+    def unpack_exited(self, pid: int, status: int) -> None:
+        d, err = self.installs.pop(pid)
+        if os.waitstatus_to_exitcode(status) == 0:
+            self.apps_done.add(d)
+        else:
+            tail = " | ".join((tail_of(err) or "").strip().splitlines()[-2:])
+            self.apps_failed(d, f"application package in {d} could not be unpacked: "
+                                f"{tail or 'the unpacker failed'}")
+        waiting, self.app_wait = self.app_wait, []
+        for msg in waiting:
+            if all(a.get("dir") in self.apps_done for a in msg.apps):
+                self.queued.append(msg)
+            else:
+                self.app_wait.append(msg)
+        self.start_queued()
+
+    def apps_failed(self, d: str, why: str) -> None:
+        """The runs waiting for the package in d fail to start (a later run tries again)."""
+        now = time.time()
+        keep = []
+        for msg in self.app_wait:
+            if any(os.path.normpath(a.get("dir", "")) == d for a in msg.apps):
+                self.events.append(P.Exited(id=msg.id, exit_code=None, start_failed=why,
+                                            start=now, end=now))
+            else:
+                keep.append(msg)
+        self.app_wait = keep
 
     def start_queued(self) -> None:
         """Start queued tasks, in order, while their slots fit."""
@@ -825,6 +922,10 @@ class Agent:
         shared = msg.env.get(TASK_SHARED_DIR_ENV)
         if shared and os.path.isabs(shared):
             path.append(shared)
+        for app in msg.apps:  # its application packages' bin/ folders
+            bin_dir = os.path.join(app.get("dir", ""), "bin")
+            if os.path.isabs(bin_dir) and os.path.isdir(bin_dir):
+                path.append(bin_dir)
         env["PATH"] = os.pathsep.join([*path, env.get("PATH", os.defpath)])
         if self.mpi_prefix and MPI_PREFIX_ENV not in msg.env:
             env[MPI_PREFIX_ENV] = self.mpi_prefix
@@ -931,6 +1032,9 @@ class Agent:
                 return
             if pid == 0:
                 return
+            if pid in self.installs:
+                self.unpack_exited(pid, status)
+                continue
             task = self.tasks.pop(pid, None)
             if task is None:
                 continue
@@ -982,10 +1086,18 @@ class Agent:
         session), SIGKILLed after the grace, and waited for (bounded)."""
         self.stopping = True
         now = time.time()
-        while self.queued:
-            q = self.queued.popleft()
+        waiting, self.app_wait = self.app_wait, []
+        while self.queued or waiting:
+            q = self.queued.popleft() if self.queued else waiting.pop(0)
             self.events.append(P.Exited(id=q.id, exit_code=None, killed=reason, start=now,
                                         end=now))
+        for pid in list(self.installs):  # unpackers: a half-unpacked copy is never used
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+            self.installs.pop(pid, None)
         for task in list(self.tasks.values()):
             task.killed = task.killed or reason
             self.terminate(task)

@@ -76,6 +76,10 @@ class Run:
     dirs: tuple = ()
     log_prefix: str = ""
     cwd: Optional[str] = None  # noqa: UP045 - where it runs (an absolute path); None: dir/wd
+    # application packages it needs, each {"name", "version", "archive" (on the node),
+    # "sha256", "dir" (where it is unpacked)}: unpacked first (once per node), their
+    # bin/ on its PATH
+    apps: tuple = ()
 
 
 @dataclasses.dataclass(**_DC)
@@ -284,7 +288,7 @@ _SCHEMA: dict[type, dict[str, tuple[Any, bool]]] = {
           "env": (_str_dict, True), "timeout_s": (_opt(_num), False),
           "slots": (_int, False), "files": (_opt(_str_dict), False),
           "dirs": (_seq(_str, "names"), False), "log_prefix": (_str, False),
-          "cwd": (_opt(_str), False)},
+          "cwd": (_opt(_str), False), "apps": (_seq(_str_dict, "packages"), False)},
     Kill: {"id": (_rid, True), "reason": (_str, False)},
     Reap: {"match": (_str_dict, True), "sessions": (_seq(_int, "session ids"), False)},
     Ping: {"t": (_num, False)},

@@ -58,7 +58,7 @@ def test_a_v1_database_is_upgraded_in_place(v1):
     before = _raw(v1)
     s = Store(v1)
     try:
-        assert s.schema_version() == SCHEMA_VERSION == 4
+        assert s.schema_version() == SCHEMA_VERSION == 5
         assert s.list_autoscale() == [] and s.pool_events("local") == []  # schema 4
         after = _raw(v1)
         # every row kept, every old column unchanged

@@ -61,8 +61,7 @@ def run_of(seq, node="n1", attempt=0, slots=1, job="j", task=None):
     tdir = f"{ROOT}/{node}/jobs/{job}/{task}"
     env = {E.POOL_ID: "p", E.NODE_ID: node, E.JOB_ID: job, E.TASK_ID: task, E.TASK_DIR: tdir,
            E.TASK_WORKING_DIR: f"{tdir}/wd", E.NODE_SHARED_DIR: f"{ROOT}/{node}/shared",
-           E.JOB_PREP_DIR: f"{ROOT}/{node}/jobs/{job}/jobpreparation",
-           E.TASK_ATTEMPT: str(attempt)}
+           E.TASK_ATTEMPT: str(attempt)}  # (HPCBATCH_JOB_PREP_DIR: a job with one only)
     return S.RunTask("p", node, seq, RunId(seq), tdir, env, slots)
 
 

@@ -52,9 +52,9 @@ def store(tmp_path):
 
 def test_wal_mode_and_schema_version(store):
     assert store.journal_settings() == {"journal_mode": "wal", "synchronous": 1}
-    assert store.schema_version() == SCHEMA_VERSION == 4
+    assert store.schema_version() == SCHEMA_VERSION == 5
     meta = {r["key"]: r["value"] for r in store.dump_tables(["meta"])["meta"]}
-    assert meta["schema_version"] == "4"
+    assert meta["schema_version"] == "5"
 
 
 def test_a_newer_schema_is_refused(tmp_path, store):

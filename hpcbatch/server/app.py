@@ -480,6 +480,13 @@ class JobIn(_In):
     on_all_tasks_complete: Annotated[str, _doc(enum=["no_action", "terminate_job"])] = \
         "no_action"
     max_task_retry_count: Int = _int(0, minimum=-1, description="-1: no limit")
+    preparation_task: dict[str, Any] | None = Field(None, description=(
+        "runs on a node before the job's tasks there: command_line, environment, "
+        "resource_files, wait_for_success, max_task_retry_count, max_wall_clock_time_s, "
+        "rerun_on_node_reboot_after_success"))
+    release_task: dict[str, Any] | None = Field(None, description=(
+        "runs on every node that ran the job's tasks when the job ends: command_line, "
+        "environment, resource_files, max_wall_clock_time_s (default 900)"))
 
 
 class ResourceFileIn(_In):
@@ -521,6 +528,17 @@ ResourceFiles = Annotated[list[ResourceFileIn | str], _doc(
     description="files on the service's machine (each must exist there)")]
 
 
+class AppRefIn(_In):
+    """An application package (``hpcbatch app upload``); no version: its default."""
+
+    application_id: Id
+    version: str | None = None
+
+
+AppRefs = Annotated[list[AppRefIn | str], _doc(
+    description="application packages ('NAME' or 'NAME:VERSION' also taken)")]
+
+
 class MultiInstanceIn(_In):
     instances: Int = _int(..., minimum=1, maximum=100_000)
     coordination_command: Annotated[str | None, _doc(pattern=NOT_BLANK)] = None
@@ -543,6 +561,7 @@ class TaskIn(_In):
     multi_instance: MultiInstanceIn | None = None
     resource_files: ResourceFiles = []
     output_files: list[OutputFileIn] = []
+    application_package_references: AppRefs = []
 
 
 class TaskCollectionIn(_In):
@@ -974,6 +993,11 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
         return JSON(_plain(await call(lambda s: s.create_job(body.id, body.pool_id, **kw))),
                     status_code=201)
 
+    @v1.get("/jobs/{job_id}/preparationandreleasestatus", tags=["jobs"])
+    async def job_task_status(job_id: IdPath) -> JSON:
+        """The job's preparation and release tasks and, per node, how each ran there."""
+        return JSON(_plain(await call(lambda s: s.job_task_status(job_id))))
+
     @v1.get("/jobs", response_model=PageOut, tags=["jobs"])
     async def list_jobs(filter: Annotated[str | None, Query()] = None,  # noqa: A002
                         select: Annotated[str | None, Query(
@@ -1020,7 +1044,8 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
             raise _Invalid(f"{where}: {first.get('msg')}", where) from None
         spec = JobSpec(job.id, job.pool_id, priority=job.priority,
                        on_all_tasks_complete=job.on_all_tasks_complete,
-                       max_task_retry_count=job.max_task_retry_count)
+                       max_task_retry_count=job.max_task_retry_count,
+                       preparation_task=job.preparation_task, release_task=job.release_task)
         tasks = (msgspec.json.decode(t) for t in body.tasks)
         n = await call(lambda s: s.submit(spec, tasks, existing_ok=body.existing_ok))
         return JSON({"added": n})
@@ -1259,6 +1284,8 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
 
     from hpcbatch.server.storage_routes import add_routes as add_storage_routes
     add_storage_routes(v1, call)
+    from hpcbatch.server.apps_routes import add_routes as add_app_routes
+    add_app_routes(v1, call, JSON, _plain, app.state.home)
 
     app.include_router(v1)
     app.add_middleware(_Gate, keys=keys, max_body=max_body_bytes, max_upload=max_upload_bytes)
