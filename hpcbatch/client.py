@@ -557,6 +557,23 @@ class Batch:
         from hpcbatch.kernelrun import run_kernel
         return run_kernel(self, kernel, ranks=ranks, params=params, output=output, **kw)
 
+    def executor(self, pool: str = LOCAL_POOL, workers_per_node: int | None = None,
+                 job: str | None = None, *, durable: bool = False, **kw: Any):
+        """A ``concurrent.futures.Executor`` whose workers are tasks of ``job`` on
+        ``pool`` (see :mod:`hpcbatch.executor`; ``durable=True``: every call is a stored
+        task whose result outlives this process, see :mod:`hpcbatch.durable`)."""
+        if durable:
+            from hpcbatch.durable import DurableExecutor
+            return DurableExecutor(self, pool, job, **kw)
+        from hpcbatch.executor import PoolExecutor
+        return PoolExecutor(self, pool, workers_per_node, job, **kw)
+
+    def futures(self, job: str) -> list:
+        """The futures of a durable executor's calls in ``job``, in call order: each
+        resolves when its call's task has completed (also in a new process)."""
+        from hpcbatch.durable import futures
+        return futures(self, job)
+
     def close(self) -> None:
         service, self._service = self._service, _ClosedService()
         service.close()
