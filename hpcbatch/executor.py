@@ -689,6 +689,13 @@ class PoolExecutor(cf.Executor):
                      "node": w.info.get("node"), "pid": w.info.get("pid"),
                      "inflight": len(w.inflight)} for w in self._workers.values()]
 
+    def held_by(self, worker_id: str) -> list[cf.Future]:
+        """The futures whose calls worker ``worker_id`` holds now (running or queued
+        there)."""
+        with self._cv:
+            w = self._workers.get(worker_id)
+            return [c.future for c in w.inflight.values()] if w else []
+
     def wait_for_workers(self, n: int | None = None, timeout_s: float = 60.0) -> None:
         """Block until ``n`` (default: all) workers are connected."""
         n = self.n_workers if n is None else n
