@@ -198,6 +198,13 @@ class Job:
     def task(self, task_id: str) -> Task:
         return Task(self._batch, self._batch.service.get_task(self.id, task_id))
 
+    def results(self, timeout_s: float | None = None) -> list[Any]:
+        """The results of the durable executor calls recorded in this job, in call
+        order, waiting for those still running (a call's exception is raised)."""
+        end = None if timeout_s is None else time.monotonic() + timeout_s
+        return [f.result(None if end is None else max(0.0, end - time.monotonic()))
+                for f in self._batch.futures(self.id)]
+
     def terminate_task(self, task_id: str) -> None:
         self._batch.service.terminate_task(self.id, task_id)
 

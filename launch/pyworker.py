@@ -124,14 +124,16 @@ def authenticate(sock: socket.socket, token: bytes, role: bytes) -> None:
         raise PeerError("wrong executor token")
 
 
-def dumps(obj) -> tuple[bytes, list]:
-    """Pickle protocol 5 with out-of-band buffers (cloudpickle when it is there)."""
+def dumps(obj, oob: bool = True) -> tuple[bytes, list]:
+    """Pickle protocol 5 with out-of-band buffers (``oob=False``: in-band), with
+    cloudpickle when it is there."""
     bufs: list = []
+    cb = bufs.append if oob else None
     try:
         import cloudpickle
-        data = cloudpickle.dumps(obj, protocol=5, buffer_callback=bufs.append)
+        data = cloudpickle.dumps(obj, protocol=5, buffer_callback=cb)
     except ImportError:
-        data = pickle.dumps(obj, protocol=5, buffer_callback=bufs.append)
+        data = pickle.dumps(obj, protocol=5, buffer_callback=cb)
     return data, bufs
 
 
@@ -276,13 +278,55 @@ def connect(hosts: list[str], port: int, timeout_s: float) -> socket.socket:
         time.sleep(0.5)
 
 
+def run_file(inp: str, out: str) -> int:
+    """A durable executor's task: run the calls recorded in ``inp`` (``("calls", {fn_id:
+    fn_bytes}, [(index, fn_id, payload)])``) in order and write ``[(index, ok, payload)]``
+    to ``out`` atomically (a temporary file, fsync, rename): a task killed half-way
+    leaves no result, and its calls run again in its next attempt."""
+    with open(inp, "rb") as f:
+        _, fns, calls = pickle.load(f)
+    w = Worker(None, "file")
+    w.fn_bytes.update(fns)
+    results = []
+    for index, fn_id, payload in calls:
+        try:
+            value = (w.run_one(fn_id, payload, []),)
+            ok = True
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - every error goes back to the caller
+            ok, value = False, (exc, "".join(traceback.format_exception(exc)))
+        try:
+            data, _ = dumps(value, oob=False)
+        except BaseException as exc:  # noqa: BLE001 - an unpicklable result or error
+            tb = value[1] if not ok else "".join(traceback.format_exception(exc))
+            err = exc if ok else value[0]
+            ok, data = False, pickle.dumps((None, tb, type(err).__name__,
+                                            f"the result of this call cannot be pickled: "
+                                            f"{exc}"))
+        results.append((index, ok, data))
+    tmp = f"{out}.tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump(results, f, protocol=5)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hpcbatch.launch.pyworker")
-    ap.add_argument("--connect", required=True, help="the client's addresses, comma-separated")
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--worker", required=True)
+    ap.add_argument("--connect", help="the client's addresses, comma-separated")
+    ap.add_argument("--port", type=int)
+    ap.add_argument("--worker")
     ap.add_argument("--connect-timeout-s", type=float, default=30.0)
+    ap.add_argument("--run", help="durable mode: run the calls in this file ...")
+    ap.add_argument("--out", help="... and write their results here")
     a = ap.parse_args(argv)
+    if a.run:
+        return run_file(a.run, a.out or "result.pkl")
+    if not (a.connect and a.port and a.worker):
+        ap.error("give --connect, --port and --worker (or --run)")
     token = os.environ.pop(TOKEN_ENV, "").encode()
     if not token:
         print(f"pyworker: {TOKEN_ENV} is not set", file=sys.stderr)
