@@ -85,6 +85,14 @@ class _Collector:
         self._wake.set()
 
     def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._round()
+            except Exception:  # noqa: BLE001 - a closed Batch, a service gone: try later
+                if self._stop.wait(COLLECT_WAIT_S):
+                    return
+
+    def _round(self) -> None:
         change = 0
         while not self._stop.is_set():
             with self._lock:
@@ -364,6 +372,7 @@ def futures(batch: Any, job_id: str) -> list[cf.Future]:
     """One future per recorded call of ``job_id``, in call order, resolved as their
     tasks complete (the results of those completed already at once)."""
     batch.service.get_job(job_id)
+    batch.coordinator  # noqa: B018 - an embedded Batch starts its coordinator: calls run
     collector = _Collector(batch, job_id)
     out: list[tuple[int, cf.Future]] = []
     for item in _call_tasks(batch.service, job_id, select=["id"]):
