@@ -146,7 +146,8 @@ class PoolExecutor(cf.Executor):
 
     def __init__(self, batch: Any, pool: str = "local", workers_per_node: int | None = None,
                  job: str | None = None, *, max_inflight: int = DEFAULT_MAX_INFLIGHT,
-                 max_restarts: int | None = None, connect_timeout_s: float = 60.0):
+                 max_restarts: int | None = None, connect_timeout_s: float = 60.0,
+                 env: dict[str, str] | None = None):
         if max_inflight is None or isinstance(max_inflight, bool) or \
                 not isinstance(max_inflight, int) or max_inflight < 1:
             raise ValidationError("max_inflight", f"{max_inflight!r} must be a whole number >= 1")
@@ -172,7 +173,7 @@ class PoolExecutor(cf.Executor):
         self._own_job = job is None
         self.job_id = job or f"exec-{time.strftime('%Y%m%d-%H%M%S')}-{self._xid}"
         self._python = view.node_python or sys.executable
-        self._env = self._worker_env(view)
+        self._env = {**self._worker_env(view), **(env or {})}
         addresses = self._addresses(view)
         bind = "127.0.0.1" if all(a.startswith("127.") for a in addresses) else "0.0.0.0"
         self._listener = socket.create_server((bind, 0), backlog=128)
