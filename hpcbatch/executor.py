@@ -46,6 +46,7 @@ STEAL_AFTER_S = 0.05  # an idle worker takes queued calls from one silent this l
 LOST_EXIT_WAIT_S = 5.0  # how long a lost worker's task is watched for its exit signal
 MONITOR_S = 0.5  # how often workers that have not connected are looked at
 BATCH_MAX = 2000  # calls per frame
+FN_CACHE = 1024  # functions kept pickled here, and per worker (oldest dropped first)
 _SAFE_ARG_TYPES = {int, float, str, bytes, bool, type(None), complex}
 
 
@@ -73,13 +74,15 @@ class BrokenExecutor(cf.BrokenExecutor, HpcBatchError):
 
 
 class _Call:
-    __slots__ = ("id", "future", "fn_id", "payload", "bufs", "kind", "started", "n")
+    __slots__ = ("id", "future", "fn_id", "fn_data", "payload", "bufs", "kind", "started",
+                 "n")
 
-    def __init__(self, call_id: int, future: cf.Future, fn_id: int, payload: bytes,
-                 bufs: list, kind: int, n: int = 1):
+    def __init__(self, call_id: int, future: cf.Future, fn_id: int, fn_data: bytes,
+                 payload: bytes, bufs: list, kind: int, n: int = 1):
         self.id = call_id
         self.future = future
         self.fn_id = fn_id
+        self.fn_data = fn_data  # its function's pickle (sent once per worker)
         self.payload = payload
         self.bufs = bufs
         self.kind = kind  # 0: fn(*args, **kwargs); 1: [fn(*a) for a in chunk]
@@ -94,7 +97,7 @@ class _Worker:
         self.sock: socket.socket | None = None
         self.info: dict[str, Any] = {}
         self.inflight: dict[int, _Call] = {}
-        self.fns_sent: set[int] = set()
+        self.fns_sent: dict[int, None] = {}  # in the order sent (a bounded cache there)
         self.state = "starting"  # starting -> up -> gone
         self.steal_pending = False
         self.last_heard = time.monotonic()
@@ -352,11 +355,18 @@ class PoolExecutor(cf.Executor):
                 continue
             if not batch:
                 continue
-            fns = {}
+            fns, drop = {}, []
             for c in batch:
                 if c.fn_id not in w.fns_sent:
-                    fns[c.fn_id] = self._fn_bytes(c.fn_id)
-                    w.fns_sent.add(c.fn_id)
+                    fns[c.fn_id] = c.fn_data
+                    w.fns_sent[c.fn_id] = None
+            in_batch = {c.fn_id for c in batch}
+            while len(w.fns_sent) > FN_CACHE:
+                old = next((f for f in w.fns_sent if f not in in_batch), None)
+                if old is None:
+                    break
+                del w.fns_sent[old]
+                drop.append(old)
             bufs: list = []
             calls = []
             for c in batch:
@@ -364,7 +374,7 @@ class PoolExecutor(cf.Executor):
                               len(c.bufs)))
                 bufs += c.bufs
             try:
-                w.send(("calls", fns, calls), bufs)
+                w.send(("calls", fns, calls, drop), bufs)
             except OSError:
                 return  # the reader sees the connection go and fails what it held
 
@@ -384,12 +394,6 @@ class PoolExecutor(cf.Executor):
         if best is not None:
             best.steal_pending = True
         return best
-
-    def _fn_bytes(self, fn_id: int) -> bytes:
-        for fid, _fn, data in self._fn_ids.values():
-            if fid == fn_id:
-                return data
-        raise KeyError(fn_id)
 
     # ---- the receive side ------------------------------------------------
 
@@ -545,14 +549,19 @@ class PoolExecutor(cf.Executor):
 
     # ---- the Executor API ------------------------------------------------
 
-    def _fn_id(self, fn: Callable) -> int:
+    def _fn_id(self, fn: Callable) -> tuple[int, Any, bytes]:
+        """The id of ``fn``, pickled once (a lambda made anew for every call gets a new
+        id each time: at most FN_CACHE are kept, oldest dropped first)."""
         entry = self._fn_ids.get(id(fn))
         if entry is None or entry[1] is not fn:
             import cloudpickle
             data = cloudpickle.dumps(fn, protocol=5)
-            entry = (next(self._fn_counter), fn, data)
-            self._fn_ids[id(fn)] = entry
-        return entry[0]
+            with self._cv:
+                entry = (next(self._fn_counter), fn, data)
+                self._fn_ids[id(fn)] = entry
+                while len(self._fn_ids) > FN_CACHE:
+                    del self._fn_ids[next(iter(self._fn_ids))]
+        return entry
 
     def _check_open(self) -> None:
         if self._broken:
@@ -564,13 +573,13 @@ class PoolExecutor(cf.Executor):
         self._check_open()
         fut: cf.Future = cf.Future()
         try:
-            fn_id = self._fn_id(fn)
+            fn_id, _, fn_data = self._fn_id(fn)
             payload, bufs = _dumps_args(payload_obj)
         except Exception as exc:  # noqa: BLE001 - an unpicklable call fails its future
             fut.set_running_or_notify_cancel()
             fut.set_exception(exc)
             return fut
-        c = _Call(next(self._ids), fut, fn_id, payload, bufs, kind, n)
+        c = _Call(next(self._ids), fut, fn_id, fn_data, payload, bufs, kind, n)
         with self._cv:
             if self._broken:
                 raise BrokenExecutor(self._broken)

@@ -18,7 +18,9 @@ memory and received with ``recv_into`` into the bytearray the array is rebuilt o
 a 100 MB array is never copied in user space on either side.
 
 Messages client -> worker: ``("calls", {fn_id: fn_bytes}, [(call_id, fn_id, payload,
-nbufs)])`` (a function is sent once per worker), ``("steal", n)`` (give back up to n
+nbufs)], [fn_id to forget])`` (a function is sent once per worker; at most
+``FN_CACHE`` are kept: the client says which to drop; a negative fn_id ``-1 - id``
+runs a map chunk, its payload a list of argument tuples), ``("steal", n)`` (give back up to n
 calls that have not started: another worker is idle), ``("exit",)``. Worker -> client:
 ``("hello", info)``, ``("results", [(call_id, ok, payload, nbufs, seconds)])``,
 ``("stolen", [call_id])``. A result payload is ``pickle((value,))``; an error's is
@@ -160,13 +162,16 @@ class Worker:
                 meta, bufs = recv_frame(self.sock)
                 msg = pickle.loads(meta)
                 if msg[0] == "calls":
-                    _, fns, calls = msg
+                    _, fns, calls, drop = msg if len(msg) == 4 else (*msg, ())
                     at = 0
                     items = []
                     for call_id, fn_id, payload, nbufs in calls:
                         items.append((call_id, fn_id, payload, bufs[at:at + nbufs]))
                         at += nbufs
                     with self.cv:
+                        for fid in drop:  # the client's bounded cache let them go
+                            self.fns.pop(fid, None)
+                            self.fn_bytes.pop(fid, None)
                         self.fn_bytes.update(fns)
                         self.queue.extend(items)
                         self.cv.notify()

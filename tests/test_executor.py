@@ -28,6 +28,7 @@ from hpcbatch.executor import BrokenExecutor, RemoteTraceback, WorkerLostError
 # functions defined here travel by value (the SSH nodes cannot import this test module)
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
+TOLERANT = dict(heartbeat_s=0.5, node_timeout_s=10.0, lease_s=12.0)
 INFLIGHT = 4  # per worker: small, so pending calls stay here (cancel, stealing)
 
 
@@ -50,9 +51,13 @@ def started_then_wait(marker_dir: str, name: str, gate: str) -> int:
 @pytest.fixture(scope="module")
 def module_batch(tmp_path_factory):
     home = tmp_path_factory.mktemp("exec home")
-    b = hpcbatch.Batch(home, local_slots=2, **FAST_TIMINGS)
+    # no test here loses a node on purpose: clocks that bear a heavily loaded machine
+    b = hpcbatch.Batch(home, local_slots=2, **{**FAST_TIMINGS, **TOLERANT})
     # for the tests with executors of their own (its agent is the module's, not theirs)
     b.pools.create("spare", "local", task_slots_per_node=2, target_nodes=1)
+    from test_ssh_pool import wait_idle
+    for pool in ("local", "spare"):  # their agents up now, not during a test
+        wait_idle(b, pool, 1)
     yield b
     b.close()
 
@@ -199,10 +204,16 @@ def test_a_peer_without_the_token_is_dropped(ex):
     assert ex.submit(abs, -1).result(timeout=60) == 1
 
 
-@pytest.mark.parametrize("pool", POOLS)
+@pytest.fixture(scope="module", params=POOLS)
+def spare(request, module_batch) -> str:
+    """A pool of each kind the module's executors do not hold (made at module scope:
+    what it starts is the module's, not a test's)."""
+    return pool_for(request.param, module_batch, request, spare=True)
+
+
 def test_a_worker_killed_mid_call_fails_exactly_its_calls_and_is_replaced(
-        module_batch, pool, request, tmp_path):
-    name = pool_for(pool, module_batch, request, spare=True)
+        module_batch, spare, tmp_path):
+    name = spare
     markers, gate = tmp_path / "markers", str(tmp_path / "gate")
     markers.mkdir()
     with module_batch.executor(name, max_inflight=3) as e:
@@ -293,3 +304,86 @@ def test_lambdas_closures_and_main_classes_through_hpcbatch_serve(tmp_path):
         r = subprocess.run([sys.executable, str(script), served.url, served.key],
                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 0 and "main-ok" in r.stdout, r.stdout + r.stderr
+
+
+def _other_python() -> Path | None:
+    """An interpreter of another minor version than this one, if the machine has one."""
+    import glob
+    import shutil
+    mine = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    for v in ("3.12", "3.13", "3.10", "3.11"):
+        if v == mine:
+            continue
+        for found in (*sorted(glob.glob(f"/root/.pyenv/versions/{v}.*/bin/python")),
+                      shutil.which(f"python{v}")):
+            if found and subprocess.run([found, "-c", "pass"], capture_output=True,
+                                        env={"PATH": "/usr/bin:/bin"}).returncode == 0:
+                return Path(found)  # a real interpreter (not a pyenv shim)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.ssh
+def test_a_node_python_of_another_version_is_one_clear_error(module_batch, ssh_cluster,
+                                                            tmp_path):
+    from test_ssh_pool import spec_for, wait_idle
+    other = _other_python()
+    if other is None:
+        pytest.skip("no python of another minor version here (pyenv or python3.X)")
+    # that python with this checkout's hpcbatch importable (the agent and the worker)
+    root = tmp_path / "pkg" / "hpcbatch"
+    root.mkdir(parents=True)
+    src = Path(hpcbatch.__file__).parent
+    for entry in src.iterdir():
+        (root / entry.name).symlink_to(entry)
+    import hpcbatch.launch.pyworker as pw
+    (root / "launch").symlink_to(Path(pw.__file__).parent)
+    wrapper = tmp_path / "py-other"
+    wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={tmp_path / 'pkg'} exec {other} \"$@\"\n")
+    wrapper.chmod(0o755)
+    spec = spec_for(ssh_cluster.directory, ["node2"], tmp_path)
+    import json
+    data = json.loads(spec.read_text())
+    data["python"] = str(wrapper)
+    spec.write_text(json.dumps(data))
+    module_batch.pools.create("otherpy", "ssh", spec=str(spec), task_slots_per_node=1)
+    try:
+        wait_idle(module_batch, "otherpy", 1)
+        e = module_batch.executor("otherpy")
+        try:
+            f = e.submit(abs, -1)
+            with pytest.raises(BrokenExecutor) as info:
+                f.result(timeout=60)
+        finally:
+            e.shutdown()
+        text = str(info.value)
+        mine = ".".join(map(str, sys.version_info[:3]))
+        assert f"node node2 runs Python {other.parent.parent.name}" in text or \
+            "node node2 runs Python 3." in text, text
+        assert f"this client runs Python {mine}" in text, text
+        module_batch.jobs.delete(e.job_id)
+    finally:
+        module_batch.pools.delete("otherpy")
+
+
+@pytest.mark.slow
+def test_workers_on_netns_nodes_reach_the_client_at_the_bridge_address(make_batch,
+                                                                       make_cluster, tmp_path):
+    from helpers import unavailable
+    from test_ssh_pool import spec_for, wait_idle
+
+    from hpcbatch.launch import cluster as ct
+    reason = unavailable(ct.check_netns)
+    if reason:
+        pytest.skip(reason)
+    info = make_cluster(2, netns=True)
+    batch = make_batch()
+    batch.pools.create("ns", "ssh", spec=str(spec_for(info.directory, ["node1", "node2"],
+                                                      tmp_path)), task_slots_per_node=1)
+    wait_idle(batch, "ns", 2)
+    with batch.executor("ns") as e:
+        assert e._connect != "127.0.0.1" and not e._connect.startswith("127.")
+        assert sorted(e.map(lambda x: x + 1, range(100))) == list(range(1, 101))
+        assert {w["node"] for w in e.workers()} == {"node1", "node2"}
+    batch.jobs.delete(e.job_id)
+    batch.pools.delete("ns")
