@@ -166,6 +166,9 @@ class PoolExecutor(cf.Executor):
         nodes = max(view.nodes, view.target_nodes, 1)
         slots = view.task_slots_per_node
         per = workers_per_node or slots
+        if per > slots:
+            raise ValidationError("workers_per_node", f"{per} is more than the {slots} task "
+                                  f"slot(s) per node of pool {pool!r}; give at most {slots}")
         self._worker_slots = max(1, slots // per)
         self.n_workers = nodes * per
         self.max_inflight = max_inflight

@@ -240,6 +240,19 @@ def test_a_worker_killed_mid_call_fails_exactly_its_calls_and_is_replaced(
         assert len(e.workers()) == e.n_workers + 1
 
 
+def test_bad_executor_arguments_are_one_line_naming_the_field(module_batch, ex):
+    jobs = len(module_batch.jobs.list())
+    with pytest.raises(hpcbatch.ValidationError, match="workers_per_node.*at most"):
+        module_batch.executor(ex.pool, workers_per_node=3)
+    with pytest.raises(hpcbatch.ValidationError, match="max_inflight"):
+        module_batch.executor(ex.pool, max_inflight=0)
+    with pytest.raises(hpcbatch.NotFound):
+        module_batch.executor("no-such-pool")
+    with pytest.raises(hpcbatch.ValidationError, match="chunksize"):
+        ex.map(abs, [1], chunksize=0)
+    assert len(module_batch.jobs.list()) == jobs  # nothing was stored
+
+
 def test_without_restarts_left_the_executor_says_why_it_gave_up(module_batch, tmp_path):
     gate = str(tmp_path / "gate")
     e = module_batch.executor(pool_for("local", module_batch, None, spare=True),
