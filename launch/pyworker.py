@@ -139,6 +139,19 @@ def dumps(obj, oob: bool = True) -> tuple[bytes, list]:
     return data, bufs
 
 
+def dumps_back(obj, oob: bool = True) -> tuple[bytes, list]:
+    """A result on its way back: the C pickler first (most results are plain data, and
+    the worker need not import cloudpickle for them), cloudpickle when that refuses
+    (a lambda, an instance of a class that came here by value). Safe here, not in the
+    client: a function of the client's __main__ pickles by reference there without
+    complaint, but a by-value object here is not found under its name and is refused."""
+    bufs: list = []
+    try:
+        return pickle.dumps(obj, protocol=5, buffer_callback=bufs.append if oob else None), bufs
+    except Exception:  # noqa: BLE001 - PicklingError, TypeError, AttributeError ...
+        return dumps(obj, oob)
+
+
 class Worker:
     def __init__(self, sock: socket.socket, worker_id: str):
         self.sock = sock
@@ -238,7 +251,7 @@ class Worker:
                     result = (exc, tb)
                 dt = time.perf_counter() - t0
                 try:
-                    data, rbufs = dumps(result)
+                    data, rbufs = dumps_back(result)
                 except BaseException as exc:  # noqa: BLE001 - an unpicklable result or error
                     what = "result" if ok else "exception"
                     tb = result[1] if not ok else "".join(traceback.format_exception(exc))
@@ -302,7 +315,7 @@ def run_file(inp: str, out: str) -> int:
         except BaseException as exc:  # noqa: BLE001 - every error goes back to the caller
             ok, value = False, (exc, "".join(traceback.format_exception(exc)))
         try:
-            data, _ = dumps(value, oob=False)
+            data, _ = dumps_back(value, oob=False)
         except BaseException as exc:  # noqa: BLE001 - an unpicklable result or error
             tb = value[1] if not ok else "".join(traceback.format_exception(exc))
             err = exc if ok else value[0]
