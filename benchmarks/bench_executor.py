@@ -363,8 +363,8 @@ def _figures(values, skipped, sizes, durable, durable_n) -> list[dict]:
 
 def table(figs: list[dict]) -> str:
     """Median tasks/s and ratio per figure, one line each."""
-    def med(xs):
-        return sorted(xs)[len(xs) // 2]
+    import statistics
+    med = statistics.median
     lines = [f"{'figure':<44} {'tasks/s':>10}  {'ratio':>7}  baseline / note"]
     for f in figs:
         name = f["name"].removeprefix("executor.")
