@@ -210,7 +210,7 @@ def _start(name: str, tmp: Path, sizes: list[int], ssh: bool):
             return CfLike(ex, lambda: (ex.shutdown(), b.close())), None
         if name == "hpcbatch_ssh":
             if not ssh:
-                return None, "give --ssh (2 loopback sshd nodes)"
+                return None, "give --ssh (suite: pool 'ssh'): 2 loopback sshd nodes"
             return _ssh_peer(tmp), None
         if name == "processpool":
             return CfLike(cf.ProcessPoolExecutor(WORKERS)), None
