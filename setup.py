@@ -50,7 +50,9 @@ setup(
         "service": SERVICE,
         "test": ["pytest>=7.4", "pytest-mpi>=0.6", "pytest-timeout>=2.2", "ruff>=0.4",
                  "httpx>=0.27", "schemathesis>=4.0", *SERVICE],
-        "bench": ["rich>=13.0"],
+        "bench": ["rich>=13.0",
+                  # benchmarks/bench_executor.py's peers
+                  "dask[distributed]>=2024.1", "parsl>=2024.1"],
     },
     entry_points={
         "console_scripts": [

@@ -13,6 +13,7 @@ _EXPORTS = {
     "PoolSpec": "hpcbatch.models", "TaskSpec": "hpcbatch.models",
     "MultiInstanceSpec": "hpcbatch.models", "KernelResult": "hpcbatch.kernelrun",
     "KernelRunError": "hpcbatch.kernelrun",
+    "as_completed": "hpcbatch.executor",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

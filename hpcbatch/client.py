@@ -202,6 +202,13 @@ class Job:
     def task(self, task_id: str) -> Task:
         return Task(self._batch, self._batch.service.get_task(self.id, task_id))
 
+    def results(self, timeout_s: float | None = None) -> list[Any]:
+        """The results of the durable executor calls recorded in this job, in call
+        order, waiting for those still running (a call's exception is raised)."""
+        end = None if timeout_s is None else time.monotonic() + timeout_s
+        return [f.result(None if end is None else max(0.0, end - time.monotonic()))
+                for f in self._batch.futures(self.id)]
+
     def terminate_task(self, task_id: str) -> None:
         self._batch.service.terminate_task(self.id, task_id)
 
@@ -598,6 +605,23 @@ class Batch:
         """
         from hpcbatch.kernelrun import run_kernel
         return run_kernel(self, kernel, ranks=ranks, params=params, output=output, **kw)
+
+    def executor(self, pool: str = LOCAL_POOL, workers_per_node: int | None = None,
+                 job: str | None = None, *, durable: bool = False, **kw: Any):
+        """A ``concurrent.futures.Executor`` whose workers are tasks of ``job`` on
+        ``pool`` (see :mod:`hpcbatch.executor`; ``durable=True``: every call is a stored
+        task whose result outlives this process, see :mod:`hpcbatch.durable`)."""
+        if durable:
+            from hpcbatch.durable import DurableExecutor
+            return DurableExecutor(self, pool, job, **kw)
+        from hpcbatch.executor import PoolExecutor
+        return PoolExecutor(self, pool, workers_per_node, job, **kw)
+
+    def futures(self, job: str) -> list:
+        """The futures of a durable executor's calls in ``job``, in call order: each
+        resolves when its call's task has completed (also in a new process)."""
+        from hpcbatch.durable import futures
+        return futures(self, job)
 
     def close(self) -> None:
         service, self._service = self._service, _ClosedService()
