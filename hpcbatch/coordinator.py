@@ -378,6 +378,9 @@ class Coordinator:
         # an id still held by a leaving node is not needed
         wide = dataclasses.replace(new, target_nodes=min(100_000, target + len(pool.nodes)))
         nodes = provider_for(wide, self.home).fixed_nodes() if provider.fixed_nodes() else []
+        if provider.elastic:  # new nodes of an elastic pool (allocation slots)
+            nodes = provider.grow(max(0, target - sum(not n.leaving
+                                                       for n in pool.nodes.values())))
         for d in nodes:
             self.descs.setdefault((pool_id, d.node_id), d)
         infos = tuple(S.NodeInfo(d.node_id, d.host, d.slots) for d in nodes)
@@ -415,7 +418,7 @@ class Coordinator:
         was resized, or a node removed) are forgotten."""
         for ev in added:
             listed = {n.node_id for n in ev.nodes}
-            if listed:
+            if listed or self.providers[ev.pool.pool_id].elastic:
                 for n in self.store.list_nodes(ev.pool.pool_id):
                     if n["id"] not in listed:
                         self.store.delete_node(ev.pool.pool_id, n["id"])
@@ -435,7 +438,8 @@ class Coordinator:
     def _pool_added(self, spec: PoolSpec) -> S.PoolAdded:
         provider = self.providers.get(spec.id) or provider_for(spec, self.home)
         self.providers[spec.id] = provider
-        nodes = provider.fixed_nodes()
+        nodes = provider.grow(spec.target_nodes) if provider.elastic else \
+            provider.fixed_nodes()
         for d in nodes:
             self.descs[(spec.id, d.node_id)] = d
         info = S.PoolInfo(spec.id, spec.task_slots_per_node, spec.scheduling_policy,
@@ -655,7 +659,10 @@ class Coordinator:
         forgotten (one that did not stays recorded, for the next start to reap)."""
         self.descs.pop(key, None)
         self.tokens.pop(key, None)
-        self.retired.pop(key, None)
+        provider = self.retired.pop(key, None) or self.providers.get(key[0])
+        if provider is not None and provider.elastic:  # give the node back
+            chan = entry[1] if entry else None
+            self._io(self._give_back, provider, key[1], chan)
         if entry is None:
             return
         _, chan, token = entry
@@ -672,6 +679,16 @@ class Coordinator:
                 store.close()
         self._io(forget)
 
+    def _give_back(self, provider: Any, node_id: str, chan: Any) -> None:
+        """An elastic pool's node left: once its agent has shut down, the provider gives
+        the node back (a Slurm allocation cancelled)."""
+        if chan is not None:
+            chan.wait_closed(self.timings.kill_grace_s + 5)
+        try:
+            provider.shrink([node_id])
+        except Exception:  # noqa: BLE001 - logged; the pool's stop or delete tries again
+            log.exception("giving node %s back", node_id)
+
     def _fence(self, ins: S.FenceNode, token: str) -> None:
         provider = self._provider_of(ins.pool_id, ins.node_id)
         sure = False
@@ -686,6 +703,11 @@ class Coordinator:
     def _release(self) -> None:
         """Shut every agent down, record the nodes offline, close the store, unlock."""
         self._stop.set()
+        for provider in list(self.providers.values()):  # elastic pools give nodes back
+            try:
+                provider.stop()
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                log.exception("stopping pool %s", provider.pool_id)
         # agents being started right now: wait for them, so none is left running
         concurrent.futures.wait(list(self._io_running), timeout=30)
         while True:

@@ -222,7 +222,7 @@ TRANSITIONS: dict[type, dict[Any, frozenset]] = {
     },
 }
 
-PROVIDERS = ("local", "ssh")
+PROVIDERS = ("local", "ssh", "slurm")
 # a command line, with its environment, must fit the system's limit on what one exec takes
 # (ARG_MAX; Linux also caps one argument at 128 KiB): refused at input, not with E2BIG later
 try:
@@ -256,7 +256,7 @@ class PoolSpec:
         _check_choice("pool.provider", self.provider, PROVIDERS)
         _check_int("pool.task_slots_per_node", self.task_slots_per_node, 1, 1024)
         _check_choice("pool.scheduling_policy", self.scheduling_policy, POLICIES)
-        _check_int("pool.target_nodes", self.target_nodes, 1, 100_000)
+        _check_int("pool.target_nodes", self.target_nodes, 0, 100_000)  # 0: an elastic pool at rest
         if self.start_task is not None and not str(self.start_task).strip():
             raise ValidationError("pool.start_task", "is empty; give a command line or omit it")
 

@@ -467,7 +467,7 @@ class LocalService(Service):
 
     def create_pool(self, pool_id: str, provider: str = "local", *,
                     task_slots_per_node: int = 1, scheduling_policy: str = "pack",
-                    target_nodes: int = 1, start_task: str | None = None,
+                    target_nodes: int | None = None, start_task: str | None = None,
                     inter_node_communication: bool | None = None,
                     trust_on_first_use: bool = False, **provider_options: Any) -> PoolView:
         from hpcbatch.providers import provider_class, provider_for
@@ -475,9 +475,11 @@ class LocalService(Service):
         with contextlib.suppress(NotFound):
             self.store.get_pool(pool_id)
             raise Conflict(f"pool {pool_id!r} already exists; pick another id")
+        if target_nodes is not None:  # (else the provider's default: 1, a Slurm pool 0)
+            provider_options["target_nodes"] = target_nodes
         spec = provider_class(provider).make_spec(
             pool_id, task_slots_per_node=task_slots_per_node,
-            scheduling_policy=scheduling_policy, target_nodes=target_nodes,
+            scheduling_policy=scheduling_policy,
             start_task=start_task, inter_node_communication=inter_node_communication,
             **provider_options)
         failed = provider_for(spec, self.home).preflight(
@@ -699,9 +701,9 @@ class LocalService(Service):
     def resize_pool(self, pool_id: str, target_nodes: int) -> PoolView:
         from hpcbatch.coordinator import resized_spec
         if isinstance(target_nodes, bool) or not isinstance(target_nodes, int) or \
-                target_nodes < 1:
+                target_nodes < 0:
             raise ValidationError("target_nodes", f"{target_nodes!r} is not a number of "
-                                  "nodes >= 1")
+                                  "nodes >= 0")
         new = resized_spec(self.store.get_pool(pool_id), self.home, target_nodes)
         if self.coordinator is not None:
             self._command(f"the resize of pool {pool_id!r}", "resize_pool", pool_id,

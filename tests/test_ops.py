@@ -106,7 +106,7 @@ def test_shrinking_below_the_busy_nodes_requeues_a_task_that_then_runs_once(batc
 
 def test_resize_input_is_checked(batch):
     with pytest.raises(ValidationError, match="target_nodes"):
-        batch.service.resize_pool("local", 0)
+        batch.service.resize_pool("local", -1)
     with pytest.raises(ValidationError, match="at most|more than the 64"):
         batch.service.resize_pool("local", 65)
     with pytest.raises(NotFound, match="pool 'nope'"):
@@ -320,7 +320,7 @@ def test_cli_operations_in_the_store_and_their_one_line_errors(cli, home):
     finally:
         store.close()
     for args, needle in [
-        (("pool", "resize", "p", "0"), "target_nodes"),
+        (("pool", "resize", "p", "--", "-1"), "target_nodes"),
         (("pool", "resize", "p", "many"), "TARGET_NODES"),
         (("pool", "resize", "nope", "2"), "pool 'nope'"),
         (("node", "disable", "p", "local-9"), "node 'local-9' is not in pool 'p'"),

@@ -108,6 +108,8 @@ class Provider(abc.ABC):
 
     name: ClassVar[str]
     options: ClassVar[frozenset[str]] = frozenset()  # make_spec's provider options
+    # nodes come from grow() (fixed_nodes() is []) and go back with shrink()
+    elastic: ClassVar[bool] = False
 
     def __init__(self, spec: PoolSpec, home: str | os.PathLike):
         self.spec = spec
@@ -196,6 +198,9 @@ class Provider(abc.ABC):
         """Give nodes back (elastic providers)."""
         raise NotImplementedError(f"pool {self.pool_id!r}: {self.name} pools have a fixed "
                                   "set of nodes; they cannot shrink")
+
+    def stop(self) -> None:  # noqa: B027 - a hook: nothing to do for most providers
+        """hpcbatch stops: give back what the pool holds (elastic providers)."""
 
     @abc.abstractmethod
     def start_agent(self, node: NodeDesc, *, token: str, timings: Timings) -> AgentChannel:
