@@ -703,11 +703,7 @@ class Coordinator:
     def _release(self) -> None:
         """Shut every agent down, record the nodes offline, close the store, unlock."""
         self._stop.set()
-        for provider in list(self.providers.values()):  # elastic pools give nodes back
-            try:
-                provider.stop()
-            except Exception:  # noqa: BLE001 - best effort on the way out
-                log.exception("stopping pool %s", provider.pool_id)
+        self._stop_providers(final=False)  # elastic pools: starts waiting for nodes end
         # agents being started right now: wait for them, so none is left running
         concurrent.futures.wait(list(self._io_running), timeout=30)
         while True:
@@ -728,6 +724,7 @@ class Coordinator:
         # that did not stays recorded, and the next coordinator reaps what it left)
         gone = [(key, token) for key, (_, chan, token) in chans
                 if chan.wait_closed(max(0.0, deadline - time.monotonic()))]
+        self._stop_providers(final=True)  # elastic pools give their nodes back
         try:
             with self.store.transaction():
                 for (pool_id, node_id), token in gone:
@@ -745,6 +742,14 @@ class Coordinator:
                 fut.set_exception(HpcBatchError("the coordinator stopped"))
         self.store.close()
         self.lock.release()
+
+
+    def _stop_providers(self, final: bool) -> None:
+        for provider in list(self.providers.values()):
+            try:
+                provider.stop(final)
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                log.exception("stopping pool %s", provider.pool_id)
 
 
 # ---- the service operations' rules (the service applies them too, with no coordinator) --

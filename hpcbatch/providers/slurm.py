@@ -280,7 +280,7 @@ def allocations_of(home: str | os.PathLike, pool_id: str) -> PoolAllocations:
     key = (str(Path(home).resolve()), pool_id)
     with _REGISTRY_LOCK:
         reg = _REGISTRY.get(key)
-        if reg is None or reg.closing:
+        if reg is None:
             reg = _REGISTRY[key] = PoolAllocations()
         return reg
 
@@ -423,18 +423,21 @@ class SlurmProvider(Provider):
             raise HpcBatchError(f"pool {self.pool_id}: scancel {' '.join(cancel)} failed: "
                                 f"{why}")
 
-    def stop(self) -> None:
-        """hpcbatch stops: every allocation of the pool held by this process is
-        cancelled (pending requests too)."""
+    def stop(self, final: bool = True) -> None:
+        """hpcbatch stops: first (``final=False``) the requests still pending are
+        cancelled and no slot asks for more; then (once the agents have shut down) every
+        allocation of the pool held by this process is cancelled."""
         reg = self.allocations
         with reg.cond:
             reg.closing = True
-            jobs = [j for j, a in reg.allocs.items() if a.over is None]
-            for a in reg.allocs.values():
-                a.over = a.over or "cancelled: hpcbatch stopped"
+            ended = [a for a in reg.allocs.values() if a.over is None and
+                     (final or not any(reg.allocs[a.job_id].members.values()))]
+            for a in ended:
+                a.over = "cancelled: hpcbatch stopped"
             reg.cond.notify_all()
-        _forget(self.home, self.pool_id, reg)
-        scancel(jobs)
+        if final:
+            _forget(self.home, self.pool_id, reg)
+        scancel(a.job_id for a in ended)
 
     def _acquire(self, slot: str) -> tuple[str, str]:
         """(job id, Slurm node) for the slot: its allocation (if still live), or a node
@@ -475,6 +478,10 @@ class SlurmProvider(Provider):
                     return alloc.job_id, node
             state, nodes, reason = job_state(alloc.job_id)
             with reg.cond:
+                if reg.closing and alloc.over is None:
+                    alloc.over = "cancelled: hpcbatch stopped"
+                    scancel([alloc.job_id])
+                    continue
                 if state == "RUNNING" and nodes:
                     alloc.nodes = nodes
                     taken = {n for n in alloc.members.values() if n}

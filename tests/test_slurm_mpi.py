@@ -1,0 +1,62 @@
+"""MPI on a Slurm pool, on the real Slurm test cluster: `hpcbatch run pi --pool slurm3
+--nodes 3 --ranks-per-node 1` starts its ranks with Slurm inside the pool's allocation
+(MPICH: srun --mpi=pmi2; Open MPI: mpiexec, whose PRRTE starts its daemons with srun),
+one on each of 3 distinct Slurm nodes, and the result's provenance names the nodes and
+the job. For the MPI beside this python: scripts/test.sh runs this file in .venv (Open
+MPI) and .venv-mpich (MPICH)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import h5py
+import pytest
+from helpers import poll, run_cli
+
+from hpcbatch.launch import mpi
+from hpcbatch.providers import slurm as SP
+
+FLAVOUR = mpi.detect_flavour(mpi.default_mpiexec())
+LIBRARY = {"openmpi": "Open MPI", "mpich": "MPICH"}.get(FLAVOUR)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(LIBRARY is None, reason=f"the MPI beside {sys.executable} is "
+                       f"{FLAVOUR}; the Slurm MPI tests run with Open MPI or MPICH"),
+]
+
+
+def test_pi_runs_on_3_distinct_slurm_nodes_inside_one_allocation(slurm_cluster, cli, home,
+                                                                 tmp_path):
+    r = cli("pool", "create", "slurm3", "--slurm", "--nodes-per-allocation", "3",
+            "--nodes", "3")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "pi.h5"
+    r = cli("run", "pi", "--pool", "slurm3", "--nodes", "3", "--ranks-per-node", "1",
+            "-o", str(out), timeout_s=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with h5py.File(out, "r") as f:
+        attrs = dict(f.attrs)
+        assert abs(float(f["result/pi"][()]) - 3.14159) < 0.01
+    assert LIBRARY in str(attrs["mpi_library"])
+    assert sorted(map(str, attrs["slurm_nodes"])) == ["sn1", "sn2", "sn3"]
+    assert sorted(map(str, attrs["node_ids"])) == ["sn1", "sn2", "sn3"]
+    job = str(attrs["slurm_job_id"])
+    assert job.isdigit()
+    shown = run_cli(home, "results", "show", str(out))
+    assert f"slurm     job {job} on sn" in shown.stdout, shown.stdout
+    # that job was the pool's one allocation of 3 nodes; the coordinator gave it back
+    name = SP.job_name(home, "slurm3")
+    poll(lambda: not [line for line in subprocess.run(
+        ["squeue", "-h", "-n", name, "-o", "%i %T"], capture_output=True, text=True
+    ).stdout.splitlines() if "RUNNING" in line or "PENDING" in line], timeout_s=20,
+        what="the pool's allocation given back when hpcbatch run stopped")
+
+
+def test_a_task_across_allocations_is_refused_in_one_line(slurm_cluster, cli, tmp_path):
+    r = cli("pool", "create", "split", "--slurm", "--nodes", "2")  # one node each
+    assert r.returncode == 0, r.stderr
+    r = cli("run", "pi", "--pool", "split", "--nodes", "2", "--ranks-per-node", "1",
+            "-o", str(tmp_path / "x.h5"), timeout_s=120)
+    assert r.returncode != 0
+    assert "--nodes-per-allocation 2" in r.stdout + r.stderr, r.stdout + r.stderr
