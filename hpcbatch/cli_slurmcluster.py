@@ -37,7 +37,7 @@ def slurm_up(nodes: int, d: Path) -> None:
     out = Console(highlight=False, soft_wrap=True)
     out.print(_table(cl))
     out.print(f"slurmctld pid {cl.ctld_pid} on {cl.controller_addr}:{cl.ctld_port}"
-              + (f"; munged pid {cl.munged_pid} (started for this cluster)"
+              + (f"; munged pid {cl.munged_pid} (started by a test cluster, shared by them)"
                  if cl.munged_pid else ""), markup=False)
     out.print(f"use it:     export SLURM_CONF={cl.conf}", markup=False)
     out.print("a pool:     hpcbatch pool create slurm3 --slurm --nodes-per-allocation 3",

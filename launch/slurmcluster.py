@@ -12,15 +12,15 @@ never pick the same one):
   folders, all under ``dir``;
 * ``slurmctld -D`` in the root namespace, and per node ``slurmd -D -N snI`` entered into
   its namespace with ``nsenter --net`` (``ip netns exec`` remounts /sys and slurmd then dies);
-* ``munged`` only when ``munge -n`` fails (none runs): then it is this cluster's, stopped
-  by ``down``.
+* ``munged`` only when ``munge -n`` fails (none runs); test clusters share the one they
+  started (``/run/hpcbatch-munge/``), and the last one taken down stops it.
 
 ``slurm-cluster.json`` records every PID (with its start time, so a reused PID is never
 taken for ours) and every name made. ``slurm_down(dir)`` stops exactly those daemons,
 kills what is left in the cluster's namespaces (job steps), deletes exactly its veths,
-namespaces and bridge, stops munged if this cluster started it, and removes the files
-it wrote (the folder itself when ``up`` made it). Clients find the cluster through
-``SLURM_CONF=<dir>/slurm.conf``.
+namespaces and bridge, stops munged if it is the last cluster sharing the one a test
+cluster started, and removes the files it wrote (the folder itself when ``up`` made it).
+Clients find the cluster through ``SLURM_CONF=<dir>/slurm.conf``.
 
 Stdlib only, like the rest of ``launch``.
 """
@@ -237,28 +237,98 @@ def _munge_ok() -> bool:
     return r.returncode == 0
 
 
+# munged is shared by every test cluster on the machine: the one that finds none starts
+# it (recorded here), each cluster using it leaves a file here, the last one out stops it
+MUNGE_DIR = Path("/run/hpcbatch-munge")
+MUNGE_STATE = MUNGE_DIR / "munged.json"
+
+
+@contextlib.contextmanager
+def _munge_lock():
+    import fcntl
+    MUNGE_DIR.mkdir(mode=0o700, exist_ok=True)
+    with open(MUNGE_DIR / "lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _started_munged() -> tuple[int, int] | None:
+    """(pid, start time) of the munged a test cluster started, while it runs."""
+    try:
+        rec = json.loads(MUNGE_STATE.read_text())
+        pid, start = int(rec["pid"]), int(rec["start"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (pid, start) if _ours(pid, start) else None
+
+
 def _start_munged(cl: SlurmCluster) -> None:
-    """munged only when none answers; then it is this cluster's (stopped by down)."""
-    if _munge_ok():
-        return
-    if not Path("/etc/munge/munge.key").exists():
-        subprocess.run(["mungekey", "-c"], capture_output=True, check=False)
-    for d in ("/run/munge", "/var/log/munge"):
-        os.makedirs(d, exist_ok=True)
-        shutil.chown(d, "munge", "munge")
-    pidfile = cl.directory / "state" / "munged.pid"
-    r = subprocess.run([C._sbin_which("munged") or "munged", "--force",
-                        "--pid-file", str(pidfile)], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise ClusterError(f"munged did not start: {' '.join(r.stderr.split())[:300]}")
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not pidfile.exists():
-        time.sleep(0.05)
-    cl.munged_pid = int(pidfile.read_text().split()[0])
-    cl.munged_start = C._start_time(cl.munged_pid) or 0
+    """Use the munged that answers, or start one (then test clusters share it: the last
+    one taken down stops it; one that runs without us is never stopped)."""
+    with _munge_lock():
+        if not _munge_ok():
+            if not Path("/etc/munge/munge.key").exists():
+                subprocess.run(["mungekey", "-c"], capture_output=True, check=False)
+            for d in ("/run/munge", "/var/log/munge"):
+                os.makedirs(d, exist_ok=True)
+                shutil.chown(d, "munge", "munge")
+            pidfile = MUNGE_DIR / "munged.pid"
+            pidfile.unlink(missing_ok=True)
+            r = subprocess.run([C._sbin_which("munged") or "munged", "--force",
+                                "--pid-file", str(pidfile)], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise ClusterError(f"munged did not start: {' '.join(r.stderr.split())[:300]}")
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not pidfile.exists():
+                time.sleep(0.05)
+            pid = int(pidfile.read_text().split()[0])
+            MUNGE_STATE.write_text(json.dumps({"pid": pid, "start": C._start_time(pid)}))
+            while time.monotonic() < deadline and not _munge_ok():
+                time.sleep(0.05)
+        started = _started_munged()
+        if started is not None:  # ours to share: count this cluster in
+            cl.munged_pid, cl.munged_start = started
+            (MUNGE_DIR / f"user-{cl.name}").touch()
     _write_state(cl)
-    while time.monotonic() < deadline and not _munge_ok():
-        time.sleep(0.05)
+
+
+def _release_munged(cl: SlurmCluster) -> bool:
+    """This cluster no longer needs munged; the last of the clusters sharing the one a
+    test cluster started stops it. True when it was stopped."""
+    if not cl.munged_pid:
+        return False
+    with _munge_lock():
+        (MUNGE_DIR / f"user-{cl.name}").unlink(missing_ok=True)
+        users = [p for p in MUNGE_DIR.glob("user-hs*")
+                 if not _cluster_alive(p.name.removeprefix("user-"))]
+        for p in users:  # clusters that died without taking themselves down
+            p.unlink(missing_ok=True)
+        if any(MUNGE_DIR.glob("user-hs*")) or _started_munged() != (cl.munged_pid,
+                                                                    cl.munged_start):
+            return False
+        MUNGE_STATE.unlink(missing_ok=True)
+        return _stop(cl.munged_pid, cl.munged_start)
+
+
+def _cluster_alive(name: str) -> bool:
+    """A slurmctld of the cluster of that name still runs (its -f names its folder; its
+    ClusterName is in the conf, found through /proc)."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(os.path.join(entry.path, "cmdline"), "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"slurmctld") and b"-f" in argv:
+            conf = argv[argv.index(b"-f") + 1].decode(errors="replace")
+            try:
+                if f"ClusterName={name}\n" in Path(conf).read_text():
+                    return True
+            except OSError:
+                continue
+    return False
 
 
 def sinfo_states(cl: SlurmCluster) -> dict[str, str]:
@@ -361,20 +431,6 @@ def slurm_status(directory: str | os.PathLike) -> SlurmCluster:
     return cl
 
 
-def _other_clusters_use_munge(cl: SlurmCluster) -> bool:
-    """Another running slurmctld (another cluster) still needs the munged we started."""
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and int(entry.name) != cl.ctld_pid:
-            try:
-                with open(os.path.join(entry.path, "comm")) as f:
-                    if f.read().strip() in ("slurmctld", "slurmd") and \
-                            C.pid_alive(int(entry.name)):
-                        return True
-            except OSError:
-                continue
-    return False
-
-
 def slurm_down(directory: str | os.PathLike, *, keep_logs: bool = False) -> list[str]:
     """Stop exactly what slurm_up started and remove what it made. Returns the names of
     the daemons stopped ([] on a second call)."""
@@ -392,8 +448,7 @@ def slurm_down(directory: str | os.PathLike, *, keep_logs: bool = False) -> list
             C._ip("netns", "del", nd.netns)
     if C._link_exists(cl.bridge):
         C._ip("link", "del", cl.bridge)
-    if cl.munged_pid and not _other_clusters_use_munge(cl) and \
-            _stop(cl.munged_pid, cl.munged_start):
+    if _release_munged(cl):
         stopped.append("munged")
     if not keep_logs:
         if cl.made_dir:
@@ -416,8 +471,8 @@ def leftovers(cl: SlurmCluster) -> list[str]:
              if C._link_exists(x)]
     left += [f"pid {p}" for p, s in [(cl.ctld_pid, cl.ctld_start)] +
              [(nd.pid, nd.start_time) for nd in cl.nodes] if _ours(p, s)]
-    if cl.munged_pid and _ours(cl.munged_pid, cl.munged_start):
-        left.append(f"munged pid {cl.munged_pid}")
+    if (MUNGE_DIR / f"user-{cl.name}").exists():
+        left.append(f"{MUNGE_DIR}/user-{cl.name}")
     if (cl.directory / STATE_FILE).exists():
         left.append(str(cl.directory / STATE_FILE))
     return left

@@ -245,6 +245,8 @@ class Allocation:
     members: dict[str, str | None]  # slot -> Slurm node (None until granted)
     nodes: list[str] = dataclasses.field(default_factory=list)
     over: str | None = None  # why it ended (cancelled by us, or Slurm's state)
+    submitted_at: float = 0.0  # (time.time(): when sbatch answered, when seen running)
+    granted_at: float = 0.0
 
 
 class PoolAllocations:
@@ -463,7 +465,8 @@ class SlurmProvider(Provider):
                 alloc = next((a for a in reg.allocs.values()
                               if a.over is None and len(a.members) < a.size), None)
             if alloc is None:
-                alloc = Allocation(self._submit(), self.config.nodes_per_allocation, {})
+                alloc = Allocation(self._submit(), self.config.nodes_per_allocation, {},
+                                   submitted_at=time.time())
                 reg.allocs[alloc.job_id] = alloc
             alloc.members.setdefault(slot, None)
             reg.slot_job[slot] = alloc.job_id
@@ -484,6 +487,7 @@ class SlurmProvider(Provider):
                     continue
                 if state == "RUNNING" and nodes:
                     alloc.nodes = nodes
+                    alloc.granted_at = alloc.granted_at or time.time()
                     taken = {n for n in alloc.members.values() if n}
                     free = [n for n in nodes if n not in taken]
                     if not free:
