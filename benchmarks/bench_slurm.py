@@ -176,7 +176,7 @@ def _figures(res: dict, n: int) -> list[dict]:
 
 
 def suite(ctx) -> list[dict]:
-    n = 100 if ctx.quick else 1000
+    n = 30 if ctx.quick else 1000  # --quick: about 20 s (the srun loop dominates)
     res = run(n, 1 if ctx.quick else max(1, ctx.repeats), ctx.progress)
     return _figures(res, n)
 

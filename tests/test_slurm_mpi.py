@@ -60,3 +60,45 @@ def test_a_task_across_allocations_is_refused_in_one_line(slurm_cluster, cli, tm
             "-o", str(tmp_path / "x.h5"), timeout_s=120)
     assert r.returncode != 0
     assert "--nodes-per-allocation 2" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_an_allocation_ended_under_a_multi_instance_task_fails_the_attempt_and_it_retries(
+        slurm_cluster, batch, tmp_path):
+    """Slurm ends the allocation the task's ranks run in: the attempt fails (a lost node),
+    the task is retried in the replacement allocation and succeeds there."""
+    batch.pools.create("mi3", "slurm", nodes_per_allocation=3, target_nodes=3)
+    name = SP.job_name(batch.home, "mi3")
+    d = tmp_path / "marks"
+    d.mkdir()
+    prog = tmp_path / "prog.py"
+    prog.write_text(
+        "import os, time\nfrom mpi4py import MPI\nc = MPI.COMM_WORLD\n"
+        f"tag = f\"{d}/{{os.environ['HPCBATCH_TASK_ATTEMPT']}}.{{c.rank}}."
+        "{os.environ['SLURMD_NODENAME']}\"\n"
+        "open(tag + '.start', 'w').close()\n"
+        "c.Barrier()\n"
+        f"while os.environ['HPCBATCH_TASK_ATTEMPT'] == '0' and not os.path.exists("
+        f"{str(d / 'never')!r}):\n    time.sleep(0.05)\n"
+        "c.Barrier()\nopen(tag + '.done', 'w').close()\n")
+    job = batch.jobs.create("j", pool="mi3")
+    job.add_task("mi", f"hpcbatch-mpiexec --ranks-per-node 1 -- python {prog}",
+                 multi_instance={"instances": 3}, max_task_retry_count=1)
+    poll(lambda: len(list(d.glob("0.*.start"))) == 3, timeout_s=60,
+         what="3 ranks of the first attempt running")
+    (first,) = [j for j, s in _live(name).items()]
+    subprocess.run(["scancel", first], check=True)
+    job.wait(timeout_s=120)
+    t = job.task("mi")
+    assert t.succeeded and t.retry_count == 1, [(a.outcome, a.failure_kind,
+                                                 a.failure_detail) for a in t.attempts()]
+    assert [a.outcome for a in t.attempts()] == ["retry", "success"]
+    assert sorted(p.name.split(".")[2] for p in d.glob("1.*.done")) == ["sn1", "sn2", "sn3"]
+    assert not list(d.glob("0.*.done"))  # the first attempt's ranks never went on
+    assert first not in _live(name) and len(_live(name)) == 1  # the replacement
+
+
+def _live(name: str) -> dict[str, str]:
+    out = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i|%T"], capture_output=True,
+                         text=True).stdout
+    return {j: s for j, s in (line.split("|") for line in out.split())
+            if s in ("RUNNING", "PENDING", "CONFIGURING")}
