@@ -794,7 +794,7 @@ class Agent:
 
     def start_queued(self) -> None:
         """Start queued tasks, in order, while their slots fit."""
-        while self.queued and not self.stopping and \
+        while self.queued and self.running and not self.stopping and \
                 (self.used == 0 or self.used + self.queued[0].slots <= self.slots):
             self.run(self.queued.popleft())
 
@@ -1117,7 +1117,9 @@ class Agent:
                     drain_signals()
 
         self.send(P.Hello(node_id=self.node_id, root=self.root, pid=os.getpid(),
-                          hostname=socket.gethostname(), slots=self.slots,
+                          # (in a Slurm job step: the node's name in Slurm)
+                          hostname=os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+                          slots=self.slots,
                           cores=os.cpu_count(), python=sys.executable,
                           protocol=P.PROTOCOL_VERSION, token=self.token))
         now = time.monotonic()

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import poll
+from helpers import gate, poll
 
 from hpcbatch.errors import Conflict, ValidationError
 from hpcbatch.providers import slurm as SP
@@ -44,8 +44,10 @@ def marks(d: Path) -> dict[str, int]:
     return counts
 
 
-def marking(d: Path, sleep_s: float = 0.0) -> str:
+def marking(d: Path, sleep_s: float = 0.0, gate_file: Path | None = None) -> str:
     pause = f"sleep {sleep_s}; " if sleep_s else ""
+    if gate_file is not None:
+        pause = f"{gate(gate_file)}; "
     return (f"touch {d}/start.$HPCBATCH_TASK_ID.$HPCBATCH_TASK_ATTEMPT.$SLURMD_NODENAME; "
             f"{pause}touch {d}/done.$HPCBATCH_TASK_ID.$HPCBATCH_TASK_ATTEMPT")
 
@@ -133,6 +135,8 @@ def test_a_pool_resized_0_to_3_runs_60_tasks_once_each_then_gives_every_node_bac
     held = live_jobs(name)
     assert len(held) == 3 and sorted(v[1] for v in held.values()) == ["sn1", "sn2", "sn3"]
     assert all(t.succeeded for t in job.tasks())
+    hosts = sorted(n.hostname for n in batch.pools.nodes("s3"))
+    assert hosts == ["sn1", "sn2", "sn3"]  # each slot's Slurm node, as 'pool show' lists
     svc.resize_pool("s3", 0)
     poll(lambda: not batch.pools.nodes("s3"), timeout_s=30, what="the pool's nodes gone")
     poll(lambda: live_jobs(name) == {}, timeout_s=20, what=f"no allocation of {name} left")
@@ -149,17 +153,24 @@ def test_an_allocation_cancelled_from_outside_requeues_its_tasks_and_is_replaced
     d = tmp_path / "marks"
     d.mkdir()
     job = batch.jobs.create("j", pool="s3")
-    job.add_tasks({"id": f"t{i}", "command_line": marking(d, 2)} for i in range(12))
-    poll(lambda: len([p for p in d.iterdir() if p.name.startswith("start.")]) >= 6,
-         timeout_s=30, what="6 tasks running")
+    go = tmp_path / "go"  # every task holds until the test opens this
+    job.add_tasks({"id": f"t{i}", "command_line": marking(d, gate_file=go)}
+                  for i in range(12))
+    poll(lambda: len([p for p in d.iterdir() if p.name.startswith("start.")]) == 6,
+         timeout_s=30, what="6 tasks running, 2 on each node")
     victim_job, (_, victim_node) = sorted(live_jobs(name).items())[0]
-    done = set(marks(d))
     on_victim = {p.name.split(".")[1] for p in d.iterdir()
-                 if p.name.startswith("start.") and p.name.endswith("." + victim_node)} - done
-    assert on_victim
+                 if p.name.startswith("start.") and p.name.endswith("." + victim_node)}
+    assert len(on_victim) == 2
     subprocess.run(["scancel", victim_job], check=True)  # an admin, from outside
+    poll(lambda: all(job.task(t).requeue_count == 1 for t in on_victim), timeout_s=30,
+         what=f"{sorted(on_victim)} requeued")
+    go.touch()
     job.wait(timeout_s=90)
-    assert marks(d) == {f"t{i}": 1 for i in range(12)}  # none lost, none run twice
+    twice = {t: [(a.attempt, a.outcome, a.node_id, a.failure_kind, a.failure_detail)
+                 for a in job.task(t).attempts()] for t, n in marks(d).items() if n != 1}
+    assert marks(d) == {f"t{i}": 1 for i in range(12)}, (twice, sorted(
+        p.name for p in d.iterdir()))  # none lost, none run twice
     for tid in on_victim:
         t = job.task(tid)
         outcomes = [a.outcome for a in t.attempts()]
@@ -170,7 +181,7 @@ def test_an_allocation_cancelled_from_outside_requeues_its_tasks_and_is_replaced
     poll(lambda: len(live_jobs(name)) == 3 and set(live_jobs(name)) - first,
          timeout_s=30, what="a replacement allocation")
     assert victim_job not in live_jobs(name)
-    assert sorted(n.state for n in batch.pools.nodes("s3")) == ["idle"] * 3
+    poll(lambda: idle_nodes(batch, "s3") == 3, timeout_s=30, what="3 nodes idle again")
     svc.resize_pool("s3", 0)
     poll(lambda: live_jobs(name) == {}, timeout_s=30, what="all given back")
 
@@ -196,3 +207,22 @@ def test_pool_delete_and_stop_cancel_everything_and_a_new_coordinator_reaps_orph
     batch.pools.delete("s")
     poll(lambda: live_jobs(name) == {}, timeout_s=20, what="all cancelled at pool delete")
     assert not (batch.home / "nodes" / "s").exists()
+
+
+@pytest.mark.slow
+def test_a_slot_slurm_cannot_grant_says_it_is_pending_and_a_shrink_cancels_it(
+        slurm_cluster, batch, monkeypatch):
+    monkeypatch.setattr(SP.SlurmProvider, "pending_wait_s", 1.0)
+    # 2 slots a node = all of its CPUs: a 4th node's allocation waits for resources
+    batch.pools.create("p4", "slurm", task_slots_per_node=2, target_nodes=4)
+    name = SP.job_name(batch.home, "p4")
+    poll(lambda: idle_nodes(batch, "p4") == 3, timeout_s=30, what="3 nodes idle")
+    pending = poll(lambda: next((n for n in batch.pools.nodes("p4")
+                                 if "pending" in (n.reason or "")), None), timeout_s=30,
+                   what="the 4th node saying its allocation is pending")
+    assert "waiting for Slurm to grant it" in pending.reason and "Resources" in pending.reason
+    assert sorted(s for s, _ in live_jobs(name).values()) == ["PENDING"] + ["RUNNING"] * 3
+    batch.service.resize_pool("p4", 3)  # the pending one goes first
+    poll(lambda: sorted(s for s, _ in live_jobs(name).values()) == ["RUNNING"] * 3,
+         timeout_s=30, what="the pending request cancelled")
+    assert idle_nodes(batch, "p4") == 3

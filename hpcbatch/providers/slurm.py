@@ -303,6 +303,9 @@ class SlurmProvider(Provider):
     elastic = True
     config: SlurmConfig
     poll_s = 0.1  # squeue while an allocation is pending: 0.1 s, doubling to 2 s
+    # a start waits this long for its allocation, then says it is pending (the node's
+    # reason) and frees its worker thread; the next start (after the back-off) waits on
+    pending_wait_s = 30.0
 
     @classmethod
     def parse_config(cls, raw: Mapping[str, Any]) -> SlurmConfig:
@@ -471,6 +474,7 @@ class SlurmProvider(Provider):
             alloc.members.setdefault(slot, None)
             reg.slot_job[slot] = alloc.job_id
         delay = self.poll_s
+        give_up = time.monotonic() + self.pending_wait_s
         while True:
             with reg.cond:
                 if alloc.over is not None or reg.slot_job.get(slot) != alloc.job_id:
@@ -501,6 +505,11 @@ class SlurmProvider(Provider):
                     alloc.over = alloc.over or f"ended ({state or 'gone'}) before it ran"
                     raise HpcBatchError(f"Slurm allocation {alloc.job_id} {alloc.over}"
                                         + (f"; reason {reason}" if reason else ""))
+                if time.monotonic() > give_up:  # (the slot stays in it: the next start
+                    raise HpcBatchError(  # waits on)
+                        f"Slurm allocation {alloc.job_id} is {state.lower()}"
+                        + (f" ({reason})" if reason and reason != "None" else "")
+                        + "; waiting for Slurm to grant it")
                 reg.cond.wait(delay)
             delay = min(delay * 2, 2.0)
 
