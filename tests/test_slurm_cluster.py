@@ -17,6 +17,7 @@ def _ip(*args: str) -> str:
     return subprocess.run(["ip", *args], capture_output=True, text=True).stdout
 
 
+@pytest.mark.slow
 def test_cluster_up_status_down_leaves_nothing(tmp_path):
     skip_without_slurm()
     d = tmp_path / "sc"
