@@ -140,6 +140,10 @@ def test_a_pool_resized_0_to_3_runs_60_tasks_once_each_then_gives_every_node_bac
     svc.resize_pool("s3", 0)
     poll(lambda: not batch.pools.nodes("s3"), timeout_s=30, what="the pool's nodes gone")
     poll(lambda: live_jobs(name) == {}, timeout_s=20, what=f"no allocation of {name} left")
+    roots = batch.home / "nodes" / "s3"
+    assert len(list(roots.glob("slurm-*/jobs/j"))) == 3
+    assert batch.jobs.delete("j") == []  # the task directories of slots gone too
+    assert list(roots.glob("slurm-*/jobs/j")) == []
 
 
 @pytest.mark.slow

@@ -615,6 +615,17 @@ class SlurmProvider(Provider):
     def remove_tree(self, node_id: str, relpath: str) -> None:
         local_files.LocalProvider.remove_tree(self, node_id, relpath)  # type: ignore[arg-type]
 
+    def remove_trees(self, node_ids: Iterable[str], relpath: str,
+                     timeout_s: float = 60.0) -> dict[str, str]:
+        """Every slot's directory there is (slots that left the pool kept theirs on the
+        shared filesystem), not only the nodes the pool has now."""
+        base = Path(self.node_root("x")).parent
+        try:
+            slots = [p.name for p in base.iterdir() if p.is_dir() and not p.is_symlink()]
+        except FileNotFoundError:
+            slots = []
+        return super().remove_trees([*node_ids, *slots], relpath, timeout_s)
+
     def cleanup_pool(self) -> list[str]:
         """Pool delete: cancel every allocation with the pool's name, and remove its node
         roots and files."""
