@@ -67,8 +67,8 @@ def events_of(pool_id: str, node_id: str, gen: int, msg: Any, words: str,
         return [S.AgentHello(t, pool_id, node_id, gen, msg.root, msg.protocol, info)]
     if isinstance(msg, P.Error):
         return [S.AgentError(t, pool_id, node_id, gen, msg.message)]
-    if isinstance(msg, P.Bye):
-        return []
+    if isinstance(msg, P.Bye):  # unasked (asked, the node is gone): lost now, not at EOF
+        return [S.AgentClosed(t, pool_id, node_id, gen, "its agent stopped on its own")]
     return [S.AgentError(t, pool_id, node_id, gen, f"unreadable message: {msg!r}"[:300])]
 
 

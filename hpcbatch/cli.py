@@ -537,9 +537,10 @@ def pool_delete(pool_id: str) -> None:
 @click.option("--policy", type=click.Choice(["pack", "spread"]), default="pack",
               show_default=True)
 @click.option("--start-task", help="Command every node runs before it takes tasks.")
-@click.option("--nodes", type=click.IntRange(0, 64), default=1, show_default=True,
-              help="Local pools: simulated nodes on this machine (one agent each; 0: "
-              "none until it is resized or autoscaled).")
+@click.option("--nodes", type=click.IntRange(0, 64), default=None,
+              help="Local pools: simulated nodes on this machine (one agent each; 0: none until "
+              "it is resized or autoscaled) [default: 1]; Slurm pools: allocation slots "
+              "to hold at once [default: 0].")
 @click.option("--spec", type=click.Path(dir_okay=False), help="SSH pool from a pool.json "
               "(as 'hpcbatch cluster up' writes).")
 @click.option("--ssh", "hostlist", help="SSH pool from a host list: node[01-16],login1.")
@@ -563,12 +564,22 @@ def pool_delete(pool_id: str) -> None:
               "MPI reaches every node (default: on). Off: the nodes' own SSH set-up is used.")
 @click.option("--trust-on-first-use", is_flag=True,
               help="Record unknown host keys into --known-hosts instead of refusing them.")
+@click.option("--slurm", is_flag=True, default=None, help="A Slurm pool: nodes held as "
+              "Slurm allocations (sbatch pilot jobs), agents started in them with srun.")
+@click.option("--partition", help="Slurm pools: the partition to allocate in.")
+@click.option("--account", help="Slurm pools: the account to charge.")
+@click.option("--nodes-per-allocation", type=int, help="Slurm pools: nodes per allocation "
+              "(at least a multi-instance task's nodes) [default: 1].")
+@click.option("--walltime", help="Slurm pools: each allocation's time limit (1:00:00).")
+@click.option("--sbatch-arg", "sbatch_args", multiple=True, metavar="OPTION",
+              help="Slurm pools: one more sbatch option (--qos=high); repeatable.")
 @click.option("--app", "apps", multiple=True, metavar="NAME[:VERSION]",
               help="An application package every node gets before its start task, for "
               "all the pool's tasks (repeatable; see hpcbatch app).")
 def pool_create(pool_id, slots, policy, start_task, nodes, spec, hostlist, user, key,
                 known_hosts, ssh_config, port, python, mpi_prefix, node_root, authorized_keys,
-                inter_node, trust_on_first_use, apps) -> None:
+                inter_node, trust_on_first_use, slurm, partition, account,
+                nodes_per_allocation, walltime, sbatch_args, apps) -> None:
     """Create a pool: local (this machine) or SSH (--spec or --ssh).
 
     An SSH pool's hosts are all contacted first (host keys checked strictly); nothing
@@ -577,7 +588,9 @@ def pool_create(pool_id, slots, policy, start_task, nodes, spec, hostlist, user,
     ssh_options = {k: v for k, v in dict(
         spec=spec, hostlist=hostlist, user=user, key=key, known_hosts=known_hosts,
         ssh_config=ssh_config, port=port, python=python, mpi_prefix=mpi_prefix,
-        node_root=node_root, authorized_keys=authorized_keys).items() if v is not None}
+        node_root=node_root, authorized_keys=authorized_keys, slurm=slurm,
+        partition=partition, account=account, nodes_per_allocation=nodes_per_allocation,
+        walltime=walltime, sbatch_args=sbatch_args or None).items() if v is not None}
     from hpcbatch.providers import provider_of_options
     with _service(create=True) as service:
         p = service.create_pool(

@@ -79,9 +79,16 @@ def cluster() -> None:
 @click.option("--netns", is_flag=True, help="Root only: each node in a network namespace "
               "of its own (own 10.77.K.x address on a bridge, own hostname, sshd on port "
               "22), as Open MPI needs; without it nodes are 127.0.0.1 ports (MPICH works).")
-def up(nodes: int, directory: str | None, user: str | None, netns: bool) -> None:
-    """Start N sshd nodes and write pool.json, ssh_config and known_hosts."""
+@click.option("--slurm", is_flag=True, help="Root only: a Slurm cluster instead (one "
+              "slurmctld, one slurmd per network namespace, nodes sn1..snN); prints the "
+              "SLURM_CONF to export.")
+def up(nodes: int, directory: str | None, user: str | None, netns: bool, slurm: bool) -> None:
+    """Start N sshd nodes and write pool.json, ssh_config and known_hosts (--slurm: a
+    Slurm cluster of N nodes and its slurm.conf)."""
     d = _dir(directory)
+    if slurm:
+        from hpcbatch.cli_slurmcluster import slurm_up
+        return slurm_up(nodes, d)
     info = _call(cluster_up, nodes, d, user=user, netns=netns)
     out = _console()
     where = f"network namespaces, bridge {info.bridge}" if info.netns else "127.0.0.1"
@@ -100,6 +107,9 @@ def down(directory: str | None) -> None:
     """Stop the cluster's sshd processes (and their sessions), and delete its network
     namespaces, veths and bridge (--netns); files are kept."""
     d = _dir(directory)
+    from hpcbatch.cli_slurmcluster import is_slurm_dir, slurm_down
+    if is_slurm_dir(d):
+        return slurm_down(d)
     stopped = _call(cluster_down, d)
     bridge = _call(cluster_status, d).bridge
     _console().print(f"stopped {len(stopped)} sshd node(s): "
@@ -143,6 +153,9 @@ def link(node: str, state: str, directory: str | None) -> None:
 def status(directory: str | None) -> None:
     """Show each node's address (and namespace), sshd PID, and whether it is up (and its
     link, for --netns nodes)."""
+    from hpcbatch.cli_slurmcluster import is_slurm_dir, slurm_status
+    if is_slurm_dir(_dir(directory)):
+        return slurm_status(_dir(directory))
     info = _call(cluster_status, _dir(directory))
     out = _console()
     out.print(_table(info))

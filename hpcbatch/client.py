@@ -336,7 +336,10 @@ class Pools:
         ``known_hosts``, ``ssh_config``, ``port``, ``python``, ``node_root``,
         ``authorized_keys``, ``inter_node_communication`` (default on) and
         ``trust_on_first_use``; every host is contacted once first (host key checked
-        strictly) and nothing is stored unless all of them answer."""
+        strictly) and nothing is stored unless all of them answer. ``provider="slurm"``
+        (nodes held as Slurm allocations) takes ``partition``, ``account``,
+        ``nodes_per_allocation``, ``walltime``, ``sbatch_args``, ``python``,
+        ``node_root``; its ``target_nodes`` defaults to 0."""
         return self._batch.service.create_pool(pool_id, provider, **options)
 
     def get(self, pool_id: str) -> PoolView:

@@ -88,6 +88,7 @@ class Coordinator:
         self._last_poll = 0.0
         self._deferred: list[Any] = []  # a query left to the next turn (see _turn)
         self.autoscaler = Autoscaler(self.store, time.time())
+        self._growing: dict[str, int] = {}  # pool -> nodes asked of its provider, not granted
         from hpcbatch.collect import Collector, log_cap_from_env
         from hpcbatch.staging import Stager, cache_bytes_from_env
         self.stager = Stager(self.home, cache_bytes_from_env())  # resource files
@@ -325,7 +326,8 @@ class Coordinator:
                 fut.set_exception(exc)
             return []
         if kind == "grown":
-            _, pool_id, granted, _error = item
+            _, pool_id, granted, _error, asked = item
+            self._growing[pool_id] = max(0, self._growing.get(pool_id, 0) - asked)
             if pool_id not in self.state.pools or self._stop.is_set():
                 provider = self.providers.get(pool_id)
                 if granted and provider is not None:  # nobody to run them: back at once
@@ -439,8 +441,12 @@ class Coordinator:
         keep = None
         if provider.elastic:  # more nodes are asked of the provider, off the loop
             infos: tuple[S.NodeInfo, ...] = ()
-            have = sum(1 for n in pool.nodes.values() if not n.leaving)
+            # nodes asked of the provider and not granted yet count (a second resize
+            # before the first one's nodes come asks only for the rest)
+            have = sum(1 for n in pool.nodes.values() if not n.leaving) + \
+                self._growing.get(pool_id, 0)
             if target > have:
+                self._growing[pool_id] = self._growing.get(pool_id, 0) + target - have
                 self._io(self._grow, provider, pool_id, target - have)
         else:
             # the provider's nodes for a size with room for every id the pool holds now,
@@ -463,9 +469,9 @@ class Coordinator:
         except Exception as exc:  # noqa: BLE001 - said in the log and the pool's record
             log.warning("pool %s: %d more node(s) were asked for and not granted: %s",
                         pool_id, n, exc)
-            self.inbox.put(("grown", pool_id, (), str(exc)))
+            self.inbox.put(("grown", pool_id, (), str(exc), n))
             return
-        self.inbox.put(("grown", pool_id, tuple(granted), None))
+        self.inbox.put(("grown", pool_id, tuple(granted), None, n))
 
     def _autoscale(self, now: float) -> list[Any]:
         """Sample the pools, evaluate their formulas when due, resize as they say."""
@@ -527,7 +533,7 @@ class Coordinator:
         for ev in added:
             listed = {n.node_id for n in ev.nodes}
             provider = self.providers.get(ev.pool.pool_id)
-            if listed or (provider is not None and not provider.elastic):
+            if listed or provider is not None:  # (an elastic pool's slots: all listed)
                 for n in self.store.list_nodes(ev.pool.pool_id):
                     if n["id"] not in listed:
                         self.store.delete_node(ev.pool.pool_id, n["id"])
@@ -547,11 +553,10 @@ class Coordinator:
     def _pool_added(self, spec: PoolSpec) -> S.PoolAdded:
         provider = self.providers.get(spec.id) or provider_for(spec, self.home)
         self.providers[spec.id] = provider
-        nodes = provider.fixed_nodes()
+        nodes = provider.grow(spec.target_nodes) if provider.elastic else \
+            provider.fixed_nodes()
         for d in nodes:
             self.descs[(spec.id, d.node_id)] = d
-        if provider.elastic and spec.target_nodes and spec.id not in self.state.pools:
-            self._io(self._grow, provider, spec.id, spec.target_nodes)
         self._pool_apps[spec.id] = spec.application_package_references
         info = S.PoolInfo(spec.id, spec.task_slots_per_node, spec.scheduling_policy,
                           spec.start_task, bool(spec.application_package_references))
@@ -691,11 +696,8 @@ class Coordinator:
                 self._io(self._start_agent, ins)
             elif isinstance(ins, S.StopAgent):
                 entry = self._stop_agent(key, ins.gen, sends.pop(key, []), abort=ins.lost)
-                if self.state.node(*key) is None:  # it left the pool
-                    provider = self._provider_of(*key)
-                    self._forget_node(key, entry)
-                    if provider is not None and provider.elastic:  # given back
-                        self._io(provider.shrink, [ins.node_id])
+                if self.state.node(*key) is None:  # it left the pool (an elastic
+                    self._forget_node(key, entry)  # one's node is given back there)
             elif isinstance(ins, S.RemoveNodeData):
                 provider = self._provider_of(*key)
                 if provider is not None:
@@ -980,7 +982,10 @@ class Coordinator:
         forgotten (one that did not stays recorded, for the next start to reap)."""
         self.descs.pop(key, None)
         self.tokens.pop(key, None)
-        self.retired.pop(key, None)
+        provider = self.retired.pop(key, None) or self.providers.get(key[0])
+        if provider is not None and provider.elastic:  # give the node back
+            chan = entry[1] if entry else None
+            self._io(self._give_back, provider, key[1], chan)
         if entry is None:
             return
         _, chan, token = entry
@@ -1004,6 +1009,16 @@ class Coordinator:
             log.warning("pool %s: the task directories of node %s, which left it, could "
                         "not be removed: %s", provider.pool_id, node_id, exc)
 
+    def _give_back(self, provider: Any, node_id: str, chan: Any) -> None:
+        """An elastic pool's node left: once its agent has shut down, the provider gives
+        the node back (a Slurm allocation cancelled)."""
+        if chan is not None:
+            chan.wait_closed(self.timings.kill_grace_s + 5)
+        try:
+            provider.shrink([node_id])
+        except Exception:  # noqa: BLE001 - logged; the pool's stop or delete tries again
+            log.exception("giving node %s back", node_id)
+
     def _fence(self, ins: S.FenceNode, token: str) -> None:
         provider = self._provider_of(ins.pool_id, ins.node_id)
         sure = False
@@ -1018,6 +1033,7 @@ class Coordinator:
     def _release(self) -> None:
         """Shut every agent down, record the nodes offline, close the store, unlock."""
         self._stop.set()
+        self._stop_providers(final=False)  # elastic pools: starts waiting for nodes end
         # agents being started right now: wait for them, so none is left running
         concurrent.futures.wait(list(self._io_running), timeout=30)
         while True:
@@ -1038,6 +1054,7 @@ class Coordinator:
         # that did not stays recorded, and the next coordinator reaps what it left)
         gone = [(key, token) for key, (_, chan, token) in chans
                 if chan.wait_closed(max(0.0, deadline - time.monotonic()))]
+        self._stop_providers(final=True)  # elastic pools give their nodes back
         try:
             with self.store.transaction():
                 for (pool_id, node_id), token in gone:
@@ -1056,6 +1073,13 @@ class Coordinator:
                 fut.set_exception(HpcBatchError("the coordinator stopped"))
         self.store.close()
         self.lock.release()
+
+    def _stop_providers(self, final: bool) -> None:
+        for provider in list(self.providers.values()):
+            try:
+                provider.stop(final)
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                log.exception("stopping pool %s", provider.pool_id)
 
 
 def _job_info(j: dict[str, Any]) -> S.JobInfo:

@@ -62,3 +62,7 @@ NODE_NAME = "HPCBATCH_NODE"
 # what hpcbatch-mpiexec forwards to every rank: task-wide, true on every node
 FORWARD_TO_RANKS = (POOL_ID, JOB_ID, TASK_ID, TASK_ATTEMPT, NUM_INSTANCES, HOST_LIST,
                     NODE_LIST, MASTER_NODE, LAUNCH_T0)
+
+# a Slurm pool's multi-instance tasks: JSON {node id: [Slurm job id, Slurm node name]} of
+# the pool's nodes, so hpcbatch-mpiexec launches inside the allocation (srun / PRRTE)
+SLURM_NODES = "HPCBATCH_SLURM_NODES"

@@ -230,7 +230,7 @@ TRANSITIONS: dict[type, dict[Any, frozenset]] = {
     },
 }
 
-PROVIDERS = ("local", "ssh")
+PROVIDERS = ("local", "ssh", "slurm")
 # a command line, with its environment, must fit the system's limit on what one exec takes
 # (ARG_MAX; Linux also caps one argument at 128 KiB): refused at input, not with E2BIG later
 try:

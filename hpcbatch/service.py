@@ -533,7 +533,7 @@ class LocalService(LocalStorageMethods, Service):
 
     def create_pool(self, pool_id: str, provider: str = "local", *,
                     task_slots_per_node: int = 1, scheduling_policy: str = "pack",
-                    target_nodes: int = 1, start_task: str | None = None,
+                    target_nodes: int | None = None, start_task: str | None = None,
                     inter_node_communication: bool | None = None,
                     trust_on_first_use: bool = False, **provider_options: Any) -> PoolView:
         from hpcbatch.providers import provider_class, provider_for
@@ -542,9 +542,11 @@ class LocalService(LocalStorageMethods, Service):
             self.store.get_pool(pool_id)
             raise Conflict(f"pool {pool_id!r} already exists; pick another id")
         app_refs = provider_options.pop("application_package_references", None)
+        if target_nodes is not None:  # (else the provider's default: 1, a Slurm pool 0)
+            provider_options["target_nodes"] = target_nodes
         spec = provider_class(provider).make_spec(
             pool_id, task_slots_per_node=task_slots_per_node,
-            scheduling_policy=scheduling_policy, target_nodes=target_nodes,
+            scheduling_policy=scheduling_policy,
             start_task=start_task, inter_node_communication=inter_node_communication,
             **provider_options)
         if app_refs:

@@ -1363,7 +1363,7 @@ class CoordinatorState:
 
     def _on_AgentClosed(self, ev: AgentClosed) -> None:
         node = self._live(ev)
-        if node is None:
+        if node is None or not node.connected:  # (its Bye came first, or it was stopped)
             return
         node.connected = False
         words = f" ({ev.words})" if ev.words else ""

@@ -442,16 +442,22 @@ class LocalTransport:
 
     def start_agent(self, node_id: str, root: str | os.PathLike, *, token: str = "",
                     timings: Timings | None = None, slots: int = 1,
-                    reap_stale: bool = True, mpi_prefix: str | None = None) -> AgentChannel:
+                    reap_stale: bool = True, mpi_prefix: str | None = None,
+                    launcher: list[str] | None = None, python: str | None = None,
+                    env: dict[str, str] | None = None) -> AgentChannel:
+        """``launcher``: a command that runs the agent elsewhere and carries its stdin and
+        stdout (a Slurm pool's ``srun --jobid J -w NODE ... --overlap``); then what the
+        agent left is reaped there (the provider's fence), not on this machine, and
+        ``python`` is the one on that node."""
         timings = timings or Timings()
         token = token or new_token()
         root = str(root)
         proc = subprocess.Popen(
-            [sys.executable, str(AGENT_PATH),
+            [*(launcher or ()), python or sys.executable, str(AGENT_PATH),
              *agent_args(node_id, root, token=token, timings=timings, slots=slots,
                          reap_stale=reap_stale, mpi_prefix=mpi_prefix)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            close_fds=True, start_new_session=True)
+            close_fds=True, start_new_session=True, env=env)
         stdin_fd = proc.stdin.fileno()
         tail: collections.deque[str] = collections.deque(maxlen=20)
 
@@ -487,7 +493,7 @@ class LocalTransport:
             # a clean exit removes the agent's record; one still there means it died
             # with tasks running (SIGKILLed): kill what they left
             record = Path(root, "agents", f"{token}.json")
-            if record.exists():
+            if record.exists() and not launcher:
                 agent_module.reap_stale_agents(root, only=token, grace_s=timings.kill_grace_s)
             err_thread.join(2)
             proc.stdout.close()

@@ -265,7 +265,8 @@ def _run(kernel, params: dict[str, Any], output: Path, args, launch_t0: float, *
         comm.Barrier()
         t_all_computed = time.time()
         reduced = api.reduce_outputs(comm, kernel.outputs, local, source=source)
-        me = (host_name(), socket.gethostname(), t_ready - launch_t0, t_computed - t_ready)
+        me = (host_name(), socket.gethostname(), t_ready - launch_t0, t_computed - t_ready,
+              os.environ.get("SLURMD_NODENAME", ""), os.environ.get("SLURM_JOB_ID", ""))
         everyone = comm.gather(me, root=0)
         final = kernel.finalize(reduced, params) if rank == 0 else None
     except api.ReduceError as exc:
@@ -327,6 +328,9 @@ def _run(kernel, params: dict[str, Any], output: Path, args, launch_t0: float, *
                      "start_utc": results.utc(launch_t0)}
             if load is not None:
                 attrs.update(kernel.provenance())
+            if any(e[4] for e in everyone):  # started by Slurm: its nodes and job
+                attrs["slurm_nodes"] = [e[4] for e in everyone]
+                attrs["slurm_job_id"] = ",".join(sorted({e[5] for e in everyone if e[5]}))
             results.write_result(
                 output, reduced=final, reduces=reduces, attrs=attrs, timings=timings,
                 per_rank={n: [p[n] for p in small] for n in keep if n not in big},

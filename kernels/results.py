@@ -535,6 +535,9 @@ def describe(path: str | Path) -> str:
         if counts:
             lines.append(f"  {label:<9s} " + ", ".join(f"{h} x{n}" if n > 1 else h
                                                       for h, n in counts.items()))
+    if a.get("slurm_job_id"):
+        lines.append(f"  slurm     job {a['slurm_job_id']} on "
+                     + ", ".join(dict.fromkeys(str(n) for n in a.get("slurm_nodes") or [])))
     lines += [f"  mpi       {a.get('mpi_library')}",
               f"  versions  hpcbatch {a.get('hpcbatch_version')}, mpi4py "
               f"{a.get('mpi4py_version')}, numpy {a.get('numpy_version')}, h5py "

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import errno
 import json
 import math
@@ -695,6 +696,12 @@ class Agent:
         self.running = True
         self.stopping = False
         self.stop_reason = P.KILLED_SHUTDOWN
+        # inside a Slurm job step, a task killed by a signal the agent did not send is
+        # reported a moment late: when Slurm ends the allocation, it signals the tasks
+        # and the agent together, and those tasks were stopped with the agent (requeued),
+        # not failed
+        self.hold_s = 1.0 if os.environ.get("SLURM_STEP_ID") else 0.0
+        self.held: list = []  # (report at, Exited)
         self.dirty = True  # the record needs writing
         self.record_due = 0.0
         self.record_failed = False
@@ -884,7 +891,7 @@ class Agent:
 
     def start_queued(self) -> None:
         """Start queued tasks, in order, while their slots fit."""
-        while self.queued and not self.stopping and \
+        while self.queued and self.running and not self.stopping and \
                 (self.used == 0 or self.used + self.queued[0].slots <= self.slots):
             self.run(self.queued.popleft())
 
@@ -1051,14 +1058,34 @@ class Agent:
             if task.shm:  # killed ranks leave their shared-memory segments behind
                 remove_shm_files(task.shm)
             code = os.waitstatus_to_exitcode(status)
-            self.events.append(P.Exited(
+            ev = P.Exited(
                 id=task.id, exit_code=code if code >= 0 else None,
                 signal=-code if code < 0 else None, timed_out=task.timed_out,
                 killed=task.killed, start=task.start, end=time.time(),
                 usage={"utime_s": round(ru.ru_utime, 6), "stime_s": round(ru.ru_stime, 6),
                        "maxrss_kb": ru.ru_maxrss},
-                stderr_tail=tail_of(task.err) if task.err and code != 0 else None))
+                stderr_tail=tail_of(task.err) if task.err and code != 0 else None)
+            if not self.running and ev.killed is None and ev.signal:
+                ev = dataclasses.replace(ev, killed=self.stop_reason)
+            if self.hold_s and ev.killed is None and ev.signal in (signal.SIGTERM,
+                                                                   signal.SIGKILL):
+                self.held.append((time.monotonic() + self.hold_s, ev))
+            else:
+                self.events.append(ev)
             self.start_queued()
+
+    def release_held(self, now: float | None = None) -> None:
+        """Exits held back (see hold_s) whose moment passed, or all of them once the
+        agent stops (then as stopped with it)."""
+        keep = []
+        for at, ev in self.held:
+            if not self.running:
+                self.events.append(dataclasses.replace(ev, killed=self.stop_reason))
+            elif now is not None and now >= at:
+                self.events.append(ev)
+            else:
+                keep.append((at, ev))
+        self.held = keep
 
     def check_deadlines(self, now: float) -> float | None:
         """Enforce wall-clock limits and kill graces (monotonic ``now``); return the next
@@ -1202,7 +1229,9 @@ class Agent:
                     drain_signals()
 
         self.send(P.Hello(node_id=self.node_id, root=self.root, pid=os.getpid(),
-                          hostname=socket.gethostname(), slots=self.slots,
+                          # (in a Slurm job step: the node's name in Slurm)
+                          hostname=os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+                          slots=self.slots,
                           cores=os.cpu_count(), python=sys.executable,
                           protocol=P.PROTOCOL_VERSION, token=self.token))
         now = time.monotonic()
@@ -1216,6 +1245,8 @@ class Agent:
                 wait_s = min(wait_s, due - now)
             if self.lease_s:
                 wait_s = min(wait_s, heard + self.lease_s - now)
+            if self.held:
+                wait_s = min(wait_s, self.held[0][0] - now)
             if self.dirty:
                 wait_s = min(wait_s, self.record_due - now)
             ready = sel.select(max(wait_s, 0))
@@ -1242,6 +1273,8 @@ class Agent:
                         if line.strip():
                             self.handle_line(line)
             self.reap()
+            if self.held:
+                self.release_held(time.monotonic())
             self.save_record(now)
             if time.monotonic() >= next_hb:
                 self.heartbeat()
@@ -1257,6 +1290,7 @@ class Agent:
             sel.unregister(self.out_fd)
         sel.unregister(inp_fd)  # (at EOF it would wake every wait below at once)
         self.stop_all(self.stop_reason, wait)
+        self.release_held()
         self.flush_events()
         self.send(P.Bye())
         self.drain_out(2.0)

@@ -357,7 +357,7 @@ def _decode(text: str):
 
 def my_rank(env=None) -> int | None:
     env = os.environ if env is None else env
-    for name in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "MPI_RANK"):
+    for name in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "MPI_RANK", "SLURM_PROCID"):
         if env.get(name, "").isdigit():
             return int(env[name])
     return None
@@ -434,6 +434,11 @@ def rank_main(argv: list[str]) -> int:
     if rank is not None:
         r = rank % total
         index = next(i for first, n, i in table["ranks"] if first <= r < first + n)
+    here = os.environ.get("SLURMD_NODENAME")
+    on_slurm = [i for i, d in enumerate(table["instances"]) if d.get("slurm_node") == here]
+    if here and len(on_slurm) == 1:  # Slurm (srun, PRRTE) placed this rank: its node says
+        index = on_slurm[0]
+        os.environ[getattr(E, "NODE_NAME", "HPCBATCH_NODE")] = here  # the node it is on
     inst = table["instances"][index]
     tdir, root = inst["dir"], inst.get("root") or ""
     env = os.environ
@@ -751,6 +756,82 @@ def _own_cwd(primary: dict) -> str | None:
         return here
 
 
+def local_addresses() -> list[str]:
+    """This host's IPv4 addresses, loopback last (where ranks on other nodes reach the
+    primary when its name resolves to nothing useful, as a Slurm node's may not)."""
+    import fcntl
+    import struct
+    found = []
+    for _, name in socket.if_nameindex():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                raw = fcntl.ioctl(s.fileno(), 0x8915,  # SIOCGIFADDR
+                                  struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue
+        found.append(socket.inet_ntoa(raw[20:24]))
+    return sorted(set(found), key=lambda a: (a.startswith("127."), a))
+
+
+def slurm_placement(instances: list[dict]) -> tuple[str, list[str]] | None:
+    """(job id, Slurm node per instance) when this task runs on a Slurm pool
+    (HPCBATCH_SLURM_NODES); ValueError when its instances are in different allocations."""
+    raw = os.environ.get(getattr(E, "SLURM_NODES", "HPCBATCH_SLURM_NODES"))
+    if not raw:
+        return None
+    try:
+        where = json.loads(raw)
+        held = [where[d["node"]] for d in instances]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"HPCBATCH_SLURM_NODES does not name every node of the task "
+                         f"({exc})") from None
+    jobs = sorted({j for j, _ in held})
+    if len(jobs) > 1:
+        raise ValueError(
+            f"the task's nodes {', '.join(d['node'] for d in instances)} are in different "
+            f"Slurm allocations ({', '.join(jobs)}), and MPI runs inside one: give the pool "
+            f"--nodes-per-allocation {len(instances)} (at least the task's nodes)")
+    return jobs[0], [n for _, n in held]
+
+
+def slurm_command(flavour: str, mpiexec: str, job: str, hosts: list[tuple[str, int]],
+                  nprocs: int, argv: list[str], ranks_per_node: int | None
+                  ) -> tuple[list[str], dict[str, str]]:
+    """Start the ranks with what Slurm offers, inside allocation ``job``, on ``hosts``
+    [(Slurm node, ranks)]: MPICH/Intel through ``srun --mpi=pmi2`` (Slurm is the process
+    manager), Open MPI through its mpiexec, whose PRRTE starts its daemons with srun (it
+    reads the allocation from the SLURM_* variables set here: this task's nodes only).
+    The environment is this one without an outer step's SLURM_* (the agent runs in a step
+    of one node); steps overlap the agents' steps (SLURM_OVERLAP)."""
+    env = clean_environment(dict(os.environ))
+    for k in ("SLURM_CONF", "SLURM_CLUSTER_NAME"):
+        if k in os.environ:
+            env[k] = os.environ[k]
+    nodes = ",".join(h for h, _ in hosts)
+    env["SLURM_OVERLAP"] = "1"
+    if flavour == OPENMPI:
+        per = ",".join(str(n) for _, n in hosts)
+        env.update({"SLURM_JOB_ID": job, "SLURM_JOBID": job, "SLURM_JOB_NODELIST": nodes,
+                    "SLURM_NODELIST": nodes, "SLURM_JOB_NUM_NODES": str(len(hosts)),
+                    "SLURM_NNODES": str(len(hosts)), "SLURM_TASKS_PER_NODE": per,
+                    "SLURM_JOB_CPUS_PER_NODE": per})
+        if os.geteuid() == 0:
+            env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        env.setdefault("OMPI_MCA_btl", "^ofi")
+        env.setdefault("OMPI_MCA_mtl", "^ofi")
+        cmd = [mpiexec, "-n", str(nprocs)]
+        if ranks_per_node:
+            cmd += ["--map-by", f"ppr:{ranks_per_node}:node"]
+        return [*cmd, "--wdir", "/", *argv], env
+    cmd = ["srun", f"--jobid={job}", "--overlap", f"--nodes={len(hosts)}",
+           f"--ntasks={nprocs}", f"--nodelist={nodes}", "--mpi=pmi2", "--chdir=/",
+           "--kill-on-bad-exit=1", "--quiet"]
+    if ranks_per_node:
+        cmd.append(f"--ntasks-per-node={ranks_per_node}")
+    return [*cmd, *argv], env
+
+
 def _task_command(args: argparse.Namespace, program: list[str], hostfile_in: str
                   ) -> tuple[list[str], dict[str, str], Launch | None]:
     """The mpiexec command over this task's allocation; writes the flavour's hostfile."""
@@ -758,6 +839,9 @@ def _task_command(args: argparse.Namespace, program: list[str], hostfile_in: str
     flavour = detect_flavour(mpiexec)
     rpn = args.ranks_per_node
     instances = read_instances(hostfile_in)
+    slurm = slurm_placement(instances) if instances is not None else None
+    if slurm is not None:  # the ranks' hosts are the Slurm nodes the instances hold
+        instances = [{**d, "host": n, "slurm_node": n} for d, n in zip(instances, slurm[1])]
     ssh_config = os.environ.get(E.SSH_CONFIG)
     timeout_s = _timeout(args)
     if instances is None:  # a hostfile alone: the MPI's own mapping, no rank wrapper
@@ -767,7 +851,7 @@ def _task_command(args: argparse.Namespace, program: list[str], hostfile_in: str
         layout = None
     else:
         hosts, layout = rank_layout(instances, rpn)
-    if flavour == OPENMPI:
+    if flavour == OPENMPI and slurm is None:
         loop = loopback_only([h for h, _ in hosts], ssh_config)
         if loop:
             names = ", ".join(dict.fromkeys(h for h, _ in hosts))
@@ -794,10 +878,14 @@ def _task_command(args: argparse.Namespace, program: list[str], hostfile_in: str
         primary = instances[0]["host"]
         addrs = [a for a in (*addresses(ssh_hostname(primary, ssh_config)), "127.0.0.1")
                  if ":" not in a]
+        if slurm is not None:  # a Slurm node's name need not resolve: its own addresses
+            addrs = local_addresses()
         table = {"token": launch.token, "port": launch.port, "addrs": list(dict.fromkeys(addrs)),
                  "flavour": flavour, "ranks": layout,
                  "instances": [{"node": d.get("node", d["host"]), "dir": d.get("dir", ""),
-                                "root": d.get("root", "")} for d in instances],
+                                "root": d.get("root", ""),
+                                **({"slurm_node": d["slurm_node"]} if slurm else {})}
+                               for d in instances],
                  "cwd": _own_cwd(instances[0]),
                  "python_program": program[0] in PYTHON_NAMES or
                  os.path.basename(program[0]).startswith("python")}
@@ -806,6 +894,14 @@ def _task_command(args: argparse.Namespace, program: list[str], hostfile_in: str
         rank_wdir = "/"  # each rank's wrapper enters its own node's working directory
     elif program[0] in PYTHON_NAMES:
         argv = [sys.executable, *program[1:]]
+    if slurm is not None:
+        try:
+            cmd, env = slurm_command(flavour, mpiexec, slurm[0], hosts, nprocs, argv, rpn)
+        except BaseException:
+            if launch is not None:
+                launch.answer(False)
+            raise
+        return cmd, env, launch
     extra = []
     if flavour == OPENMPI and len(hosts) == 1 and hosts[0][1] > (os.cpu_count() or 1):
         # one host given more slots than it has cores (a local pool split into nodes):

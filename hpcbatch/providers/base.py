@@ -212,6 +212,11 @@ class Provider(abc.ABC):
         raise NotImplementedError(f"pool {self.pool_id!r}: {self.name} pools have a fixed "
                                   "set of nodes; they cannot shrink")
 
+    def stop(self, final: bool = True) -> None:  # noqa: B027 - a hook: most need nothing
+        """hpcbatch stops: give back what the pool holds (elastic providers). Called
+        with ``final=False`` first (stop asking for nodes: agent starts that wait give
+        up), then, once the agents have shut down, with ``final=True``."""
+
     @abc.abstractmethod
     def start_agent(self, node: NodeDesc, *, token: str, timings: Timings) -> AgentChannel:
         """Start an agent on the node (blocking) and return its channel."""
