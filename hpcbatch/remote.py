@@ -302,7 +302,7 @@ class RemoteService(RemoteStorageMethods, Service):
 
     def create_pool(self, pool_id: str, provider: str = "local", *,
                     task_slots_per_node: int = 1, scheduling_policy: str = "pack",
-                    target_nodes: int = 1, start_task: str | None = None,
+                    target_nodes: int | None = None, start_task: str | None = None,
                     inter_node_communication: bool | None = None,
                     trust_on_first_use: bool = False, **provider_options: Any) -> PoolView:
         """Provider options that name files (``spec``, ``key``, ``known_hosts`` ...) name

@@ -71,8 +71,9 @@ say "MPICH environment (.venv-mpich): kernels and multi-node MPI across sshd nod
 [ -x .venv-mpich/bin/python ] || "$PY" -m venv .venv-mpich
 .venv-mpich/bin/python -m pip install -q --upgrade pip
 .venv-mpich/bin/python -m pip install -q -e '.[mpich,test]'
+# (the Slurm ones: MPICH's ranks through srun --mpi=pmi2 on the Slurm test cluster)
 .venv-mpich/bin/python -m pytest -q -p no:cacheprovider tests/test_mpi_multinode.py tests/kernels \
-    tests/test_slurm_mpi.py  # MPICH ranks through srun --mpi=pmi2 on the Slurm test cluster
+    tests/test_slurm_mpi.py tests/test_slurm_autoscale.py
 
 # ---- the fast tier again, as an unprivileged user (when run as root) -----------------
 NONROOT_USER=hpcbtest

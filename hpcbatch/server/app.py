@@ -444,7 +444,8 @@ class PoolIn(_In):
     provider: Annotated[str, _doc(enum=["local", "ssh"])] = "local"
     task_slots_per_node: Int = _int(1, minimum=1, maximum=1024)
     scheduling_policy: Annotated[str, _doc(enum=["pack", "spread"])] = "pack"
-    target_nodes: Int = _int(1, minimum=1, maximum=100_000)
+    # none: the provider's default (1 node; a Slurm pool 0); 0: empty until resized
+    target_nodes: Int | None = _int(None, minimum=0, maximum=100_000)
     start_task: Annotated[str | None, _doc(pattern=NOT_BLANK)] = None
     inter_node_communication: bool | None = None
     trust_on_first_use: bool = False
