@@ -63,7 +63,7 @@ class Context:
         """A short line for the progress bar (also kept in the module's progress.log)."""
         if self.progress_path is not None:
             with open(self.progress_path, "a") as f:
-                f.write(" ".join(str(text).split())[:120] + "\n")
+                f.write(f"{time.time():.3f} " + " ".join(str(text).split())[:120] + "\n")
 
 
 # ---- the modules ------------------------------------------------------------------------
@@ -151,7 +151,7 @@ def run_module(name: str, opts: argparse.Namespace, out: Path,
             lines = prog.read_text().splitlines()
             if len(lines) > seen:
                 seen = len(lines)
-                on_progress(lines[-1])
+                on_progress(lines[-1].partition(" ")[2])
             if time.monotonic() - t0 > timeout_s:
                 timed_out = True
                 _kill_group(proc)
