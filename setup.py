@@ -50,7 +50,8 @@ setup(
         # hpcbatch serve: the HTTP API (docs/SERVICE.md)
         "service": SERVICE,
         "test": ["pytest>=7.4", "pytest-mpi>=0.6", "pytest-timeout>=2.2", "ruff>=0.4",
-                 "httpx>=0.27", "schemathesis>=4.0", *SERVICE],
+                 "httpx>=0.27", "schemathesis>=4.0", *SERVICE,
+                 "matplotlib>=3.7", "jsonschema>=4.18"],  # tests/test_bench.py: plots, schema
         "bench": ["rich>=13.0",
                   # hpcbatch bench: plots, the results schema, peers measured beside it
                   "matplotlib>=3.7", "jsonschema>=4.18", "hyperqueue>=0.20",
