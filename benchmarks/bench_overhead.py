@@ -96,10 +96,14 @@ STEPS = [
 ]
 
 
-def env_for(home: Path) -> dict[str, str]:
+def env_for(home: Path, code: str | None = None) -> dict[str, str]:
+    """The environment of a measured process; ``code``: a source tree whose hpcbatch/
+    is imported instead of this one (the code before a change, for --baseline)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("HPCBATCH_URL", "HPCBATCH_KEY", "HPCBATCH_HOME")}
     env["HPCBATCH_HOME"] = str(home)
+    if code:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [code, env.get("PYTHONPATH")]))
     return env
 
 
@@ -173,11 +177,11 @@ def breakdown_ms(c: dict, ranks: list[dict]) -> dict[str, float]:
     return {k: v * 1e3 for k, v in ms.items()}
 
 
-def one_breakdown(kernel: Path, tmp: Path, i: int) -> dict[str, float]:
+def one_breakdown(kernel: Path, tmp: Path, i, code: str | None = None) -> dict[str, float]:
     home, stamps, out = tmp / f"bd-home{i}", tmp / f"bd-stamps{i}", tmp / f"bd{i}.json"
     stamps.mkdir()
     subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(kernel),
-                    str(home), str(out), str(stamps)], check=True, env=env_for(home),
+                    str(home), str(out), str(stamps)], check=True, env=env_for(home, code),
                    stdin=subprocess.DEVNULL, capture_output=True, cwd=str(tmp))
     ranks = [json.loads(p.read_text()) for p in sorted(stamps.glob("rank*.json"))]
     if len(ranks) != 2:
@@ -197,7 +201,7 @@ def python_start_ms() -> tuple[float, float, float]:
 
 # ---- measure -----------------------------------------------------------------------------------
 
-def measure(repeats: int, progress=lambda s: None) -> dict:
+def measure(repeats: int, progress=lambda s: None, baseline: str | None = None) -> dict:
     import hpcbatch
     v: dict[str, list[float]] = {}
 
@@ -224,12 +228,23 @@ def measure(repeats: int, progress=lambda s: None) -> dict:
                     str(kernel), ranks=2, output=tmp / f"a{i}.h5")) * 1e3)
                 for k, ms in one_breakdown(kernel, tmp, i).items():
                     add(f"step_{k}", ms)
+                if baseline:  # the code before, the same steps, in the same repeat
+                    home = tmp / f"cli-home-base{i}"
+                    add("base_cli", timed(lambda home=home, i=i: subprocess.run(
+                        [sys.executable, "-m", "hpcbatch.cli", "run", str(kernel), "--ranks",
+                         "2", "-o", str(tmp / f"cb{i}.h5")], env=env_for(home, baseline),
+                        check=True, capture_output=True, stdin=subprocess.DEVNULL,
+                        cwd=str(tmp))) * 1e3)
+                    for k, ms in one_breakdown(kernel, tmp, f"b{i}", baseline).items():
+                        add(f"base_step_{k}", ms)
                 py, cli_imp, h5 = python_start_ms()
                 add("python_pass", py)
                 add("import_cli", cli_imp)
                 add("import_h5py", h5)
     v["cli_over_bare_h5py"] = [a - b for a, b in zip(v["cli"], v["bare_h5py"])]
     v["api_warm_over_bare_h5py"] = [a - b for a, b in zip(v["api_warm"], v["bare_h5py"])]
+    if baseline:
+        v["base_cli_over_bare_h5py"] = [a - b for a, b in zip(v["base_cli"], v["bare_h5py"])]
     return v
 
 
@@ -269,10 +284,22 @@ def main() -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--baseline", help="a source tree of the code before (its hpcbatch/ "
+                    "is imported instead): its CLI run and steps in the same repeats")
     ap.add_argument("--json-out")
     args = ap.parse_args()
-    v = measure(args.repeats, lambda s: print(s, flush=True))
+    v = measure(args.repeats, lambda s: print(s, flush=True), args.baseline)
     med = {k: statistics.median(x) for k, x in v.items()}
+    if args.baseline:
+        rows = [[label, med[f"base_step_{k}"], med[f"step_{k}"]] for k, label in STEPS]
+        rows.append(["sum of the steps", sum(med[f"base_step_{k}"] for k, _ in STEPS),
+                     sum(med[f"step_{k}"] for k, _ in STEPS)])
+        rows += [["hpcbatch run (CLI), total", med["base_cli"], med["cli"]],
+                 [f"hpcbatch run over bare mpiexec + h5py (aim <= {AIM_MS:g})",
+                  med["base_cli_over_bare_h5py"], med["cli_over_bare_h5py"]],
+                 ["bare mpiexec + h5py write, total", med["bare_h5py"], med["bare_h5py"]]]
+        print_table(f"hpcbatch run, ms (median of {args.repeats}, interleaved)",
+                    ["step", f"before ({args.baseline})", "now"], rows)
     rows = [[label, med[f"step_{k}"]] for k, label in STEPS]
     rows.append(["sum of the steps", sum(med[f"step_{k}"] for k, _ in STEPS)])
     rows += [["hpcbatch run (CLI), total", med["cli"]],
