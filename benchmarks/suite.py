@@ -423,9 +423,20 @@ def write_plots(doc: dict, out: Path) -> dict:
                         yerr=[[f["median"] - f["min"] for f in g],
                               [f["max"] - f["median"] for f in g]],
                         marker="o", capsize=3, label=f"{s} ({g[0]['unit']})")
+            for f in g:
+                if "OVERSUBSCRIBED" in f["notes"]:
+                    ax.annotate("oversubscribed", (f["x"]["value"], f["median"]), fontsize=7,
+                                xytext=(4, 4), textcoords="offset points")
+        xs_all = sorted({f["x"]["value"] for f in fs})
         ax.set_xscale("log", base=2)
+        ax.set_xticks(xs_all, [f"{x:g}" for x in xs_all])
+        ax.minorticks_off()
+        lo, hi = min(f["min"] for f in fs), max(f["max"] for f in fs)
+        if lo > 0 and hi / lo > 20:
+            ax.set_yscale("log")
         ax.set_xlabel(xname)
-        ax.set_ylabel("median [min–max]")
+        units = {f["unit"] for f in fs}
+        ax.set_ylabel(f"{units.pop() if len(units) == 1 else 'value'}, median [min–max]")
         ax.set_title(f"hpcbatch bench: {module}")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
