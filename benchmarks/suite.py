@@ -143,19 +143,23 @@ def run_module(name: str, opts: argparse.Namespace, out: Path,
             env=env, start_new_session=True)
         seen = 0
         timed_out = False
-        while proc.poll() is None:
-            try:
-                proc.wait(0.25)
-            except subprocess.TimeoutExpired:
-                pass
-            lines = prog.read_text().splitlines()
-            if len(lines) > seen:
-                seen = len(lines)
-                on_progress(lines[-1].partition(" ")[2])
-            if time.monotonic() - t0 > timeout_s:
-                timed_out = True
-                _kill_group(proc)
-                break
+        try:
+            while proc.poll() is None:
+                try:
+                    proc.wait(0.25)
+                except subprocess.TimeoutExpired:
+                    pass
+                lines = prog.read_text().splitlines()
+                if len(lines) > seen:
+                    seen = len(lines)
+                    on_progress(lines[-1].partition(" ")[2])
+                if time.monotonic() - t0 > timeout_s:
+                    timed_out = True
+                    _kill_group(proc)
+                    break
+        except BaseException:  # Ctrl-C or SIGTERM: the module's session goes with us
+            _kill_group(proc)
+            raise
     seconds = time.monotonic() - t0
     if timed_out:
         got = {"status": "timeout", "figures": [],
@@ -606,17 +610,30 @@ def check_repeats(n: int | None) -> None:
         raise ValueError(f"--repeats {n}: must be at least 1")
 
 
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM unwinds like Ctrl-C, so the running module's processes are stopped."""
+    import signal
+
+    def raise_interrupt(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, raise_interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["--child"]:
         return child_main(*args[1:4])
     opts = parser().parse_args(args)
+    _sigterm_as_interrupt()
     try:
         check_repeats(opts.repeats)
         doc, out = run(opts)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     print_table(doc)
     print(summary_text(doc, out))
     return 1 if doc["summary"]["modules_failed"] else 0

@@ -48,6 +48,7 @@ def bench(quick, only, pool_id, out, repeats, timeout_s, progress, names):
     opts = argparse.Namespace(quick=quick, only=list(only) + list(names) or None,
                               pool=pool_id, out=out, repeats=repeats, timeout_s=timeout_s,
                               progress=progress)
+    suite._sigterm_as_interrupt()
     try:
         doc, where = suite.run(opts, console=Console(stderr=True))
     except ValueError as exc:

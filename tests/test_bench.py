@@ -157,3 +157,45 @@ def test_only_accepts_names_with_or_without_the_prefix():
     assert "tasks" in suite.resolve_only(None)
     with pytest.raises(ValueError, match="--only x: no benchmark module"):
         suite.resolve_only(["x"])
+
+
+def _cmdlines_with(text: str) -> list[int]:
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if text.encode() in (p / "cmdline").read_bytes():
+                    pids.append(int(p.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_bench_stopped_by_sigterm_stops_the_running_module(tmp_path):
+    """The module runs in a session of its own (so a hang can be killed as a group); when
+    the runner is stopped, that session goes too."""
+    import signal
+    import time
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "hpcbatch.benchmarks", "--only", "state",
+                             "--repeats", "50", "--no-progress", "--out", str(out)],
+                            cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "state" / "progress.log").exists() or \
+                not (out / "state" / "progress.log").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        child = [p for p in _cmdlines_with(str(out / "state")) if p != proc.pid]
+        assert child, "the module's child process was not found"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 130
+        deadline = time.monotonic() + 30
+        while _cmdlines_with(str(out / "state")):
+            assert time.monotonic() < deadline, "the module's process outlived the runner"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
