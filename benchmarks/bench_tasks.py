@@ -21,6 +21,7 @@ peer's cluster is up before the clock starts, as hpcbatch's coordinator is.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -211,6 +212,9 @@ def suite(ctx) -> list[dict]:
             except Exception as exc:  # noqa: BLE001 - the reason is the figure
                 skipped["service"] = f"hpcbatch serve did not start: {exc}"[:300]
             for peer in ("hyperqueue", "dask", "parsl"):
+                if importlib.util.find_spec(peer) is None:
+                    skipped[peer] = f"{peer} not installed (pip install 'hpcbatch[bench]')"
+                    continue
                 if ctx.quick:
                     skipped[peer] = (f"full run only: {peer}'s start-up or its 1 s polling "
                                      f"would dominate {n} tasks in --quick")
