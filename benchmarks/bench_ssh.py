@@ -226,15 +226,23 @@ def other_mpi_python() -> tuple[str | None, str]:
                   f".venv-{other}/bin/pip install -e '.[{other}]'")
 
 
-def bootstrap_pairs(d: Path, sizes: list[int], repeats: int, progress) -> dict:
+def bootstrap_pairs(d: Path, sizes: list[int], repeats: int, progress) -> tuple[dict, dict]:
+    """Values per (who, nodes), and why a size failed (it is then skipped, not a zero)."""
     v: dict[tuple[str, int], list[float]] = {}
+    failed: dict[int, str] = {}
     for r in range(repeats):
         for n in sizes:
+            if n in failed:
+                continue
             progress(f"bootstrap {n} nodes, repeat {r + 1}/{repeats}")
-            b = bench_bootstrap(d, n, 1)
+            try:
+                b = bench_bootstrap(d, n, 1)
+            except Exception as exc:  # noqa: BLE001 - the reason is the figure
+                failed[n] = f"failed in repeat {r + 1}: {type(exc).__name__}: {exc}"[:300]
+                continue
             v.setdefault(("hpcbatch", n), []).append(b["all_s"]["hpcbatch"][0])
             v.setdefault(("ssh", n), []).append(b["all_s"]["ssh"][0])
-    return v
+    return v, failed
 
 
 def suite(ctx) -> list[dict]:
@@ -247,19 +255,21 @@ def suite(ctx) -> list[dict]:
         ctx.progress(f"starting {max(sizes)} sshd nodes")
         cluster_up(max(sizes), d)
         try:
-            boot = bootstrap_pairs(d, sizes, ctx.repeats, ctx.progress)
+            boot, failed = bootstrap_pairs(d, sizes, ctx.repeats, ctx.progress)
         finally:
             cluster_down(d)
     for n in sizes:
+        why = failed.get(n)
         figs += [
             {"name": f"ssh.bootstrap_openssh_true.{n}", "unit": "s",
-             "values": boot[("ssh", n)], "higher_is_better": False, "baseline": None,
-             "ratios": None, "aim": None, "skipped": None,
+             "values": [] if why else boot[("ssh", n)], "higher_is_better": False,
+             "baseline": None, "ratios": None, "aim": None, "skipped": why,
              "notes": f"ssh -F cfg nodeN true to {n} loopback sshd nodes in parallel",
              "x": {"name": "SSH nodes", "value": n}, "series": "parallel ssh true"},
-            {"name": f"ssh.bootstrap.{n}", "unit": "s", "values": boot[("hpcbatch", n)],
+            {"name": f"ssh.bootstrap.{n}", "unit": "s",
+             "values": [] if why else boot[("hpcbatch", n)],
              "higher_is_better": False, "baseline": f"ssh.bootstrap_openssh_true.{n}",
-             "ratios": None, "aim": None, "skipped": None,
+             "ratios": None, "aim": None, "skipped": why,
              "notes": f"pool create -> {n} nodes idle (host keys, agent upload and start)",
              "x": {"name": "SSH nodes", "value": n}, "series": "hpcbatch pool bootstrap"}]
     if ctx.quick:
