@@ -140,8 +140,12 @@ def child(kernel: str, home: str, out: str, stamps: str) -> None:
                               timeout_s=None, retries=0, compress=False,
                               output=Path(home) / "x.h5", default_dir=Path.cwd())
     t_submit = time.time()
+    import hpcbatch.kernelrun as kr
+    reader = kr._import_reader() if hasattr(kr, "_import_reader") else None  # as run_kernel
     job = b.jobs.get(run.job_id)
     job.wait()
+    if reader is not None:
+        reader.join(10)
     t_wait = time.time()
     att = b.service.task_attempts(run.job_id, "kernel")[-1]
     from hpcbatch.kernels.results import read_result
