@@ -129,6 +129,8 @@ class Peers:
             run_dir=str(self.tmp / "parsl"), strategy="none", usage_tracking=0)
         dfk = parsl.load(cfg)
         self.stops.append(dfk.cleanup)
+        import logging
+        logging.getLogger("parsl").setLevel(logging.WARNING)  # its DEBUG lines: the module log
 
         @parsl.bash_app
         def true_app():
