@@ -125,6 +125,7 @@ class Peers:
         from parsl.providers import LocalProvider
         cfg = Config(executors=[HighThroughputExecutor(
             label="bench", max_workers_per_node=self.slots, cores_per_worker=1,
+            heartbeat_threshold=600,  # a worker pool starved by the other peers' runs stays
             provider=LocalProvider(init_blocks=1, max_blocks=1))],
             run_dir=str(self.tmp / "parsl"), strategy="none", usage_tracking=0)
         dfk = parsl.load(cfg)
@@ -138,7 +139,9 @@ class Peers:
 
         def go(n: int) -> None:
             futs = [true_app() for _ in range(n)]
-            assert all(f.result() == 0 for f in futs)
+            deadline = time.monotonic() + max(300.0, n / 10)  # a lost pool never answers
+            assert all(f.result(timeout=max(1.0, deadline - time.monotonic())) == 0
+                       for f in futs)
         go(self.slots)  # the workers connected before the clock starts
         return go
 
