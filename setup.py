@@ -26,12 +26,15 @@ setup(
     license="MIT",
     python_requires=">=3.11",
     packages=["hpcbatch", "hpcbatch.providers", "hpcbatch.server", "hpcbatch.launch",
-              "hpcbatch.kernels"],
+              "hpcbatch.kernels",
+              "hpcbatch.benchmarks"],  # hpcbatch bench
     package_dir={
         "hpcbatch": "hpcbatch",
         "hpcbatch.launch": "launch",
         "hpcbatch.kernels": "kernels",
+        "hpcbatch.benchmarks": "benchmarks",
     },
+    package_data={"hpcbatch.benchmarks": ["results.schema.json"]},
     install_requires=[
         "numpy>=1.24",
         "h5py>=3.8",
@@ -49,9 +52,11 @@ setup(
         # hpcbatch serve: the HTTP API (docs/SERVICE.md)
         "service": SERVICE,
         "test": ["pytest>=7.4", "pytest-mpi>=0.6", "pytest-timeout>=2.2", "ruff>=0.4",
-                 "httpx>=0.27", "schemathesis>=4.0", *SERVICE],
+                 "httpx>=0.27", "schemathesis>=4.0", *SERVICE,
+                 "matplotlib>=3.7", "jsonschema>=4.18"],  # tests/test_bench.py: plots, schema
         "bench": ["rich>=13.0",
-                  # benchmarks/bench_executor.py's peers
+                  # hpcbatch bench: plots, the results schema, peers measured beside it
+                  "matplotlib>=3.7", "jsonschema>=4.18", "hyperqueue>=0.20",
                   "dask[distributed]>=2024.1", "parsl>=2024.1"],
     },
     entry_points={

@@ -269,6 +269,48 @@ def post_once(framework: str, route: str, data: bytes, tasks: int) -> dict:
         server.close()
 
 
+def suite(ctx) -> list[dict]:
+    """hpcbatch bench: GET requests/s and the raw chunked POST of the same tasks, FastAPI
+    (what hpcbatch serve uses) against Litestar; both need their packages."""
+    tasks = 5_000 if ctx.quick else 100_000
+    duration = 1.0 if ctx.quick else 3.0
+    missing = []
+    for mod, pkg in (("fastapi", "fastapi"), ("litestar", "litestar"), ("uvicorn", "uvicorn")):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(pkg)
+    why = f"{', '.join(missing)} not installed (pip install {' '.join(missing)})" \
+        if missing else None
+    v: dict[str, list[float]] = {}
+    if not why:
+        data = body(tasks)
+        for r in range(ctx.repeats):
+            for fw in ("litestar", "fastapi"):
+                ctx.progress(f"{fw}, repeat {r + 1}/{ctx.repeats}")
+                server = Server(fw)
+                try:
+                    asyncio.run(_get_rps(server.url, 0.3, 16))
+                    v.setdefault(f"{fw}_get", []).append(
+                        asyncio.run(_get_rps(server.url, duration, 16)))
+                finally:
+                    server.close()
+                v.setdefault(f"{fw}_post", []).append(
+                    tasks / post_once(fw, "raw", data, tasks)["seconds"])
+    figs = []
+    for kind, unit, label in (("get", "req/s", "small authenticated GET, 16 in flight"),
+                              ("post", "tasks/s", f"POST of {tasks:,} tasks, raw chunked")):
+        base = f"frameworks.litestar.{kind}"
+        figs += [{"name": base, "unit": unit, "values": v.get(f"litestar_{kind}", []),
+                  "higher_is_better": True, "baseline": None, "ratios": None, "aim": None,
+                  "skipped": why, "notes": f"Litestar + msgspec: {label}"},
+                 {"name": f"frameworks.fastapi.{kind}", "unit": unit,
+                  "values": v.get(f"fastapi_{kind}", []), "higher_is_better": True,
+                  "baseline": base, "ratios": None, "aim": None, "skipped": why,
+                  "notes": f"FastAPI (hpcbatch serve's framework): {label}"}]
+    return figs
+
+
 def main() -> None:
     from _common import print_table, write_results
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

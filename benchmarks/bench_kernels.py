@@ -178,6 +178,125 @@ def bench_run_overhead(tmp: Path, repeats: int) -> dict:
             "all_s": {"bare": bare, "bare_h5py": bare_h5, "api": api, "cli": cli}}
 
 
+# ---- hpcbatch bench ------------------------------------------------------------------------
+
+def _fig(name: str, unit: str, values: list[float], *, higher: bool, baseline: str | None = None,
+         aim: dict | None = None, notes: str = "", **extra) -> dict:
+    return {"name": name, "unit": unit, "values": values, "higher_is_better": higher,
+            "baseline": baseline, "ratios": None, "aim": aim, "skipped": None,
+            "notes": notes, **extra}
+
+
+def suite(ctx) -> list[dict]:
+    """hpcbatch bench: stream vs numpy, allreduce vs raw mpi4py, HDF5 vs dd, strong scaling
+    of pi and heat; every A and B pair run back to back in each repeat."""
+    cores = os.cpu_count() or 1
+    n = 2_000_000 if ctx.quick else 10_000_000
+    mib = 64 if ctx.quick else 512
+    ranks = [1, 2] if ctx.quick else sorted({1, 2, 4, max(2, cores)})
+    pi_samples = 10_000_000 if ctx.quick else 100_000_000
+    heat = {"nx": 512, "ny": 512, "steps": 100} if ctx.quick else \
+        {"nx": 2048, "ny": 2048, "steps": 200}
+    sizes = [8 * 2 ** i for i in range(20) if 8 * 2 ** i <= 1 << 22]
+    shown = {8: "8B", 65536: "64KiB", 1 << 22: "4MiB"}
+    v: dict[str, list[float]] = {}
+
+    def add(key: str, x: float) -> None:
+        v.setdefault(key, []).append(float(x))
+
+    data = np.random.default_rng(0).random(mib * (1 << 20) // 8)
+    shm = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else None
+    with tempfile.TemporaryDirectory(dir=ctx.out) as d:
+        tmp = Path(d)
+        src = (shm or tmp) / f"hpcbatch-bench-{os.getpid()}.bin"
+        data.tofile(src)
+        try:
+            a, b, c = np.empty(n), np.full(n, 1.0), np.full(n, 2.0)
+            for r in range(ctx.repeats):
+                rep = f"repeat {r + 1}/{ctx.repeats}"
+                ctx.progress(f"stream, {rep}")
+                add("numpy", stream.triad(a, b, c, 3.0, 5))
+                add("k1", harness("stream", 1, tmp / "s1.h5", n=n)["gbps"][0])
+                add("k2", np.mean(harness("stream", 2, tmp / "s2.h5", n=n)["gbps"]))
+                ctx.progress(f"allreduce, {rep}")
+                raw = json.loads(mpirun(2, [sys.executable, "-c", RAW_ALLREDUCE,
+                                            json.dumps(sizes), "50"]))
+                ker = list(harness("allreduce", 2, tmp / "a.h5", min_bytes=8,
+                                   max_bytes=1 << 22, iterations=50)["latency_us"])
+                for size, label in shown.items():
+                    i = sizes.index(size)
+                    add(f"raw_{label}", raw[i])
+                    add(f"ker_{label}", ker[i])
+                ctx.progress(f"HDF5 write {mib} MiB vs dd, {rep}")
+                for durable in (False, True):
+                    mode = "fsync" if durable else "page_cache"
+                    out, target = tmp / "big.h5", tmp / "dd.bin"
+
+                    def h5_write(durable: bool = durable, out: Path = out) -> None:
+                        write_result(out, reduced={"x": data}, reduces={"x": "sum"},
+                                     attrs={"kernel": "bench"}, timings={})
+                        if durable:
+                            _fsync(out)
+                    add(f"h5_{mode}", mib / timed(h5_write))
+                    out.unlink()
+                    add(f"dd_{mode}", mib / timed(lambda durable=durable, t=target: subprocess.run(
+                        ["dd", f"if={src}", f"of={t}", "bs=4M"]
+                        + (["conv=fsync"] if durable else []), check=True,
+                        capture_output=True)))
+                    target.unlink()
+                for k in ranks:
+                    ctx.progress(f"strong scaling, {k} ranks, {rep}")
+                    res = read_result(_run_kernel("pi", k, tmp / "pi.h5", samples=pi_samples))
+                    add(f"pi_{k}", res.timings["compute"])
+                    res = read_result(_run_kernel("heat", k, tmp / "heat.h5", **heat))
+                    add(f"heat_{k}", res.timings["compute"])
+        finally:
+            src.unlink(missing_ok=True)
+    figs = [
+        _fig("kernels.stream.numpy_triad", "GB/s", v["numpy"], higher=True,
+             notes=f"one process, n={n:,}, numpy a = b + s*c"),
+        _fig("kernels.stream.kernel_1rank", "GB/s", v["k1"], higher=True,
+             baseline="kernels.stream.numpy_triad", aim={"ratio_at_least": 0.9},
+             notes="the stream kernel under mpiexec -n 1, same n"),
+        _fig("kernels.stream.kernel_2rank_per_rank", "GB/s", v["k2"], higher=True,
+             baseline="kernels.stream.numpy_triad",
+             notes="per rank, 2 ranks share one memory bus: below 1 is the bus, not a bug"),
+    ]
+    for label in shown.values():
+        figs += [_fig(f"kernels.allreduce.raw_mpi4py.{label}", "us", v[f"raw_{label}"],
+                      higher=False, notes="2 ranks, comm.Allreduce, 50 iterations"),
+                 _fig(f"kernels.allreduce.kernel.{label}", "us", v[f"ker_{label}"],
+                      higher=False, baseline=f"kernels.allreduce.raw_mpi4py.{label}",
+                      aim={"ratio_at_most": 1.05},
+                      notes="the allreduce kernel, same sizes and iterations")]
+    for mode in ("page_cache", "fsync"):
+        figs += [_fig(f"kernels.write.dd.{mode}", "MiB/s", v[f"dd_{mode}"], higher=True,
+                      notes=f"dd bs=4M of the same {mib} MiB from tmpfs"
+                      + (" conv=fsync" if mode == "fsync" else "")),
+                 _fig(f"kernels.write.hdf5.{mode}", "MiB/s", v[f"h5_{mode}"], higher=True,
+                      baseline=f"kernels.write.dd.{mode}", aim={"ratio_at_least": 0.8},
+                      notes=f"a result file of {mib} MiB of doubles"
+                      + (", then fsync" if mode == "fsync" else ""))]
+    for kernel, params in (("pi", {"samples": pi_samples}), ("heat", heat)):
+        for k in ranks:
+            over = k > cores
+            figs.append(_fig(
+                f"kernels.scaling.{kernel}.{k}rank{'s' if k > 1 else ''}", "s", v[f"{kernel}_{k}"],
+                higher=False, baseline=None if k == 1 else f"kernels.scaling.{kernel}.1rank",
+                notes=f"compute phase, the slowest rank; {params}; ideal ratio {1 / k:.2g}"
+                + (f"; OVERSUBSCRIBED ({k} ranks on {cores} cores)" if over else ""),
+                x={"name": "ranks", "value": k}, series=f"{kernel} compute"))
+    return figs
+
+
+def _run_kernel(kernel: str, ranks: int, out: Path, **params) -> Path:
+    argv = [sys.executable, "-m", "hpcbatch.kernels", kernel, "--output", str(out)]
+    for k, val in params.items():
+        argv += ["--param", f"{k}={val}"]
+    mpirun(ranks, argv)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)

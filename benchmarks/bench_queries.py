@@ -285,6 +285,33 @@ def _child(phase: str, code: Path, *args: str) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def suite(ctx) -> list[dict]:
+    """hpcbatch bench: p50 / p99 ms of the embedded service's list pages and counts on one
+    job of N tasks (70% completed, 10% running, 20% active; quick 20k, full 200k)."""
+    n, calls = (20_000, 20) if ctx.quick else (200_000, 50)
+    root = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    v: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(dir=root, prefix="bench-queries-") as d:
+        ctx.progress(f"storing {n:,} tasks")
+        build(Path(d) / "home", n)
+        for r in range(ctx.repeats):
+            ctx.progress(f"queries, repeat {r + 1}/{ctx.repeats}")
+            res = new_paths(Path(d) / "home", calls)["cases"]
+            for case, st in res.items():
+                for q in ("p50", "p99"):
+                    v.setdefault(f"{case}.{q}", []).append(st[f"{q}_ms"])
+    size = f"{n // 1000}k"
+    labels = {"filtered": "a page of 1,000 of a filter (state and exit code)",
+              "startswith": "a page of 1,000 of startswith(id, ...)",
+              "sparse": "a filter matching 5 tasks",
+              "counts": "the job's counts", "task_list": "hpcbatch task list: 10 rows + counts"}
+    return [{"name": f"queries.{case}.{q}.{size}", "unit": "ms", "values": v[f"{case}.{q}"],
+             "higher_is_better": False, "baseline": None, "ratios": None,
+             "aim": {"value_at_most": 50.0} if q == "p99" else None, "skipped": None,
+             "notes": f"{labels[case]}; {calls} calls, embedded LocalService"}
+            for case in labels for q in ("p50", "p99")]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", type=int, default=1_000_000)

@@ -743,6 +743,48 @@ def summarize(results: dict) -> list[list[str]]:
     return rows
 
 
+def suite(ctx) -> list[dict]:
+    """hpcbatch bench: the coordinator process's CPU per `true` task on the local pool
+    (home on tmpfs; the agents and tasks are other processes, their CPU not counted)."""
+    n = 500 if ctx.quick else 10_000
+    slots = os.cpu_count() or 1
+    root = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else None
+    work = Path(tempfile.mkdtemp(prefix="scale-", dir=ctx.out))
+    r = Runner(work, verbose=False)
+    vals, kids, walls = [], [], []
+    try:
+        for i in range(ctx.repeats):
+            ctx.progress(f"coordinator CPU, {n:,} true tasks, repeat {i + 1}/{ctx.repeats}")
+            home = Path(tempfile.mkdtemp(prefix=f"cpu-{i}-", dir=root))
+            try:
+                res = r.run("cpu", str(REPO), home=str(home), slots=slots, n=n)
+            finally:
+                shutil.rmtree(home, ignore_errors=True)
+            if res["succeeded"] != n:
+                raise RuntimeError(f"{res['succeeded']} of {n} tasks succeeded")
+            vals.append(res["cpu_ms_per_task"])
+            kids.append(res["agents_and_tasks_cpu_ms_per_task"])
+            walls.append(n / res["wall_s"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    size = f"{n // 1000}k" if n >= 1000 else str(n)
+    return [
+        {"name": f"scale.coordinator_cpu_per_task.{size}", "unit": "ms", "values": vals,
+         "higher_is_better": False, "baseline": None, "ratios": None,
+         "aim": {"value_at_most": AIMS["cpu_ms_per_task"]}, "skipped": None,
+         "notes": f"{n:,} `true` tasks on {slots} local slots: the coordinator process's "
+                  "CPU (getrusage) minus its main thread (which adds and waits); the aim "
+                  "is HyperQueue's claim of 0.1 ms per task"},
+        {"name": f"scale.agents_and_tasks_cpu_per_task.{size}", "unit": "ms", "values": kids,
+         "higher_is_better": False, "baseline": None, "ratios": None, "aim": None,
+         "skipped": None, "notes": "the agents' and the tasks' CPU (RUSAGE_CHILDREN), "
+                                   "for scale: the part the coordinator does not spend"},
+        {"name": f"scale.throughput.{size}", "unit": "tasks/s", "values": walls,
+         "higher_is_better": True, "baseline": None, "ratios": None, "aim": None,
+         "skipped": None, "notes": "the same run's wall-clock rate"},
+    ]
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child_main(sys.argv[2], sys.argv[3])

@@ -214,6 +214,49 @@ def old_waiting(old: types.ModuleType, nodes: int, slots: int,
 
 # ---- main ---------------------------------------------------------------------------
 
+def suite(ctx) -> list[dict]:
+    """hpcbatch bench: CPU us per placement of the Placer at 1,000 nodes x 32 slots, the
+    old scheduler (from git) measured beside it in each repeat where it can be loaded."""
+    n_tasks = 100_000 if ctx.quick else 1_000_000
+    drain, steady = (10_000, 10_000) if ctx.quick else (100_000, 100_000)
+    old_drain_n, old_steady_n = (1_000, 300) if ctx.quick else (10_000, 2_000)
+    wide = 4_000 if ctx.quick else 16_000
+    N, S = 1000, 32
+    items = tasks(n_tasks)
+    old, where = load_baseline(None)
+    v: dict[str, list[float]] = {}
+    for r in range(ctx.repeats):
+        ctx.progress(f"placer, {n_tasks:,} queued, repeat {r + 1}/{ctx.repeats}")
+        v.setdefault("drain", []).append(cpu_us(new_drain(RunQueue(items), N, S, drain,
+                                                          1024))[0])
+        v.setdefault("steady", []).append(cpu_us(new_steady(RunQueue(items), N, S, steady))[0])
+        v.setdefault("wide_8", []).append(cpu_us(new_wide(wide, S, 8, 1024))[0])
+        if old is not None:
+            ctx.progress(f"old scheduler ({where}), repeat {r + 1}/{ctx.repeats}")
+            v.setdefault("old_drain", []).append(old_drain(old, items, N, S, old_drain_n)[0])
+            v.setdefault("old_steady", []).append(old_steady(old, items, N, S, old_steady_n)[0])
+    size = f"{n_tasks // 1000}k" if n_tasks < 1_000_000 else "1M"
+    figs = []
+    for case, label in (("drain", f"drain {drain:,} placements onto {N:,}x{S} empty"),
+                        ("steady", f"steady: one slot frees, one placed, x{steady:,}")):
+        oname = f"scheduler.old_{case}.{size}"
+        figs.append({"name": oname, "unit": "us", "values": v.get(f"old_{case}", []),
+                     "higher_is_better": False, "baseline": None, "ratios": None,
+                     "aim": None, "skipped": None if old is not None else
+                     f"the old scheduler could not be loaded from git: {where}",
+                     "notes": f"the scheduler before the Placer ({where}), same queue, fewer "
+                              "placements (it costs O(nodes) each)"})
+        figs.append({"name": f"scheduler.{case}.{size}", "unit": "us", "values": v[case],
+                     "higher_is_better": False, "baseline": oname, "ratios": None,
+                     "aim": {"value_at_most": 10.0}, "skipped": None,
+                     "notes": f"{label}; {n_tasks:,} queued; CPU per placement"})
+    figs.append({"name": f"scheduler.wide_4x8.{wide // 1000}k_nodes", "unit": "us",
+                 "values": v["wide_8"], "higher_is_better": False, "baseline": None,
+                 "ratios": None, "aim": None, "skipped": None,
+                 "notes": f"4-instance tasks of 8 slots each onto {wide:,} idle nodes"})
+    return figs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", type=int, default=1_000_000, help="runnable tasks queued")

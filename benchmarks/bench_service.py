@@ -595,6 +595,63 @@ def part_stored(n: int, calls: int, root: str, keep: str | None, logs: Path) -> 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# ---- hpcbatch bench ------------------------------------------------------------------------
+
+def suite(ctx) -> list[dict]:
+    """hpcbatch bench: pages of 1,000 tasks from a home of STORED completed tasks through
+    hpcbatch serve (Batch(url) and raw httpx) and the embedded service, interleaved call
+    by call; p50 and p99 per repeat (the full run stores 200,000, not main's 1M)."""
+    from hpcbatch.service import LocalService
+    n, calls = (20_000, 20) if ctx.quick else (200_000, 100)
+    root = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix="bench-service-"))
+    v: dict[str, list[float]] = {}
+    try:
+        ctx.progress(f"storing {n:,} completed tasks")
+        run_child("populate", {"home": str(tmp / "full"), "n": n})
+        with Server(tmp / "full", tmp / "logs") as srv, srv.batch() as b, srv.http() as http:
+            wait_until("the local node", lambda: nodes_idle(b.service))
+            local = LocalService(tmp / "full", create=False)
+            try:
+                exercise(b, http)
+                for r in range(ctx.repeats):
+                    ctx.progress(f"pages, repeat {r + 1}/{ctx.repeats}")
+                    lat = latency(srv, b, http, local, calls)
+                    for page in ("failed", "startswith"):
+                        for way in ("http_client", "http_raw", "embedded"):
+                            for q in ("p50", "p99"):
+                                v.setdefault(f"{page}.{way}.{q}", []).append(
+                                    lat[page][way][f"{q}_ms"])
+                    v.setdefault("small_get.p50", []).append(
+                        lat["small_get"]["http_client"]["p50_ms"])
+            finally:
+                local.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    size = f"{n // 1000}k"
+    figs = []
+    for page in ("failed", "startswith"):
+        for q in ("p50", "p99"):
+            base = f"service.page_{q}.{page}.embedded.{size}"
+            figs.append({"name": base, "unit": "ms", "values": v[f"{page}.embedded.{q}"],
+                         "higher_is_better": False, "baseline": None, "ratios": None,
+                         "aim": None, "skipped": None,
+                         "notes": f"LocalService.query_tasks in this process, {calls} pages "
+                                  f"of 1,000 ({FILTERS[page]})"})
+            for way, label in (("http_client", "Batch(url).service.query_tasks (HTTP, decoded)"),
+                               ("http_raw", "a raw httpx GET (body read, not decoded)")):
+                figs.append({"name": f"service.page_{q}.{page}.{way}.{size}", "unit": "ms",
+                             "values": v[f"{page}.{way}.{q}"], "higher_is_better": False,
+                             "baseline": base, "ratios": None,
+                             "aim": {"value_at_most": AIMS["page_p99_ms"]}
+                             if q == "p99" and way == "http_client" else None,
+                             "skipped": None, "notes": f"{label}, {n:,} stored"})
+    figs.append({"name": "service.small_get_p50", "unit": "ms", "values": v["small_get.p50"],
+                 "higher_is_better": False, "baseline": None, "ratios": None, "aim": None,
+                 "skipped": None, "notes": "a job's counts over HTTP: one round trip"})
+    return figs
+
+
 # ---- main -----------------------------------------------------------------------------
 
 def summary(res: dict) -> list[list[object]]:

@@ -1088,7 +1088,7 @@ def _register_optional() -> None:
     for mod, name in (("hpcbatch.cli_cluster", "cluster"), ("hpcbatch.cli_kernels", "run"),
                       ("hpcbatch.cli_kernels", "results"), ("hpcbatch.cli_serve", "serve"),
                       ("hpcbatch.cli_serve", "keys"), ("hpcbatch.cli_storage", "storage"),
-                      ("hpcbatch.cli_apps", "app")):
+                      ("hpcbatch.cli_apps", "app"), ("hpcbatch.cli_bench", "bench")):
         try:
             cmd = getattr(importlib.import_module(mod), name)
         except (ImportError, AttributeError):

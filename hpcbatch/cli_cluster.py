@@ -13,15 +13,20 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from hpcbatch.launch.cluster import (
-    ClusterError,
-    cluster_down,
-    cluster_status,
-    cluster_up,
-    kill_node,
-    set_link,
-    start_node,
-)
+
+def _lazy(name: str):
+    """hpcbatch.launch.cluster's ``name``, imported when called: every other CLI command
+    (hpcbatch run among them) starts without it."""
+    def call(*args, **kw):
+        from hpcbatch.launch import cluster
+        return getattr(cluster, name)(*args, **kw)
+    call.__name__ = name
+    return call
+
+
+cluster_down, cluster_status, cluster_up, kill_node, set_link, start_node = map(
+    _lazy, ("cluster_down", "cluster_status", "cluster_up", "kill_node", "set_link",
+            "start_node"))
 
 _DIR_HELP = "Cluster folder: keys, configs, pool.json, logs [default: $HPCBATCH_HOME/cluster]."
 
@@ -41,6 +46,7 @@ def _console() -> Console:
 
 
 def _call(fn, *args, **kw):
+    from hpcbatch.launch.cluster import ClusterError
     try:
         return fn(*args, **kw)
     except ClusterError as exc:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 import click
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -14,6 +13,7 @@ err = Console(stderr=True, highlight=False)
 
 
 def _fmt(value) -> str:
+    import numpy as np  # here: every other command starts without it
     arr = np.asarray(value)
     if arr.ndim == 0:
         v = arr.item()
@@ -29,6 +29,7 @@ SERIES_MAX = 64  # 1-D outputs of one length up to this are shown side by side
 def _series(reduced: dict) -> dict[int, list[str]]:
     """Names of the 1-D outputs too long to show inline, by length, where at least two
     share a length (a sweep: sizes and their latencies, say)."""
+    import numpy as np
     by_len: dict[int, list[str]] = {}
     for name, value in reduced.items():
         arr = np.asarray(value)
@@ -37,8 +38,11 @@ def _series(reduced: dict) -> dict[int, list[str]]:
     return {n: names for n, names in by_len.items() if len(names) > 1}
 
 
-def _units(path) -> dict[str, str]:
-    """The units attribute of each result dataset (none when the file cannot be read)."""
+def _units(path, known: dict[str, str] | None = None) -> dict[str, str]:
+    """The units attribute of each result dataset (none when the file cannot be read);
+    ``known``: the units run_kernel already read (the file is not opened again)."""
+    if known is not None:
+        return known
     from hpcbatch.kernels.results import read_result
     try:
         return read_result(path).units
@@ -47,8 +51,9 @@ def _units(path) -> dict[str, str]:
 
 
 def print_result(res) -> None:
+    import numpy as np
     series = _series(res.reduced)
-    units = _units(res.path)
+    units = _units(res.path, getattr(res, "units", None))
     t = Table(title=f"{res.kernel}: reduced results")
     t.add_column("name")
     t.add_column("value", overflow="fold")

@@ -78,6 +78,7 @@ class KernelResult:
     attrs: dict[str, Any]
     job_id: str
     task_id: str
+    units: dict[str, str] | None = None  # of each reduced dataset, as the file says
 
     def __getitem__(self, name: str) -> Any:
         """A reduced output: ``res["energy"]`` is ``res.reduced["energy"]``."""
@@ -329,6 +330,23 @@ def upload_function(service, fn: Any, params: dict[str, Any] | None,
     return digest
 
 
+def _import_reader():
+    """Import the result reader (numpy and h5py: a few hundred ms) in a thread while the
+    ranks run, so that reading the result once they are done does not wait for it."""
+    import threading
+
+    def go() -> None:
+        try:
+            import h5py  # noqa: F401
+
+            import hpcbatch.kernels.results  # noqa: F401
+        except Exception:  # noqa: BLE001, S110 - the read after the run reports it
+            pass
+    t = threading.Thread(target=go, name="hpcbatch-import-reader", daemon=True)
+    t.start()
+    return t
+
+
 def run_kernel(batch, kernel: Any, *, ranks: int | None = None,
                params: dict[str, Any] | list[str] | None = None,
                output: str | os.PathLike | None = None, pool: str = "local",
@@ -368,6 +386,7 @@ def run_kernel(batch, kernel: Any, *, ranks: int | None = None,
                                 timeout_s=timeout_s, retries=retries, compress=compress,
                                 output=output, default_dir=Path.cwd(), **fn_kw)
     job = batch.jobs.get(run.job_id)
+    reader = _import_reader()
     try:
         job.wait(progress=progress, on_waiting=on_waiting)
     except KeyboardInterrupt:  # the user gave up on this run: stop its ranks, keep nothing
@@ -377,6 +396,8 @@ def run_kernel(batch, kernel: Any, *, ranks: int | None = None,
         except (TimeoutError, HpcBatchError):
             pass
         raise
+    finally:
+        reader.join(10)
     run = service.get_run(run.id)
     if run.state != "succeeded":
         what = "function" if fn_kw else "kernel"
@@ -398,4 +419,4 @@ def run_kernel(batch, kernel: Any, *, ranks: int | None = None,
         out = service.run_output(run.id)
     res = read_result(out)
     return KernelResult(run.kernel, out, res.reduced, res.timings, res.attrs, run.job_id,
-                        "kernel")
+                        "kernel", res.units)

@@ -59,6 +59,10 @@ say "ruff"
 ruff check .
 say "pytest"
 python -m pytest "$@"
+say "hpcbatch bench smoke (--quick, two cheap modules; tests/test_bench.py checks the schema)"
+bench_out=$(mktemp -d)
+hpcbatch bench --quick --only state queries --repeats 1 --no-progress --out "$bench_out"
+rm -rf "$bench_out"
 if [ -d tests/mpi ]; then
     say "MPI tests (2 ranks)"
     # as root Open MPI refuses to start without these; ^ofi skips a slow libfabric probe
