@@ -175,7 +175,6 @@ def test_the_seven_steps_through_the_service_then_a_node_lost(serve, make_cluste
 
 @pytest.mark.slow
 def test_the_seven_steps_through_the_cli(ssh_cluster, tmp_path):
-    from test_ssh_pool import spec_for
     home = tmp_path / "cli home"
     files = inputs(tmp_path, 6)
     markers = tmp_path / "markers"
@@ -191,10 +190,14 @@ def test_the_seven_steps_through_the_cli(ssh_cluster, tmp_path):
     assert "(default)" in cli("app", "upload", "shout", "1.0", str(app_archive(tmp_path)))
     assert "uploaded 6 blob(s)" in cli("storage", "upload", "input", str(tmp_path / "inputs"),
                                        "--name", "set")
-    # 2. pool (the cluster's pool.json: its hosts, key and known_hosts)
-    spec = spec_for(ssh_cluster.directory, ["node1", "node2", "node3"], tmp_path)
-    cli("pool", "create", "clipool", "--spec", str(spec), "--policy", "spread",
-        "--app", "shout", "--start-task", START)
+    # 2. pool: a host list, as on a real cluster (the test cluster's ssh_config says
+    # where each node listens; its key and known_hosts)
+    d = Path(ssh_cluster.directory)
+    cli("pool", "create", "clipool", "--ssh", "node[1-3]", "--ssh-config",
+        str(d / "ssh_config"), "--key", str(d / "id_ed25519"), "--known-hosts",
+        str(d / "known_hosts"), "--authorized-keys", str(d / "authorized_keys"),
+        "--python", sys.executable, "--node-root", str(tmp_path / "node roots"),
+        "--policy", "spread", "--app", "shout", "--start-task", START)
     # 3. job
     cli("job", "create", "cj", "--pool", "clipool", "--on-all-tasks-complete",
         "terminate_job", "--prep-command", PREP, "--release-command", release_cmd(markers))
