@@ -18,6 +18,7 @@ nodes (tests/conftest_ssh.py):
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
@@ -110,6 +111,10 @@ def test_the_seven_steps_through_the_service_then_a_node_lost(serve, make_cluste
                        start_task=START)
         poll(lambda: sum(n["state"] == "idle" for n in b.pools.nodes("wfpool")) == 3,
              timeout_s=60, what="3 idle nodes")
+        roots = Path(json.loads(spec.read_text())["node_root"])  # the start task ran there
+        started = sorted(roots.glob("*/wfpool/node*/starttask/wd/started.txt"))
+        assert [p.parent.parent.parent.name for p in started] == ["node1", "node2", "node3"]
+        assert {p.read_bytes() for p in started} == {expected("start", b"1.0\n")}
         # 3. job: a preparation task and a release task
         job = b.jobs.create("wf", pool="wfpool", on_all_tasks_complete="terminate_job",
                             preparation_task={"command_line": PREP},
@@ -243,6 +248,9 @@ def test_bad_inputs_are_refused_or_recorded_naming_what(batch, tmp_path):
     with pytest.raises(ValidationError, match="nothing was stored") as e:
         batch.apps.upload("shout", "1.0", broken)
     assert e.value.field == "archive" and "\n" not in str(e.value)
+    r = run_cli(Path(batch.home), "app", "upload", "shout", "1.0", str(broken))
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "broken.tar.gz" in r.stderr and "nothing was stored" in r.stderr
     assert batch.apps.list() == []
     job = batch.jobs.create("bad")
     # refused at input, naming the field and the thing
@@ -276,7 +284,7 @@ def test_bad_inputs_are_refused_or_recorded_naming_what(batch, tmp_path):
     assert (t["good"].result, t["good"].stdout()) == ("success", "fine\n")
     assert t["bystander"].stdout() == "unaffected\n"
     assert t["missing"].failure_kind == "pre_processing_error"
-    assert "absent.txt" in t["missing"].failure, t["missing"].failure
+    assert "blob 'absent.txt' is not in container 'input'" in t["missing"].failure
     assert t["missing"].attempts()[-1].exit_code is None  # its command never ran
     assert t["nocontainer"].failure_kind == "pre_processing_error"
     assert "container 'gone' does not exist" in t["nocontainer"].failure
