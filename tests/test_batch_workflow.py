@@ -126,7 +126,19 @@ def test_the_seven_steps_through_the_service_then_a_node_lost(serve, make_cluste
                               "resource_files": [{"storage_path": f"input/set/{n}",
                                                   "file_path": "in.txt"}],
                               "output_files": out} for n in files) == 20
-        # 5. monitor: the service's progress, as it comes
+        # 5. monitor: the change feed (server-sent events, the job's counts at each
+        # change) until all 20 are done, then wait (which also waits out the release)
+        events = []
+        with srv.client.stream("GET", "/v1/events", params={"job_id": "wf", "timeout": 180},
+                               timeout=200) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:])["counts"])
+                    if events[-1]["completed"] == 20:
+                        break
+        done = [e["completed"] for e in events]
+        assert done == sorted(done) and done[-1] == 20 and events[0]["total"] == 20, events
         seen: list[dict] = []
         counts = b.service.wait_job("wf", timeout_s=180, on_progress=seen.append)
         assert (counts["completed"], counts["total"]) == (20, 20), counts
