@@ -246,6 +246,9 @@ def test_the_seven_steps_through_the_cli(ssh_cluster, tmp_path):
     cli("storage", "delete", "output")
     cli("app", "delete", "shout")
     assert "no application packages" in cli("app", "list")
+    assert "clipool" not in cli("pool", "list")
+    listed = cli("storage", "list")
+    assert "input" not in listed and "output" not in listed, listed
     r = run_cli(home, "job", "show", "cj")
     assert r.returncode == 2 and "cj" in r.stderr
 
