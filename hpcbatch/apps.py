@@ -362,6 +362,28 @@ class Apps:
         return self._batch.service.set_default_app(name, version)
 
 
+def refuse_if_used(store: AppStore, pools: Iterable[Any], name: str,
+                   version: str | None) -> None:
+    """Conflict when deleting ``name`` (``version``, or every version) would take a
+    package from a pool that names it: its nodes get their pool's packages before their
+    start task, so each new node (a resize, a lost node back) would be unusable."""
+    try:
+        versions = [a.version for a in store.list(name)]
+    except (NotFound, ValidationError):
+        return  # AppStore.delete says what is wrong
+    if version is not None and version not in versions:
+        return
+    for pool in pools:
+        for ref in pool.application_package_references:
+            if ref.application_id != name:
+                continue
+            if version is None or ref.version == version or (
+                    ref.version is None and versions == [version]):
+                raise Conflict(f"application {ref.label!r} is used by pool {pool.id!r}, "
+                               "whose nodes need it; delete the pool first "
+                               f"(hpcbatch pool delete {pool.id})")
+
+
 def _version_key(v: str) -> tuple:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.-]", v))
 

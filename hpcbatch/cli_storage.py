@@ -167,8 +167,9 @@ def delete(container: str, blob: str | None, prefix: bool) -> None:
 
 RESOURCE_HELP = ("A resource file from storage or a URL (repeatable): CONTAINER[/PREFIX/] "
                  "(its blobs, by name), CONTAINER/BLOB (one), or URL (http(s)://, s3:// "
-                 "...), each [=DEST][@MODE] (DEST relative to the task's wd/, MODE like "
-                 "0755); or a JSON object of a resource file's fields.")
+                 "...), each [=DEST][@MODE] (DEST relative to the task's wd/; one ending in "
+                 "'/' is a directory the file goes into; MODE like 0755); or a JSON "
+                 "object of a resource file's fields.")
 OUTPUT_HELP = ("An output file (repeatable): PATTERN=CONTAINER[/PATH][@success|failure|"
                "completion]: files matching the glob PATTERN (relative to wd/, may begin "
                "'../') uploaded to CONTAINER at PATH ({job}, {task}, {attempt} replaced) "

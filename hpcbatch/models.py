@@ -529,8 +529,11 @@ class ResourceFile:
                 src = Path.cwd() / src
             object.__setattr__(self, "source", str(src))
             default = src.name
-        object.__setattr__(self, "file_path",
-                           _rel_path("resource_file.file_path", self.file_path or default))
+        path = self.file_path or default
+        if default and isinstance(self.file_path, str) and (
+                self.file_path.endswith("/") or posixpath.normpath(self.file_path) == "."):
+            path = posixpath.join(self.file_path, default)  # into that directory, as cp does
+        object.__setattr__(self, "file_path", _rel_path("resource_file.file_path", path))
 
     def to_dict(self) -> dict[str, Any]:
         """Only the fields given (what a user would write)."""

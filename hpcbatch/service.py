@@ -794,6 +794,8 @@ class LocalService(LocalStorageMethods, Service):
         return self._apps().list(name)
 
     def delete_app(self, name: str, version: str | None = None) -> list[str]:
+        from hpcbatch.apps import refuse_if_used
+        refuse_if_used(self._apps(), self.store.list_pools(), name, version)
         return self._apps().delete(name, version)
 
     def set_default_app(self, name: str, version: str) -> Any:

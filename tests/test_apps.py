@@ -284,3 +284,28 @@ def test_the_service_takes_an_app_over_http(tmp_path, home):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_package_a_pool_uses_is_not_deleted_under_it(batch, tmp_path):
+    """Deleting a package a pool names would leave each of its new nodes unusable (it
+    gets its pool's packages before its start task): refused, naming the pool, until the
+    pool is gone; a version no pool needs goes."""
+    batch.apps.upload("tool", "1.0", tool_archive(tmp_path, "1.0"))
+    batch.apps.upload("tool", "2.0", tool_archive(tmp_path, "2.0"))
+    batch.apps.upload("other", "1.0", tool_archive(tmp_path, "1.0"))
+    batch.pools.create("uses", target_nodes=1, application_package_references=["tool:2.0",
+                                                                                "other"])
+    for name, version in (("tool", "2.0"), ("tool", None), ("other", "1.0"), ("other", None)):
+        with pytest.raises(Conflict, match="is used by pool 'uses'.*hpcbatch pool delete uses"):
+            batch.apps.delete(name, version)
+    assert batch.apps.delete("tool", "1.0") == ["tool:1.0"]  # no pool needs it
+    with pytest.raises(NotFound, match="has no version '9'"):
+        batch.apps.delete("tool", "9")
+    job = batch.jobs.create("still", pool="uses")
+    job.add_task("t", '"$HPCBATCH_APP_TOOL_2_0/bin/mytool" ok')
+    job.wait(timeout_s=60)
+    assert job.task("t").stdout() == "tool 2.0 ok\n"
+    batch.jobs.delete("still")
+    batch.pools.delete("uses")
+    assert batch.apps.delete("tool") == ["tool:2.0"]
+    assert batch.apps.delete("other") == ["other:1.0"]

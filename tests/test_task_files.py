@@ -375,3 +375,24 @@ def test_the_node_cache_is_bounded_least_recently_used_first(tmp_path):
         nodecache.place({"root": str(root), "dest_dir": str(root / "wd"), "cap_bytes": 0,
                          "fetched": [], "entries": [{"sha256": blobs[0], "rel": "../up",
                                                      "mode": 0o600}]})
+
+
+def test_a_file_path_naming_a_directory_places_the_file_in_it(batch, tmp_path):
+    """A single file's file_path ending in '/' (or '.') is a directory, as cp's and scp's
+    destination is: the file lands there under its own name (it used to become a file
+    named 'data')."""
+    batch.storage.create("in")
+    batch.storage.put_bytes("in", "x/a.txt", b"A")
+    (tmp_path / "local.txt").write_bytes(b"L")
+    job = batch.jobs.create("into")
+    job.add_task("t", "find . -type f | sort; cat data/a.txt a.txt sub/dir/local.txt",
+                 resource_files=[{"storage_path": "in/x/a.txt", "file_path": "data/"},
+                                 {"storage_path": "in/x/a.txt", "file_path": "."},
+                                 {"source": str(tmp_path / "local.txt"),
+                                  "file_path": "sub/dir/"}])
+    job.wait(timeout_s=60)
+    assert job.task("t").stdout().splitlines() == [
+        "./a.txt", "./data/a.txt", "./sub/dir/local.txt", "AAL"], job.task("t").view
+    with pytest.raises(ValidationError, match="leaves the task's working directory"):
+        job.add_task("up", "true", resource_files=[{"storage_path": "in/x/a.txt",
+                                                    "file_path": "../"}])
