@@ -12,7 +12,7 @@ from fastapi import Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from hpcbatch.server.app import Id, IdPath, _doc, _In
-from hpcbatch.storage import MAX_BLOB_NAME, META_DIR
+from hpcbatch.storage import MAX_BLOB_NAME, META_DIR, check_container
 from hpcbatch.storage_api import SHA_HEADER
 
 # hpcbatch.storage.check_blob_name as a pattern: parts split by '/', none empty, '.' or
@@ -55,6 +55,7 @@ def add_routes(v1: Any, call: Any) -> None:
     @v1.post("/storage", tags=["storage"], status_code=201)
     async def create_container(body: ContainerIn) -> JSONResponse:
         """Create a container: under the service's home, or at an fsspec ``url``."""
+        check_container(body.name, "name")  # the body's field, named as such
         view = await call(lambda s: s.create_container(body.name, body.url,
                                                        exist_ok=body.exist_ok))
         return JSONResponse(view.to_dict(), status_code=201)
