@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import Query
 
-from hpcbatch.apps import VERSION_RE, VERSION_RULE
+from hpcbatch.apps import VERSION_RE, VERSION_RULE, check_name, check_version
 from hpcbatch.errors import ValidationError
 from hpcbatch.server.app import ID_PATTERN, Id, IdPath, _doc, _In
 
@@ -46,6 +46,8 @@ def add_routes(v1: Any, call: Any, json: Any, plain: Any, home: Path | None) -> 
     async def upload_app(body: AppIn) -> Any:
         """Keep an uploaded archive as NAME VERSION (checked in full; a bad one is a 400
         and nothing is stored)."""
+        check_name("name", body.name)  # a bad name or version is named before the source
+        check_version("version", body.version)
         src = Path(body.source).resolve()
         uploads = (Path(home) / "uploads").resolve() if home is not None else None
         if uploads is None or uploads not in src.parents:
