@@ -76,7 +76,7 @@ def add_routes(v1: Any, call: Any) -> None:
         items = await call(lambda s: s.list_blobs(container, prefix))
         return JSONResponse({"items": [b.to_dict() for b in items]})
 
-    @v1.put("/storage/{container}/blobs/{name:path}", tags=["storage"],
+    @v1.put("/storage/{container}/blobs/{name:path}", tags=["storage"], status_code=201,
             openapi_extra={"requestBody": {"required": True, "content": octet}})
     async def put_blob(container: IdPath, name: BlobPath, request: Request,
                        sha256: ShaQuery = None) -> JSONResponse:
