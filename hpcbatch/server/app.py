@@ -560,6 +560,15 @@ class TaskIn(_In):
     application_package_references: AppRefs = []
 
 
+class JobResourceFileIn(ResourceFileIn):
+    """A file copied into the job's preparation (or release) directory: the same
+    fields, without Azure Batch's other names."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+JobResourceFiles = Annotated[list[JobResourceFileIn | str], _doc(
+    description="files on the service's machine (each must exist there)")]
 Environment = Annotated[dict[str, str], _doc(
     propertyNames={"pattern": r"^[A-Za-z_][A-Za-z0-9_]*$"},
     additionalProperties={"type": "string", "pattern": NO_NUL})]
@@ -573,7 +582,7 @@ class PreparationTaskIn(_In):
 
     command_line: Command
     environment: Environment = {}
-    resource_files: ResourceFiles = []
+    resource_files: JobResourceFiles = []
     wait_for_success: bool = True
     max_task_retry_count: Int = _int(0, minimum=0, maximum=100)
     max_wall_clock_time_s: Seconds | None = None
@@ -586,7 +595,7 @@ class ReleaseTaskIn(_In):
 
     command_line: Command
     environment: Environment = {}
-    resource_files: ResourceFiles = []
+    resource_files: JobResourceFiles = []
     max_wall_clock_time_s: Seconds = RELEASE_WALL_CLOCK_S
 
 
