@@ -31,10 +31,12 @@ FUZZ_EXAMPLES = int(os.environ.get("HPCBATCH_FUZZ_EXAMPLES", "12"))
 PER_ITEM = {"POST /v1/jobs/{job_id}/addtaskcollection"}
 # valid per the document, yet refused (400) for what only the server knows: whether a
 # resource file exists on its disk, a provider's options, a kernel's parameters, a filter
-# in the query language, a continuation token it made, the SHA-256 of the bytes sent
+# in the query language, a continuation token it made, the SHA-256 of the bytes sent,
+# whether a container URL's fsspec backend is installed there, an archive uploaded to it
 STATEFUL = {"POST /v1/pools", "POST /v1/submit", "POST /v1/jobs/{job_id}/tasks",
             "POST /v1/jobs/{job_id}/addtaskcollection", "POST /v1/runs", "GET /v1/jobs",
-            "GET /v1/jobs/{job_id}/tasks", "PUT /v1/uploads/{sha256}"}
+            "GET /v1/jobs/{job_id}/tasks", "PUT /v1/uploads/{sha256}",
+            "POST /v1/storage", "POST /v1/apps"}
 # long-polls and streams end at once under the fuzzer
 QUICK = {"GET /v1/changes": {"timeout": 0}, "GET /v1/events": {"timeout": 0}}
 

@@ -332,3 +332,39 @@ def test_through_the_service_streamed_both_ways(serve, tmp_path):
         job.wait(timeout_s=60)
         assert b.storage.get_bytes("out", "t.txt") == b"X-DATA"
         assert b.storage.get_bytes("out", "svc/rest/0/copy.txt") == b"x-data"
+
+
+def test_storage_and_apps_refusals_are_the_api_error_body(serve):
+    """A real `hpcbatch serve`: each refusal of a storage or application-package route is
+    the API's JSON error {code, message, target}, naming the field, and changes nothing."""
+    c = serve().client
+    assert c.post("/v1/storage", json={"name": "box"}).status_code == 201
+    cases = [  # method, path, json body, status, code, target
+        ("post", "/v1/storage", {"name": ""}, 400, "ValidationError", "name"),
+        ("post", "/v1/storage", {"name": "b", "junk": 1}, 422, "InvalidBody", "junk"),
+        ("post", "/v1/storage", {"name": "b", "url": "no-scheme"}, 400, "ValidationError",
+         "url"),
+        ("post", "/v1/storage", {"name": "box"}, 409, "Conflict", None),
+        ("get", "/v1/storage/no%20such", None, 400, "ValidationError", "container"),
+        ("get", "/v1/storage/nope/blobs", None, 404, "NotFound", None),
+        ("get", "/v1/storage/box/blobs/x/%2E%2E/y", None, 400, "ValidationError", "blob"),
+        ("get", "/v1/storage/box/blobs/.hpcbatch/meta", None, 400, "ValidationError",
+         "blob"),
+        ("get", "/v1/storage/box/blobs/missing.txt", None, 404, "NotFound", None),
+        ("post", "/v1/apps", {"name": "a", "version": "-1", "source": "x"}, 400,
+         "ValidationError", "version"),
+        ("post", "/v1/apps", {"name": "a b", "version": "1", "source": "x"}, 400,
+         "ValidationError", "name"),
+        ("delete", "/v1/apps/nope", None, 404, "NotFound", None),
+        ("post", "/v1/apps/nope/default", {"version": "1", "x": 2}, 422, "InvalidBody",
+         "x"),
+    ]
+    for method, path, body, status, code, target in cases:
+        r = c.request(method.upper(), path, json=body)
+        got = r.json()
+        assert (r.status_code, got["code"]) == (status, code), (path, body, r.text)
+        assert set(got) == {"code", "message", "target"} and got["message"], r.text
+        if target is not None:
+            assert got["target"] == target, (path, body, r.text)
+    assert [b["name"] for b in c.get("/v1/storage").json()["items"]] == ["box"]
+    assert c.get("/v1/apps").json()["items"] == []

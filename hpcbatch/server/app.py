@@ -54,7 +54,7 @@ from hpcbatch.errors import (
     StorageFull,
     ValidationError,
 )
-from hpcbatch.models import JobSpec
+from hpcbatch.models import RELEASE_WALL_CLOCK_S, JobSpec
 from hpcbatch.server.auth import KeyRing
 from hpcbatch.views import AttemptView, FileView, JobView, NodeView, PoolView, RunView, TaskView
 
@@ -481,13 +481,9 @@ class JobIn(_In):
     on_all_tasks_complete: Annotated[str, _doc(enum=["no_action", "terminate_job"])] = \
         "no_action"
     max_task_retry_count: Int = _int(0, minimum=-1, description="-1: no limit")
-    preparation_task: dict[str, Any] | None = Field(None, description=(
-        "runs on a node before the job's tasks there: command_line, environment, "
-        "resource_files, wait_for_success, max_task_retry_count, max_wall_clock_time_s, "
-        "rerun_on_node_reboot_after_success"))
-    release_task: dict[str, Any] | None = Field(None, description=(
-        "runs on every node that ran the job's tasks when the job ends: command_line, "
-        "environment, resource_files, max_wall_clock_time_s (default 900)"))
+    # forward references: their models use ResourceFiles, defined below
+    preparation_task: "PreparationTaskIn | None" = None
+    release_task: "ReleaseTaskIn | None" = None
 
 
 class ResourceFileIn(_In):
@@ -563,6 +559,48 @@ class TaskIn(_In):
     resource_files: ResourceFiles = []
     output_files: list[OutputFileIn] = []
     application_package_references: AppRefs = []
+
+
+class JobResourceFileIn(ResourceFileIn):
+    """A file copied into the job's preparation (or release) directory: the same
+    fields, without Azure Batch's other names."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+JobResourceFiles = Annotated[list[JobResourceFileIn | str], _doc(
+    description="files on the service's machine (each must exist there)")]
+Environment = Annotated[dict[str, str], _doc(
+    propertyNames={"pattern": r"^[A-Za-z_][A-Za-z0-9_]*$"},
+    additionalProperties={"type": "string", "pattern": NO_NUL})]
+Seconds = Annotated[float, _doc(exclusiveMinimum=0)]
+
+
+class PreparationTaskIn(_In):
+    """Runs on a node before the job's tasks there (hpcbatch.JobPreparationTask): with
+    ``wait_for_success`` they wait for it to succeed, and a node where it fails skips
+    the job."""
+
+    command_line: Command
+    environment: Environment = {}
+    resource_files: JobResourceFiles = []
+    wait_for_success: bool = True
+    max_task_retry_count: Int = _int(0, minimum=0, maximum=100)
+    max_wall_clock_time_s: Seconds | None = None
+    rerun_on_node_reboot_after_success: bool = True
+
+
+class ReleaseTaskIn(_In):
+    """Runs on every node that ran the job's tasks when the job ends
+    (hpcbatch.JobReleaseTask), killed after ``max_wall_clock_time_s``."""
+
+    command_line: Command
+    environment: Environment = {}
+    resource_files: JobResourceFiles = []
+    max_wall_clock_time_s: Seconds = RELEASE_WALL_CLOCK_S
+
+
+JobIn.model_rebuild()
 
 
 class TaskCollectionIn(_In):
@@ -717,6 +755,14 @@ def _decode(decoder: msgspec.json.Decoder, body: bytes) -> Any:
         raise _Invalid(str(exc), path.group(1) if path else None) from None
     except msgspec.DecodeError as exc:
         raise _Invalid(f"the body is not valid JSON: {exc}", None) from None
+
+
+def _job_tasks(job: JobIn) -> dict[str, Any]:
+    """The job's preparation and release tasks as given (only the fields set), for
+    JobSpec to check and complete."""
+    return {name: None if task is None else task.model_dump(exclude_unset=True)
+            for name in ("preparation_task", "release_task")
+            for task in [getattr(job, name)]}
 
 
 class _Invalid(Exception):
@@ -991,6 +1037,7 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
     @v1.post("/jobs", status_code=201, response_model=JobView, tags=["jobs"])
     async def create_job(body: JobIn) -> JSON:
         kw = body.model_dump(exclude={"id", "pool_id"})
+        kw.update(_job_tasks(body))
         return JSON(_plain(await call(lambda s: s.create_job(body.id, body.pool_id, **kw))),
                     status_code=201)
 
@@ -1046,7 +1093,7 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
         spec = JobSpec(job.id, job.pool_id, priority=job.priority,
                        on_all_tasks_complete=job.on_all_tasks_complete,
                        max_task_retry_count=job.max_task_retry_count,
-                       preparation_task=job.preparation_task, release_task=job.release_task)
+                       **_job_tasks(job))
         tasks = (msgspec.json.decode(t) for t in body.tasks)
         n = await call(lambda s: s.submit(spec, tasks, existing_ok=body.existing_ok))
         return JSON({"added": n})
