@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from helpers import gate
+from helpers import gate, poll
 
 from hpcbatch.apps import AppStore, env_key
 from hpcbatch.errors import Conflict, NotFound, ValidationError
@@ -212,6 +212,10 @@ def test_a_pool_start_task_checks_the_package(batch, tmp_path, home):
                   for i in range(4))
     job.wait(timeout_s=90)
     assert all(t.succeeded for t in job.tasks()), [t.view for t in job.tasks()]
+    # (the 4 tasks may all have run on the node that came up first: wait for the other's
+    # start task rather than assume it ran before the job was done)
+    poll(lambda: {n.state for n in batch.pools.nodes("withapp")} == {"idle"}, timeout_s=60,
+         what="both nodes idle, their start tasks done")
     for n in ("local-1", "local-2"):
         root = home / "nodes" / "withapp" / n
         assert (root / "starttask" / "wd" / "started.txt").read_text() == "tool 1.0 start\n"
