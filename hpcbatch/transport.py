@@ -700,8 +700,7 @@ class SSHTransport:
             except (ValueError, IndexError):
                 raise OSError(f"placing files on {label} failed (exit {code}): "
                               f"{(err or out).strip()[-300:]}") from None
-            if "error" in answer:
-                raise OSError(answer["error"])
+            nodecache.check_answer(answer)
             return {**answer, "fetched": [f.sha256 for f in missing],
                     "hits": len({f.sha256 for f in files}) - len(missing)}
 
@@ -721,9 +720,7 @@ class SSHTransport:
                 except (ValueError, IndexError):
                     raise OSError(f"matching output files on {target.label} failed (exit "
                                   f"{code}): {(err or out).strip()[-300:]}") from None
-                if "error" in answer:
-                    raise OSError(answer["error"])
-                return answer
+                return nodecache.check_answer(answer)
 
             def open_(path: str) -> Any:
                 if stat_module.S_ISLNK(sftp.lstat(path).st_mode or 0):

@@ -22,6 +22,16 @@ import os
 import sys
 import time
 
+ERROR = "error"  # the key of the answer to a request that failed (see check_answer)
+
+
+def check_answer(answer: dict) -> dict:
+    """The answer of a request (``place``, ``match``); OSError with its reason if it failed."""
+    if ERROR in answer:
+        raise OSError(answer[ERROR])
+    return answer
+
+
 CHUNK = 1 << 20
 RECENT_S = 60.0
 
@@ -220,7 +230,7 @@ def main(argv: list[str]) -> int:
         try:
             out = match(json.load(sys.stdin))
         except (OSError, ValueError, KeyError) as exc:
-            print(json.dumps({"error": str(exc)}))
+            print(json.dumps({ERROR: str(exc)}))
             return 1
         print(json.dumps(out))
         return 0
@@ -228,7 +238,7 @@ def main(argv: list[str]) -> int:
         try:
             out = place(json.load(sys.stdin))
         except (OSError, ValueError, KeyError) as exc:
-            print(json.dumps({"error": str(exc)}))
+            print(json.dumps({ERROR: str(exc)}))
             return 1
         print(json.dumps(out))
         return 0

@@ -36,7 +36,7 @@ from hpcbatch.client import Batch
 from hpcbatch.errors import Conflict, NotFound, ValidationError
 from hpcbatch.models import TaskSpec
 from hpcbatch.service import LocalService
-from hpcbatch.store import COUNT_KEYS, Store
+from hpcbatch.store import COUNT_KEYS, SCHEMA_VERSION, Store
 from hpcbatch.views import AddResult, Page, TaskView
 
 DATA = Path(__file__).parent / "data"
@@ -630,6 +630,9 @@ def test_the_migration_counts_a_schema_2_home(tmp_path):
     db = sqlite3.connect(home / "state.db")  # back to what schema 2 wrote
     db.executescript("""
         DROP TABLE job_counts;
+        DROP TABLE autoscale;
+        DROP TABLE pool_events;
+        DROP TABLE job_node_tasks;
         DROP INDEX tasks_by_state;
         CREATE INDEX tasks_by_state ON tasks (job_id, state);
         DELETE FROM meta WHERE key = 'query_key';
@@ -638,7 +641,7 @@ def test_the_migration_counts_a_schema_2_home(tmp_path):
     db.close()
     s = Store(home / "state.db")
     try:
-        assert s.schema_version() == 3
+        assert s.schema_version() == SCHEMA_VERSION
         assert s.task_counts("j") == want
         assert_counts_right(s, "j")
         index = s._tuples("SELECT sql FROM sqlite_master WHERE name='tasks_by_state'")[0][0]

@@ -343,8 +343,11 @@ def test_an_unusable_node_comes_back_when_it_answers_again(ssh_cluster, make_clu
     def state():
         return {n["id"]: (n["state"], n["reason"]) for n in batch.pools.nodes("phoenix")}
     poll(lambda: state()["node2"][0] == "unusable", timeout_s=10, what="node2 unusable")
-    # while node2 is down its logs cannot be fetched: one line naming the node
+    # while node2 is down its task's logs come from the copy the coordinator kept
     r = run_cli(home, "task", "logs", "before", on_node2)
+    assert r.returncode == 0 and r.stdout == "hi\n", r.stdout + r.stderr
+    # the node's own directory (--node) cannot be read: one line naming the node
+    r = run_cli(home, "task", "logs", "before", on_node2, "--node", "node2")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert f"node2 ({ssh_cluster.user}@127.0.0.1:" in r.stderr, r.stderr
     assert "connection refused" in r.stderr
