@@ -634,6 +634,7 @@ class SSHTransport:
 
         def close_bulk() -> None:
             with bulk_lock:
+                bulk_retry_at[0] = float("inf")  # closed: none is made after this
                 while bulk_held:
                     bulk_held.pop().close()
 
@@ -650,6 +651,7 @@ class SSHTransport:
 
         bulk_lock = threading.Lock()
         bulk_held: list[Any] = []
+        bulk_retry_at = [0.0]  # when a second connection that failed is tried again
 
         def bulk_client() -> Any:
             """A second connection to the node for file transfers (resource files,
@@ -661,9 +663,29 @@ class SSHTransport:
                     if t is not None and t.is_active():
                         return bulk_held[0]
                     bulk_held.pop().close()
-                other = connect(target)
+                if time.monotonic() < bulk_retry_at[0]:  # (failed lately, or closed)
+                    return client
+                try:
+                    other = connect(target)
+                except Exception as exc:  # noqa: BLE001 - the agent's own connection will do
+                    # (an sshd that takes no new connection, e.g. at its MaxStartups, while
+                    # the agent's session is up): transfers share it, tried again in 60 s
+                    log.warning("%s: no second connection for file transfers (%s); they go "
+                                "over the agent's", target.label, exc)
+                    bulk_retry_at[0] = time.monotonic() + 60
+                    return client
                 bulk_held.append(other)
                 return other
+
+        def open_bulk_now() -> None:
+            """Made while the node is known to answer, so the first transfer does not pay
+            for it (nor wait out a connect timeout if the sshd stops taking new ones)."""
+            try:
+                bulk_client()
+            except Exception:  # noqa: BLE001, S110 - the first transfer tries again
+                pass
+        threading.Thread(target=open_bulk_now, name=f"hpcbatch-bulk-{target.label}",
+                         daemon=True).start()
 
         send_lock = threading.Lock()
 
