@@ -571,6 +571,7 @@ def add_options(ap: argparse.ArgumentParser) -> None:
 def print_table(doc: dict, console=None) -> None:
     """The figures as a compact terminal table (results.md has the notes)."""
     from rich.console import Console
+    from rich.markup import escape  # (a skip reason says pip install 'hpcbatch[bench]')
     from rich.table import Table
     t = Table(title=f"hpcbatch bench ({doc['options']['repeats']} repeats"
               f"{', quick' if doc['options']['quick'] else ''})")
@@ -578,14 +579,15 @@ def print_table(doc: dict, console=None) -> None:
         t.add_column(h, overflow="fold")
     for f in doc["figures"]:
         if f["skipped"]:
-            t.add_row(f["name"], f"[dim]skipped: {f['skipped']}[/dim]", "",
+            t.add_row(f["name"], f"[dim]skipped: {escape(f['skipped'])}[/dim]", "",
                       aim_text(f["aim"]), "")
             continue
         ratio = "" if f["ratio_median"] is None else \
             f"{f['ratio_median']:.3g} [{f['ratio_min']:.3g}–{f['ratio_max']:.3g}]"
         met = {True: "[green]yes[/green]", False: "[red]no[/red]", None: ""}[f["met"]]
-        t.add_row(f["name"], f"{fmt(f['median'], f['unit'])} [{fmt(f['min'])}–"
-                  f"{fmt(f['max'])}]", ratio, aim_text(f["aim"]), met)
+        t.add_row(escape(f["name"]), escape(f"{fmt(f['median'], f['unit'])} "
+                  f"[{fmt(f['min'])}–{fmt(f['max'])}]"), escape(ratio),
+                  escape(aim_text(f["aim"])), met)
     (console or Console()).print(t)
 
 
