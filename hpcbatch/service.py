@@ -19,7 +19,6 @@ import abc
 import concurrent.futures
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import posixpath
@@ -1325,18 +1324,10 @@ class LocalService(LocalStorageMethods, Service):
             for _ in chunks:  # the body must still be read to its end
                 pass
             return str(dest)
+        from hpcbatch.storage import checked_sha256, write_hashed
         tmp = folder / f".{name}.{os.getpid()}.{time.monotonic_ns()}.part"
-        digest = hashlib.sha256()
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                for chunk in chunks:
-                    digest.update(chunk)
-                    f.write(chunk)
-            if digest.hexdigest() != sha256:
-                raise ValidationError("sha256", f"the bytes sent hash to "
-                                      f"{digest.hexdigest()}, not {sha256}; send the file "
-                                      "again")
+            checked_sha256(write_hashed(tmp, chunks)[0], sha256)
             os.replace(tmp, dest)
         except OSError as exc:
             full = storage_full(exc, folder)

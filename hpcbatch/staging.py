@@ -197,15 +197,10 @@ class Stager:
         from hpcbatch.store import secure_dir
         secure_dir(self.home / "cache")
         secure_dir(self.fetched_dir)
+        from hpcbatch.storage import write_hashed
         tmp = self.fetched_dir / f".{uuid.uuid4().hex}.tmp"
-        h = hashlib.sha256()
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                for chunk in chunks:
-                    h.update(chunk)
-                    out.write(chunk)
-            digest = h.hexdigest()
+            digest = write_hashed(tmp, chunks)[0].hexdigest()
             dest = self.fetched_dir / digest
             os.replace(tmp, dest)
             tmp = None

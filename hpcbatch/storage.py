@@ -278,7 +278,27 @@ class _Backend:
                         f"('hpcbatch storage ls {self.container}' lists its blobs)")
 
 
-def _checked(digest: Any, sha256: str | None) -> str:
+def write_hashed(path: Path, chunks: Iterable[bytes], *, fsync: bool = False
+                 ) -> tuple[Any, int, os.stat_result]:
+    """Write ``chunks`` into a new private file ``path`` (made afresh, never through a
+    link), hashing them as they go: (the SHA-256 object, size, the file's stat)."""
+    digest = hashlib.sha256()
+    size = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        for chunk in chunks:
+            digest.update(chunk)
+            f.write(chunk)
+            size += len(chunk)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+        st = os.fstat(f.fileno())
+    return digest, size, st
+
+
+def checked_sha256(digest: Any, sha256: str | None) -> str:
+    """The digest in hex; ValidationError when the sender said another one."""
     got = digest.hexdigest()
     if sha256 is not None and got != sha256:
         raise ValidationError("sha256", f"the bytes sent hash to {got}, not {sha256}; "
@@ -325,19 +345,9 @@ class _LocalBackend(_Backend):
             raise Conflict(f"blob {name!r} is a folder of blobs in container "
                            f"{self.container!r}; pick another name")
         tmp = self.folder / "tmp" / f"{uuid.uuid4().hex}.part"
-        digest = hashlib.sha256()
-        size = 0
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                for chunk in chunks:
-                    digest.update(chunk)
-                    f.write(chunk)
-                    size += len(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-                st = os.fstat(f.fileno())
-            got = _checked(digest, sha256)
+            digest, size, st = write_hashed(tmp, chunks, fsync=True)
+            got = checked_sha256(digest, sha256)
             self._dirs_for(self.folder / "blobs", name)
             self._dirs_for(self.folder / "meta", name)
             view = BlobView(self.container, name, size, got, st.st_mtime)
@@ -494,7 +504,7 @@ class _FsspecBackend(_Backend):
                     digest.update(chunk)
                     f.write(chunk)
                     size += len(chunk)
-            got = _checked(digest, sha256)
+            got = checked_sha256(digest, sha256)
             dest = self._p(name)
             parent = dest.rpartition("/")[0]
             self.fs.makedirs(parent, exist_ok=True)

@@ -848,6 +848,22 @@ def parse_range(header: str | None) -> tuple[int | None, int | None] | None:
 
 # ================================================================== the app
 
+
+def body_chunks(request: Request) -> Iterator[bytes]:
+    """The request's body, chunk by chunk as it arrives, for the worker thread that
+    ``call`` runs a service method on (never the whole body in memory)."""
+    it = request.stream().__aiter__()  # (here, on the event loop's thread)
+
+    def chunks() -> Iterator[bytes]:
+        while True:
+            try:
+                chunk = anyio.from_thread.run(it.__anext__)
+            except StopAsyncIteration:
+                return
+            if chunk:
+                yield chunk
+    return chunks()
+
 def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BYTES,
                max_upload_bytes: int = MAX_UPLOAD_BYTES) -> Any:
     """The ASGI app over ``service``. It does not close the service (its owner does)."""
@@ -1318,17 +1334,8 @@ def create_app(service: Any, keys: KeyRing, *, max_body_bytes: int = MAX_BODY_BY
                      request: Request) -> JSON:
         """Store a file a client sends (checked against its SHA-256); answers the path
         to name in a resource file's ``source``."""
-        it = request.stream().__aiter__()
-
-        def chunks() -> Iterator[bytes]:
-            while True:
-                try:
-                    chunk = anyio.from_thread.run(it.__anext__)
-                except StopAsyncIteration:
-                    return
-                if chunk:
-                    yield chunk
-        return JSON({"path": await call(lambda s: s.upload(name, chunks(), sha256))})
+        chunks = body_chunks(request)
+        return JSON({"path": await call(lambda s: s.upload(name, chunks, sha256))})
 
     from hpcbatch.server.storage_routes import add_routes as add_storage_routes
     add_storage_routes(v1, call)

@@ -3,7 +3,6 @@
 # no "from __future__ import annotations": FastAPI reads the annotations at run time
 
 import re
-from collections.abc import Iterator
 from typing import Annotated, Any
 
 import anyio
@@ -82,17 +81,9 @@ def add_routes(v1: Any, call: Any) -> None:
                        sha256: ShaQuery = None) -> JSONResponse:
         """Upload a blob: the body streamed to a temporary file, hashed as it comes,
         renamed to its name once complete (and equal to ``sha256`` when given)."""
-        it = request.stream().__aiter__()
-
-        def chunks() -> Iterator[bytes]:
-            while True:
-                try:
-                    chunk = anyio.from_thread.run(it.__anext__)
-                except StopAsyncIteration:
-                    return
-                if chunk:
-                    yield chunk
-        view = await call(lambda s: s.put_blob(container, name, chunks(), sha256))
+        from hpcbatch.server.app import body_chunks
+        chunks = body_chunks(request)
+        view = await call(lambda s: s.put_blob(container, name, chunks, sha256))
         return JSONResponse(view.to_dict(), status_code=201)
 
     @v1.get("/storage/{container}/blobs/{name:path}", tags=["storage"],
