@@ -29,6 +29,7 @@ import platform
 import secrets
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -533,6 +534,10 @@ class PoolExecutor(cf.Executor):
                     t = self._service.get_task(self.job_id, w.task_id)
                 except HpcBatchError:
                     continue
+                except sqlite3.ProgrammingError:  # the Batch was closed meanwhile
+                    if self._closed or self._shutdown:
+                        return
+                    raise
                 if t.state != "completed":
                     continue
                 with self._cv:
