@@ -176,18 +176,26 @@ OUTPUT_HELP = ("An output file (repeatable): PATTERN=CONTAINER[/PATH][@success|f
                "after the task ends; or a JSON object.")
 
 
-def parse_resource(option: str, item: str) -> dict[str, Any]:
+def _json_item(option: str, item: str) -> Any:
+    """An option's value given as a JSON object (it starts with '{'), else None."""
     import json
+
+    from hpcbatch.errors import ValidationError
+    if not item.lstrip().startswith("{"):
+        return None
+    try:
+        return json.loads(item)
+    except ValueError as exc:
+        raise ValidationError(option, f"{item!r} is not JSON: {exc}") from None
+
+
+def parse_resource(option: str, item: str) -> dict[str, Any]:
     import re
 
     from hpcbatch.errors import ValidationError
     from hpcbatch.models import ResourceFile
-    if item.lstrip().startswith("{"):
-        try:
-            d = json.loads(item)
-        except ValueError as exc:
-            raise ValidationError(option, f"{item!r} is not JSON: {exc}") from None
-    else:
+    d = _json_item(option, item)
+    if d is None:
         text, mode = item, None
         m = re.search(r"@([0-7]{3,4})$", text)
         if m:
@@ -215,16 +223,10 @@ def parse_resource(option: str, item: str) -> dict[str, Any]:
 
 
 def parse_output(option: str, item: str) -> dict[str, Any]:
-    import json
-
     from hpcbatch.errors import ValidationError
     from hpcbatch.models import OutputFile
-    if item.lstrip().startswith("{"):
-        try:
-            d = json.loads(item)
-        except ValueError as exc:
-            raise ValidationError(option, f"{item!r} is not JSON: {exc}") from None
-    else:
+    d = _json_item(option, item)
+    if d is None:
         pattern, eq, where = item.partition("=")
         if not eq or not pattern or not where:
             raise ValidationError(option, f"{item!r} is not PATTERN=CONTAINER[/PATH]"

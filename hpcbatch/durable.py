@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcbatch.errors import HpcBatchError, NotFound, ValidationError
-from hpcbatch.executor import RemoteTraceback, _dumps_args
+from hpcbatch.executor import _dumps_args, remote_exception
 from hpcbatch.launch import pyworker as W
 
 CALLS_PER_TASK = 64
@@ -163,22 +163,7 @@ class _Collector:
             if ok:
                 fut.set_result(value[0])
             else:
-                fut.set_exception(_remote(value, where))
-
-
-def _remote(value: tuple, where: str) -> BaseException:
-    from hpcbatch.executor import RemoteError
-    if value[0] is None:
-        _, tb, typename, text = value
-        exc: BaseException = RemoteError(f"{typename} in {where}: {text}")
-    else:
-        exc, tb = value
-    exc.__cause__ = RemoteTraceback(tb)
-    try:
-        exc.add_note(f"raised in {where}; remote traceback:\n{tb.rstrip()}")
-    except (AttributeError, TypeError):
-        pass
-    return exc
+                fut.set_exception(remote_exception(value, f"in {where}"))
 
 
 def _last_index(service: Any, job_id: str) -> int:

@@ -441,7 +441,7 @@ class PoolExecutor(cf.Executor):
             if ok:
                 c.future.set_result(value[0])
             else:
-                c.future.set_exception(_remote_exception(value, w))
+                c.future.set_exception(remote_exception(value, f"on {w.where()}"))
 
     def _lost(self, w: _Worker) -> None:
         with self._cv:
@@ -740,15 +740,19 @@ def _dumps_args(obj: Any) -> tuple[bytes, list]:
     return W.dumps(obj)
 
 
-def _remote_exception(value: tuple, w: _Worker) -> BaseException:
+def remote_exception(value: tuple, where: str) -> BaseException:
+    """A call's failure as the worker sent it ((exception, traceback text), or when the
+    exception did not pickle (None, traceback, type name, message)), re-raisable here:
+    its remote traceback as ``__cause__`` and a note saying ``where`` ("on worker w1
+    on node n1") it was raised."""
     if value[0] is None:
         _, tb, typename, text = value
-        exc: BaseException = RemoteError(f"{typename} on {w.where()}: {text}")
+        exc: BaseException = RemoteError(f"{typename} {where}: {text}")
     else:
         exc, tb = value
     exc.__cause__ = RemoteTraceback(tb)
     try:
-        exc.add_note(f"raised on {w.where()}; remote traceback:\n{tb.rstrip()}")
+        exc.add_note(f"raised {where}; remote traceback:\n{tb.rstrip()}")
     except (AttributeError, TypeError):
         pass
     return exc
