@@ -323,30 +323,7 @@ def copy_local_files(files: Iterable[tuple[str, str]], dest_dir: str,
     a folder should be is refused, and a link in the file's place is replaced."""
     base = base or dest_dir
     for source, rel in files:
-        parts = [p for p in rel.replace(os.sep, "/").split("/") if p not in ("", ".")]
-        if not parts or ".." in parts or rel.startswith("/"):
-            raise OSError(f"refusing resource file path {rel!r}: it must stay inside "
-                          f"{dest_dir}")
-        fd = agent_module.open_dir_below(base, os.path.join(dest_dir, *parts[:-1]))
-        name = parts[-1]
-        tmp = f".{name}.tmp-{os.getpid()}-{threading.get_ident()}"
-        try:
-            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
-                          os.O_CLOEXEC, 0o600, dir_fd=fd)
-            try:
-                with open(source, "rb") as src, os.fdopen(out, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-                    os.fchmod(dst.fileno(), os.fstat(src.fileno()).st_mode & 0o777)
-                os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
-                tmp = None
-            finally:
-                if tmp is not None:
-                    try:
-                        os.unlink(tmp, dir_fd=fd)
-                    except OSError:
-                        pass
-        finally:
-            os.close(fd)
+        nodecache.copy_into(base, dest_dir, rel, source, os.stat(source).st_mode)
 
 
 class CachedFile(NamedTuple):

@@ -69,7 +69,6 @@ def place(request: dict) -> dict:
     """``request``: root, dest_dir, entries [{sha256, rel, mode}], fetched [sha256 ...]
     (to check), cap_bytes. Returns {"placed": n, "evicted": n}; raises OSError naming
     the file on any failure."""
-    agent = _agent()
     root, dest_dir = request["root"], request["dest_dir"]
     cdir = cache_dir(root)
     for digest in request.get("fetched") or ():
@@ -82,10 +81,7 @@ def place(request: dict) -> dict:
     used = set()
     for entry in request["entries"]:
         digest, rel, mode = entry["sha256"], entry["rel"], int(entry["mode"])
-        parts = [p for p in rel.split("/") if p not in ("", ".")]
-        if not parts or ".." in parts or rel.startswith("/"):
-            raise OSError(f"refusing resource file path {rel!r}: it must stay inside "
-                          f"{dest_dir}")
+        check_rel(rel, dest_dir)
         src = os.path.join(cdir, digest)
         try:
             os.utime(src)  # used now: the last to be evicted
@@ -93,28 +89,47 @@ def place(request: dict) -> dict:
             raise OSError(f"{rel}: its cached copy {digest[:12]} vanished (evicted); "
                           "fetch it again") from None
         used.add(digest)
-        fd = agent.open_dir_below(root, os.path.join(dest_dir, *parts[:-1]))
-        name = parts[-1]
-        tmp = f".{name}.tmp-{os.getpid()}"
-        try:
-            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
-                          os.O_CLOEXEC, 0o600, dir_fd=fd)
-            try:
-                with open(src, "rb") as s, os.fdopen(out, "wb") as dst:
-                    copy_fd(s.fileno(), dst.fileno())
-                    os.fchmod(dst.fileno(), mode & 0o777)
-                os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
-                tmp = None
-            finally:
-                if tmp is not None:
-                    try:
-                        os.unlink(tmp, dir_fd=fd)
-                    except OSError:
-                        pass
-        finally:
-            os.close(fd)
+        copy_into(root, dest_dir, rel, src, mode)
     return {"placed": len(request["entries"]),
             "evicted": evict(cdir, int(request.get("cap_bytes") or 0), used)}
+
+
+def check_rel(rel: str, dest_dir: str) -> list[str]:
+    """The parts of a relative destination path; OSError if it leaves ``dest_dir``."""
+    parts = [p for p in rel.replace(os.sep, "/").split("/") if p not in ("", ".")]
+    if not parts or ".." in parts or rel.startswith("/"):
+        raise OSError(f"refusing resource file path {rel!r}: it must stay inside "
+                      f"{dest_dir}")
+    return parts
+
+
+def copy_into(base: str, dest_dir: str, rel: str, src: str, mode: int) -> None:
+    """Copy the file ``src`` to ``dest_dir/rel`` with permission bits ``mode`` (not
+    setuid/setgid), written to a temporary name and renamed into place. Below ``base``
+    no symbolic link is followed: missing folders are made 0700, a link where a folder
+    should be is refused, and a link in the file's place is replaced."""
+    import threading
+    parts = check_rel(rel, dest_dir)
+    fd = _agent().open_dir_below(base, os.path.join(dest_dir, *parts[:-1]))
+    name = parts[-1]
+    tmp = f".{name}.tmp-{os.getpid()}-{threading.get_ident()}"
+    try:
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+                      os.O_CLOEXEC, 0o600, dir_fd=fd)
+        try:
+            with open(src, "rb") as s, os.fdopen(out, "wb") as dst:
+                copy_fd(s.fileno(), dst.fileno())
+                os.fchmod(dst.fileno(), mode & 0o777)
+            os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+            tmp = None
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp, dir_fd=fd)
+                except OSError:
+                    pass
+    finally:
+        os.close(fd)
 
 
 def copy_fd(src: int, dst: int) -> None:
