@@ -338,13 +338,15 @@ class CachedFile(NamedTuple):
 class NodeFiles:
     """A node's files as the coordinator reads them after a task: ``match`` (output
     file patterns -> files of the task directory, see nodecache.match), ``open`` (a
-    regular file, never through a symbolic link), ``size``."""
+    regular file, never through a symbolic link), ``size``. ``here``: the files are on
+    this machine (a file opened is a real one, a hard link to it can be made)."""
 
     def __init__(self, match: Callable[[dict], dict], open_: Callable[[str], Any],
-                 close: Callable[[], None] = lambda: None):
+                 close: Callable[[], None] = lambda: None, *, here: bool = False):
         self.match = match
         self.open = open_
         self._close = close
+        self.here = here
 
     def __enter__(self) -> NodeFiles:
         return self
@@ -511,7 +513,7 @@ class LocalTransport:
                     "hits": len({f.sha256 for f in files}) - len(missing)}
 
         def node_files() -> NodeFiles:
-            return NodeFiles(nodecache.match, _open_local_nofollow)
+            return NodeFiles(nodecache.match, _open_local_nofollow, here=True)
 
         return AgentChannel(node_id, write, proc.stdout.readline, end_input=end_input,
                             finish=finish, unblock=unblock, put_files=put_files,
