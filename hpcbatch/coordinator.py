@@ -6,6 +6,10 @@ answers: persistence and queries inside ONE store transaction per turn, then, af
 the commit, sends (each channel has its own writer, so a stopped agent stalls nobody),
 file copies, agent starts/stops and fencing on worker threads. Nothing it acts on is
 held only in memory: killed at any point and restarted, it finds the store consistent.
+
+File work on nodes is done by the room it holds and calls,
+:class:`hpcbatch.nodefiles.NodeFiles` (resource files, application packages, job
+preparation/release runs, outputs and logs collected at exit), on its worker threads.
 """
 
 from __future__ import annotations
@@ -23,14 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from hpcbatch import agentlink as link
-from hpcbatch import env as E
 from hpcbatch import state as S
-from hpcbatch.apps import AppRef, AppStore, node_env
 from hpcbatch.autoscaling import Autoscaler, evaluate_dry
 from hpcbatch.errors import Conflict, HpcBatchError, NotFound, ValidationError
 from hpcbatch.home import HomeLock, default_home
 from hpcbatch.launch import protocol as P
-from hpcbatch.models import JobState, NodeState, PoolSpec, RunKind, TaskState
+from hpcbatch.models import JobState, NodeState, PoolSpec, TaskState
+from hpcbatch.nodefiles import NodeFiles
 from hpcbatch.providers import NodeDesc, provider_for
 from hpcbatch.store import Store
 from hpcbatch.timings import Timings
@@ -39,13 +42,9 @@ log = logging.getLogger("hpcbatch.coordinator")
 DEFAULT_PREFETCH = S.DEFAULT_PREFETCH
 TICK_S = 0.25
 MAX_ITEMS_PER_TURN = 5000
-APP_CACHE_S = 1.0  # how long a resolved application package reference is reused
 # the writes _write makes between a turn's finished attempts and its placements
 _BETWEEN = frozenset({S.CompleteUnstarted, S.TerminateJobTasks, S.CompleteJobIfDone,
                       S.ReactivateTask})
-
-
-KEEPER_BACKLOG = 10_000  # local tasks' logs waiting to be kept, at most
 
 
 class Coordinator:
@@ -89,23 +88,10 @@ class Coordinator:
         self._deferred: list[Any] = []  # a query left to the next turn (see _turn)
         self.autoscaler = Autoscaler(self.store, time.time())
         self._growing: dict[str, int] = {}  # pool -> nodes asked of its provider, not granted
-        from hpcbatch.collect import Collector, log_cap_from_env
-        from hpcbatch.staging import Stager, cache_bytes_from_env
-        self.stager = Stager(self.home, cache_bytes_from_env())  # resource files
-        # output files and kept logs: what each started task needs collected at its exit
-        self.collector = Collector(self.home, log_cap_from_env())
-        self._collect: dict[tuple[str, str, Any], tuple[Any, ...]] = {}
-        self._keeper = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="hpcbatch-logs")  # local nodes' logs, off the exit path
-        self._keeping = 0  # tasks queued on the keeper
-        self._keeping_lock = threading.Lock()
-        self.apps = AppStore(self.home)
-        # application package archives already on each node (node -> node archive paths),
-        # with a lock per node so two tasks' copies do not both send one archive
-        self._node_apps: dict[tuple[str, str], set[str]] = {}
-        self._node_apps_lock: dict[tuple[str, str], threading.Lock] = {}
-        self._pool_apps: dict[str, tuple[AppRef, ...]] = {}  # each pool's own references
-        self._app_cache: dict[tuple, tuple[float, list[Any]]] = {}  # see _resolve_apps
+        # the rooms (see the module's docstring)
+        self.files = NodeFiles(self.home, self.store, self.state, self.channels,
+                               self.inbox, self._io)
+        self.stager = self.files.stager  # resource files (its counts, for tests)
 
     # ---- life cycle and commands (any thread) ------------------------------------
 
@@ -280,8 +266,7 @@ class Coordinator:
     def _events(self, item: tuple, now: float) -> list[Any]:
         kind = item[0]
         if kind == "msg":
-            evs = link.events_of(*item[1:])
-            return self._hold_exits(evs) if self._collect else evs
+            return self.files.hold_exits(link.events_of(*item[1:]))
         if kind == "collected":
             return [item[1]]
         if kind == "up":
@@ -292,7 +277,7 @@ class Coordinator:
                 return []
             self.channels[(pool_id, node_id)] = (gen, chan, token)
             self.tokens[(pool_id, node_id)] = (gen, token)
-            self._node_apps.pop((pool_id, node_id), None)  # a new agent: look again
+            self.files.agent_up((pool_id, node_id))  # a new agent: look again
             with self.store.transaction():
                 self.store.record_agent(pool_id, node_id, token, getattr(chan, "pid", None),
                                         self.descs[(pool_id, node_id)].host,
@@ -557,7 +542,7 @@ class Coordinator:
             provider.fixed_nodes()
         for d in nodes:
             self.descs[(spec.id, d.node_id)] = d
-        self._pool_apps[spec.id] = spec.application_package_references
+        self.files.pool_added(spec.id, spec.application_package_references)
         info = S.PoolInfo(spec.id, spec.task_slots_per_node, spec.scheduling_policy,
                           spec.start_task, bool(spec.application_package_references))
         disabled = {n["id"] for n in self.store.list_nodes(spec.id)
@@ -652,6 +637,9 @@ class Coordinator:
                 chan.send_many([P.Ping(now)])
 
     def _perform(self, after: list[Any]) -> None:
+        """After the commit: messages to the agents (one send per node), the rest
+        handed to the rooms (which put slow work on worker threads); replies, and
+        JobDrained wakes the embedded waiters."""
         sends: dict[tuple[str, str], list[Any]] = {}
         runs = [i for i in after if isinstance(i, S.RunTask | S.StageFiles)]
         specs = self.store.dispatch_specs(sorted({i.seq for i in runs})) if runs else {}
@@ -660,38 +648,28 @@ class Coordinator:
             key = (ins.pool_id, ins.node_id) if hasattr(ins, "node_id") else None
             token = self.channels[key][2] if key in self.channels else None
             if isinstance(ins, S.RunTask):
-                if ins.run.kind in (RunKind.TASK, RunKind.APPLICATION):
-                    spec = specs[ins.seq]
-                    self._collect[(ins.pool_id, ins.node_id, ins.run)] = (
-                        spec.output_files, ins.task_dir,
-                        spec.environment.get(E.TASK_WORKING_DIR) or
-                        ins.env.get(E.TASK_WORKING_DIR) or f"{ins.task_dir}/wd",
-                        ins.env.get(E.JOB_ID), ins.env.get(E.TASK_ID),
-                        int(ins.env.get(E.TASK_ATTEMPT) or 0))
+                spec = specs[ins.seq]
+                self.files.expect_exit(ins, spec)
                 inter = None
                 if ins.instance:
                     inter = self.providers[ins.pool_id].inter_node_env(
                         ins.node_id, self.state.node(*key).root or "")
-                msg = link.run_message(ins, specs[ins.seq], token, inter)
-                refs = specs[ins.seq].application_package_references
-                if refs or self._pool_refs(ins.pool_id):
-                    msg = self._with_apps(msg, key, refs)
-                sends.setdefault(key, []).append(msg)
+                msg = link.run_message(ins, spec, token, inter)
+                sends.setdefault(key, []).append(
+                    self.files.with_apps(msg, key, spec.application_package_references))
             elif isinstance(ins, S.RunStartTask):
                 msg = link.message_of(ins, token)
-                if self._pool_refs(ins.pool_id):
-                    msg = self._with_apps(msg, key, ())
-                sends.setdefault(key, []).append(msg)
+                sends.setdefault(key, []).append(self.files.with_apps(msg, key, ()))
             elif isinstance(ins, S.StageNodeApps):
-                self._stage_node_apps(ins)
+                self.files.stage_node_apps(ins)
             elif isinstance(ins, S.RunJobTask):
-                msg = self._job_task_run(ins, token)
+                msg = self.files.job_task_run(ins, token)
                 if msg is not None:
                     sends.setdefault(key, []).append(msg)
             elif isinstance(ins, S.KillRun | S.Reap | S.Ping):
                 sends.setdefault(key, []).append(link.message_of(ins, token))
             elif isinstance(ins, S.StageFiles):
-                self._stage(ins, specs[ins.seq])
+                self.files.stage(ins, specs[ins.seq])
             elif isinstance(ins, S.StartAgent):
                 self._io(self._start_agent, ins)
             elif isinstance(ins, S.StopAgent):
@@ -727,204 +705,6 @@ class Coordinator:
         if drained:
             with self.progress:
                 self.progress.notify_all()
-
-    def _hold_exits(self, evs: list[Any]) -> list[Any]:
-        """A task's exit waits (off the loop) until its output files are uploaded and
-        its logs kept, unless it has no outputs and runs on a local node (its logs are
-        then kept beside, the exit goes on at once)."""
-        out = []
-        for ev in evs:
-            entry = None
-            if isinstance(ev, S.RunExited):
-                entry = self._collect.pop((ev.pool_id, ev.node_id, ev.run), None)
-            chan_entry = self.channels.get((ev.pool_id, ev.node_id)) if entry else None
-            if entry is None or chan_entry is None or chan_entry[0] != ev.gen or \
-                    not entry[3]:
-                out.append(ev)
-                continue
-            outputs, tdir, wd, job_id, task_id, attempt = entry
-            chan = chan_entry[1]
-            ran = ev.start_failed is None
-            success = ran and ev.exit_code == 0 and ev.signal is None and \
-                not ev.timed_out and not ev.killed
-            kw = dict(job_id=job_id, task_id=task_id, attempt=attempt, task_dir=tdir, wd=wd,
-                      ran=ran, success=success, node_id=ev.node_id)
-            if not outputs and getattr(chan, "files_here", False):
-                # (its files stay on this machine: under a flood of short tasks the
-                # keeper may fall behind, then what it has not reached is left there)
-                with self._keeping_lock:
-                    room = self._keeping < KEEPER_BACKLOG
-                    self._keeping += room
-                if room:
-                    self._keeper.submit(self._keep_quietly, chan, kw)
-                out.append(ev)
-                continue
-
-            def work(ev=ev, chan=chan, outputs=outputs, kw=kw) -> None:
-                try:
-                    error = self.collector.collect(chan, outputs=outputs, **kw)
-                except Exception as exc:  # noqa: BLE001 - the node's files unreachable
-                    error = f"output files of node {ev.node_id} unreachable: {exc}" \
-                        if outputs and kw["ran"] else None
-                    if not outputs:
-                        log.warning("task %s/%s: its logs were not kept: %s",
-                                    kw["job_id"], kw["task_id"], exc)
-                self.inbox.put(("collected", dataclasses.replace(ev, upload_error=error)
-                                if error else ev))
-            self._io(work)
-        return out
-
-    def _keep_quietly(self, chan: Any, kw: dict[str, Any]) -> None:
-        try:
-            self.collector.collect(chan, outputs=(), **kw)
-        except Exception as exc:  # noqa: BLE001 - the logs stay on the node
-            log.warning("task %s/%s: its logs were not kept: %s", kw["job_id"],
-                        kw["task_id"], exc)
-        finally:
-            with self._keeping_lock:
-                self._keeping -= 1
-
-    def _stage(self, ins: S.StageFiles, spec: Any) -> None:
-        entry = self.channels.get((ins.pool_id, ins.node_id))
-        chan = entry[1] if entry else None
-        groups = [((spec.resource_files if which == "resource" else
-                    spec.common_resource_files), dest) for which, dest in ins.groups
-                  if which != "apps"]
-        apps = [dest for which, dest in ins.groups if which == "apps"]
-        refs = spec.application_package_references
-        if apps and chan is not None and not any(files for files, _ in groups):
-            # only packages, all on the node already (the usual case after the first
-            # task there): answered at once, without a worker thread's round trip
-            have = self._node_apps.get((ins.pool_id, ins.node_id), ())
-            try:
-                there = all(a.node_archive(root) in have for root in apps
-                            for a in self._resolve_apps(ins.pool_id, refs))
-            except HpcBatchError:
-                there = False
-            if there:
-                self.inbox.put(("staged", ins.seq, ins.run, ins.token, None))
-                return
-
-        def work() -> None:
-            from hpcbatch.staging import StagingError
-            error = None
-            try:
-                if chan is None:
-                    raise OSError("its agent is gone")
-                for root in apps:
-                    self._put_apps((ins.pool_id, ins.node_id), chan, root,
-                                   self._resolve_apps(ins.pool_id, refs))
-                for files, dest in groups:
-                    if files:
-                        self.stager.stage(chan, files, dest, f"node {ins.node_id}")
-            except StagingError as exc:  # the pre_processing_error's detail
-                error = f"resource files for node {ins.node_id}: {exc}"
-            except Exception as exc:  # noqa: BLE001 - reported as the task's failure
-                error = f"copying resource files to node {ins.node_id} failed: {exc}"
-            self.inbox.put(("staged", ins.seq, ins.run, ins.token, error))
-        self._io(work)
-
-    # ---- application packages (hpcbatch.apps) ---------------------------------------
-
-    def _pool_refs(self, pool_id: str) -> tuple[AppRef, ...]:
-        return self._pool_apps.get(pool_id, ())
-
-    def _resolve_apps(self, pool_id: str, refs: Any) -> list[Any]:
-        """The pool's packages and then the task's (which win for the same name),
-        resolved to stored versions; NotFound when one is gone. Kept for a second (a
-        pool's every task would otherwise read the package files again)."""
-        key = (pool_id, tuple((r["application_id"], r.get("version")) if isinstance(r, dict)
-                              else r for r in refs or ()))
-        now = time.monotonic()
-        hit = self._app_cache.get(key)
-        if hit is not None and now - hit[0] < APP_CACHE_S:
-            return hit[1]
-        apps = self.apps.resolve_all([*self._pool_refs(pool_id),
-                                      *AppRef.check_list("apps", refs)])
-        if len(self._app_cache) > 1000:
-            self._app_cache.clear()
-        self._app_cache[key] = (now, apps)
-        return apps
-
-    def _with_apps(self, msg: P.Run, key: tuple[str, str], refs: Any) -> P.Run:
-        """The Run with its packages to unpack, their variables and PATH (bin/)."""
-        root = (self.state.node(*key).root if self.state.node(*key) else None) or ""
-        try:
-            apps = self._resolve_apps(key[0], refs)
-        except HpcBatchError as exc:  # deleted since it was staged: the run says so
-            log.warning("node %s: %s", key[1], exc)
-            return msg
-        return dataclasses.replace(msg, env={**node_env(apps, root), **msg.env},
-                                   apps=tuple(a.wire(root) for a in apps))
-
-    def _put_apps(self, key: tuple[str, str], chan: Any, root: str, apps: list[Any]) -> None:
-        """Copy each package's archive to the node once (per agent); blocking."""
-        lock = self._node_apps_lock.setdefault(key, threading.Lock())
-        with lock:
-            have = self._node_apps.setdefault(key, set())
-            for app in apps:
-                there = app.node_archive(root)
-                if there not in have:
-                    chan.put_files([(app.archive, there.rsplit("/", 1)[1])],
-                                   there.rsplit("/", 1)[0])
-                    have.add(there)
-
-    # ---- job preparation and release tasks --------------------------------------------
-
-    def _job_task_run(self, ins: S.RunJobTask, token: str | None) -> P.Run | None:
-        """The Run of a job's preparation or release task (None: sent later, after its
-        resource files reach the node, by a worker thread)."""
-        key = (ins.pool_id, ins.node_id)
-        spec = self.store.get_job(ins.job_id)["spec"]
-        task = spec.preparation_task if ins.run.kind is RunKind.JOB_PREP else \
-            spec.release_task
-        env = {**task.environment, **dict(ins.env)}
-        if token:
-            env[P.AGENT_TOKEN_ENV] = token
-        msg = P.Run(ins.run.wire, task.command_line, ins.task_dir, env,
-                    task.max_wall_clock_time_s, 0, cwd=ins.task_dir)  # (takes no slot)
-        if self._pool_refs(ins.pool_id):
-            msg = self._with_apps(msg, key, ())
-        if not task.resource_files:
-            return msg
-        entry = self.channels.get(key)
-        gen = self.state.node(*key).gen if self.state.node(*key) else 0
-
-        def work() -> None:
-            error = None
-            try:
-                if entry is None:
-                    raise OSError("its agent is gone")
-                entry[1].put_files([(f.source, f.file_path) for f in task.resource_files],
-                                   ins.task_dir)
-            except Exception as exc:  # noqa: BLE001 - reported as its failure to start
-                error = f"copying its resource files to node {ins.node_id} failed: {exc}"
-            if error is None:
-                entry[1].send_many([msg])
-                return
-            now = time.time()
-            self.inbox.put(("msg", ins.pool_id, ins.node_id, gen, P.Events((P.Exited(
-                id=msg.id, exit_code=None, start_failed=error, start=now, end=now),)), "",
-                now))
-        self._io(work)
-        return None
-
-    def _stage_node_apps(self, ins: S.StageNodeApps) -> None:
-        key = (ins.pool_id, ins.node_id)
-        entry = self.channels.get(key)
-        node = self.state.node(*key)
-        root = (node.root if node else None) or ""
-
-        def work() -> None:
-            error = None
-            try:
-                if entry is None:
-                    raise OSError("its agent is gone")
-                self._put_apps(key, entry[1], root, self._resolve_apps(ins.pool_id, ()))
-            except Exception as exc:  # noqa: BLE001 - reported on the node
-                error = f"copying them to node {ins.node_id} failed: {exc}"
-            self.inbox.put(("appsstaged", ins.pool_id, ins.node_id, ins.gen, error))
-        self._io(work)
 
     def _io(self, fn: Any, *args: Any) -> None:
         """Run fn on a worker thread; stop() waits for what is still running."""
@@ -1067,7 +847,7 @@ class Coordinator:
         except Exception:  # noqa: BLE001 - best effort on the way out
             log.exception("could not record the nodes offline")
         self.io.shutdown(wait=False, cancel_futures=True)
-        self._keeper.shutdown(wait=True, cancel_futures=True)  # (the one it is keeping)
+        self.files.shutdown()  # (the logs it is keeping now are kept)
         for fut in list(self.replies.values()):
             if not fut.done():
                 fut.set_exception(HpcBatchError("the coordinator stopped"))
