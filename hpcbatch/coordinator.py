@@ -7,17 +7,17 @@ the commit, sends (each channel has its own writer, so a stopped agent stalls no
 file copies, agent starts/stops and fencing on worker threads. Nothing it acts on is
 held only in memory: killed at any point and restarted, it finds the store consistent.
 
-File work on nodes is done by the room it holds and calls,
+What is performed is done by the rooms the coordinator holds and calls, each on its
+loop thread, handing slow work to the coordinator's worker threads:
+:class:`hpcbatch.poolops.PoolOps` (pools' providers, resizes, growth, autoscaling) and
 :class:`hpcbatch.nodefiles.NodeFiles` (resource files, application packages, job
-preparation/release runs, outputs and logs collected at exit), on its worker threads.
+preparation/release runs, outputs and logs collected at exit).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import dataclasses
-import json
 import logging
 import queue
 import secrets
@@ -28,13 +28,12 @@ from typing import Any
 
 from hpcbatch import agentlink as link
 from hpcbatch import state as S
-from hpcbatch.autoscaling import Autoscaler, evaluate_dry
-from hpcbatch.errors import Conflict, HpcBatchError, NotFound, ValidationError
+from hpcbatch.errors import Conflict, HpcBatchError
 from hpcbatch.home import HomeLock, default_home
 from hpcbatch.launch import protocol as P
 from hpcbatch.models import JobState, NodeState, PoolSpec, TaskState
 from hpcbatch.nodefiles import NodeFiles
-from hpcbatch.providers import NodeDesc, provider_for
+from hpcbatch.poolops import PoolOps
 from hpcbatch.store import Store
 from hpcbatch.timings import Timings
 
@@ -63,15 +62,10 @@ class Coordinator:
         self.state = S.CoordinatorState(self.timings, prefetch=prefetch,
                                         protocol=P.PROTOCOL_VERSION)
         self.inbox: queue.Queue = queue.Queue()
-        self.providers: dict[str, Any] = {}
-        self.descs: dict[tuple[str, str], NodeDesc] = {}
         self.channels: dict[tuple[str, str], tuple[int, Any, str]] = {}  # gen, chan, token
         # each node's latest agent (gen, token), kept once its channel is dropped: a lost
         # node's fence (in the same turn as the StopAgent that drops it) needs the token
         self.tokens: dict[tuple[str, str], tuple[int, str]] = {}
-        # nodes the pool's current provider no longer lists (removed, or a local pool
-        # renumbered by a resize) keep the provider they were started with until they go
-        self.retired: dict[tuple[str, str], Any] = {}
         self.jobs: set[str] = set()
         self.replies: dict[int, concurrent.futures.Future] = {}
         self._reply_n = 0
@@ -86,9 +80,9 @@ class Coordinator:
         self._last_tick = 0.0
         self._last_poll = 0.0
         self._deferred: list[Any] = []  # a query left to the next turn (see _turn)
-        self.autoscaler = Autoscaler(self.store, time.time())
-        self._growing: dict[str, int] = {}  # pool -> nodes asked of its provider, not granted
         # the rooms (see the module's docstring)
+        self.pools = PoolOps(self.home, self.store, self.state, self.inbox, self._io,
+                             self._reply, self._stop)
         self.files = NodeFiles(self.home, self.store, self.state, self.channels,
                                self.inbox, self._io)
         self.stager = self.files.stager  # resource files (its counts, for tests)
@@ -112,7 +106,7 @@ class Coordinator:
                                     self.store.last_task_seq())
                 events: list[Any] = [started, self._jobs_known(self.store.list_jobs())]
                 added = [self._pool_added(p) for p in self.store.list_pools()]
-                self._drop_stale_nodes(added)
+                self.pools.drop_stale_nodes(added)
                 events += added
                 if self.requeued_at_start:  # a cut-off agent runs on until its lease ends
                     until = started.t + self.timings.fence_wait_s
@@ -204,7 +198,7 @@ class Coordinator:
                 if now - self._last_tick >= TICK_S:
                     self._last_tick = now
                     events.append(S.Tick(now))
-                    events += self._autoscale(now)
+                    events += self.pools.autoscale(now)
                 if events or self._deferred:
                     self._turn(events)
         except BaseException as exc:  # surface to waiters instead of dying silently
@@ -280,8 +274,9 @@ class Coordinator:
             self.files.agent_up((pool_id, node_id))  # a new agent: look again
             with self.store.transaction():
                 self.store.record_agent(pool_id, node_id, token, getattr(chan, "pid", None),
-                                        self.descs[(pool_id, node_id)].host,
-                                        self._provider_of(pool_id, node_id).node_root(node_id))
+                                        self.pools.descs[(pool_id, node_id)].host,
+                                        self.pools.provider_of(pool_id, node_id)
+                                        .node_root(node_id))
             chan.listen(lambda msg, k=(pool_id, node_id, gen), c=chan: self.inbox.put(
                 ("msg", *k, msg, c.last_words() if msg is None else "", time.time())))
             return [S.AgentUp(now, pool_id, node_id, gen)]
@@ -298,30 +293,11 @@ class Coordinator:
         if kind == "work":
             return [S.WorkNoticed(now)]
         if kind == "asdry":
-            _, pool_id, formula, fut = item
-            m = self.autoscaler.measure(self.state, pool_id, now)
-            if m is None:
-                fut.set_result(None)
-                return []
-            points, period = self.autoscaler.history(pool_id)
-            try:
-                fut.set_result(evaluate_dry(formula, [*points, (now, m)], period, now,
-                                            self.store.get_pool(pool_id).target_nodes))
-            except Exception as exc:  # noqa: BLE001 - the caller hears it
-                fut.set_exception(exc)
+            self.pools.evaluate_dry(now, *item[1:])
             return []
         if kind == "grown":
             _, pool_id, granted, _error, asked = item
-            self._growing[pool_id] = max(0, self._growing.get(pool_id, 0) - asked)
-            if pool_id not in self.state.pools or self._stop.is_set():
-                provider = self.providers.get(pool_id)
-                if granted and provider is not None:  # nobody to run them: back at once
-                    self._io(provider.shrink, [d.node_id for d in granted])
-                return []
-            for d in granted:
-                self.descs[(pool_id, d.node_id)] = d
-            return [S.NodeGranted(now, pool_id, S.NodeInfo(d.node_id, d.host, d.slots))
-                    for d in granted]
+            return self.pools.granted_events(now, pool_id, granted, asked)
         if kind == "pool":
             spec, fut = item[1:]
             try:
@@ -333,9 +309,7 @@ class Coordinator:
             return [ev]
         if kind == "droppool":
             pool_id, fut = item[1:]
-            self.providers.pop(pool_id, None)
-            for key in [k for k in self.retired if k[0] == pool_id]:
-                del self.retired[key]
+            self.pools.removed(pool_id)
             return [S.PoolRemoved(now, pool_id), *self._reply_later(fut)]
         if kind == "forgetjob":
             job_id, fut = item[1:]
@@ -368,19 +342,12 @@ class Coordinator:
         args, fut = item[1:-1], item[-1]
         try:
             if kind == "resize":
-                return self._resize_events(now, *args, fut)
+                return self.pools.resize_events(now, *args, fut)
             if kind == "removenode":
-                pool_id, node_id, running = args
-                node = self._state_node(pool_id, node_id)
-                if node.leaving:
-                    fut.set_result(None)
-                    return []
-                self._change_pool(spec_without_node(self.store.get_pool(pool_id), self.home,
-                                                    node_id, self._state_ids(pool_id)))
-                return [S.NodeLeaving(now, pool_id, node_id, running, self._reply(fut))]
+                return self.pools.remove_node_events(now, *args, fut)
             if kind == "scheduling":
                 pool_id, node_id, enabled, running = args
-                self._state_node(pool_id, node_id)
+                self.pools.node(pool_id, node_id)
                 return [S.NodeSchedulingSet(now, pool_id, node_id, enabled, running,
                                             self._reply(fut))]
             if kind == "terminatejob":
@@ -403,98 +370,6 @@ class Coordinator:
                 fut.set_exception(exc)
             return []
 
-    def _state_node(self, pool_id: str, node_id: str) -> Any:
-        self.store.get_pool(pool_id)
-        node = self.state.node(pool_id, node_id)
-        if node is None:
-            known = ", ".join(self._state_ids(pool_id)) or "none"
-            raise NotFound(f"node {node_id!r} is not in pool {pool_id!r} (its nodes: {known})")
-        return node
-
-    def _state_ids(self, pool_id: str) -> list[str]:
-        pool = self.state.pools.get(pool_id)
-        return [] if pool is None else [n for n, nd in pool.nodes.items() if not nd.leaving]
-
-    def _resize_events(self, now: float, pool_id: str, target: int, running: str,
-                       fut: concurrent.futures.Future) -> list[Any]:
-        new = resized_spec(self.store.get_pool(pool_id), self.home, target)
-        provider = self._change_pool(new)
-        pool = self.state.pools.get(pool_id)
-        if pool is None:  # not started here (yet): the stored size is what it starts with
-            fut.set_result(None)
-            return []
-        keep = None
-        if provider.elastic:  # more nodes are asked of the provider, off the loop
-            infos: tuple[S.NodeInfo, ...] = ()
-            # nodes asked of the provider and not granted yet count (a second resize
-            # before the first one's nodes come asks only for the rest)
-            have = sum(1 for n in pool.nodes.values() if not n.leaving) + \
-                self._growing.get(pool_id, 0)
-            if target > have:
-                self._growing[pool_id] = self._growing.get(pool_id, 0) + target - have
-                self._io(self._grow, provider, pool_id, target - have)
-        else:
-            # the provider's nodes for a size with room for every id the pool holds now,
-            # so an id still held by a leaving node is not needed
-            wide = dataclasses.replace(new, target_nodes=min(100_000,
-                                                             target + len(pool.nodes)))
-            nodes = provider_for(wide, self.home).fixed_nodes()
-            for d in nodes:
-                self.descs.setdefault((pool_id, d.node_id), d)
-            infos = tuple(S.NodeInfo(d.node_id, d.host, d.slots) for d in nodes)
-            if provider.ordered:  # its nodes at a size are the first of its list
-                keep = tuple(d.node_id for d in provider.fixed_nodes())
-        return [S.PoolResized(now, pool_id, target, infos, self._reply(fut), running, keep)]
-
-    def _grow(self, provider: Any, pool_id: str, n: int) -> None:
-        """On a worker thread: ask an elastic provider for n more nodes; each granted
-        one joins the pool (NodeGranted)."""
-        try:
-            granted = provider.grow(n)
-        except Exception as exc:  # noqa: BLE001 - said in the log and the pool's record
-            log.warning("pool %s: %d more node(s) were asked for and not granted: %s",
-                        pool_id, n, exc)
-            self.inbox.put(("grown", pool_id, (), str(exc), n))
-            return
-        self.inbox.put(("grown", pool_id, tuple(granted), None, n))
-
-    def _autoscale(self, now: float) -> list[Any]:
-        """Sample the pools, evaluate their formulas when due, resize as they say."""
-        try:
-            decisions = self.autoscaler.tick(self.state, now)
-        except Exception:  # noqa: BLE001 - autoscaling never stops the loop
-            log.exception("autoscale")
-            return []
-        events: list[Any] = []
-        for pool_id, target, running, record in decisions:
-            try:
-                events += self._resize_events(now, pool_id, target, running,
-                                              concurrent.futures.Future())
-            except HpcBatchError as exc:
-                self.autoscaler.record(pool_id, "resize", record, str(exc), now)
-                continue
-            self.autoscaler.record(pool_id, "resize", record, None, now)
-        return events
-
-    def _change_pool(self, spec: PoolSpec) -> Any:
-        """Store the pool's new spec and use a provider made from it; nodes it no longer
-        lists keep the one they were started with."""
-        with self.store.transaction():
-            self.store.set_pool_spec(spec)
-        old = self.providers.get(spec.id)
-        provider = provider_for(spec, self.home)
-        listed = {d.node_id for d in provider.fixed_nodes()}
-        pool = self.state.pools.get(spec.id)
-        if old is not None and pool is not None:
-            for node_id in pool.nodes:
-                if node_id not in listed:
-                    self.retired.setdefault((spec.id, node_id), old)
-        self.providers[spec.id] = provider
-        return provider
-
-    def _provider_of(self, pool_id: str, node_id: str) -> Any:
-        return self.retired.get((pool_id, node_id)) or self.providers.get(pool_id)
-
     def _finish_terminating(self) -> None:
         """At start: a job left terminating by an earlier coordinator completes (its tasks
         in flight then were requeued just now: they are completed as terminated)."""
@@ -512,17 +387,6 @@ class Coordinator:
                 # stopped: it completes (they were stopped, as recorded)
                 self.store.set_job_state(job["id"], JobState.COMPLETED)
 
-    def _drop_stale_nodes(self, added: list[S.PoolAdded]) -> None:
-        """At start: node records of a fixed pool that its provider no longer lists (it
-        was resized, or a node removed) are forgotten."""
-        for ev in added:
-            listed = {n.node_id for n in ev.nodes}
-            provider = self.providers.get(ev.pool.pool_id)
-            if listed or provider is not None:  # (an elastic pool's slots: all listed)
-                for n in self.store.list_nodes(ev.pool.pool_id):
-                    if n["id"] not in listed:
-                        self.store.delete_node(ev.pool.pool_id, n["id"])
-
     def _reply(self, fut: concurrent.futures.Future) -> int:
         self._reply_n += 1
         self.replies[self._reply_n] = fut
@@ -536,19 +400,9 @@ class Coordinator:
     # ---- pools, jobs -----------------------------------------------------------------
 
     def _pool_added(self, spec: PoolSpec) -> S.PoolAdded:
-        provider = self.providers.get(spec.id) or provider_for(spec, self.home)
-        self.providers[spec.id] = provider
-        nodes = provider.grow(spec.target_nodes) if provider.elastic else \
-            provider.fixed_nodes()
-        for d in nodes:
-            self.descs[(spec.id, d.node_id)] = d
+        ev = self.pools.added(spec)
         self.files.pool_added(spec.id, spec.application_package_references)
-        info = S.PoolInfo(spec.id, spec.task_slots_per_node, spec.scheduling_policy,
-                          spec.start_task, bool(spec.application_package_references))
-        disabled = {n["id"] for n in self.store.list_nodes(spec.id)
-                    if json.loads(n["info"] or "{}").get("scheduling") == "disabled"}
-        return S.PoolAdded(time.time(), info, tuple(
-            S.NodeInfo(d.node_id, d.host, d.slots, d.node_id in disabled) for d in nodes))
+        return ev
 
     def _jobs_known(self, jobs: list[dict]) -> S.JobsKnown:
         self.jobs.update(j["id"] for j in jobs)
@@ -571,7 +425,7 @@ class Coordinator:
         jobs = {r.job_id for r in rows} - self.jobs
         if jobs:
             events.append(self._jobs_known([self.store.get_job(j) for j in sorted(jobs)]))
-        for pool_id in sorted({r.pool_id for r in rows} - set(self.providers)):
+        for pool_id in sorted({r.pool_id for r in rows} - set(self.pools.providers)):
             events.append(self._pool_added(self.store.get_pool(pool_id)))
         return events
 
@@ -652,7 +506,7 @@ class Coordinator:
                 self.files.expect_exit(ins, spec)
                 inter = None
                 if ins.instance:
-                    inter = self.providers[ins.pool_id].inter_node_env(
+                    inter = self.pools.providers[ins.pool_id].inter_node_env(
                         ins.node_id, self.state.node(*key).root or "")
                 msg = link.run_message(ins, spec, token, inter)
                 sends.setdefault(key, []).append(
@@ -677,7 +531,7 @@ class Coordinator:
                 if self.state.node(*key) is None:  # it left the pool (an elastic
                     self._forget_node(key, entry)  # one's node is given back there)
             elif isinstance(ins, S.RemoveNodeData):
-                provider = self._provider_of(*key)
+                provider = self.pools.provider_of(*key)
                 if provider is not None:
                     self._io(self._remove_node_data, provider, ins.node_id)
             elif isinstance(ins, S.FenceNode):
@@ -716,7 +570,7 @@ class Coordinator:
         """On a worker thread: reap what earlier agents of this home left on the node,
         then start a new agent."""
         key = (ins.pool_id, ins.node_id)
-        provider = self._provider_of(*key)
+        provider = self.pools.provider_of(*key)
         if provider is None or self._stop.is_set():
             return
         token = secrets.token_hex(8)
@@ -735,7 +589,8 @@ class Coordinator:
             finally:
                 store.close()
             self.inbox.put(("reaped", ins.pool_id, ins.node_id, not problems))
-            chan = provider.start_agent(self.descs[key], token=token, timings=self.timings)
+            chan = provider.start_agent(self.pools.descs[key], token=token,
+                                        timings=self.timings)
         except Exception as exc:  # noqa: BLE001 - reported on the node
             self.inbox.put(("startfail", ins.pool_id, ins.node_id, ins.gen, str(exc)))
         else:
@@ -760,9 +615,9 @@ class Coordinator:
     def _forget_node(self, key: tuple[str, str], entry: tuple[int, Any, str] | None) -> None:
         """A node that left its pool: once its agent has shut down cleanly, its record is
         forgotten (one that did not stays recorded, for the next start to reap)."""
-        self.descs.pop(key, None)
+        self.pools.descs.pop(key, None)
         self.tokens.pop(key, None)
-        provider = self.retired.pop(key, None) or self.providers.get(key[0])
+        provider = self.pools.retired.pop(key, None) or self.pools.providers.get(key[0])
         if provider is not None and provider.elastic:  # give the node back
             chan = entry[1] if entry else None
             self._io(self._give_back, provider, key[1], chan)
@@ -800,12 +655,12 @@ class Coordinator:
             log.exception("giving node %s back", node_id)
 
     def _fence(self, ins: S.FenceNode, token: str) -> None:
-        provider = self._provider_of(ins.pool_id, ins.node_id)
+        provider = self.pools.provider_of(ins.pool_id, ins.node_id)
         sure = False
         if provider is not None and token:
             try:
-                sure = bool(provider.fence(self.descs[(ins.pool_id, ins.node_id)], token,
-                                           ins.pids))
+                sure = bool(provider.fence(self.pools.descs[(ins.pool_id, ins.node_id)],
+                                           token, ins.pids))
             except Exception:  # noqa: BLE001 - not sure, then: the lease decides
                 log.exception("fencing node %s", ins.node_id)
         self.inbox.put(("fenced", ins.pool_id, ins.node_id, ins.gen, sure))
@@ -813,7 +668,7 @@ class Coordinator:
     def _release(self) -> None:
         """Shut every agent down, record the nodes offline, close the store, unlock."""
         self._stop.set()
-        self._stop_providers(final=False)  # elastic pools: starts waiting for nodes end
+        self.pools.stop_providers(final=False)  # elastic pools: starts waiting for nodes end
         # agents being started right now: wait for them, so none is left running
         concurrent.futures.wait(list(self._io_running), timeout=30)
         while True:
@@ -834,7 +689,7 @@ class Coordinator:
         # that did not stays recorded, and the next coordinator reaps what it left)
         gone = [(key, token) for key, (_, chan, token) in chans
                 if chan.wait_closed(max(0.0, deadline - time.monotonic()))]
-        self._stop_providers(final=True)  # elastic pools give their nodes back
+        self.pools.stop_providers(final=True)  # elastic pools give their nodes back
         try:
             with self.store.transaction():
                 for (pool_id, node_id), token in gone:
@@ -854,13 +709,6 @@ class Coordinator:
         self.store.close()
         self.lock.release()
 
-    def _stop_providers(self, final: bool) -> None:
-        for provider in list(self.providers.values()):
-            try:
-                provider.stop(final)
-            except Exception:  # noqa: BLE001 - best effort on the way out
-                log.exception("stopping pool %s", provider.pool_id)
-
 
 def _job_info(j: dict[str, Any]) -> S.JobInfo:
     spec = j["spec"]
@@ -871,60 +719,6 @@ def _job_info(j: dict[str, Any]) -> S.JobInfo:
                      prep.max_task_retry_count if prep else 0,
                      prep.rerun_on_node_reboot_after_success if prep else True,
                      spec.release_task is not None)
-
-
-# ---- the service operations' rules (the service applies them too, with no coordinator) --
-
-def resized_spec(spec: PoolSpec, home: Path, target: int) -> PoolSpec:
-    """The pool's spec at ``target`` nodes; ValidationError when its provider's nodes are
-    not set by its size (a fixed host list) or the size is out of its range."""
-    if isinstance(target, bool) or not isinstance(target, int) or target < 0:
-        raise ValidationError("target_nodes", f"{target!r} is not a number of nodes >= 0")
-    new = dataclasses.replace(spec, target_nodes=target)  # validates the number
-    provider = provider_for(new, home)
-    capacity = provider.capacity()
-    if capacity is not None and target > capacity:
-        raise ValidationError("target_nodes", f"pool {spec.id!r} has {capacity} host(s) in "
-                              f"its host list, fewer than the target of {target}; resize it "
-                              f"to at most {capacity}, or create a pool with more hosts")
-    most = getattr(type(provider), "MAX_NODES", None)
-    if most is not None and target > most:
-        raise ValidationError("target_nodes", f"{target} is more than the {most} nodes a "
-                              f"{spec.provider} pool can have")
-    return new
-
-
-def spec_without_node(spec: PoolSpec, home: Path, node_id: str,
-                      present: list[str] | None = None) -> PoolSpec:
-    """The pool's spec once ``node_id`` has left: one node fewer, or (a pool defined by
-    its host list) that list without it. ``present``: the nodes the pool has now, when a
-    coordinator runs it (a local pool's ids need not be 1..N after a removal)."""
-    provider = provider_for(spec, home)
-    listed = [d.node_id for d in provider.fixed_nodes()]
-    have = listed if present is None else present
-    if node_id not in have:
-        raise NotFound(f"node {node_id!r} is not in pool {spec.id!r} (its nodes: "
-                       f"{', '.join(have) or 'none'})")
-    if spec.target_nodes <= 1 or len(have) <= 1:
-        raise ValidationError("node", f"{node_id!r} is the last node of pool {spec.id!r}; a "
-                              "pool keeps at least one (delete the pool instead)")
-    smaller = dataclasses.replace(spec, target_nodes=spec.target_nodes - 1)
-    # (an SSH pool loses the host from its list: a resize would leave it listed, idle)
-    if not provider.ordered and \
-            len(provider_for(smaller, home).fixed_nodes()) == smaller.target_nodes:
-        return smaller
-    hosts = spec.provider_config.get("hosts")
-    if isinstance(hosts, list) and node_id in listed:
-        config = {**spec.provider_config,
-                  "hosts": [h for h in hosts if not (isinstance(h, dict) and
-                                                     h.get("name") == node_id)]}
-        new = dataclasses.replace(spec, provider_config=config,
-                                  target_nodes=spec.target_nodes - 1)
-        if [d.node_id for d in provider_for(new, home).fixed_nodes()] == \
-                [n for n in listed if n != node_id]:
-            return new
-    raise ValidationError("node", f"the nodes of pool {spec.id!r} cannot be removed one by "
-                          "one; resize it instead")
 
 
 def check_reactivatable(task: dict[str, Any], job: dict[str, Any]) -> None:
