@@ -9,9 +9,10 @@ held only in memory: killed at any point and restarted, it finds the store consi
 
 What is performed is done by the rooms the coordinator holds and calls, each on its
 loop thread, handing slow work to the coordinator's worker threads:
-:class:`hpcbatch.poolops.PoolOps` (pools' providers, resizes, growth, autoscaling) and
-:class:`hpcbatch.nodefiles.NodeFiles` (resource files, application packages, job
-preparation/release runs, outputs and logs collected at exit).
+:class:`hpcbatch.poolops.PoolOps` (pools' providers, resizes, growth, autoscaling),
+:class:`hpcbatch.agents.Agents` (agents started, connected, stopped, fenced; nodes
+forgotten) and :class:`hpcbatch.nodefiles.NodeFiles` (resource files, application
+packages, job preparation/release runs, outputs and logs collected at exit).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import concurrent.futures
 import contextlib
 import logging
 import queue
-import secrets
 import threading
 import time
 from pathlib import Path
@@ -28,6 +28,7 @@ from typing import Any
 
 from hpcbatch import agentlink as link
 from hpcbatch import state as S
+from hpcbatch.agents import Agents
 from hpcbatch.errors import Conflict, HpcBatchError
 from hpcbatch.home import HomeLock, default_home
 from hpcbatch.launch import protocol as P
@@ -62,10 +63,6 @@ class Coordinator:
         self.state = S.CoordinatorState(self.timings, prefetch=prefetch,
                                         protocol=P.PROTOCOL_VERSION)
         self.inbox: queue.Queue = queue.Queue()
-        self.channels: dict[tuple[str, str], tuple[int, Any, str]] = {}  # gen, chan, token
-        # each node's latest agent (gen, token), kept once its channel is dropped: a lost
-        # node's fence (in the same turn as the StopAgent that drops it) needs the token
-        self.tokens: dict[tuple[str, str], tuple[int, str]] = {}
         self.jobs: set[str] = set()
         self.replies: dict[int, concurrent.futures.Future] = {}
         self._reply_n = 0
@@ -83,6 +80,9 @@ class Coordinator:
         # the rooms (see the module's docstring)
         self.pools = PoolOps(self.home, self.store, self.state, self.inbox, self._io,
                              self._reply, self._stop)
+        self.agents = Agents(self.home, self.store, self.state, self.pools, self.timings,
+                             self.inbox, self._io, self._stop)
+        self.channels = self.agents.channels  # node -> (gen, channel, token)
         self.files = NodeFiles(self.home, self.store, self.state, self.channels,
                                self.inbox, self._io)
         self.stager = self.files.stager  # resource files (its counts, for tests)
@@ -264,22 +264,10 @@ class Coordinator:
         if kind == "collected":
             return [item[1]]
         if kind == "up":
-            _, pool_id, node_id, gen, chan, token = item
-            node = self.state.node(pool_id, node_id)
-            if node is None or node.gen != gen or self._stop.is_set():
-                chan.close()
-                return []
-            self.channels[(pool_id, node_id)] = (gen, chan, token)
-            self.tokens[(pool_id, node_id)] = (gen, token)
-            self.files.agent_up((pool_id, node_id))  # a new agent: look again
-            with self.store.transaction():
-                self.store.record_agent(pool_id, node_id, token, getattr(chan, "pid", None),
-                                        self.pools.descs[(pool_id, node_id)].host,
-                                        self.pools.provider_of(pool_id, node_id)
-                                        .node_root(node_id))
-            chan.listen(lambda msg, k=(pool_id, node_id, gen), c=chan: self.inbox.put(
-                ("msg", *k, msg, c.last_words() if msg is None else "", time.time())))
-            return [S.AgentUp(now, pool_id, node_id, gen)]
+            evs = self.agents.up(now, *item[1:])
+            if evs:
+                self.files.agent_up(item[1:3])  # a new agent: look again
+            return evs
         if kind == "startfail":
             return [S.AgentStartFailed(now, *item[1:])]
         if kind == "fenced":
@@ -438,7 +426,7 @@ class Coordinator:
         turn), then node records."""
         st = self.store
         if not st.db.in_transaction:
-            txn.enter_context(st.transaction(while_waiting=self._keep_leases,
+            txn.enter_context(st.transaction(while_waiting=self.agents.keep_leases,
                                              wait_slice_s=self.timings.heartbeat_s / 2))
         by: dict[type, list[Any]] = {}
         for w in writes:
@@ -479,17 +467,6 @@ class Coordinator:
             st.upsert_job_task(w.job_id, w.pool_id, w.node_id, w.kind, w.state, w.t,
                                w.task_dir, w.exit_code, w.detail, w.retry_count)
 
-    def _keep_leases(self) -> None:
-        """While the turn waits for the store's write lock (another process's long
-        transaction): a Ping to each live agent, so their leases do not run out and stop
-        every task. Not to a node being fenced: its lease must run out."""
-        now = time.time()
-        for key, (gen, chan, _) in list(self.channels.items()):
-            node = self.state.node(*key)
-            if node is not None and node.gen == gen and node.connected and \
-                    node.fence_until is None:
-                chan.send_many([P.Ping(now)])
-
     def _perform(self, after: list[Any]) -> None:
         """After the commit: messages to the agents (one send per node), the rest
         handed to the rooms (which put slow work on worker threads); replies, and
@@ -500,7 +477,7 @@ class Coordinator:
         drained = False
         for ins in after:
             key = (ins.pool_id, ins.node_id) if hasattr(ins, "node_id") else None
-            token = self.channels[key][2] if key in self.channels else None
+            token = self.agents.token(key)
             if isinstance(ins, S.RunTask):
                 spec = specs[ins.seq]
                 self.files.expect_exit(ins, spec)
@@ -525,18 +502,15 @@ class Coordinator:
             elif isinstance(ins, S.StageFiles):
                 self.files.stage(ins, specs[ins.seq])
             elif isinstance(ins, S.StartAgent):
-                self._io(self._start_agent, ins)
+                self._io(self.agents.start, ins)
             elif isinstance(ins, S.StopAgent):
-                entry = self._stop_agent(key, ins.gen, sends.pop(key, []), abort=ins.lost)
+                entry = self.agents.stop(key, ins.gen, sends.pop(key, []), abort=ins.lost)
                 if self.state.node(*key) is None:  # it left the pool (an elastic
-                    self._forget_node(key, entry)  # one's node is given back there)
+                    self.agents.forget(key, entry)  # one's node is given back there)
             elif isinstance(ins, S.RemoveNodeData):
-                provider = self.pools.provider_of(*key)
-                if provider is not None:
-                    self._io(self._remove_node_data, provider, ins.node_id)
+                self.agents.remove_data(key)
             elif isinstance(ins, S.FenceNode):
-                gen, token = self.tokens.get(key, (None, ""))
-                self._io(self._fence, ins, token if gen == ins.gen else "")
+                self.agents.fence(ins)
             elif isinstance(ins, S.Reply):
                 fut = self.replies.pop(ins.reply, None)
                 if fut is not None and not fut.done():
@@ -566,129 +540,15 @@ class Coordinator:
         self._io_running.add(fut)
         fut.add_done_callback(self._io_running.discard)
 
-    def _start_agent(self, ins: S.StartAgent) -> None:
-        """On a worker thread: reap what earlier agents of this home left on the node,
-        then start a new agent."""
-        key = (ins.pool_id, ins.node_id)
-        provider = self.pools.provider_of(*key)
-        if provider is None or self._stop.is_set():
-            return
-        token = secrets.token_hex(8)
-        try:
-            store = Store(self.home / "state.db")
-            try:
-                records = [a for a in store.agents()
-                           if (a["pool_id"], a["node_id"]) == key]
-                problems = provider.reap_orphans(records)
-                for problem in problems:
-                    log.warning("%s", problem)
-                if not problems:  # (else kept: the next start of the node tries again)
-                    with store.transaction():
-                        for a in records:
-                            store.forget_agent(a["pool_id"], a["node_id"], a["token"])
-            finally:
-                store.close()
-            self.inbox.put(("reaped", ins.pool_id, ins.node_id, not problems))
-            chan = provider.start_agent(self.pools.descs[key], token=token,
-                                        timings=self.timings)
-        except Exception as exc:  # noqa: BLE001 - reported on the node
-            self.inbox.put(("startfail", ins.pool_id, ins.node_id, ins.gen, str(exc)))
-        else:
-            self.inbox.put(("up", ins.pool_id, ins.node_id, ins.gen, chan, token))
-
-    def _stop_agent(self, key: tuple[str, str], gen: int, last: list[Any],
-                    abort: bool = False) -> tuple[int, Any, str] | None:
-        """Shut the agent down (a lost one: cut it off, nothing buffered reaches it);
-        returns its (gen, channel, token), or None when it had none."""
-        entry = self.channels.get(key)
-        if entry is None or entry[0] != gen:
-            return None
-        del self.channels[key]
-        chan = entry[1]
-        if abort:
-            chan.close(abort=True)
-        else:
-            chan.send_many([*last, P.Shutdown()])
-            chan.close()
-        return entry
-
-    def _forget_node(self, key: tuple[str, str], entry: tuple[int, Any, str] | None) -> None:
-        """A node that left its pool: once its agent has shut down cleanly, its record is
-        forgotten (one that did not stays recorded, for the next start to reap)."""
-        self.pools.descs.pop(key, None)
-        self.tokens.pop(key, None)
-        provider = self.pools.retired.pop(key, None) or self.pools.providers.get(key[0])
-        if provider is not None and provider.elastic:  # give the node back
-            chan = entry[1] if entry else None
-            self._io(self._give_back, provider, key[1], chan)
-        if entry is None:
-            return
-        _, chan, token = entry
-        grace = self.timings.kill_grace_s + 5
-
-        def forget() -> None:
-            if not chan.wait_closed(grace):
-                return
-            store = Store(self.home / "state.db")
-            try:
-                with store.transaction():
-                    store.forget_agent(key[0], key[1], token)
-            finally:
-                store.close()
-        self._io(forget)
-
-    def _remove_node_data(self, provider: Any, node_id: str) -> None:
-        try:
-            provider.remove_tree(node_id, "jobs")
-        except Exception as exc:  # noqa: BLE001 - a warning: the node has left anyway
-            log.warning("pool %s: the task directories of node %s, which left it, could "
-                        "not be removed: %s", provider.pool_id, node_id, exc)
-
-    def _give_back(self, provider: Any, node_id: str, chan: Any) -> None:
-        """An elastic pool's node left: once its agent has shut down, the provider gives
-        the node back (a Slurm allocation cancelled)."""
-        if chan is not None:
-            chan.wait_closed(self.timings.kill_grace_s + 5)
-        try:
-            provider.shrink([node_id])
-        except Exception:  # noqa: BLE001 - logged; the pool's stop or delete tries again
-            log.exception("giving node %s back", node_id)
-
-    def _fence(self, ins: S.FenceNode, token: str) -> None:
-        provider = self.pools.provider_of(ins.pool_id, ins.node_id)
-        sure = False
-        if provider is not None and token:
-            try:
-                sure = bool(provider.fence(self.pools.descs[(ins.pool_id, ins.node_id)],
-                                           token, ins.pids))
-            except Exception:  # noqa: BLE001 - not sure, then: the lease decides
-                log.exception("fencing node %s", ins.node_id)
-        self.inbox.put(("fenced", ins.pool_id, ins.node_id, ins.gen, sure))
-
     def _release(self) -> None:
         """Shut every agent down, record the nodes offline, close the store, unlock."""
         self._stop.set()
         self.pools.stop_providers(final=False)  # elastic pools: starts waiting for nodes end
         # agents being started right now: wait for them, so none is left running
         concurrent.futures.wait(list(self._io_running), timeout=30)
-        while True:
-            try:
-                item = self.inbox.get_nowait()
-            except queue.Empty:
-                break
-            if item[0] == "up":
-                self.channels[(item[1], item[2])] = (item[3], item[4], item[5])
-        chans = list(self.channels.items())
-        self.channels.clear()
-        for _, (_, chan, _) in chans:
-            chan.send_many([P.Shutdown()])
-        for _, (_, chan, _) in chans:
-            chan.close()
-        deadline = time.monotonic() + self.timings.kill_grace_s + 5
         # an agent that shut down cleanly left nothing to reap: forget its record (one
         # that did not stays recorded, and the next coordinator reaps what it left)
-        gone = [(key, token) for key, (_, chan, token) in chans
-                if chan.wait_closed(max(0.0, deadline - time.monotonic()))]
+        gone = self.agents.shut_down_all()
         self.pools.stop_providers(final=True)  # elastic pools give their nodes back
         try:
             with self.store.transaction():
