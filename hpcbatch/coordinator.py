@@ -10,6 +10,7 @@ held only in memory: killed at any point and restarted, it finds the store consi
 What is performed is done by the rooms the coordinator holds and calls, each on its
 loop thread, handing slow work to the coordinator's worker threads:
 :class:`hpcbatch.poolops.PoolOps` (pools' providers, resizes, growth, autoscaling),
+:class:`hpcbatch.jobops.JobOps` (the jobs known; terminate, reactivate),
 :class:`hpcbatch.agents.Agents` (agents started, connected, stopped, fenced; nodes
 forgotten) and :class:`hpcbatch.nodefiles.NodeFiles` (resource files, application
 packages, job preparation/release runs, outputs and logs collected at exit).
@@ -29,10 +30,11 @@ from typing import Any
 from hpcbatch import agentlink as link
 from hpcbatch import state as S
 from hpcbatch.agents import Agents
-from hpcbatch.errors import Conflict, HpcBatchError
+from hpcbatch.errors import HpcBatchError
 from hpcbatch.home import HomeLock, default_home
+from hpcbatch.jobops import JobOps
 from hpcbatch.launch import protocol as P
-from hpcbatch.models import JobState, NodeState, PoolSpec, TaskState
+from hpcbatch.models import JobState, NodeState, PoolSpec
 from hpcbatch.nodefiles import NodeFiles
 from hpcbatch.poolops import PoolOps
 from hpcbatch.store import Store
@@ -45,6 +47,9 @@ MAX_ITEMS_PER_TURN = 5000
 # the writes _write makes between a turn's finished attempts and its placements
 _BETWEEN = frozenset({S.CompleteUnstarted, S.TerminateJobTasks, S.CompleteJobIfDone,
                       S.ReactivateTask})
+# what worker threads put in the inbox (kind, args...) that is a state event as it is
+_ANSWERS = {"startfail": S.AgentStartFailed, "fenced": S.NodeFenced, "reaped": S.NodeReaped,
+            "staged": S.FilesStaged, "appsstaged": S.NodeAppsStaged}
 
 
 class Coordinator:
@@ -63,7 +68,6 @@ class Coordinator:
         self.state = S.CoordinatorState(self.timings, prefetch=prefetch,
                                         protocol=P.PROTOCOL_VERSION)
         self.inbox: queue.Queue = queue.Queue()
-        self.jobs: set[str] = set()
         self.replies: dict[int, concurrent.futures.Future] = {}
         self._reply_n = 0
         self._after_commit: list[concurrent.futures.Future] = []
@@ -78,6 +82,7 @@ class Coordinator:
         self._last_poll = 0.0
         self._deferred: list[Any] = []  # a query left to the next turn (see _turn)
         # the rooms (see the module's docstring)
+        self.jobs = JobOps(self.store, self._reply)
         self.pools = PoolOps(self.home, self.store, self.state, self.inbox, self._io,
                              self._reply, self._stop)
         self.agents = Agents(self.home, self.store, self.state, self.pools, self.timings,
@@ -101,10 +106,10 @@ class Coordinator:
                     if n["state"] != NodeState.OFFLINE.value:
                         self.store.upsert_node(n["pool_id"], n["id"], NodeState.OFFLINE.value,
                                                n["slots"], None, "coordinator restarted")
-                self._finish_terminating()
+                self.jobs.finish_terminating()
                 started = S.Started(time.time(), tuple(self.store.open_counts().items()),
                                     self.store.last_task_seq())
-                events: list[Any] = [started, self._jobs_known(self.store.list_jobs())]
+                events: list[Any] = [started, self.jobs.jobs_known(self.store.list_jobs())]
                 added = [self._pool_added(p) for p in self.store.list_pools()]
                 self.pools.drop_stale_nodes(added)
                 events += added
@@ -263,21 +268,13 @@ class Coordinator:
             return self.files.hold_exits(link.events_of(*item[1:]))
         if kind == "collected":
             return [item[1]]
+        if kind in _ANSWERS:  # a worker thread's answer, as it came
+            return [_ANSWERS[kind](now, *item[1:])]
         if kind == "up":
             evs = self.agents.up(now, *item[1:])
             if evs:
                 self.files.agent_up(item[1:3])  # a new agent: look again
             return evs
-        if kind == "startfail":
-            return [S.AgentStartFailed(now, *item[1:])]
-        if kind == "fenced":
-            return [S.NodeFenced(now, *item[1:])]
-        if kind == "reaped":
-            return [S.NodeReaped(now, *item[1:])]
-        if kind == "staged":
-            return [S.FilesStaged(now, *item[1:])]
-        if kind == "appsstaged":
-            return [S.NodeAppsStaged(now, *item[1:])]
         if kind == "work":
             return [S.WorkNoticed(now)]
         if kind == "asdry":
@@ -301,32 +298,19 @@ class Coordinator:
             return [S.PoolRemoved(now, pool_id), *self._reply_later(fut)]
         if kind == "forgetjob":
             job_id, fut = item[1:]
-            self.jobs.discard(job_id)
+            ev = self.jobs.forgotten(now, job_id)
             fut.set_result(None)
-            return [S.JobForgotten(now, job_id)]
-        ops = self._ops_events(kind, item, now)
-        if ops is not None:
-            return ops
+            return [ev]
         if kind == "terminate":
-            job_id, task_id, fut = item[1:]
-            try:
-                row = self.store.get_task(job_id, task_id)
-            except HpcBatchError as exc:
-                fut.set_exception(exc)
-                return []
-            if row["state"] == "completed":
-                fut.set_result(None)
-                return []
-            reply = self._reply(fut)
-            return [S.TerminateAsked(now, row["seq"], job_id, reply)]
+            return self.jobs.terminate_task_events(now, *item[1:])
+        if kind in ("resize", "removenode", "scheduling", "terminatejob", "reactivate"):
+            return self._ops_events(kind, item, now)
         return []  # "wake"
 
-    def _ops_events(self, kind: str, item: tuple, now: float) -> list[Any] | None:
-        """State events for the service operations' commands (None: not one of them).
-        What can be checked against the store is checked here, so the caller hears a
-        NotFound, Conflict or ValidationError as such."""
-        if kind not in ("resize", "removenode", "scheduling", "terminatejob", "reactivate"):
-            return None
+    def _ops_events(self, kind: str, item: tuple, now: float) -> list[Any]:
+        """State events for the service operations' commands. What can be checked
+        against the store is checked first, so the caller hears a NotFound, Conflict or
+        ValidationError as such."""
         args, fut = item[1:-1], item[-1]
         try:
             if kind == "resize":
@@ -339,41 +323,13 @@ class Coordinator:
                 return [S.NodeSchedulingSet(now, pool_id, node_id, enabled, running,
                                             self._reply(fut))]
             if kind == "terminatejob":
-                (job_id,) = args
-                job = self.store.get_job(job_id)
-                if job["state"] == JobState.COMPLETED.value:
-                    raise Conflict(f"job {job_id!r} is already completed")
-                if job["state"] == JobState.TERMINATING.value:
-                    fut.set_result(None)
-                    return []
-                return [S.JobTerminateAsked(now, job_id, self._reply(fut))]
-            job_id, task_id = args
-            row = self.store.get_task(job_id, task_id)
-            check_reactivatable(row, self.store.get_job(job_id))
-            attempts = self.store.attempts(job_id, task_id)
-            trow = link.task_row_of(row, max((a["attempt"] + 1 for a in attempts), default=0))
+                return self.jobs.terminate_job_events(now, *args, fut)
+            trow = self.jobs.reactivated_row(*args)
             return [*self._unknown([trow]), S.ReactivateAsked(now, trow, self._reply(fut))]
         except Exception as exc:  # noqa: BLE001 - the caller hears it
             if not fut.done():
                 fut.set_exception(exc)
             return []
-
-    def _finish_terminating(self) -> None:
-        """At start: a job left terminating by an earlier coordinator completes (its tasks
-        in flight then were requeued just now: they are completed as terminated)."""
-        released = self.store.end_running_job_tasks(time.time())
-        for job in self.store.list_jobs():
-            if job["state"] == JobState.TERMINATING.value:
-                self.store.terminate_job_tasks(job["id"], time.time(), in_flight=True)
-                self.store.set_job_state(job["id"], JobState.COMPLETED)
-            elif released and job["state"] == JobState.ACTIVE.value and \
-                    job["spec"].release_task is not None and \
-                    job["spec"].on_all_tasks_complete == "terminate_job" and \
-                    self.store.unfinished(job["id"]) == 0 and \
-                    self.store.task_counts(job["id"])["total"] > 0:
-                # its tasks were done and its release tasks ran when the coordinator
-                # stopped: it completes (they were stopped, as recorded)
-                self.store.set_job_state(job["id"], JobState.COMPLETED)
 
     def _reply(self, fut: concurrent.futures.Future) -> int:
         self._reply_n += 1
@@ -385,16 +341,12 @@ class Coordinator:
         self._after_commit.append(fut)
         return []
 
-    # ---- pools, jobs -----------------------------------------------------------------
+    # ---- queries answered in the turn (pools, jobs not heard of yet added first) --------
 
     def _pool_added(self, spec: PoolSpec) -> S.PoolAdded:
         ev = self.pools.added(spec)
         self.files.pool_added(spec.id, spec.application_package_references)
         return ev
-
-    def _jobs_known(self, jobs: list[dict]) -> S.JobsKnown:
-        self.jobs.update(j["id"] for j in jobs)
-        return S.JobsKnown(time.time(), tuple(map(_job_info, jobs)))
 
     def _answer_window(self, ins: S.LoadWindow) -> list[Any]:
         rows = self.store.runnable_window(ins.pool_id, ins.after, ins.limit)
@@ -410,9 +362,9 @@ class Coordinator:
     def _unknown(self, rows: list) -> list[Any]:
         """Jobs and pools of these rows that this coordinator has not heard of yet."""
         events: list[Any] = []
-        jobs = {r.job_id for r in rows} - self.jobs
+        jobs = {r.job_id for r in rows} - self.jobs.known
         if jobs:
-            events.append(self._jobs_known([self.store.get_job(j) for j in sorted(jobs)]))
+            events.append(self.jobs.jobs_known([self.store.get_job(j) for j in sorted(jobs)]))
         for pool_id in sorted({r.pool_id for r in rows} - set(self.pools.providers)):
             events.append(self._pool_added(self.store.get_pool(pool_id)))
         return events
@@ -568,27 +520,3 @@ class Coordinator:
                 fut.set_exception(HpcBatchError("the coordinator stopped"))
         self.store.close()
         self.lock.release()
-
-
-def _job_info(j: dict[str, Any]) -> S.JobInfo:
-    spec = j["spec"]
-    prep = spec.preparation_task
-    return S.JobInfo(j["id"], j["pool_id"], spec.priority,
-                     spec.on_all_tasks_complete == "terminate_job", prep is not None,
-                     prep.wait_for_success if prep else True,
-                     prep.max_task_retry_count if prep else 0,
-                     prep.rerun_on_node_reboot_after_success if prep else True,
-                     spec.release_task is not None)
-
-
-def check_reactivatable(task: dict[str, Any], job: dict[str, Any]) -> None:
-    """Conflict unless the task is completed and failed and its job is not terminating."""
-    where = f"task {task['job_id']}/{task['id']}"
-    if task["state"] != TaskState.COMPLETED.value:
-        raise Conflict(f"{where} is {task['state']}; only a failed completed task can be "
-                       "reactivated")
-    if task["result"] != "failure":
-        raise Conflict(f"{where} succeeded; only a failed completed task can be reactivated")
-    if job["state"] == JobState.TERMINATING.value:
-        raise Conflict(f"job {job['id']!r} is terminating; reactivate its tasks once it has "
-                       "completed")

@@ -998,7 +998,7 @@ class LocalService(LocalStorageMethods, Service):
         return self.get_job(job_id)
 
     def reactivate_task(self, job_id: str, task_id: str) -> TaskView:
-        from hpcbatch.coordinator import check_reactivatable
+        from hpcbatch.jobops import check_reactivatable
         check_reactivatable(self.store.get_task(job_id, task_id), self.store.get_job(job_id))
         if self.coordinator is not None:
             self._command(f"the reactivation of task {job_id}/{task_id}", "reactivate_task",
