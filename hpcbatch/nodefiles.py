@@ -7,9 +7,10 @@ them, a job's preparation and release tasks (whose resource files are copied bef
 their Run is sent), and, at a task's exit, its output files uploaded and its logs kept
 (:class:`hpcbatch.collect.Collector`) before the state hears of the exit.
 
-The loop thread calls it while it performs a turn's instructions; the copies run on the
-coordinator's worker threads and answer through its inbox (``"staged"``,
-``"appsstaged"``, ``"collected"``, or a start failure as an agent's ``"msg"``).
+The loop thread calls it (an agent's exits as they arrive, a turn's instructions after
+its commit); the copies run on the coordinator's worker threads and answer through its
+inbox (``"staged"``, ``"appsstaged"``, ``"collected"``, or a start failure as an
+agent's ``"msg"``).
 """
 
 from __future__ import annotations
