@@ -12,7 +12,7 @@ loop thread, handing slow work to the coordinator's worker threads:
 :class:`hpcbatch.poolops.PoolOps` (pools' providers, resizes, growth, autoscaling),
 :class:`hpcbatch.jobops.JobOps` (the jobs known; terminate, reactivate),
 :class:`hpcbatch.agents.Agents` (agents started, connected, stopped, fenced; nodes
-forgotten) and :class:`hpcbatch.nodefiles.NodeFiles` (resource files, application
+forgotten) and :class:`hpcbatch.filework.FileWork` (resource files, application
 packages, job preparation/release runs, outputs and logs collected at exit).
 """
 
@@ -31,11 +31,11 @@ from hpcbatch import agentlink as link
 from hpcbatch import state as S
 from hpcbatch.agents import Agents
 from hpcbatch.errors import HpcBatchError
+from hpcbatch.filework import FileWork
 from hpcbatch.home import HomeLock, default_home
 from hpcbatch.jobops import JobOps
 from hpcbatch.launch import protocol as P
 from hpcbatch.models import JobState, NodeState, PoolSpec
-from hpcbatch.nodefiles import NodeFiles
 from hpcbatch.poolops import PoolOps
 from hpcbatch.store import Store
 from hpcbatch.timings import Timings
@@ -88,7 +88,7 @@ class Coordinator:
         self.agents = Agents(self.home, self.store, self.state, self.pools, self.timings,
                              self.inbox, self._io, self._stop)
         self.channels = self.agents.channels  # node -> (gen, channel, token)
-        self.files = NodeFiles(self.home, self.store, self.state, self.channels,
+        self.files = FileWork(self.home, self.store, self.state, self.channels,
                                self.inbox, self._io)
         self.stager = self.files.stager  # resource files (its counts, for tests)
 

@@ -1,6 +1,6 @@
-"""Node files: what the coordinator copies to and from its nodes around a task.
+"""File work on nodes: what the coordinator copies to and from its nodes around a task.
 
-:class:`NodeFiles` is the coordinator's room for file work on nodes: a task's resource
+:class:`FileWork` is the coordinator's room for file work on nodes: a task's resource
 files staged into its directory (:class:`hpcbatch.staging.Stager`), application
 packages (:mod:`hpcbatch.apps`) copied once per agent and added to the runs that use
 them, a job's preparation and release tasks (whose resource files are copied before
@@ -39,7 +39,7 @@ APP_CACHE_S = 1.0  # how long a resolved application package reference is reused
 KEEPER_BACKLOG = 10_000  # local tasks' logs waiting to be kept, at most
 
 
-class NodeFiles:
+class FileWork:
     """Staging, application packages, job preparation/release runs and collection at
     exit, for one coordinator. ``channels`` is the coordinator's (node -> (gen, channel,
     token)), read only; ``io`` runs a function on one of its worker threads."""
