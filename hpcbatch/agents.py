@@ -49,6 +49,9 @@ class Agents:
         # each node's latest agent (gen, token), kept once its channel is dropped: a lost
         # node's fence (in the same turn as the StopAgent that drops it) needs the token
         self.tokens: dict[tuple[str, str], tuple[int, str]] = {}
+        # (provider, node id) on a worker thread before a node's task directories are
+        # removed (the coordinator's file room keeps their logs)
+        self.before_removal: Callable[[Any, str], None] = lambda provider, node_id: None
 
     def token(self, key: tuple[str, str]) -> str | None:
         """The token of the node's connected agent (None: it has none)."""
@@ -166,6 +169,11 @@ class Agents:
             self._io(self._remove_node_data, provider, key[1])
 
     def _remove_node_data(self, provider: Any, node_id: str) -> None:
+        try:
+            self.before_removal(provider, node_id)
+        except Exception:  # noqa: BLE001 - logged; the node's directories go anyway
+            log.exception("node %s: keeping its tasks' logs before its task directories "
+                          "go", node_id)
         try:
             provider.remove_tree(node_id, "jobs")
         except Exception as exc:  # noqa: BLE001 - a warning: the node has left anyway

@@ -12,7 +12,9 @@ attempt's ``file_upload_error`` with the reason.
 
 Kept logs: ``<home>/logs/<job>/<task>/<attempt>/stdout.txt`` and ``stderr.txt`` (0600),
 at most ``log_cap_bytes`` each (the tail beyond it, the original size in ``kept.json``;
-a local node's file within the cap is kept as a second hard link, not copied),
+a local node's file within the cap is kept as a second hard link, not copied;
+and a local node's successful attempt is kept only before its task directory is
+removed, see ``Collector.keep_left``),
 so ``task logs`` / ``read_task_file`` / the REST files route answer when the node is
 gone, killed, or its pool deleted.
 """
@@ -123,6 +125,23 @@ class Collector:
                 log.warning("task %s/%s: its stdout/stderr were not kept: %s", job_id,
                             task_id, _one_line(exc))
         return error
+
+    def keep_left(self, files: Any, node_id: str,
+                  tasks: Sequence[tuple[str, str, int, str]]) -> int:
+        """Before a node's task directories are removed: keep the logs of ``tasks``
+        (job, task, attempt, task directory; see Store.completed_on_node) that are not
+        kept yet. How many were kept now."""
+        n = 0
+        for job_id, task_id, attempt, task_dir in tasks:
+            if os.path.exists(os.path.join(kept_dir(self.home, job_id, task_id, attempt),
+                                           "kept.json")) or not os.path.isdir(task_dir):
+                continue
+            try:
+                self._keep_logs(files, job_id, task_id, attempt, task_dir, node_id)
+                n += 1
+            except OSError as exc:  # (its directory already gone: nothing to keep)
+                log.debug("task %s/%s: logs not kept: %s", job_id, task_id, exc)
+        return n
 
     def _upload(self, files: Any, outputs: Sequence[Mapping[str, Any]], task_dir: str,
                 wd: str, values: Mapping[str, str]) -> tuple[int, int]:

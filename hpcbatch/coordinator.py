@@ -90,6 +90,7 @@ class Coordinator:
         self.channels = self.agents.channels  # node -> (gen, channel, token)
         self.files = FileWork(self.home, self.store, self.state, self.channels,
                                self.inbox, self._io)
+        self.agents.before_removal = self.files.keep_left
         self.stager = self.files.stager  # resource files (its counts, for tests)
 
     # ---- life cycle and commands (any thread) ------------------------------------

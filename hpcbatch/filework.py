@@ -47,6 +47,7 @@ class FileWork:
     def __init__(self, home: Path, store: Any, state: S.CoordinatorState,
                  channels: dict[tuple[str, str], tuple[int, Any, str]],
                  inbox: queue.Queue, io: Callable[..., None]):
+        self.home = home
         self.store = store
         self.state = state
         self.channels = channels
@@ -95,8 +96,9 @@ class FileWork:
 
     def hold_exits(self, evs: list[Any]) -> list[Any]:
         """A task's exit waits (off the loop) until its output files are uploaded and
-        its logs kept, unless it has no outputs and runs on a local node (its logs are
-        then kept beside, the exit goes on at once)."""
+        its logs kept, unless it has no outputs and runs on a node whose files are on
+        this machine (its logs are then kept beside, or later, and the exit goes on at
+        once)."""
         if not self._collect:
             return evs
         out = []
@@ -117,8 +119,14 @@ class FileWork:
             kw = dict(job_id=job_id, task_id=task_id, attempt=attempt, task_dir=tdir, wd=wd,
                       ran=ran, success=success, node_id=ev.node_id)
             if not outputs and getattr(chan, "files_here", False):
-                # (its files stay on this machine: under a flood of short tasks the
-                # keeper may fall behind, then what it has not reached is left there)
+                # its files stay on this machine: a successful attempt's logs are read
+                # there, and kept only before hpcbatch removes its directory (see
+                # keep_left); another attempt would write over a failed one's, so those
+                # are kept now, beside (under a flood the keeper may fall behind, then
+                # what it has not reached is left there)
+                if success:
+                    out.append(ev)
+                    continue
                 with self._keeping_lock:
                     room = self._keeping < KEEPER_BACKLOG
                     self._keeping += room
@@ -140,6 +148,24 @@ class FileWork:
                                 if error else ev))
             self._io(work)
         return out
+
+    def keep_left(self, provider: Any, node_id: str) -> None:
+        """On a worker thread, before hpcbatch removes the task directories of a node
+        whose files are on this machine (it left its pool): the logs of the tasks that
+        ended there and were not kept at their exit, kept now."""
+        if not provider.files_here:
+            return
+        from hpcbatch.store import Store
+        from hpcbatch.transport import local_node_files
+        store = Store(self.home / "state.db")
+        try:
+            tasks = store.completed_on_node(provider.pool_id, node_id)
+        finally:
+            store.close()
+        n = self.collector.keep_left(local_node_files(), node_id, tasks)
+        if n:
+            log.info("node %s: the logs of %d task(s) kept before its task directories "
+                     "go", node_id, n)
 
     def _keep_quietly(self, chan: Any, kw: dict[str, Any]) -> None:
         try:

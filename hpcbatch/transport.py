@@ -359,6 +359,11 @@ def _open_local_nofollow(path: str) -> Any:
     return os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb")
 
 
+def local_node_files() -> NodeFiles:
+    """The files of a node on this machine, read directly."""
+    return NodeFiles(nodecache.match, _open_local_nofollow, here=True)
+
+
 SCP_MIN_BYTES = 32 << 20  # a file this big goes by OpenSSH's scp where there is one
 
 
@@ -512,12 +517,10 @@ class LocalTransport:
             return {**out, "fetched": [f.sha256 for f in missing],
                     "hits": len({f.sha256 for f in files}) - len(missing)}
 
-        def node_files() -> NodeFiles:
-            return NodeFiles(nodecache.match, _open_local_nofollow, here=True)
-
         return AgentChannel(node_id, write, proc.stdout.readline, end_input=end_input,
                             finish=finish, unblock=unblock, put_files=put_files,
-                            stage_cached=stage_cached, node_files=node_files, files_here=True,
+                            stage_cached=stage_cached, node_files=local_node_files,
+                            files_here=True,
                             last_words=last_words, pid=proc.pid, token=token,
                             stall_s=timings.node_timeout_s,
                             close_timeout_s=timings.kill_grace_s + 10)
