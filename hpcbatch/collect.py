@@ -11,7 +11,10 @@ keeps the logs. Only then does the exit go to the state; a failed upload is the
 attempt's ``file_upload_error`` with the reason.
 
 Kept logs: ``<home>/logs/<job>/<task>/<attempt>/stdout.txt`` and ``stderr.txt`` (0600),
-at most ``log_cap_bytes`` each (the tail beyond it, the original size in ``kept.json``),
+at most ``log_cap_bytes`` each (the tail beyond it, the original size in ``kept.json``;
+a local node's file within the cap is kept as a second hard link, not copied;
+and a local node's successful attempt is kept only before its task directory is
+removed, see ``Collector.keep_left``),
 so ``task logs`` / ``read_task_file`` / the REST files route answer when the node is
 gone, killed, or its pool deleted.
 """
@@ -24,6 +27,7 @@ import logging
 import os
 import posixpath
 import shutil
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -96,6 +100,7 @@ class Collector:
         self.home = Path(home)
         self.storage = Storage(self.home)
         self.log_cap_bytes = log_cap_bytes
+        self._job_dirs: set[str] = set()  # logs/<job> folders already secured
 
     def collect(self, chan: Any, *, job_id: str, task_id: str, attempt: int, task_dir: str,
                 wd: str, outputs: Sequence[Mapping[str, Any]], ran: bool, success: bool,
@@ -120,6 +125,23 @@ class Collector:
                 log.warning("task %s/%s: its stdout/stderr were not kept: %s", job_id,
                             task_id, _one_line(exc))
         return error
+
+    def keep_left(self, files: Any, node_id: str,
+                  tasks: Sequence[tuple[str, str, int, str]]) -> int:
+        """Before a node's task directories are removed: keep the logs of ``tasks``
+        (job, task, attempt, task directory; see Store.completed_on_node) that are not
+        kept yet. How many were kept now."""
+        n = 0
+        for job_id, task_id, attempt, task_dir in tasks:
+            if os.path.exists(os.path.join(kept_dir(self.home, job_id, task_id, attempt),
+                                           "kept.json")) or not os.path.isdir(task_dir):
+                continue
+            try:
+                self._keep_logs(files, job_id, task_id, attempt, task_dir, node_id)
+                n += 1
+            except OSError as exc:  # (its directory already gone: nothing to keep)
+                log.debug("task %s/%s: logs not kept: %s", job_id, task_id, exc)
+        return n
 
     def _upload(self, files: Any, outputs: Sequence[Mapping[str, Any]], task_dir: str,
                 wd: str, values: Mapping[str, str]) -> tuple[int, int]:
@@ -150,12 +172,11 @@ class Collector:
 
     def _keep_logs(self, files: Any, job_id: str, task_id: str, attempt: int, task_dir: str,
                    node_id: str) -> None:
-        from hpcbatch.store import secure_dir
-        dest = kept_dir(self.home, job_id, task_id, attempt)
-        for d in (self.home / "logs", self.home / "logs" / job_id,
-                  kept_dir(self.home, job_id, task_id), dest):
-            secure_dir(d)
+        # (the keeper runs once per task: plain os calls, no pathlib; the files are
+        # written in place and kept.json, renamed in last, is what says they are whole)
+        dest = self._attempt_dir(job_id, task_id, attempt)
         record: dict[str, Any] = {"node_id": node_id, "task_dir": task_dir, "files": {}}
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
         for name in LOG_FILES:
             try:
                 f = files.open(posixpath.join(task_dir, name))
@@ -164,25 +185,78 @@ class Collector:
             with f:
                 size = _size_of(f)
                 start = max(0, size - self.log_cap_bytes)
-                if start:
-                    f.seek(start)
-                tmp = dest / f".{name}.tmp"
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-                with os.fdopen(fd, "wb") as out:
-                    left = size - start
-                    while left > 0:
-                        chunk = f.read(min(CHUNK, left))
-                        if not chunk:
-                            break
-                        out.write(chunk)
-                        left -= len(chunk)
-                os.replace(tmp, dest / name)
+                target = os.path.join(dest, name)
+                if not (start == 0 and files.here and _link_opened(f, target)):
+                    _copy_tail(f, start, size - start, target)
             record["files"][name] = {"size": size, "kept_from": start}
-        tmp = dest / ".kept.json.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump(record, out)
-        os.replace(tmp, dest / "kept.json")
+        tmp = os.path.join(dest, ".kept.json.tmp")
+        fd = os.open(tmp, flags, 0o600)
+        try:
+            os.write(fd, json.dumps(record).encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, os.path.join(dest, "kept.json"))
+
+    def _attempt_dir(self, job_id: str, task_id: str, attempt: int) -> str:
+        """``<home>/logs/<job>/<task>/<attempt>``, made 0700 as needed; the home's logs
+        folder and a job's are secured once, then remembered (a job's is forgotten and
+        made again when its kept logs were removed meanwhile)."""
+        from hpcbatch.store import secure_dir
+        job_dir = os.path.join(self.home, "logs", job_id)
+        for again in (False, True):
+            if again or job_dir not in self._job_dirs:
+                secure_dir(self.home / "logs")
+                secure_dir(Path(job_dir))
+                if len(self._job_dirs) > 4096:
+                    self._job_dirs.clear()
+                self._job_dirs.add(job_dir)
+            path = job_dir
+            try:
+                for leaf in (task_id, str(attempt)):
+                    path = os.path.join(path, leaf)
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(path, 0o700)
+                return path
+            except FileNotFoundError:  # the job's kept logs were removed meanwhile
+                self._job_dirs.discard(job_dir)
+        raise FileNotFoundError(job_dir)
+
+
+def _link_opened(f: Any, target: str) -> bool:
+    """A local file kept whole without copying: a second name for the very file opened
+    (never what a link planted at its path points to), made 0600. False where that
+    cannot be done (another filesystem, a name already there) and it is copied."""
+    try:
+        mode = os.fstat(f.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            return False
+        if stat.S_IMODE(mode) != 0o600:  # (an agent before 0600 task logs)
+            os.fchmod(f.fileno(), 0o600)
+        source = f"/proc/self/fd/{f.fileno()}"
+        try:
+            os.link(source, target)
+        except FileExistsError:  # the same attempt kept again
+            os.unlink(target)
+            os.link(source, target)
+        return True
+    except OSError:
+        return False
+
+
+def _copy_tail(f: Any, start: int, length: int, target: str) -> None:
+    if start:
+        f.seek(start)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        while length > 0:
+            chunk = f.read(min(CHUNK, length))
+            if not chunk:
+                break
+            os.write(fd, chunk)  # (a regular file: written whole)
+            length -= len(chunk)
+    finally:
+        os.close(fd)
 
 
 def _size_of(f: Any) -> int:

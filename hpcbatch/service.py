@@ -843,7 +843,7 @@ class LocalService(LocalStorageMethods, Service):
     def resize_pool(self, pool_id: str, target_nodes: int, *,
                     deallocation: str = "requeue") -> PoolView:
         from hpcbatch.autoscale import normalize_option
-        from hpcbatch.coordinator import resized_spec
+        from hpcbatch.poolops import resized_spec
         deallocation = normalize_option(deallocation)
         if isinstance(target_nodes, bool) or not isinstance(target_nodes, int) or \
                 target_nodes < 0:
@@ -954,7 +954,7 @@ class LocalService(LocalStorageMethods, Service):
         return self._scheduling(pool_id, node_id, True, "taskcompletion")
 
     def remove_node(self, pool_id: str, node_id: str, *, running: str = "requeue") -> None:
-        from hpcbatch.coordinator import spec_without_node
+        from hpcbatch.poolops import spec_without_node
         spec = self.store.get_pool(pool_id)
         self._check_node(spec, node_id, running)
         if self.coordinator is not None:
@@ -998,7 +998,7 @@ class LocalService(LocalStorageMethods, Service):
         return self.get_job(job_id)
 
     def reactivate_task(self, job_id: str, task_id: str) -> TaskView:
-        from hpcbatch.coordinator import check_reactivatable
+        from hpcbatch.jobops import check_reactivatable
         check_reactivatable(self.store.get_task(job_id, task_id), self.store.get_job(job_id))
         if self.coordinator is not None:
             self._command(f"the reactivation of task {job_id}/{task_id}", "reactivate_task",

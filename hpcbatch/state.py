@@ -727,6 +727,9 @@ class Alloc:
         return not self.pending and not self.fencing
 
 
+_PLACED = TaskState.ACTIVE.check_move(TaskState.PREPARING)  # (a legal move, checked once)
+
+
 @dataclasses.dataclass(slots=True)
 class Attempt:
     """A task with an attempt in flight (placed, staging, queued on an agent, running)."""
@@ -742,8 +745,7 @@ class Attempt:
     prep_wait: bool = False  # .. and its job's preparation task succeeded on its node
     alloc: Alloc | None = None
     # placed: preparing (files, agent queue, coordination) until its process starts
-    task_state: TaskState = dataclasses.field(
-        default_factory=lambda: TaskState.ACTIVE.check_move(TaskState.PREPARING))
+    task_state: TaskState = _PLACED
 
 
 PREP, RELEASE = "preparation", "release"

@@ -1335,6 +1335,16 @@ class Store:
                 rows += self._tuples(_WINDOW_NEXT_SQL, (pool_id, neg_priority, limit - len(rows)))
         return [TaskRow._make(r) for r in rows]
 
+    def completed_on_node(self, pool_id: str, node_id: str) -> list[tuple[str, str, int, str]]:
+        """(job id, task id, last attempt, task directory) of the pool's completed tasks
+        whose last attempt ran on the node: what its kept logs would be of."""
+        return self._tuples(
+            "SELECT t.job_id, t.id, a.attempt, t.task_dir FROM tasks t "
+            "JOIN task_attempts a ON a.seq = t.seq AND a.attempt = "
+            "(SELECT MAX(b.attempt) FROM task_attempts b WHERE b.seq = t.seq) "
+            "WHERE t.pool_id = ? AND t.state = 'completed' AND t.node_id = ? "
+            "AND t.task_dir IS NOT NULL ORDER BY t.seq", (pool_id, node_id))
+
     def dispatch_specs(self, seqs: Iterable[int]) -> dict[int, DispatchSpec]:
         """seq -> DispatchSpec for the given tasks (those that exist)."""
         seqs = list(seqs)

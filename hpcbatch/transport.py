@@ -338,13 +338,15 @@ class CachedFile(NamedTuple):
 class NodeFiles:
     """A node's files as the coordinator reads them after a task: ``match`` (output
     file patterns -> files of the task directory, see nodecache.match), ``open`` (a
-    regular file, never through a symbolic link), ``size``."""
+    regular file, never through a symbolic link), ``size``. ``here``: the files are on
+    this machine (a file opened is a real one, a hard link to it can be made)."""
 
     def __init__(self, match: Callable[[dict], dict], open_: Callable[[str], Any],
-                 close: Callable[[], None] = lambda: None):
+                 close: Callable[[], None] = lambda: None, *, here: bool = False):
         self.match = match
         self.open = open_
         self._close = close
+        self.here = here
 
     def __enter__(self) -> NodeFiles:
         return self
@@ -355,6 +357,11 @@ class NodeFiles:
 
 def _open_local_nofollow(path: str) -> Any:
     return os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb")
+
+
+def local_node_files() -> NodeFiles:
+    """The files of a node on this machine, read directly."""
+    return NodeFiles(nodecache.match, _open_local_nofollow, here=True)
 
 
 SCP_MIN_BYTES = 32 << 20  # a file this big goes by OpenSSH's scp where there is one
@@ -510,12 +517,10 @@ class LocalTransport:
             return {**out, "fetched": [f.sha256 for f in missing],
                     "hits": len({f.sha256 for f in files}) - len(missing)}
 
-        def node_files() -> NodeFiles:
-            return NodeFiles(nodecache.match, _open_local_nofollow)
-
         return AgentChannel(node_id, write, proc.stdout.readline, end_input=end_input,
                             finish=finish, unblock=unblock, put_files=put_files,
-                            stage_cached=stage_cached, node_files=node_files, files_here=True,
+                            stage_cached=stage_cached, node_files=local_node_files,
+                            files_here=True,
                             last_words=last_words, pid=proc.pid, token=token,
                             stall_s=timings.node_timeout_s,
                             close_timeout_s=timings.kill_grace_s + 10)

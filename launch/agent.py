@@ -1001,9 +1001,10 @@ class Agent:
             env = self.task_env(msg, tmp)
             argv = command_argv(msg.cmd, env.get("PATH", os.defpath))
             prefix = safe_name(msg.log_prefix) if msg.log_prefix else ""
-            out = create_at(tfd, prefix + "stdout.txt", fresh=fresh)
+            # (0600: a task's output is its owner's, like the home's files)
+            out = create_at(tfd, prefix + "stdout.txt", 0o600, fresh=fresh)
             fds.append(out)
-            err = create_at(tfd, prefix + "stderr.txt", fresh=fresh)
+            err = create_at(tfd, prefix + "stderr.txt", 0o600, fresh=fresh)
             fds.append(err)
             actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                        (os.POSIX_SPAWN_DUP2, out, 1), (os.POSIX_SPAWN_DUP2, err, 2)]

@@ -328,9 +328,15 @@ def _bad_constant(name: str):
     raise ValueError(f"{name} is not a number this protocol allows")
 
 
+# one decoder and one encoder for every line (json.loads/dumps given options build a new
+# one per call, a cost paid twice per task)
+_DECODE = json.JSONDecoder(parse_constant=_bad_constant).decode
+_ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
 def _decode(line: bytes | str, key: str, table: dict[str, type], side: str):
     try:
-        obj = json.loads(line, parse_constant=_bad_constant)
+        obj = _DECODE(line.decode() if isinstance(line, bytes) else line)
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise ProtocolError(f"line {side} is not JSON ({exc}): {_quote(line)}") from None
     if not isinstance(obj, dict):
@@ -384,7 +390,7 @@ def _wire(msg: Any) -> dict:
 def encode(msg: Any) -> bytes:
     """One message as one line of JSON, ending in b"\\n"."""
     try:
-        text = json.dumps(_wire(msg), separators=(",", ":"), allow_nan=False)
+        text = _ENCODE(_wire(msg))
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ProtocolError):
             raise

@@ -15,7 +15,7 @@ import threading
 
 from helpers import gate, poll
 
-import hpcbatch.coordinator
+import hpcbatch.poolops
 import hpcbatch.providers
 from hpcbatch.providers import NodeDesc
 from hpcbatch.providers.local import LocalProvider
@@ -52,7 +52,7 @@ def test_an_elastic_provider_grows_and_shrinks_through_the_seam(batch, monkeypat
     def provider_for(spec, home):
         return ElasticLocal(spec, home) if spec.id == "el" else real(spec, home)
     monkeypatch.setattr(hpcbatch.providers, "provider_for", provider_for)
-    monkeypatch.setattr(hpcbatch.coordinator, "provider_for", provider_for)
+    monkeypatch.setattr(hpcbatch.poolops, "provider_for", provider_for)
 
     def states():
         return {n.id: n.state for n in batch.pools.nodes("el")}

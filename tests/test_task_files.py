@@ -11,7 +11,9 @@ coordinator, on local nodes and on real sshd nodes.
 * output files with each upload condition, {job}/{task}/{attempt}, '../std*.txt'; an
   upload to a deleted container is the attempt's file_upload_error
 * logs: kept per attempt under the home (the tail beyond the cap), read after the
-  pool is deleted and after the node's sshd and agent are killed
+  pool is deleted and after the node's sshd and agent are killed; on a local node a
+  failed attempt's at once, a successful one's when its node leaves the pool and its
+  task directories are removed
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import hashlib
 import http.server
 import json
 import os
-import shutil
 import threading
 from pathlib import Path
 
@@ -215,34 +216,43 @@ def test_an_output_pattern_leaving_the_task_directory_is_refused(batch):
 
 def test_logs_are_kept_capped_and_read_after_the_nodes_files_are_gone(home, monkeypatch):
     monkeypatch.setenv("HPCBATCH_LOG_CAP_BYTES", "1000")
+    from helpers import poll
     with hpcbatch.Batch(home, **FAST_TIMINGS) as batch:
         batch.pools.create("temp", target_nodes=1)
         job = batch.jobs.create("logs", pool="temp")
         job.add_task("small", "echo out; echo err >&2")
         job.add_task("big", "seq 1 2000")  # 8,893 bytes
+        job.add_task("failed", "echo why; exit 3")
         job.wait(timeout_s=60)
-        kept = Path(home) / "logs" / "logs" / "big" / "0"
-        poll_kept = [Path(home) / "logs" / "logs" / t / "0" / "kept.json"
-                     for t in ("small", "big")]
-        from helpers import poll
-        poll(lambda: all(p.is_file() for p in poll_kept), timeout_s=20, what="kept logs")
+        logs = Path(home) / "logs" / "logs"
+        # a failed attempt's logs are kept at once (another attempt would write over
+        # them); a local node's successful ones are read where they are ...
+        poll(lambda: (logs / "failed" / "0" / "kept.json").is_file(), timeout_s=20,
+             what="the failed task's kept logs")
+        assert not (logs / "small").exists() and not (logs / "big").exists()
+        assert job.task("small").stdout() == "out\n"
+        # ... until hpcbatch removes the node's task directories (the node leaves its
+        # pool): then they are kept first
+        node_root = Path(job.task("small").task_dir).parent.parent.parent
+        batch.pools.resize("temp", 0)
+        poll(lambda: not (node_root / "jobs").exists(), timeout_s=30,
+             what="the node's task directories removed")
+        kept = logs / "big" / "0"
         info = json.loads((kept / "kept.json").read_text())["files"]["stdout.txt"]
         assert info["size"] == 8893 and info["kept_from"] == 8893 - 1000
         assert (kept / "stdout.txt").read_bytes().endswith(b"1999\n2000\n")
         assert len((kept / "stdout.txt").read_bytes()) == 1000
         assert (kept / "stdout.txt").stat().st_mode & 0o777 == 0o600
-        # the node's files go (a node reimaged, removed, its disk lost; a pool can only
-        # be deleted once its jobs are)
-        node_root = Path(job.task("small").task_dir).parent.parent.parent
-        shutil.rmtree(node_root / "jobs")
+        assert (logs / "small" / "0" / "stdout.txt").stat().st_mode & 0o777 == 0o600
         assert not Path(job.task("small").task_dir).exists()
         assert job.task("small").stdout() == "out\n"
         assert job.task("small").stderr() == "err\n"
         assert job.task("big").stdout().endswith("1999\n2000\n")  # the tail
+        assert job.task("failed").stdout() == "why\n"
         job_files = batch.service.list_task_files("logs", "small")
         assert sorted(f.name for f in job_files) == ["stderr.txt", "stdout.txt"]
         batch.jobs.delete("logs")
-        assert not (Path(home) / "logs" / "logs").exists()
+        assert not logs.exists()
         batch.pools.delete("temp")
 
 

@@ -114,6 +114,9 @@ class Provider(abc.ABC):
     # ordered: the nodes at target N are the first N of a fixed list (an SSH host list):
     # a shrink drains the others, whatever they run; else the state picks who leaves
     ordered: ClassVar[bool] = False
+    # files_here: the nodes' files are on this machine (read without a connection), so
+    # a successful task's logs are kept only when hpcbatch is to remove its directory
+    files_here: ClassVar[bool] = False
 
     def __init__(self, spec: PoolSpec, home: str | os.PathLike):
         self.spec = spec

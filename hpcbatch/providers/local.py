@@ -135,6 +135,7 @@ def _open_nofollow(name: str, flags: int, dir_fd: int, path: str) -> int:
 
 class LocalProvider(Provider):
     name = "local"
+    files_here = True
 
     MAX_NODES = 64
 
