@@ -262,8 +262,9 @@ def parse_files(option: str, items: tuple[str, ...]) -> list[dict[str, str]]:
 def resolve_workdir(workdir: str | None, provider: str | None) -> str | None:
     """--workdir as TaskSpec.working_dir: 'submit' the current directory, 'task' None (the
     task's own wd/), else an absolute path; unset: 'submit' on local pools, else 'task'."""
+    from hpcbatch.providers import files_here
     if workdir is None:
-        workdir = "submit" if provider in (None, "local") else "task"
+        workdir = "submit" if files_here(provider) else "task"
     if workdir == "task":
         return None
     if workdir == "submit":
@@ -272,7 +273,7 @@ def resolve_workdir(workdir: str | None, provider: str | None) -> str | None:
         raise ValidationError("--workdir", f"{workdir!r} is not submit, task or a path")
     path = os.path.expanduser(workdir)
     if not os.path.isabs(path):
-        if provider not in (None, "local"):
+        if not files_here(provider):
             raise ValidationError("--workdir", f"{workdir!r}: give an absolute path on the "
                                   "nodes (or submit, task)")
         path = os.path.abspath(path)

@@ -18,6 +18,7 @@ packages, job preparation/release runs, outputs and logs collected at exit).
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import logging
@@ -28,14 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from hpcbatch import agentlink as link
+from hpcbatch import persist
 from hpcbatch import state as S
 from hpcbatch.agents import Agents
-from hpcbatch.errors import HpcBatchError
+from hpcbatch.commands import Commands, Replies
 from hpcbatch.filework import FileWork
 from hpcbatch.home import HomeLock, default_home
 from hpcbatch.jobops import JobOps
 from hpcbatch.launch import protocol as P
-from hpcbatch.models import JobState, NodeState, PoolSpec
+from hpcbatch.models import NodeState, PoolSpec
 from hpcbatch.poolops import PoolOps
 from hpcbatch.store import Store
 from hpcbatch.timings import Timings
@@ -44,15 +46,12 @@ log = logging.getLogger("hpcbatch.coordinator")
 DEFAULT_PREFETCH = S.DEFAULT_PREFETCH
 TICK_S = 0.25
 MAX_ITEMS_PER_TURN = 5000
-# the writes _write makes between a turn's finished attempts and its placements
-_BETWEEN = frozenset({S.CompleteUnstarted, S.TerminateJobTasks, S.CompleteJobIfDone,
-                      S.ReactivateTask})
 # what worker threads put in the inbox (kind, args...) that is a state event as it is
 _ANSWERS = {"startfail": S.AgentStartFailed, "fenced": S.NodeFenced, "reaped": S.NodeReaped,
             "staged": S.FilesStaged, "appsstaged": S.NodeAppsStaged}
 
 
-class Coordinator:
+class Coordinator(Commands):
     """The process-wide owner of state for one home directory."""
 
     def __init__(self, home: Path | str | None = None, *, timings: Timings | None = None,
@@ -68,9 +67,7 @@ class Coordinator:
         self.state = S.CoordinatorState(self.timings, prefetch=prefetch,
                                         protocol=P.PROTOCOL_VERSION)
         self.inbox: queue.Queue = queue.Queue()
-        self.replies: dict[int, concurrent.futures.Future] = {}
-        self._reply_n = 0
-        self._after_commit: list[concurrent.futures.Future] = []
+        self.replies = Replies()
         self._io_running: set[concurrent.futures.Future] = set()
         self.io = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="hpcbatch-io")
         self.progress = threading.Condition()  # notified when a job drains
@@ -82,9 +79,9 @@ class Coordinator:
         self._last_poll = 0.0
         self._deferred: list[Any] = []  # a query left to the next turn (see _turn)
         # the rooms (see the module's docstring)
-        self.jobs = JobOps(self.store, self._reply)
+        self.jobs = JobOps(self.store, self.replies.register)
         self.pools = PoolOps(self.home, self.store, self.state, self.inbox, self._io,
-                             self._reply, self._stop)
+                             self.replies.register, self._stop)
         self.agents = Agents(self.home, self.store, self.state, self.pools, self.timings,
                              self.inbox, self._io, self._stop)
         self.channels = self.agents.channels  # node -> (gen, channel, token)
@@ -145,51 +142,6 @@ class Coordinator:
         """New work was stored (by this or another process)."""
         self.inbox.put(("work",))
 
-    def _command(self, *item: Any) -> concurrent.futures.Future:
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        if self._thread is None or not self._thread.is_alive():
-            fut.set_exception(HpcBatchError("the coordinator is not running"))
-            return fut
-        self.inbox.put((*item, fut))
-        return fut
-
-    def terminate_task(self, job_id: str, task_id: str) -> concurrent.futures.Future:
-        return self._command("terminate", job_id, task_id)
-
-    def add_pool(self, spec: PoolSpec) -> concurrent.futures.Future:
-        return self._command("pool", spec)
-
-    def remove_pool(self, pool_id: str) -> concurrent.futures.Future:
-        return self._command("droppool", pool_id)
-
-    def forget_job(self, job_id: str) -> concurrent.futures.Future:
-        return self._command("forgetjob", job_id)
-
-    # the service operations (resolved once the state has taken them; errors raised)
-
-    def resize_pool(self, pool_id: str, target_nodes: int,
-                    deallocation: str = S.REQUEUE) -> concurrent.futures.Future:
-        return self._command("resize", pool_id, target_nodes, deallocation)
-
-    def remove_node(self, pool_id: str, node_id: str,
-                    running: str = S.REQUEUE) -> concurrent.futures.Future:
-        return self._command("removenode", pool_id, node_id, running)
-
-    def set_node_scheduling(self, pool_id: str, node_id: str, enabled: bool,
-                            running: str = S.TASK_COMPLETION) -> concurrent.futures.Future:
-        return self._command("scheduling", pool_id, node_id, enabled, running)
-
-    def terminate_job(self, job_id: str) -> concurrent.futures.Future:
-        return self._command("terminatejob", job_id)
-
-    def reactivate_task(self, job_id: str, task_id: str) -> concurrent.futures.Future:
-        return self._command("reactivate", job_id, task_id)
-
-    def evaluate_autoscale(self, pool_id: str, formula: str) -> concurrent.futures.Future:
-        """A dry run of a formula over the pool's samples and its metrics now: the
-        evaluation as a dict (None: the pool is not running here)."""
-        return self._command("asdry", pool_id, formula)
-
     # ---- the loop --------------------------------------------------------------
 
     def _run(self) -> None:
@@ -232,10 +184,11 @@ class Coordinator:
         writes: list[Any] = []
         new_work_read = False
         with contextlib.ExitStack() as txn:
-            work = self.state.handle(*events) + self._deferred
+            work = collections.deque(self.state.handle(*events))
+            work += self._deferred
             self._deferred = []
             while work:
-                ins = work.pop(0)
+                ins = work.popleft()
                 if isinstance(ins, S.PERSIST):
                     writes.append(ins)
                     continue
@@ -278,69 +231,11 @@ class Coordinator:
             return evs
         if kind == "work":
             return [S.WorkNoticed(now)]
-        if kind == "asdry":
-            self.pools.evaluate_dry(now, *item[1:])
-            return []
         if kind == "grown":
             _, pool_id, granted, _error, asked = item
             return self.pools.granted_events(now, pool_id, granted, asked)
-        if kind == "pool":
-            spec, fut = item[1:]
-            try:
-                ev = self._pool_added(spec)
-            except Exception as exc:  # noqa: BLE001 - the caller hears it
-                fut.set_exception(exc)
-                return []
-            fut.set_result(None)
-            return [ev]
-        if kind == "droppool":
-            pool_id, fut = item[1:]
-            self.pools.removed(pool_id)
-            return [S.PoolRemoved(now, pool_id), *self._reply_later(fut)]
-        if kind == "forgetjob":
-            job_id, fut = item[1:]
-            ev = self.jobs.forgotten(now, job_id)
-            fut.set_result(None)
-            return [ev]
-        if kind == "terminate":
-            return self.jobs.terminate_task_events(now, *item[1:])
-        if kind in ("resize", "removenode", "scheduling", "terminatejob", "reactivate"):
-            return self._ops_events(kind, item, now)
-        return []  # "wake"
-
-    def _ops_events(self, kind: str, item: tuple, now: float) -> list[Any]:
-        """State events for the service operations' commands. What can be checked
-        against the store is checked first, so the caller hears a NotFound, Conflict or
-        ValidationError as such."""
-        args, fut = item[1:-1], item[-1]
-        try:
-            if kind == "resize":
-                return self.pools.resize_events(now, *args, fut)
-            if kind == "removenode":
-                return self.pools.remove_node_events(now, *args, fut)
-            if kind == "scheduling":
-                pool_id, node_id, enabled, running = args
-                self.pools.node(pool_id, node_id)
-                return [S.NodeSchedulingSet(now, pool_id, node_id, enabled, running,
-                                            self._reply(fut))]
-            if kind == "terminatejob":
-                return self.jobs.terminate_job_events(now, *args, fut)
-            trow = self.jobs.reactivated_row(*args)
-            return [*self._unknown([trow]), S.ReactivateAsked(now, trow, self._reply(fut))]
-        except Exception as exc:  # noqa: BLE001 - the caller hears it
-            if not fut.done():
-                fut.set_exception(exc)
-            return []
-
-    def _reply(self, fut: concurrent.futures.Future) -> int:
-        self._reply_n += 1
-        self.replies[self._reply_n] = fut
-        return self._reply_n
-
-    def _reply_later(self, fut: concurrent.futures.Future) -> list[Any]:
-        """Resolve the command after this turn's commit."""
-        self._after_commit.append(fut)
-        return []
+        evs = self.command_events(kind, item, now)
+        return [] if evs is None else evs  # "wake"
 
     # ---- queries answered in the turn (pools, jobs not heard of yet added first) --------
 
@@ -373,52 +268,11 @@ class Coordinator:
     # ---- performing instructions -----------------------------------------------------
 
     def _write(self, txn: contextlib.ExitStack, writes: list[Any]) -> None:
-        """The turn's persistence instructions, one statement per kind where it can:
-        attempts that ended, terminated jobs' tasks and job completion, reactivations,
-        then tasks placed (a retried or reactivated task is placed again in the same
-        turn), then node records."""
-        st = self.store
-        if not st.db.in_transaction:
-            txn.enter_context(st.transaction(while_waiting=self.agents.keep_leases,
-                                             wait_slice_s=self.timings.heartbeat_s / 2))
-        by: dict[type, list[Any]] = {}
-        for w in writes:
-            by.setdefault(type(w), []).append(w)
-        running = [(w.seq, w.t) for w in by.get(S.MarkRunning, ())]
-        finished = [dict(seq=w.seq, outcome=w.outcome, node_id=w.node_id,
-                         started_at=w.started_at, ended_at=w.ended_at, exit_code=w.exit_code,
-                         signal=w.signal, failure_kind=w.failure_kind,
-                         failure_detail=w.failure_detail, usage=dict(w.usage),
-                         retry_count=w.retry_count) for w in by.get(S.FinishAttempt, ())]
-        preparing = [(w.seq, w.node_id, w.task_dir, w.t) for w in by.get(S.MarkPreparing, ())]
-        if not by.keys() & _BETWEEN:  # the usual turn: one write of the three
-            st.write_turn(running, finished, preparing)
-            preparing = []
-        elif running or finished:
-            st.write_turn(running, finished)
-        for w in by.get(S.CompleteUnstarted, ()):
-            st.complete_unstarted(w.seq, w.failure_kind, w.failure_detail, w.t)
-        for w in by.get(S.TerminateJobTasks, ()):
-            st.terminate_job_tasks(w.job_id, w.t)
-        # before a reactivation of the same turn (which reopens a completed job), after
-        # every write that ends a task
-        for w in by.get(S.CompleteJobIfDone, ()):
-            if st.get_job(w.job_id)["state"] != JobState.COMPLETED.value and \
-                    st.unfinished(w.job_id) == 0:
-                st.set_job_state(w.job_id, JobState.COMPLETED)
-        for w in by.get(S.ReactivateTask, ()):
-            st.reactivate_task(w.seq)
-        if preparing:
-            st.mark_preparing(preparing)
-        for w in writes:  # in their order: a node dropped can come back in the same turn
-            if isinstance(w, S.PersistNode):
-                st.upsert_node(w.pool_id, w.node_id, w.state.value, w.slots,
-                               dict(w.info) or None, w.reason)
-            elif isinstance(w, S.DropNode):
-                st.delete_node(w.pool_id, w.node_id)
-        for w in by.get(S.PersistJobTask, ()):
-            st.upsert_job_task(w.job_id, w.pool_id, w.node_id, w.kind, w.state, w.t,
-                               w.task_dir, w.exit_code, w.detail, w.retry_count)
+        if not self.store.db.in_transaction:
+            txn.enter_context(self.store.transaction(
+                while_waiting=self.agents.keep_leases,
+                wait_slice_s=self.timings.heartbeat_s / 2))
+        persist.write(self.store, writes)
 
     def _perform(self, after: list[Any]) -> None:
         """After the commit: messages to the agents (one send per node), the rest
@@ -465,12 +319,7 @@ class Coordinator:
             elif isinstance(ins, S.FenceNode):
                 self.agents.fence(ins)
             elif isinstance(ins, S.Reply):
-                fut = self.replies.pop(ins.reply, None)
-                if fut is not None and not fut.done():
-                    if ins.error:
-                        fut.set_exception(HpcBatchError(ins.error))
-                    else:
-                        fut.set_result(None)
+                self.replies.answer(ins)
             elif isinstance(ins, S.JobDrained):
                 drained = True
             elif isinstance(ins, S.Log):
@@ -479,10 +328,7 @@ class Coordinator:
             entry = self.channels.get(key)
             if entry is not None:
                 entry[1].send_many(msgs)
-        done, self._after_commit = self._after_commit, []
-        for fut in done:
-            if not fut.done():
-                fut.set_result(None)
+        self.replies.committed()
         if drained:
             with self.progress:
                 self.progress.notify_all()
@@ -516,8 +362,6 @@ class Coordinator:
             log.exception("could not record the nodes offline")
         self.io.shutdown(wait=False, cancel_futures=True)
         self.files.shutdown()  # (the logs it is keeping now are kept)
-        for fut in list(self.replies.values()):
-            if not fut.done():
-                fut.set_exception(HpcBatchError("the coordinator stopped"))
+        self.replies.fail_all("the coordinator stopped")
         self.store.close()
         self.lock.release()

@@ -203,7 +203,8 @@ class DurableExecutor(cf.Executor):
             batch.jobs.create(job, pool)
         self._python = view.node_python or sys.executable
         self._env = {}
-        if view.provider == "local" and batch.url is None:
+        from hpcbatch.providers import files_here
+        if files_here(view.provider) and batch.url is None:
             from hpcbatch.executor import _client_paths
             self._env["PYTHONPATH"] = _client_paths()
         if batch.home is not None:

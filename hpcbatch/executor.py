@@ -232,7 +232,8 @@ class PoolExecutor(cf.Executor):
 
     def _worker_env(self, view: Any) -> dict[str, str]:
         env = {W.TOKEN_ENV: self._token}
-        if view.provider == "local" and getattr(self._batch, "url", None) is None:
+        from hpcbatch.providers import files_here
+        if files_here(view.provider) and getattr(self._batch, "url", None) is None:
             env["PYTHONPATH"] = _client_paths()
         return env
 

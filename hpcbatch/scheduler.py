@@ -234,6 +234,7 @@ class Placer:
         self._qfree = _Levels()  # with the prefetch queue: total + queue - used
         self._whole: _Levels | None = None  # idle nodes by real free; built at first wide
         self._busy: _Levels | None = None  # nodes by used slots; built at first wide task
+        self._last: tuple[int, int, bool] | None = None  # (node, need, queued): see more()
 
     @classmethod
     def from_nodes(cls, nodes: Iterable[NodeSlots], policy: str = "pack") -> Placer:
@@ -326,6 +327,7 @@ class Placer:
 
     def place(self, task: Runnable) -> Assignment | Allocation | None:
         """Place one task and book its slots, or return None (it does not fit now)."""
+        self._last = None
         if task.instances > 0:
             return self._allocate(task)
         need = task.required_slots
@@ -335,13 +337,40 @@ class Placer:
                 i = self._qfree.highest(need)
         else:
             i = self._free.lowest(need)
-            if i is None:
+            queued = i is None
+            if queued:
                 i = self._qfree.lowest(need)
         if i is None:
             return None
         self._used[i] += need
         self._refresh(i)
+        if not self._spread:
+            self._last = (i, need, queued)
         return Assignment(task.seq, self._ids[i], need)
+
+    def more(self) -> int:
+        """After ``place`` gave an ordinary task a node under the pack policy: how many
+        more tasks of the same size, one after another, ``place`` would give that same
+        node (it stays the fullest that fits until it has no room: 0 under spread, or
+        after anything else). Book them with ``book_more``."""
+        if self._last is None:
+            return 0
+        i, need, queued = self._last
+        if need <= 0:
+            return 0
+        free = self._total[i] - self._used[i]
+        if queued:  # no node had real room: it takes queue slots while it has them
+            return max(free + self._queue[i], 0) // need
+        return max(free, 0) // need
+
+    def book_more(self, k: int) -> None:
+        """Book ``k`` more tasks on the last placement's node (k <= more())."""
+        if self._last is None or k <= 0:
+            return
+        i, need, _ = self._last
+        self._last = None
+        self._used[i] += need * k
+        self._refresh(i)
 
     def _allocate(self, task: Runnable) -> Allocation | None:
         if self._whole is None:
@@ -552,15 +581,31 @@ def schedule_from_queue(queue: RunQueue, placer: Placer | Sequence[NodeSlots],
     limit = float("inf") if budget is None else budget
     out: list[Assignment | Allocation] = []
     skipped: list[Runnable] = []
-    place, pop = placer.place, queue.pop
+    place, pop, peek, more = placer.place, queue.pop, queue.peek, placer.more
     while queue and len(skipped) < lookahead and len(out) < limit and placer.has_capacity:
         task = pop()
         skip = excluded(task) if excluded is not None else None
         placed = place(task) if not skip else _place_without(placer, task, skip)
         if placed is None:
             skipped.append(task)
-        else:
-            out.append(placed)
+            continue
+        out.append(placed)
+        k = more() if not skip else 0
+        if not k:
+            continue
+        # pack: the tasks of the same size behind it go where `place` would put each
+        # of them, the same node, booked at once (what a drain onto empty nodes does)
+        taken = 0
+        need, node_id = placed.slots, placed.node_id
+        while taken < k and len(out) < limit:
+            nxt = peek()
+            if nxt is None or nxt.instances or nxt.required_slots != need or (
+                    excluded is not None and excluded(nxt)):
+                break
+            pop()
+            out.append(Assignment(nxt.seq, node_id, need))
+            taken += 1
+        placer.book_more(taken)
     for task in skipped:
         queue.push(task)
     return out

@@ -196,6 +196,13 @@ def test_the_seven_steps_through_the_cli(ssh_cluster, tmp_path):
     files = inputs(tmp_path, 6)
     markers = tmp_path / "markers"
     markers.mkdir()
+    ups = tmp_path / "ups"  # a file per node whose start task ran
+    ups.mkdir()
+    start = f'{START} && touch {shlex.quote(str(ups))}/"$HPCBATCH_NODE"'
+    # each task waits (2 min at most) until all three nodes are up: one node slow to
+    # start on a loaded machine would otherwise see the other two run every task
+    task_cmd = (f'i=0; while [ "$(ls {shlex.quote(str(ups))} | wc -l)" -lt 3 ] && '
+                f'[ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done; {TASK_CMD}')
 
     def cli(*args: str) -> str:
         r = run_cli(home, *args, timeout_s=180)
@@ -214,7 +221,7 @@ def test_the_seven_steps_through_the_cli(ssh_cluster, tmp_path):
         str(d / "ssh_config"), "--key", str(d / "id_ed25519"), "--known-hosts",
         str(d / "known_hosts"), "--authorized-keys", str(d / "authorized_keys"),
         "--python", sys.executable, "--node-root", str(tmp_path / "node roots"),
-        "--policy", "spread", "--app", "shout", "--start-task", START)
+        "--policy", "spread", "--app", "shout", "--start-task", start)
     # 3. job
     cli("job", "create", "cj", "--pool", "clipool", "--on-all-tasks-complete",
         "terminate_job", "--prep-command", PREP, "--release-command", release_cmd(markers))
@@ -222,7 +229,7 @@ def test_the_seven_steps_through_the_cli(ssh_cluster, tmp_path):
     for name in files:
         tid = name.removesuffix(".txt")
         cli("task", "add", "cj", tid, "--resource", f"input/set/{name}=in.txt",
-            "--output", "res/*.txt=output/{job}/{task}/@success", "--", "sh", "-c", TASK_CMD)
+            "--output", "res/*.txt=output/{job}/{task}/@success", "--", "sh", "-c", task_cmd)
     # 5. monitor: job wait drives it to the end
     cli("job", "wait", "cj", "--no-progress")
     # 6. outputs, 7. download

@@ -375,3 +375,31 @@ def test_run_queue_discard_of_one_task_does_not_rebuild_the_heap():
     assert time.process_time() - t0 < 0.5
     assert len(q) == 199_000 and q.peek() == Runnable.of(1)
     assert [t.seq for t in q.take(3)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_round_places_as_one_task_at_a_time_would(seed):
+    """A pack round books a run of same-size tasks on one node at once; what it decides
+    is exactly what placing them one at a time decides (sizes mixed, nodes partly busy,
+    prefetch queues, a budget that cuts a run short)."""
+    import random
+    rng = random.Random(seed)
+    specs = [(f"n{i}", rng.randint(1, 12), rng.randint(0, 4)) for i in range(rng.randint(1, 9))]
+    used = {nid: rng.randint(0, total) for nid, total, _ in specs}
+    tasks = [Runnable(-rng.choice((0, 0, 1)), s, rng.choice((1, 1, 1, 2, 3)))
+             for s in range(rng.randint(1, 120))]
+    budget = rng.choice((None, None, 7, 23))
+
+    def placer():
+        p = Placer("pack")
+        for nid, total, queue in specs:
+            p.set_node(nid, total, used[nid], queue)
+        return p
+    got = schedule_from_queue(RunQueue(tasks), placer(), budget=budget)
+    one, q, want = placer(), RunQueue(tasks), []
+    while budget is None or len(want) < budget:
+        step = schedule_from_queue(q, one, budget=1)
+        if not step:
+            break
+        want += step
+    assert got == want

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     ProviderConfig = LocalConfig | SSHConfig
 
-__all__ = ["NodeDesc", "Provider", "home_id", "provider_class", "provider_for",
+__all__ = ["NodeDesc", "Provider", "home_id", "files_here", "provider_class", "provider_for",
            "provider_of_options",
            "validate_config", "ssh_pool_config", "targets", "SPEC_FIELDS"]
 
@@ -39,6 +39,12 @@ def provider_class(name: str) -> type[Provider]:
     if name not in PROVIDERS:
         raise ValidationError("pool.provider", f"{name!r} is not one of {', '.join(PROVIDERS)}")
     return importlib.import_module(f"hpcbatch.providers.{name}").PROVIDER
+
+
+def files_here(name: str | None) -> bool:
+    """Whether a pool of this provider has its nodes' files on this machine (its tasks
+    see this machine's directories and Python); None, the embedded local pool, does."""
+    return name is None or provider_class(name).files_here
 
 
 def provider_for(spec: PoolSpec, home: str | os.PathLike) -> Provider:
