@@ -110,6 +110,35 @@ def _tell_launcher(rank: int) -> None:
         pass
 
 
+# the shared-memory segments MPI libraries keep in /dev/shm: MPICH's, Open MPI's sm (and
+# vader) BTL's. Each unlinks its own at MPI_Finalize; a run aborted never gets there.
+MPI_SHM_PREFIXES = ("mpich_shm_", "sm_segment.", "vader_segment.")
+
+
+def _unlink_mpi_segments() -> None:
+    """Before this rank aborts the run: unlink the MPI segments it has mapped (every rank
+    of the node maps them; what is mapped stays usable, unlinked, until the ranks are
+    gone), so an aborted run leaves nothing in /dev/shm. Only ours, only under
+    /dev/shm, only those MPI names; anything that fails is left as it was."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split(None, 5)[5].rstrip("\n") for line in f
+                     if line.count(" ") >= 5 and " /dev/shm/" in line}
+    except OSError:
+        return
+    uid = os.getuid()
+    for path in paths:
+        name = path[len("/dev/shm/"):]
+        if "/" in name or path.endswith(" (deleted)") or \
+                not name.startswith(MPI_SHM_PREFIXES):
+            continue
+        try:
+            if os.lstat(path).st_uid == uid:
+                os.unlink(path)
+        except OSError:
+            pass
+
+
 def _abort(comm, rank: int, where: str, skip: int = 0) -> None:
     """Print the exception being handled (less its ``skip`` innermost harness frames),
     every line prefixed ``[rank N]``, and abort every rank."""
@@ -124,6 +153,7 @@ def _abort(comm, rank: int, where: str, skip: int = 0) -> None:
     sys.stderr.flush()
     sys.stdout.flush()
     _tell_launcher(rank)
+    _unlink_mpi_segments()
     comm.Abort(1)
     os._exit(1)  # Abort does not return; this is belt and braces
 
@@ -277,6 +307,7 @@ def _run(kernel, params: dict[str, Any], output: Path, args, launch_t0: float, *
                          f"hpcbatch.kernels.api.ReduceError: {exc}\n")
         sys.stderr.flush()
         _tell_launcher(rank)
+        _unlink_mpi_segments()
         comm.Abort(1)
         os._exit(1)
     except BaseException:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -88,9 +89,19 @@ BAD_KERNEL = textwrap.dedent('''
 ''')
 
 
+def _mpi_segments() -> set[str]:
+    """The MPI shared-memory segments in /dev/shm (MPICH's, Open MPI's sm BTL's)."""
+    from hpcbatch.kernels.harness import MPI_SHM_PREFIXES
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith(MPI_SHM_PREFIXES)}
+    except FileNotFoundError:
+        return set()
+
+
 def test_a_failing_rank_aborts_the_run_quickly_with_its_traceback(home, tmp_path):
     kfile = tmp_path / "bad kernel.py"
     kfile.write_text(BAD_KERNEL)
+    before = _mpi_segments()
     t0 = time.monotonic()
     r = run_cli(home, "run", str(kfile), "--ranks", "4", "--oversubscribe", "-o",
                 str(tmp_path / "bad.h5"), timeout_s=60)
@@ -99,6 +110,8 @@ def test_a_failing_rank_aborts_the_run_quickly_with_its_traceback(home, tmp_path
     assert "[rank 2] RuntimeError: boom on purpose" in r.stderr
     assert "Traceback" in r.stderr
     assert not (tmp_path / "bad.h5").exists()
+    # the aborting rank unlinked the node's MPI segments: the run leaves none behind
+    assert _mpi_segments() - before == set()
 
 
 SLOW_KERNEL = textwrap.dedent('''
