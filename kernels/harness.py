@@ -119,24 +119,13 @@ def _unlink_mpi_segments() -> None:
     """Before this rank aborts the run: unlink the MPI segments it has mapped (every rank
     of the node maps them; what is mapped stays usable, unlinked, until the ranks are
     gone), so an aborted run leaves nothing in /dev/shm. Only ours, only under
-    /dev/shm, only those MPI names; anything that fails is left as it was."""
+    /dev/shm, only those MPI names (the agent's own helpers, as for a task it kills)."""
     try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split(None, 5)[5].rstrip("\n") for line in f
-                     if line.count(" ") >= 5 and " /dev/shm/" in line}
-    except OSError:
-        return
-    uid = os.getuid()
-    for path in paths:
-        name = path[len("/dev/shm/"):]
-        if "/" in name or path.endswith(" (deleted)") or \
-                not name.startswith(MPI_SHM_PREFIXES):
-            continue
-        try:
-            if os.lstat(path).st_uid == uid:
-                os.unlink(path)
-        except OSError:
-            pass
+        from hpcbatch.launch.agent import remove_shm_files, shm_files_of
+        remove_shm_files(p for p in shm_files_of(["self"])
+                         if os.path.basename(p).startswith(MPI_SHM_PREFIXES))
+    except Exception:  # noqa: BLE001 - on the way to MPI_Abort: nothing may stop it
+        pass
 
 
 def _abort(comm, rank: int, where: str, skip: int = 0) -> None:
