@@ -141,6 +141,11 @@ def _abort(comm, rank: int, where: str, skip: int = 0) -> None:
     sys.stderr.write("".join(f"[rank {rank}] {line}\n" for line in lines))
     sys.stderr.flush()
     sys.stdout.flush()
+    _abort_now(comm, rank)
+
+
+def _abort_now(comm, rank: int) -> None:
+    """Tell the launcher, leave nothing in /dev/shm, and abort every rank."""
     _tell_launcher(rank)
     _unlink_mpi_segments()
     comm.Abort(1)
@@ -295,10 +300,7 @@ def _run(kernel, params: dict[str, Any], output: Path, args, launch_t0: float, *
         sys.stderr.write(f"[rank {rank}] {kernel.name}: reduce failed:\n[rank {rank}] "
                          f"hpcbatch.kernels.api.ReduceError: {exc}\n")
         sys.stderr.flush()
-        _tell_launcher(rank)
-        _unlink_mpi_segments()
-        comm.Abort(1)
-        os._exit(1)
+        _abort_now(comm, rank)
     except BaseException:
         _abort(comm, rank, f"{kernel.name}: reduce")
     t_reduced = time.time()
