@@ -48,7 +48,9 @@ from hpcbatch.scheduler import (
 )
 from hpcbatch.timings import Timings
 
-DEFAULT_PREFETCH = 4
+# at most this many queued per slot: 20 ms of millisecond tasks (at 4, a slot's agent
+# ran dry in a quarter of the exits while the coordinator's refill was under way)
+DEFAULT_PREFETCH = 16
 PREFETCH_HORIZON_S = 0.02  # a slot's agent-side queue holds about this much work
 WINDOW_MIN = 1000  # runnable tasks loaded per pool at a time: at least this many ..
 WINDOW_MAX = 50_000  # .. at most this many (memory stays bounded whatever is stored)
