@@ -147,7 +147,9 @@ class Coordinator(Commands):
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                items = self._drain()
+                due = self.state.running_due()
+                items = self._drain(TICK_S if due is None else
+                                    min(TICK_S, max(due - time.time(), 0.001)))
                 now = time.time()
                 events = [ev for item in items for ev in self._events(item, now)]
                 if now - self._last_poll >= self.timings.work_poll_s:
@@ -157,6 +159,8 @@ class Coordinator(Commands):
                     self._last_tick = now
                     events.append(S.Tick(now))
                     events += self.pools.autoscale(now)
+                if not events and due is not None and now >= due:
+                    events.append(S.Clock(now))
                 if events or self._deferred:
                     self._turn(events)
         except BaseException as exc:  # surface to waiters instead of dying silently
@@ -165,9 +169,9 @@ class Coordinator(Commands):
         finally:
             self._release()
 
-    def _drain(self) -> list[tuple]:
+    def _drain(self, timeout_s: float) -> list[tuple]:
         try:
-            items = [self.inbox.get(timeout=TICK_S)]
+            items = [self.inbox.get(timeout=timeout_s)]
         except queue.Empty:
             return []
         while len(items) < MAX_ITEMS_PER_TURN:

@@ -56,6 +56,10 @@ WINDOW_MIN = 1000  # runnable tasks loaded per pool at a time: at least this man
 WINDOW_MAX = 50_000  # .. at most this many (memory stays bounded whatever is stored)
 PLACE_BUDGET = 20_000  # placements per turn (bounded turns)
 NEW_WORK_SLICE = 5000  # new tasks read per query (a 1M-task submit is read in slices)
+# a task's 'running' is written this long after it started (or at the next turn after),
+# unless it ended first: then its end's one write says both. Safe to hold back: the task
+# is stored 'preparing' from before it was sent, and a restart requeues either alike.
+RUNNING_WRITE_DELAY_S = 0.05
 FLAG_RESOURCE_FILES, FLAG_COORDINATION, FLAG_COMMON_FILES = 1, 2, 4
 FLAG_APPS = 8  # the task names application packages: their archives go to its node(s)
 # what happens to the tasks on a node whose scheduling is disabled or that leaves the pool
@@ -432,6 +436,12 @@ class ReactivateAsked:
 
 @_ev
 class Tick:
+    t: float
+
+
+@_ev
+class Clock:
+    """Only the time (the shell's wake-up at ``running_due()``)."""
     t: float
 
 
@@ -854,6 +864,7 @@ class CoordinatorState:
         self.jobs: dict[str, JobInfo] = {}
         self.rows: dict[int, TaskRow] = {}  # queued in a window
         self.attempts: dict[int, Attempt] = {}  # in flight
+        self.started: dict[int, float] = {}  # seq -> start: its MarkRunning, held back
         self.open: dict[str, int] = {}  # job -> tasks not completed
         self.terminating: set[str] = set()  # jobs terminated: completed once drained
         self.last_seq = 0
@@ -893,8 +904,34 @@ class CoordinatorState:
             fn(ev)
         self._dispatch()
         self._flush_nodes()
+        if self.started:
+            self._flush_running()
         self._out = []
         return out
+
+    def running_due(self) -> float | None:
+        """When the first held-back MarkRunning is due (None: none is held)."""
+        for t in self.started.values():
+            return t + RUNNING_WRITE_DELAY_S
+        return None
+
+    def _on_Clock(self, ev: Clock) -> None:
+        pass  # (handle's end makes what is due)
+
+    def _flush_running(self) -> None:
+        """MarkRunning for the tasks that started RUNNING_WRITE_DELAY_S ago and run on
+        (in the order they started)."""
+        now, started = self.now, self.started
+        while started:
+            seq = next(iter(started))
+            t = started[seq]
+            if t + RUNNING_WRITE_DELAY_S > now:
+                break
+            del started[seq]
+            att = self.attempts.get(seq)
+            if att is not None and att.task_state is TaskState.RUNNING and \
+                    att.started_at == t:
+                self._emit(MarkRunning(seq, t))
 
     def _emit(self, ins: Instruction) -> None:
         self._out.append(ins)
@@ -1435,6 +1472,7 @@ class CoordinatorState:
             self._finish(att, Exit(None, node_lost=True), killed="terminate")
             return
         del self.attempts[att.row.seq]
+        self.started.pop(att.row.seq, None)
         att.task_state.check_move(TaskState.ACTIVE)
         self._emit(FinishAttempt(att.row.seq, "requeue", node.node_id, att.started_at, self.now,
                                  None, None, FailureKind.NODE_LOST, node.lost_reason, (),
@@ -1645,7 +1683,8 @@ class CoordinatorState:
             return
         att.task_state = att.task_state.check_move(TaskState.RUNNING)
         att.started_at = ev.t
-        self._emit(MarkRunning(ev.run.seq, ev.t))
+        self.started.pop(ev.run.seq, None)  # (a later attempt: to the end of the order)
+        self.started[ev.run.seq] = ev.t  # written by _flush_running, or with its end
 
     def _on_RunExited(self, ev: RunExited) -> None:
         node = self._live(ev)
@@ -1697,6 +1736,7 @@ class CoordinatorState:
         """Success, retry (back to the queue) or failure, from how the attempt ended."""
         row = att.row
         del self.attempts[row.seq]
+        self.started.pop(row.seq, None)
         if att.terminated:
             killed = "terminate"
         outcome = decide_exit(ex, row.retry_count, row.max_retries)
@@ -2142,6 +2182,7 @@ class CoordinatorState:
         att.staging.clear()
         self._vacate(node, RunId(row.seq))
         del self.attempts[row.seq]
+        self.started.pop(row.seq, None)
         att.task_state.check_move(TaskState.ACTIVE)
         self._emit(FinishAttempt(row.seq, "requeue", node.node_id, None, self.now, None, None,
                                  FailureKind.START_FAILED, why, (), row.retry_count))

@@ -368,7 +368,7 @@ def test_wait_with_progress_and_a_task_followed_as_it_writes(backend, tmp_path, 
     job.add_task("t", f"echo one; {gate(go)}; echo two")
     chunks = backend.service.follow_task_file("follow", "t", "stdout.txt")
     assert next(chunks) == b"one\n"  # written while the task still runs
-    assert job.task("t").state == "running"
+    poll(lambda: job.task("t").state == "running", what="t running")
     go.touch()
     assert b"".join(chunks) == b"two\n"  # and the stream ends with the task
     job.add_tasks({"id": f"p{i}", "command_line": "true"} for i in range(20))

@@ -112,7 +112,9 @@ def test_map_gives_results_in_order_and_works_with_as_completed_and_wait(ex):
     # the workers are tasks of the executor's job, running on the pool's nodes
     nodes = {w["node"] for w in ex.workers()}
     assert len(nodes) == (1 if ex.pool == "local" else 3), ex.workers()
-    assert all(t.state == "running" for t in ex._batch.jobs.get(ex.job_id).tasks())
+    # (a task's 'running' is written a moment after it started, with the next turn)
+    poll(lambda: all(t.state == "running" for t in ex._batch.jobs.get(ex.job_id).tasks()),
+         what="the workers' tasks running")
 
 
 def _inner(x):

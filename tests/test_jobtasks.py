@@ -240,7 +240,7 @@ def test_a_release_task_takes_no_slot(make_batch, tmp_path, home):
     busy.add_task("long", gate(go))
     poll(lambda: (tmp_path / "released").exists(), timeout_s=60,
          what="the release task, beside the busy slot")
-    assert busy.task("long").state == "running"
+    poll(lambda: busy.task("long").state == "running", what="long running")
     go.touch()
     busy.wait(timeout_s=60)
     assert batch.jobs.get("rel").state == "completed"

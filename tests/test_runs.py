@@ -9,6 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from helpers import poll
 
 from hpcbatch.errors import Conflict, NotFound, ValidationError
 
@@ -86,8 +87,8 @@ def test_follow_streams_a_running_tasks_output_and_ends_with_the_task(batch):
     job.add_task("t", "echo first; while [ ! -e gate ]; do sleep 0.05; done; echo second")
     chunks = batch.service.follow_task_file("follow", "t", "stdout.txt")
     assert next(chunks) == b"first\n"  # written while the task still runs
+    poll(lambda: job.task("t").state == "running", what="t running")  # (written ~50 ms in)
     task = job.task("t")
-    assert task.state == "running"
     (task.stdout_path.parent / "wd" / "gate").touch()  # in its working directory
     assert b"".join(chunks) == b"second\n"
     assert job.task("t").state == "completed"

@@ -394,7 +394,8 @@ def test_follow_streams_a_task_that_writes_over_time(shared, tmp_path):
         chunks = r.iter_bytes()
         while b"first\n" not in got:
             got += next(chunks)
-        assert c.get("/v1/jobs/follow/tasks/talk").json()["state"] == "running"
+        poll(lambda: c.get("/v1/jobs/follow/tasks/talk").json()["state"] == "running",
+             what="talk running")
         opened.touch()
         for chunk in chunks:  # ends when the task has completed
             got += chunk

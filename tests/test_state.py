@@ -202,6 +202,28 @@ def test_a_failure_retries_with_the_next_attempt_number_then_fails():
         S.JobDrained("j"), node_rec()]
 
 
+def test_running_is_written_once_a_task_outlasts_the_delay_and_never_for_a_short_one():
+    d = S.RUNNING_WRITE_DELAY_S
+    st = pool_up(rows=[row(1, max_retries=1), row(2)], nodes=(("n1", 2),))
+    assert only(st.handle(S.RunStarted(1.1, "p", "n1", 1, RunId(1), 11)), S.MarkRunning) == []
+    assert only(st.handle(S.RunStarted(1.1 + d / 4, "p", "n1", 1, RunId(2), 12)),
+                S.MarkRunning) == []
+    # t2 ends within the delay: its end's write is its only one (started_at with it)
+    out = st.handle(exited(2, t=1.1 + d / 2))
+    assert only(out, S.MarkRunning) == []
+    assert only(out, S.FinishAttempt)[0].started_at == pytest.approx(1.1 + d / 2 - 0.5)
+    # t1 runs on: written at the first event after the delay, once
+    assert only(st.handle(S.Tick(1.1 + d * 0.9)), S.MarkRunning) == []
+    assert only(st.handle(S.Tick(1.1 + d)), S.MarkRunning) == [S.MarkRunning(1, 1.1)]
+    assert only(st.handle(S.Tick(5.0)), S.MarkRunning) == []
+    # its retry starts, then ends before its delay: nothing more is marked running
+    assert only(st.handle(exited(1, code=3, t=5.0)), S.FinishAttempt)[0].outcome == "retry"
+    st.handle(S.RunStarted(5.1, "p", "n1", 1, RunId(1), 13))
+    out = st.handle(exited(1, t=5.1 + d / 2))
+    assert only(out, S.MarkRunning) == [] and only(out, S.FinishAttempt)[0].outcome == "success"
+    assert st.started == {}
+
+
 def test_start_failure_and_signal_details():
     st = pool_up(rows=[row(1), row(2)], nodes=(("n1", 2),))
     out = st.handle(exited(1, code=None, start_failed="embedded null byte"))
@@ -341,7 +363,8 @@ def test_multi_instance_phases_coordination_then_application_then_reap():
     app = only(st.handle(exited(1, run=c0)), S.RunTask)
     assert [(a.node_id, a.run, a.log_prefix) for a in app] == [
         ("n1", RunId(1, RunKind.APPLICATION), "")]
-    assert only(st.handle(S.RunStarted(3.0, "p", "n1", 1, app[0].run, 99)), S.MarkRunning) == [
+    assert only(st.handle(S.RunStarted(3.0, "p", "n1", 1, app[0].run, 99)), S.MarkRunning) == []
+    assert only(st.handle(S.Tick(3.0 + S.RUNNING_WRITE_DELAY_S)), S.MarkRunning) == [
         S.MarkRunning(1, 3.0)]
     out = st.handle(exited(1, run=app[0].run, t=4.0))
     match = ((E.JOB_ID, "j"), (E.TASK_ID, "t1"), (E.TASK_ATTEMPT, "0"))
@@ -469,7 +492,8 @@ def test_disabling_a_node_places_nothing_new_there_and_lets_its_task_finish():
     st.handle(S.RunStarted(1.1, "p", "n1", 1, RunId(1), 11))
     out = st.handle(S.NodeSchedulingSet(1.5, "p", "n1", enabled=False, reply=4))
     assert out == [S.Reply(4),
-                   node_rec(state=NodeState.RUNNING, scheduling="disabled")]
+                   node_rec(state=NodeState.RUNNING, scheduling="disabled"),
+                   S.MarkRunning(1, 1.1)]  # (held back until it ran a while)
     out = st.handle(exited(1))  # t1 finishes there; t3 waits for a node that takes work
     assert without(out, S.JobDrained) == [
         S.FinishAttempt(1, "success", "n1", 1.5, 2.0, 0, None, None, None, (), 0),
