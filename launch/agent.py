@@ -52,11 +52,9 @@ import json
 import math
 import os
 import re
-import secrets
 import selectors
 import shutil
 import signal
-import socket
 import sys
 import time
 
@@ -681,7 +679,7 @@ class Agent:
         self.queued: collections.deque = collections.deque()
         self.root = os.path.abspath(os.path.expanduser(root))
         self.heartbeat_s = heartbeat_s
-        self.token = token or secrets.token_hex(8)
+        self.token = token or os.urandom(8).hex()  # (what secrets.token_hex does)
         if not TOKEN_RE.fullmatch(self.token):
             raise ValueError(f"agent token {self.token!r}: use 1-64 of A-Z a-z 0-9 _ . -")
         self.lease_s = lease_s
@@ -1231,7 +1229,7 @@ class Agent:
 
         self.send(P.Hello(node_id=self.node_id, root=self.root, pid=os.getpid(),
                           # (in a Slurm job step: the node's name in Slurm)
-                          hostname=os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+                          hostname=os.environ.get("SLURMD_NODENAME") or os.uname().nodename,
                           slots=self.slots,
                           cores=os.cpu_count(), python=sys.executable,
                           protocol=P.PROTOCOL_VERSION, token=self.token))
