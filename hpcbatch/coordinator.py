@@ -13,7 +13,8 @@ loop thread, handing slow work to the coordinator's worker threads:
 :class:`hpcbatch.jobops.JobOps` (the jobs known; terminate, reactivate),
 :class:`hpcbatch.agents.Agents` (agents started, connected, stopped, fenced; nodes
 forgotten) and :class:`hpcbatch.filework.FileWork` (resource files, application
-packages, job preparation/release runs, outputs and logs collected at exit).
+packages, job preparation/release runs, outputs and logs collected at exit); what
+the store holds at start and is left at stop is :mod:`hpcbatch.restart`'s.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcbatch import agentlink as link
-from hpcbatch import persist
+from hpcbatch import persist, restart
 from hpcbatch import state as S
 from hpcbatch.agents import Agents
 from hpcbatch.commands import Commands, Replies
@@ -37,7 +38,7 @@ from hpcbatch.filework import FileWork
 from hpcbatch.home import HomeLock, default_home
 from hpcbatch.jobops import JobOps
 from hpcbatch.launch import protocol as P
-from hpcbatch.models import NodeState, PoolSpec
+from hpcbatch.models import PoolSpec
 from hpcbatch.poolops import PoolOps
 from hpcbatch.store import Store
 from hpcbatch.timings import Timings
@@ -95,26 +96,9 @@ class Coordinator(Commands):
     def start(self) -> None:
         try:
             with self.store.transaction():
-                # nodes whose earlier agents may still run what is requeued now
-                suspects: dict[str, set[str]] = {}
-                for a in self.store.agents():
-                    suspects.setdefault(a["pool_id"], set()).add(a["node_id"])
-                self.requeued_at_start = self.store.requeue_in_flight()
-                for n in self.store.list_nodes():
-                    if n["state"] != NodeState.OFFLINE.value:
-                        self.store.upsert_node(n["pool_id"], n["id"], NodeState.OFFLINE.value,
-                                               n["slots"], None, "coordinator restarted")
-                self.jobs.finish_terminating()
-                started = S.Started(time.time(), tuple(self.store.open_counts().items()),
-                                    self.store.last_task_seq())
-                events: list[Any] = [started, self.jobs.jobs_known(self.store.list_jobs())]
-                added = [self._pool_added(p) for p in self.store.list_pools()]
-                self.pools.drop_stale_nodes(added)
-                events += added
-                if self.requeued_at_start:  # a cut-off agent runs on until its lease ends
-                    until = started.t + self.timings.fence_wait_s
-                    events += [S.PoolHeld(started.t, pool_id, until, tuple(sorted(nodes)))
-                               for pool_id, nodes in sorted(suspects.items())]
+                events, self.requeued_at_start = restart.found(
+                    self.store, self.jobs, self.pools, self.timings, time.time(),
+                    self._pool_added)
                 self._turn(events)
         except BaseException:
             self._release()
@@ -349,19 +333,12 @@ class Coordinator(Commands):
         self.pools.stop_providers(final=False)  # elastic pools: starts waiting for nodes end
         # agents being started right now: wait for them, so none is left running
         concurrent.futures.wait(list(self._io_running), timeout=30)
-        # an agent that shut down cleanly left nothing to reap: forget its record (one
-        # that did not stays recorded, and the next coordinator reaps what it left)
         gone = self.agents.shut_down_all()
         self.pools.stop_providers(final=True)  # elastic pools give their nodes back
         try:
             with self.store.transaction():
-                for (pool_id, node_id), token in gone:
-                    self.store.forget_agent(pool_id, node_id, token)
-                for pool in self.state.pools.values():
-                    for node in pool.nodes.values():
-                        self.store.upsert_node(node.pool_id, node.node_id,
-                                               NodeState.OFFLINE.value, node.slots, None,
-                                               "coordinator stopped")
+                restart.left(self.store, gone, (n for pool in self.state.pools.values()
+                                                for n in pool.nodes.values()))
         except Exception:  # noqa: BLE001 - best effort on the way out
             log.exception("could not record the nodes offline")
         self.io.shutdown(wait=False, cancel_futures=True)
