@@ -38,7 +38,6 @@ from typing import Any
 from hpcbatch.errors import CoordinatorBusy, HpcBatchError, NotFound, ValidationError
 from hpcbatch.models import JobSpec, PoolSpec, TaskSpec, check_id
 from hpcbatch.service import LOCAL_POOL, LocalService, Service
-from hpcbatch.state import DEFAULT_PREFETCH
 from hpcbatch.timings import Timings
 from hpcbatch.views import AttemptView, JobView, NodeView, Page, PoolView, TaskView
 
@@ -511,7 +510,7 @@ class Batch:
 
     def __init__(self, home: str | os.PathLike | None = None, *, url: str | None = None,
                  key: str | None = None,
-                 local_slots: int | None = None, prefetch: int = DEFAULT_PREFETCH,
+                 local_slots: int | None = None, prefetch: int | None = None,
                  timings: Timings | None = None, heartbeat_s: float | None = None,
                  node_timeout_s: float | None = None, lease_s: float | None = None,
                  reconnect_min_s: float | None = None, reconnect_max_s: float | None = None,
@@ -519,9 +518,9 @@ class Batch:
                  work_poll_s: float | None = None, service: Service | None = None):
         """``prefetch``: at most this many tasks per slot a node's agent may hold queued,
         so the next short task starts without a round trip (the queue holds about 20 ms
-        of work, judged from the pool's recent task durations: long tasks get none). A
-        higher-priority task submitted later can wait behind these; 0 gives strict
-        priority order at some throughput.
+        of work, judged from the pool's recent task durations: long tasks get none;
+        None: the coordinator's default, 16). A higher-priority task submitted later can
+        wait behind these; 0 gives strict priority order at some throughput.
 
         ``timings`` (or the keywords ``heartbeat_s=`` ... ``work_poll_s=``, which
         replace single fields of it) sets the coordinator's and agents' clocks; see
