@@ -911,9 +911,8 @@ class CoordinatorState:
 
     def running_due(self) -> float | None:
         """When the first held-back MarkRunning is due (None: none is held)."""
-        for t in self.started.values():
-            return t + RUNNING_WRITE_DELAY_S
-        return None
+        first = next(iter(self.started.values()), None)
+        return None if first is None else first + RUNNING_WRITE_DELAY_S
 
     def _on_Clock(self, ev: Clock) -> None:
         pass  # (handle's end makes what is due)
