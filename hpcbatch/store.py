@@ -968,6 +968,7 @@ class Store:
                 raise Conflict(f"job {job_id!r} is {job['state']}; tasks can only be added "
                                "to an active job")
             pool = self.get_pool(job["pool_id"])
+            elastic = self.get_autoscale(pool.id) is not None
             jspec: JobSpec = job["spec"]
             before = self._tuples("SELECT COALESCE(MAX(seq), 0) FROM tasks")[0][0]
             chunk: list[tuple[int, TaskSpec]] = []
@@ -982,7 +983,7 @@ class Store:
             for index, item in enumerate(tasks):
                 try:
                     spec = TaskSpec.coerce(item)
-                    _check_fits(spec, pool)
+                    _check_fits(spec, pool, elastic)
                 except HpcBatchError as exc:
                     if atomic:
                         raise
@@ -1733,13 +1734,14 @@ def _finished(by_seq: Mapping[int, tuple[str, int, str | None]]) -> Callable[[tu
 
 # ---- adding tasks -------------------------------------------------------------------
 
-def _check_fits(t: TaskSpec, pool: PoolSpec) -> None:
+def _check_fits(t: TaskSpec, pool: PoolSpec, elastic: bool = False) -> None:
     """Conflict when the task could never start on the pool."""
     mi = t.multi_instance
     # the most nodes it can have: its target, or a longer host list it can be resized
-    # to; a pool at 0 (scaled down) waits for whatever it grows to
+    # to; a pool at 0 (scaled down) or under an autoscale formula (its target moves,
+    # down too while it drains) waits for whatever it grows to
     most = max(pool.target_nodes, len(pool.provider_config.get("hosts") or ()))
-    if mi is not None and pool.target_nodes and mi.instances > most:
+    if mi is not None and pool.target_nodes and not elastic and mi.instances > most:
         raise Conflict(
             f"task {t.id}: multi_instance.instances {mi.instances} is more than "
             f"the {most} nodes of pool {pool.id!r}; it could never "

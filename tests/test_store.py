@@ -91,6 +91,19 @@ def test_task_wider_than_a_node_is_rejected(store):
         store.add_tasks("j", [TaskSpec("a", "true", required_slots=3)])
 
 
+def test_a_multi_instance_task_wider_than_the_target_waits_under_a_formula(store):
+    """Wider than the pool's target: refused on a fixed pool, accepted where an
+    autoscale formula moves the target (it may be draining down right now)."""
+    store.create_pool(PoolSpec("elastic", task_slots_per_node=2, target_nodes=1))
+    store.create_job(JobSpec("je", "elastic"))
+    wide = TaskSpec("w", "true", multi_instance=MultiInstanceSpec(3, "true"))
+    with pytest.raises(Conflict, match="instances 3 is more than the 1 nodes"):
+        store.add_tasks("je", [wide])
+    store.set_autoscale("elastic", "$TargetNodes = 3;", 30.0)
+    store.add_tasks("je", [wide])
+    assert [r["id"] for r in store.list_tasks("je")] == ["w"]
+
+
 def test_requeue_in_flight(store):
     store.add_tasks("j", [TaskSpec("a", "true"), TaskSpec("b", "true")])
     seq = store.get_task("j", "a")["seq"]
