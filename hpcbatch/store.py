@@ -983,7 +983,7 @@ class Store:
             for index, item in enumerate(tasks):
                 try:
                     spec = TaskSpec.coerce(item)
-                    _check_fits(spec, pool, elastic)
+                    _check_fits(spec, pool, elastic=elastic)
                 except HpcBatchError as exc:
                     if atomic:
                         raise
@@ -1734,7 +1734,7 @@ def _finished(by_seq: Mapping[int, tuple[str, int, str | None]]) -> Callable[[tu
 
 # ---- adding tasks -------------------------------------------------------------------
 
-def _check_fits(t: TaskSpec, pool: PoolSpec, elastic: bool = False) -> None:
+def _check_fits(t: TaskSpec, pool: PoolSpec, *, elastic: bool) -> None:
     """Conflict when the task could never start on the pool."""
     mi = t.multi_instance
     # the most nodes it can have: its target, or a longer host list it can be resized
